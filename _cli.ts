@@ -1,0 +1,30 @@
+/**
+ * What every command line here shares: a user mistake is one line on stderr and exit 1, with no
+ * stack trace; anything unexpected is rethrown so its stack shows.
+ * @module
+ */
+
+/** A mistake in what the user asked for: its message is shown as it is. */
+export class UserError extends Error {
+  override name = "UserError";
+}
+
+/** True for errors the user caused: a {@link UserError} or a bad flag caught by `parseArgs`. */
+export function isUserError(error: unknown): error is Error {
+  if (error instanceof UserError) return true;
+  const code = (error as { code?: unknown } | null)?.code;
+  return typeof code === "string" && code.startsWith("ERR_PARSE_ARGS");
+}
+
+/** Runs `main` and exits with its code; a user mistake prints `error: <message>` and exits 1. */
+export async function runMain(main: () => Promise<number | void>): Promise<never> {
+  let code;
+  try {
+    code = await main() ?? 0;
+  } catch (error) {
+    if (!isUserError(error)) throw error;
+    console.error(`error: ${error.message}`);
+    code = 1;
+  }
+  Deno.exit(code);
+}

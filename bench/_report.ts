@@ -1,0 +1,49 @@
+/** Shared bench helpers: a markdown table, timing, and peak memory of a process. @module */
+
+/** One row of a bench table: a name, a measured figure, and the target it must meet. */
+export interface Row {
+  name: string;
+  value: string;
+  target?: string;
+  pass?: boolean;
+}
+
+/** Prints rows as a markdown table and returns true when every target was met. */
+export function printTable(rows: Row[]): boolean {
+  console.log("| measure | value | target | |");
+  console.log("| --- | --- | --- | --- |");
+  for (const row of rows) {
+    const mark = row.pass === undefined ? "" : row.pass ? "ok" : "MISSED";
+    console.log(`| ${row.name} | ${row.value} | ${row.target ?? ""} | ${mark} |`);
+  }
+  return rows.every((row) => row.pass !== false);
+}
+
+/** Runs `work` and returns how long it took in seconds. */
+export async function seconds(work: () => Promise<unknown>): Promise<number> {
+  const start = performance.now();
+  await work();
+  return (performance.now() - start) / 1000;
+}
+
+/** Peak resident memory (VmHWM) of a process in MiB; this one by default. */
+export function peakRssMiB(pid: number = Deno.pid): number {
+  return procStatusMiB(pid, "VmHWM");
+}
+
+/** Current resident memory (VmRSS) of a process in MiB; this one by default. */
+export function rssMiB(pid: number = Deno.pid): number {
+  return procStatusMiB(pid, "VmRSS");
+}
+
+/** Reads a field of /proc/<pid>/status through `cat`: Deno lets only --allow-all read /proc. */
+function procStatusMiB(pid: number, field: string): number {
+  const { stdout } = new Deno.Command("cat", { args: [`/proc/${pid}/status`] }).outputSync();
+  const status = new TextDecoder().decode(stdout);
+  const kib = Number(status.match(new RegExp(`^${field}:\\s+(\\d+) kB`, "m"))?.[1] ?? NaN);
+  return kib / 1024;
+}
+/** Formats a ratio like `0.83x`. */
+export function ratio(value: number): string {
+  return `${value.toFixed(2)}x`;
+}

@@ -1,0 +1,109 @@
+/**
+ * Split and join of a 1 GiB file beside coreutils `split -n 10` and `cat`, in the same run.
+ * Each side runs three times, alternating, in its own process; the median counts.
+ * @module
+ */
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { printTable, ratio, type Row } from "./_report.ts";
+
+const SIZE = 1024 ** 3;
+const ROUNDS = 3;
+const CHILD = fileURLToPath(new URL("./_split_child.ts", import.meta.url));
+
+async function run(cmd: string, args: string[], cwd?: string): Promise<{ s: number; out: string }> {
+  const start = performance.now();
+  const { code, stdout, stderr } = await new Deno.Command(cmd, { args, cwd }).output();
+  const s = (performance.now() - start) / 1000;
+  if (code !== 0) throw new Error(`${cmd} failed: ${new TextDecoder().decode(stderr)}`);
+  return { s, out: new TextDecoder().decode(stdout) };
+}
+
+/** Writes `size` bytes of incompressible-looking data: a random block, varied per copy. */
+async function makeInput(path: string, size: number): Promise<void> {
+  using file = await Deno.open(path, { write: true, create: true, truncate: true });
+  const block = crypto.getRandomValues(new Uint8Array(65536));
+  const chunk = new Uint8Array(4 * 1024 * 1024);
+  for (let i = 0; i < chunk.length; i += block.length) chunk.set(block, i);
+  for (let written = 0, n = 0; written < size; written += chunk.length, n++) {
+    new DataView(chunk.buffer).setUint32(0, n); // no two chunks alike
+    await file.write(chunk.subarray(0, Math.min(chunk.length, size - written)));
+  }
+}
+
+function median(values: number[]): number {
+  return [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)]!;
+}
+
+async function main() {
+  const dir = await Deno.makeTempDir({ prefix: "split-bench-" });
+  try {
+    const input = join(dir, "input.bin");
+    await makeInput(input, SIZE);
+    const times = {
+      split: [] as number[],
+      coreSplit: [] as number[],
+      join: [] as number[],
+      cat: [] as number[],
+    };
+    let peak = 0;
+    for (let round = 0; round < ROUNDS; round++) {
+      const ours = join(dir, "ours"), theirs = join(dir, "theirs");
+      await Deno.mkdir(theirs);
+      times.coreSplit.push((await run("split", ["-n", "10", input], theirs)).s);
+      const split = await run(Deno.execPath(), [
+        "run",
+        "-q",
+        "-P=bench",
+        CHILD,
+        "split",
+        input,
+        ours,
+      ]);
+      times.split.push(split.s);
+      const parts = [...Deno.readDirSync(theirs)].map((e) => e.name).sort();
+      times.cat.push((await run("sh", ["-c", `cat ${parts.join(" ")} > ../cat.out`], theirs)).s);
+      const joined = await run(Deno.execPath(), [
+        "run",
+        "-q",
+        "-P=bench",
+        CHILD,
+        "join",
+        ours,
+        join(dir, "join.out"),
+      ]);
+      times.join.push(joined.s);
+      peak = Math.max(peak, JSON.parse(split.out).peakRssMiB, JSON.parse(joined.out).peakRssMiB);
+      for (const path of [ours, theirs, join(dir, "cat.out"), join(dir, "join.out")]) {
+        await Deno.remove(path, { recursive: true });
+      }
+    }
+    const gbps = (s: number) => `${(SIZE / s / 1e9).toFixed(2)} GB/s`;
+    const splitRatio = median(times.coreSplit) / median(times.split);
+    const joinRatio = median(times.cat) / median(times.join);
+    const rows: Row[] = [
+      { name: "coreutils split -n 10 (1 GiB)", value: gbps(median(times.coreSplit)) },
+      { name: "split.ts, with hashing", value: gbps(median(times.split)) },
+      {
+        name: "split vs coreutils",
+        value: ratio(splitRatio),
+        target: ">= 0.60x",
+        pass: splitRatio >= 0.6,
+      },
+      { name: "cat of the 10 parts", value: gbps(median(times.cat)) },
+      { name: "split.ts join, with verification", value: gbps(median(times.join)) },
+      { name: "join vs cat", value: ratio(joinRatio), target: ">= 0.50x", pass: joinRatio >= 0.5 },
+      {
+        name: "peak RSS of split/join",
+        value: `${peak.toFixed(0)} MiB`,
+        target: "< 100 MiB",
+        pass: peak < 100,
+      },
+    ];
+    if (!printTable(rows)) Deno.exitCode = 1;
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+if (import.meta.main) await main();
