@@ -1,0 +1,264 @@
+/**
+ * `deno task bench directory`: the directory with 10,000 peers holding 10 fragments each, under
+ * locate (`GET /fragments/{name}`) and heartbeat (`PUT /peers/{id}`) load, beside bare Hono
+ * routes doing the same JSON work without validation or state, in the same run.
+ *
+ * Both servers run as child processes: the directory exactly as its task runs it, the bare app as
+ * this file with `--bare`. The load generator (keep-alive fetch, a few concurrent workers) shares
+ * the 2 cores with them, so req/s alone flatters whoever is cheaper to call; each server's own
+ * CPU time per request (utime + stime from /proc/<pid>/stat) is the fair figure and the one the
+ * targets use.
+ * @module
+ */
+import { Hono } from "hono";
+import { fileURLToPath } from "node:url";
+import { Child, startTask } from "../tests/_util.ts";
+import { printTable, ratio, type Row } from "./_report.ts";
+
+const PEERS = 10_000;
+const FRAGMENTS_PER_PEER = 10;
+/** Peer i seeds file i % FILES whole, so every fragment has PEERS / FILES holders. */
+const FILES = 1_000;
+const WORKERS = 8;
+const WARMUP = 3_000;
+const ROUNDS = 3;
+const REQUESTS = 20_000;
+const PHASE_DEADLINE_MS = 60_000;
+/** Linux's USER_HZ: /proc/<pid>/stat counts CPU time in these. */
+const CLOCK_TICKS_PER_SECOND = 100;
+const LISTENING = /Listening on (http:\/\/\S+)/;
+const JSON_HEADERS = { "content-type": "application/json" };
+
+const fragmentName = (file: number, index: number) => `file${file}_${index}.bin`;
+
+function peerState(i: number) {
+  const file = i % FILES;
+  return {
+    host: `10.${i >> 16}.${(i >> 8) & 255}.${i & 255}`, // one address per peer: no dedupe
+    port: 6001,
+    grpcPort: 50051,
+    httpPort: 8001,
+    fragments: Array.from({ length: FRAGMENTS_PER_PEER }, (_, j) => fragmentName(file, j)),
+  };
+}
+
+/** The bare app: the same JSON in and out as the directory's routes, no validation, no state. */
+function bareApp(): Hono {
+  const app = new Hono();
+  const holders = Array.from({ length: PEERS / FILES }, (_, i) => {
+    const { host, port, grpcPort, httpPort } = peerState(i);
+    return { id: crypto.randomUUID(), host, port, grpcPort, httpPort };
+  });
+  app.get("/fragments/:name", (c) => c.json({ name: c.req.param("name"), holders }, 200));
+  app.put("/peers/:id", async (c) => {
+    await c.req.json();
+    return c.json({ id: c.req.param("id"), ttl: 600, recreated: false }, 200);
+  });
+  return app;
+}
+
+/**
+ * A file of another process's /proc folder. Deno grants those only with `-A`, and the bench runs
+ * with `-P=bench`, which may run programs: so `cat` reads it.
+ */
+function procFile(pid: number, name: string): string {
+  const { success, stdout } = new Deno.Command("cat", { args: [`/proc/${pid}/${name}`] })
+    .outputSync();
+  if (!success) throw new Error(`Cannot read "/proc/${pid}/${name}"`);
+  return new TextDecoder().decode(stdout);
+}
+
+/** CPU seconds (user + system) a process has used so far. */
+function cpuSeconds(pid: number): number {
+  const stat = procFile(pid, "stat");
+  // The command name may hold spaces: fields are counted after its closing parenthesis.
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return (Number(fields[11]) + Number(fields[12])) / CLOCK_TICKS_PER_SECOND;
+}
+
+/** Resident memory of a process in MiB. */
+function rssMiB(pid: number): number {
+  return Number(procFile(pid, "status").match(/^VmRSS:\s+(\d+) kB/m)?.[1] ?? NaN) / 1024;
+}
+
+/** A request to send: the URL and its init, as fetch takes them. */
+type Call = [string, RequestInit?];
+
+interface LoadResult {
+  requests: number;
+  seconds: number;
+  cpuSeconds: number;
+  latencies: number[];
+  failures: number;
+}
+
+/**
+ * Sends `count` requests from WORKERS keep-alive workers and measures them. `request(i)` builds
+ * the i-th request; a non-2xx answer counts as a failure.
+ */
+async function load(
+  pid: number,
+  count: number,
+  request: (i: number) => Call,
+): Promise<LoadResult> {
+  const latencies: number[] = [];
+  let next = 0;
+  let failures = 0;
+  const deadline = Date.now() + PHASE_DEADLINE_MS;
+  const cpuBefore = cpuSeconds(pid);
+  const start = performance.now();
+  await Promise.all(Array.from({ length: WORKERS }, async () => {
+    for (let i = next++; i < count && Date.now() < deadline; i = next++) {
+      const [url, init] = request(i);
+      const sent = performance.now();
+      const response = await fetch(url, init);
+      await response.arrayBuffer();
+      latencies.push(performance.now() - sent);
+      if (!response.ok) failures++;
+    }
+  }));
+  const seconds = (performance.now() - start) / 1000;
+  const cpu = cpuSeconds(pid) - cpuBefore;
+  return { requests: latencies.length, seconds, cpuSeconds: cpu, latencies, failures };
+}
+
+/** The figures of a route over its rounds: the best round (noise only ever adds), pooled tails. */
+interface Figures {
+  perSecond: number;
+  cpuMicros: number;
+  p50: number;
+  p99: number;
+  failures: number;
+}
+
+function figures(rounds: LoadResult[]): Figures {
+  const latencies = rounds.flatMap((round) => round.latencies).sort((a, b) => a - b);
+  const at = (q: number) =>
+    latencies[Math.min(latencies.length - 1, Math.floor(q * latencies.length))];
+  return {
+    perSecond: Math.max(...rounds.map((round) => round.requests / round.seconds)),
+    cpuMicros: Math.min(...rounds.map((round) => (round.cpuSeconds / round.requests) * 1e6)),
+    p50: at(0.5),
+    p99: at(0.99),
+    failures: rounds.reduce((sum, round) => sum + round.failures, 0),
+  };
+}
+
+/**
+ * Warms both routes up (JIT, connection pool), then measures them in alternating rounds, so a
+ * burst of noise from the shared cores does not land on one side only.
+ */
+async function compare(
+  bare: { pid: number; request: (i: number) => Call },
+  ours: { pid: number; request: (i: number) => Call },
+): Promise<[Figures, Figures]> {
+  await load(bare.pid, WARMUP, bare.request);
+  await load(ours.pid, WARMUP, ours.request);
+  const bareRounds: LoadResult[] = [];
+  const ourRounds: LoadResult[] = [];
+  for (let round = 0; round < ROUNDS; round++) {
+    bareRounds.push(await load(bare.pid, REQUESTS, bare.request));
+    ourRounds.push(await load(ours.pid, REQUESTS, ours.request));
+  }
+  return [figures(bareRounds), figures(ourRounds)];
+}
+
+async function main() {
+  const directoryArgs = ["--port", "0", "--hostname", "127.0.0.1", "--ttl", "600"];
+  await using directory = startTask("directory", directoryArgs);
+  await using bare = new Child(["run", "-q", "-P=bench", fileURLToPath(import.meta.url), "--bare"]);
+  const [, directoryUrl] = await directory.waitFor(LISTENING, { stream: "stdout" });
+  const [, bareUrl] = await bare.waitFor(LISTENING, { stream: "stdout" });
+  const [ourPid, barePid] = [directory.process.pid, bare.process.pid];
+  const emptyRss = rssMiB(ourPid);
+
+  const registration = await load(ourPid, PEERS, (i) => {
+    const body = JSON.stringify(peerState(i));
+    return [`${directoryUrl}/peers`, { method: "POST", headers: JSON_HEADERS, body }];
+  });
+  const { peers, fragments } = await (await fetch(`${directoryUrl}/health`)).json();
+  const memory = rssMiB(ourPid);
+  const ids: string[] = (await (await fetch(`${directoryUrl}/peers`)).json()).peers
+    .map((peer: { id: string }) => peer.id);
+
+  const randomFragment = () =>
+    fragmentName(Math.floor(Math.random() * FILES), Math.floor(Math.random() * FRAGMENTS_PER_PEER));
+  const [bareLocate, locate] = await compare(
+    { pid: barePid, request: () => [`${bareUrl}/fragments/${randomFragment()}`] },
+    { pid: ourPid, request: () => [`${directoryUrl}/fragments/${randomFragment()}`] },
+  );
+  // A heartbeat repeats the peer's full state, as registered.
+  const heartbeat = (url: string) => (i: number): Call => {
+    const body = JSON.stringify(peerState(i % PEERS));
+    return [`${url}/peers/${ids[i % PEERS]}`, { method: "PUT", headers: JSON_HEADERS, body }];
+  };
+  const [bareBeat, beat] = await compare(
+    { pid: barePid, request: heartbeat(bareUrl) },
+    { pid: ourPid, request: heartbeat(directoryUrl) },
+  );
+
+  const show = (result: Figures) =>
+    `${Math.round(result.perSecond)} req/s, ${result.cpuMicros.toFixed(1)} µs CPU/req` +
+    (result.failures ? `, ${result.failures} FAILED` : "");
+  const versus = (ours: Figures, base: Figures) => base.cpuMicros / ours.cpuMicros;
+  const rows: Row[] = [
+    {
+      name: `register ${PEERS} peers x ${FRAGMENTS_PER_PEER} fragments`,
+      value: `${peers} peers, ${fragments} fragments, ${
+        Math.round(registration.requests / registration.seconds)
+      } req/s`,
+      target: `${PEERS} peers`,
+      pass: peers === PEERS && registration.failures === 0,
+    },
+    {
+      name: `directory RSS with ${PEERS} peers`,
+      value: `${memory.toFixed(1)} MiB (${emptyRss.toFixed(1)} MiB empty)`,
+      target: "< 150 MiB",
+      pass: memory < 150,
+    },
+    { name: "bare Hono GET /fragments/:name", value: show(bareLocate) },
+    {
+      name: `GET /fragments/{name}, ${PEERS / FILES} holders`,
+      value: show(locate),
+      pass: locate.failures === 0,
+    },
+    {
+      name: "locate vs bare: server CPU per request",
+      value: `${ratio(versus(locate, bareLocate))} (req/s ${
+        ratio(locate.perSecond / bareLocate.perSecond)
+      })`,
+      target: ">= 0.80x",
+      pass: versus(locate, bareLocate) >= 0.8,
+    },
+    { name: "bare Hono PUT /peers/:id", value: show(bareBeat) },
+    { name: "PUT /peers/{id} heartbeat", value: show(beat), pass: beat.failures === 0 },
+    {
+      name: "heartbeat vs bare: server CPU per request",
+      value: `${ratio(versus(beat, bareBeat))} (req/s ${
+        ratio(beat.perSecond / bareBeat.perSecond)
+      })`,
+      target: ">= 0.80x",
+      pass: versus(beat, bareBeat) >= 0.8,
+    },
+    {
+      name: `heartbeat latency, ${WORKERS} concurrent`,
+      value: `p50 ${beat.p50.toFixed(2)} ms, p99 ${beat.p99.toFixed(2)} ms`,
+      target: "p99 < 5 ms",
+      pass: beat.p99 < 5,
+    },
+  ];
+  if (!printTable(rows)) Deno.exit(1);
+}
+
+/** `--bare`: serve the bare app on a free port until SIGTERM. */
+async function serveBare() {
+  const server = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+    bareApp().fetch,
+  );
+  console.log(`Listening on http://127.0.0.1:${server.addr.port}`);
+  Deno.addSignalListener("SIGTERM", () => server.shutdown());
+  await server.finished;
+}
+
+if (import.meta.main) await (Deno.args.includes("--bare") ? serveBare() : main());

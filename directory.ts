@@ -1,0 +1,973 @@
+#!/usr/bin/env -S deno run --allow-net
+/**
+ * The directory: a REST service (Hono) that knows which live peer holds which fragment, and the
+ * manifests of the files the swarm shares. State is soft, as in a tracker: peers register,
+ * heartbeat with their full state every ttl/3 and are forgotten `--ttl` seconds after the last
+ * one, so a restarted directory is whole again within one ttl. The routes and their zod schemas
+ * are the validation and the OpenAPI document at once (`/openapi.json`, Swagger UI at `/apidocs`).
+ *
+ * Usage: `deno task directory [--port 5000] [--ttl 30]`
+ * @module
+ */
+import { createRoute, OpenAPIHono, z } from "@hono/zod-openapi";
+import { swaggerUI } from "@hono/swagger-ui";
+import { bodyLimit } from "hono/body-limit";
+import type { Context, MiddlewareHandler } from "hono";
+import { HTTPException } from "hono/http-exception";
+import type { ContentfulStatusCode } from "hono/utils/http-status";
+import { parseArgs } from "node:util";
+import { runMain, UserError } from "./_cli.ts";
+import { type Manifest, NAME_PATTERN } from "./split.ts";
+
+/** The port the directory listens on unless told otherwise. */
+export const DEFAULT_PORT = 5000;
+/** Seconds a peer stays listed after its last heartbeat. */
+export const DEFAULT_TTL = 30;
+/** Request bodies larger than this get a 413. */
+export const MAX_BODY_BYTES = 1024 * 1024;
+const DEFAULT_CLIENT_TIMEOUT_MS = 5_000;
+
+// ---------------------------------------------------------------------------------------------
+// Schemas: the validation and the OpenAPI document at once
+
+const NAME_RULE = "a name of letters, digits, '.', '_' or '-' (at most 200, not starting with a " +
+  "symbol)";
+const Name = z.string().regex(NAME_PATTERN, `Must be ${NAME_RULE}`);
+const Host = z.string().regex(/^[A-Za-z0-9._:%-]{1,253}$/, "Must be a hostname or an IP address");
+const Port = z.int().min(1).max(65535);
+const Sha256 = z.string().regex(/^[0-9a-f]{64}$/, "Must be 64 lowercase hex digits");
+const Count = z.int().nonnegative();
+
+const PeerStateSchema = z.object({
+  host: Host.optional().openapi({
+    description: "Where other peers reach this one; defaults to the request's remote address",
+    example: "10.0.0.7",
+  }),
+  port: Port.openapi({ description: "TCP fragment server", example: 6001 }),
+  grpcPort: Port.openapi({ example: 50051 }),
+  httpPort: Port.openapi({ example: 8001 }),
+  fragments: z.array(Name).openapi({ example: ["fragment_0.bin", "fragment_3.bin"] }),
+}).openapi("PeerState");
+
+const HolderSchema = z.object({
+  id: z.string(),
+  host: z.string(),
+  port: Port,
+  grpcPort: Port,
+  httpPort: Port,
+}).openapi("Holder");
+
+const PeerSchema = HolderSchema.extend({ fragments: z.array(z.string()) }).openapi("Peer");
+const RegistrationSchema = z.object({
+  id: z.string(),
+  ttl: z.number().openapi({ description: "Seconds; heartbeat every ttl/3" }),
+}).openapi("Registration");
+const HeartbeatSchema = RegistrationSchema.extend({
+  recreated: z.boolean().openapi({
+    description: "True when the directory had forgotten this peer (e.g. after a restart): " +
+      "the peer should publish its manifests again",
+  }),
+}).openapi("Heartbeat");
+const FragmentHoldersSchema = z.object({ name: z.string(), holders: z.array(HolderSchema) })
+  .openapi("FragmentHolders");
+
+const FragmentEntrySchema = z.object({
+  index: Count,
+  name: Name,
+  offset: Count,
+  size: Count,
+  sha256: Sha256,
+}).openapi("FragmentEntry");
+
+const ManifestSchema = z.object({
+  version: z.literal(1),
+  file: Name,
+  mime: z.string().min(1).max(255),
+  size: Count,
+  sha256: Sha256,
+  fragments: z.array(FragmentEntrySchema).min(1),
+}).superRefine((manifest, context) => {
+  const names = new Set<string>();
+  manifest.fragments.forEach((fragment, index) => {
+    if (fragment.index !== index) {
+      context.addIssue({
+        code: "custom",
+        path: ["fragments", index, "index"],
+        message: `Must be ${index}`,
+      });
+    }
+    if (names.has(fragment.name)) {
+      context.addIssue({
+        code: "custom",
+        path: ["fragments", index, "name"],
+        message: "Must be unique",
+      });
+    }
+    names.add(fragment.name);
+  });
+}).openapi("Manifest") satisfies z.ZodType<Manifest>;
+
+const PublishedSchema = z.object({ file: z.string(), fragments: Count }).openapi("Published");
+const FileSummarySchema = z.object({
+  file: z.string(),
+  mime: z.string(),
+  size: Count,
+  sha256: z.string(),
+  fragments: Count,
+  available: z.boolean().openapi({ description: "Every fragment has at least one live holder" }),
+}).openapi("FileSummary");
+const FileDetailSchema = ManifestSchema.safeExtend({
+  fragments: z.array(FragmentEntrySchema.extend({
+    holders: z.array(HolderSchema),
+    holderCount: Count.openapi({ description: "Live holders: fetch the rarest first" }),
+  })),
+}).openapi("FileDetail");
+
+const HealthSchema = z.object({
+  status: z.literal("ok"),
+  peers: Count,
+  fragments: Count,
+  files: Count,
+}).openapi("Health");
+const ErrorSchema = z.object({
+  error: z.object({ code: z.string().openapi({ example: "NOT_FOUND" }), message: z.string() }),
+}).openapi("Error");
+
+/** What a peer tells the directory about itself (`host` defaults to its remote address). */
+export type PeerState = z.input<typeof PeerStateSchema>;
+/** A live peer that holds a fragment: where to fetch it. */
+export type Holder = z.infer<typeof HolderSchema>;
+/** A live peer and every fragment it holds. */
+export type PeerInfo = z.infer<typeof PeerSchema>;
+/** The answer to a registration: the peer's id and the ttl in seconds. */
+export type Registration = z.infer<typeof RegistrationSchema>;
+/** The answer to a heartbeat; `recreated` says the directory had forgotten the peer. */
+export type Heartbeat = z.infer<typeof HeartbeatSchema>;
+/** One fragment and its live holders. */
+export type FragmentHolders = z.infer<typeof FragmentHoldersSchema>;
+/** One published file, as `GET /files` lists it. */
+export type FileSummary = z.infer<typeof FileSummarySchema>;
+/** A published manifest with, per fragment, its live holders and their count. */
+export type FileDetail = z.infer<typeof FileDetailSchema>;
+/** The directory's liveness answer, with the sizes of its state. */
+export type Health = z.infer<typeof HealthSchema>;
+
+// ---------------------------------------------------------------------------------------------
+// State: soft, in memory, indexed for the hot paths (locate and heartbeat)
+
+interface PeerRecord {
+  id: string;
+  address: string;
+  holder: Holder;
+  /** As last sent, without duplicates: the next heartbeat usually sends the same list. */
+  fragments: string[];
+  expiresAt: number;
+}
+
+interface FileRecord {
+  manifest: Manifest;
+}
+
+/** Options of a {@link Registry}. */
+export interface RegistryOptions {
+  /** Seconds a peer stays listed after its last heartbeat. @default 30 */
+  ttl?: number;
+  /** The clock in milliseconds; tests pass a fake one. @default Date.now */
+  now?: () => number;
+}
+
+/**
+ * The directory's in-memory state: peers, which of them holds which fragment, and files. Reads
+ * skip expired peers, so answers hold only live ones; {@link Registry.sweep} (run on a timer by
+ * {@link startDirectory}) frees the memory of the dead.
+ */
+export class Registry {
+  /** Seconds a peer stays listed after its last heartbeat. */
+  readonly ttl: number;
+  readonly #now: () => number;
+  /** Every peer heard from within a ttl, and any expired since the last sweep. */
+  readonly #peers = new Map<string, PeerRecord>();
+  /** Fragment name -> its holders, kept in step with every heartbeat: locate is O(holders). */
+  readonly #holders = new Map<string, Set<PeerRecord>>();
+  /** "host:port" -> peer id, so a peer that restarted and registered again has one entry. */
+  readonly #byAddress = new Map<string, string>();
+  readonly #files = new Map<string, FileRecord>();
+
+  constructor(options: RegistryOptions = {}) {
+    this.ttl = options.ttl ?? DEFAULT_TTL;
+    this.#now = options.now ?? Date.now;
+  }
+
+  /** Live peers. */
+  get peerCount(): number {
+    this.sweep();
+    return this.#peers.size;
+  }
+
+  /** Fragment names with at least one live holder. */
+  get fragmentCount(): number {
+    this.sweep();
+    return this.#holders.size;
+  }
+
+  /** Published files. */
+  get fileCount(): number {
+    return this.#files.size;
+  }
+
+  /** Forgets every peer whose ttl has run out, and its place in the fragment index: O(peers). */
+  sweep(): void {
+    const now = this.#now();
+    for (const peer of this.#peers.values()) {
+      if (peer.expiresAt <= now) this.#remove(peer);
+    }
+  }
+
+  /** Registers or refreshes peer `id` with its full state; true when it was not known. */
+  upsert(id: string, state: Required<PeerState>): boolean {
+    const now = this.#now();
+    const address = `${state.host}:${state.port}`;
+    const sameAddress = this.#byAddress.get(address);
+    // Another id at the same address is this peer before a restart: keep one entry per peer.
+    if (sameAddress !== undefined && sameAddress !== id) {
+      this.#remove(this.#peers.get(sameAddress)!);
+    }
+    let peer = this.#peers.get(id);
+    const created = peer === undefined || peer.expiresAt <= now; // expired is forgotten
+    if (peer === undefined) {
+      peer = { id, address, holder: toHolder(id, state), fragments: [], expiresAt: 0 };
+      this.#peers.set(id, peer);
+    } else {
+      if (peer.address !== address) this.#byAddress.delete(peer.address);
+      if (!sameHolder(peer.holder, state)) peer.holder = toHolder(id, state);
+      peer.address = address;
+    }
+    this.#index(peer, state.fragments);
+    peer.expiresAt = now + this.ttl * 1000;
+    this.#byAddress.set(address, id);
+    return created;
+  }
+
+  /** Removes peer `id`; false when it was not known (or had already expired). */
+  remove(id: string): boolean {
+    const peer = this.#peers.get(id);
+    if (peer === undefined) return false;
+    this.#remove(peer);
+    return peer.expiresAt > this.#now();
+  }
+
+  /** The live holders of fragment `name` (empty when none). */
+  locate(name: string): Holder[] {
+    const now = this.#now();
+    const holders: Holder[] = [];
+    for (const peer of this.#holders.get(name) ?? []) {
+      if (peer.expiresAt > now) holders.push(peer.holder);
+    }
+    return holders;
+  }
+
+  /** Every live peer with its fragments. */
+  peers(): PeerInfo[] {
+    const now = this.#now();
+    return [...this.#peers.values()]
+      .filter((peer) => peer.expiresAt > now)
+      .map((peer) => ({ ...peer.holder, fragments: peer.fragments }));
+  }
+
+  /** Every fragment with at least one live holder, and its holders. */
+  fragments(): FragmentHolders[] {
+    return [...this.#holders.keys()]
+      .map((name) => ({ name, holders: this.locate(name) }))
+      .filter((fragment) => fragment.holders.length > 0);
+  }
+
+  /** Stores a manifest: "created", "unchanged", or "conflict" when another file has its name. */
+  publish(manifest: Manifest): "created" | "unchanged" | "conflict" {
+    const known = this.#files.get(manifest.file);
+    if (known === undefined) {
+      this.#files.set(manifest.file, { manifest });
+      return "created";
+    }
+    return known.manifest.sha256 === manifest.sha256 ? "unchanged" : "conflict";
+  }
+
+  /** Every published file with its fragment count and whether all fragments are held. */
+  files(): FileSummary[] {
+    const now = this.#now();
+    const held = (name: string) =>
+      [...this.#holders.get(name) ?? []].some((peer) => peer.expiresAt > now);
+    return [...this.#files.values()].map(({ manifest }) => ({
+      file: manifest.file,
+      mime: manifest.mime,
+      size: manifest.size,
+      sha256: manifest.sha256,
+      fragments: manifest.fragments.length,
+      available: manifest.fragments.every((fragment) => held(fragment.name)),
+    }));
+  }
+
+  /** The manifest of `file` with each fragment's live holders, or undefined when unknown. */
+  file(file: string): FileDetail | undefined {
+    const record = this.#files.get(file);
+    if (record === undefined) return undefined;
+    const fragments = record.manifest.fragments.map((fragment) => {
+      const holders = this.locate(fragment.name);
+      return { ...fragment, holders, holderCount: holders.length };
+    });
+    return { ...record.manifest, fragments };
+  }
+
+  /** Brings the fragment index in step with `peer`'s new list, touching only what changed. */
+  #index(peer: PeerRecord, names: string[]): void {
+    if (sameList(peer.fragments, names)) return; // the usual heartbeat: nothing changed
+    const next = new Set(names);
+    for (const name of peer.fragments) {
+      if (!next.has(name)) this.#unindex(name, peer);
+    }
+    for (const name of next) {
+      let holders = this.#holders.get(name);
+      if (holders === undefined) this.#holders.set(name, holders = new Set());
+      holders.add(peer);
+    }
+    peer.fragments = [...next];
+  }
+
+  #unindex(name: string, peer: PeerRecord): void {
+    const holders = this.#holders.get(name);
+    holders?.delete(peer);
+    if (holders?.size === 0) this.#holders.delete(name); // no empty sets left behind
+  }
+
+  #remove(peer: PeerRecord): void {
+    for (const name of peer.fragments) this.#unindex(name, peer);
+    this.#peers.delete(peer.id);
+    if (this.#byAddress.get(peer.address) === peer.id) this.#byAddress.delete(peer.address);
+  }
+}
+
+function sameList(a: string[], b: string[]): boolean {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
+}
+
+function toHolder(id: string, state: Required<PeerState>): Holder {
+  return {
+    id,
+    host: state.host,
+    port: state.port,
+    grpcPort: state.grpcPort,
+    httpPort: state.httpPort,
+  };
+}
+
+function sameHolder(holder: Holder, state: Required<PeerState>): boolean {
+  return holder.host === state.host && holder.port === state.port &&
+    holder.grpcPort === state.grpcPort && holder.httpPort === state.httpPort;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routes
+
+const TAG_PEERS = ["peers"];
+const TAG_FRAGMENTS = ["fragments"];
+const TAG_FILES = ["files"];
+
+function json<T extends z.ZodType>(schema: T, description: string) {
+  return { content: { "application/json": { schema } }, description };
+}
+
+const ERROR_DESCRIPTIONS = {
+  400: "Malformed JSON, or a field that breaks the schema (the message names it)",
+  404: "Not found",
+  409: "Conflicts with what the directory holds",
+  413: `Body larger than ${MAX_BODY_BYTES} bytes`,
+} as const;
+type ErrorStatus = keyof typeof ERROR_DESCRIPTIONS;
+
+/** The declared error responses of a route, all with the error shape. */
+function errors<const S extends ErrorStatus[]>(...statuses: S) {
+  return Object.fromEntries(
+    statuses.map((status) => [status, json(ErrorSchema, ERROR_DESCRIPTIONS[status])]),
+  ) as { [K in S[number]]: ReturnType<typeof json<typeof ErrorSchema>> };
+}
+
+function jsonBody<T extends z.ZodType>(schema: T) {
+  return { body: { content: { "application/json": { schema } }, required: true } };
+}
+
+const tooLarge = (c: Context) =>
+  c.json(errorBody("PAYLOAD_TOO_LARGE", `Body is larger than ${MAX_BODY_BYTES} bytes`), 413);
+const limitStreamedBody = bodyLimit({ maxSize: MAX_BODY_BYTES, onError: tooLarge });
+
+/** Answers 413 to a body over {@link MAX_BODY_BYTES}; the routes that take a body use it. */
+const limitBody: MiddlewareHandler = async (c, next) => {
+  const length = c.req.header("content-length");
+  // The HTTP server holds a body to its Content-Length, so the header is enough; only a streamed
+  // body needs bodyLimit, which re-wraps every body in a new stream (a cost on each heartbeat).
+  if (length === undefined) return await limitStreamedBody(c, next);
+  if (Number(length) > MAX_BODY_BYTES) return tooLarge(c);
+  await next();
+};
+
+const pathParam = (name: string) => Name.openapi({ param: { name, in: "path" } });
+
+const healthRoute = createRoute({
+  method: "get",
+  path: "/health",
+  summary: "Liveness, with the number of live peers, fragments and files",
+  responses: { 200: json(HealthSchema, "The directory is up") },
+});
+
+const registerRoute = createRoute({
+  method: "post",
+  path: "/peers",
+  tags: TAG_PEERS,
+  summary: "Register a peer with its state",
+  request: jsonBody(PeerStateSchema),
+  middleware: [limitBody],
+  responses: { 201: json(RegistrationSchema, "Registered"), ...errors(400, 413) },
+});
+
+const heartbeatRoute = createRoute({
+  method: "put",
+  path: "/peers/{id}",
+  tags: TAG_PEERS,
+  summary: "Heartbeat with the peer's full state (idempotent; recreates a forgotten peer)",
+  request: { params: z.object({ id: pathParam("id") }), ...jsonBody(PeerStateSchema) },
+  middleware: [limitBody],
+  responses: { 200: json(HeartbeatSchema, "Refreshed"), ...errors(400, 413) },
+});
+
+const leaveRoute = createRoute({
+  method: "delete",
+  path: "/peers/{id}",
+  tags: TAG_PEERS,
+  summary: "Leave: forget the peer now",
+  request: { params: z.object({ id: pathParam("id") }) },
+  responses: { 204: { description: "Forgotten" }, ...errors(400, 404) },
+});
+
+const listPeersRoute = createRoute({
+  method: "get",
+  path: "/peers",
+  tags: TAG_PEERS,
+  summary: "Every live peer with its fragments",
+  responses: { 200: json(z.object({ peers: z.array(PeerSchema) }), "Live peers") },
+});
+
+const listFragmentsRoute = createRoute({
+  method: "get",
+  path: "/fragments",
+  tags: TAG_FRAGMENTS,
+  summary: "Every fragment with its live holders",
+  responses: {
+    200: json(z.object({ fragments: z.array(FragmentHoldersSchema) }), "Fragments"),
+  },
+});
+
+const locateRoute = createRoute({
+  method: "get",
+  path: "/fragments/{name}",
+  tags: TAG_FRAGMENTS,
+  summary: "Locate a fragment: its live holders",
+  request: { params: z.object({ name: pathParam("name") }) },
+  responses: { 200: json(FragmentHoldersSchema, "Its holders"), ...errors(400, 404) },
+});
+
+const publishRoute = createRoute({
+  method: "post",
+  path: "/files",
+  tags: TAG_FILES,
+  summary: "Publish a file's manifest",
+  request: jsonBody(ManifestSchema),
+  middleware: [limitBody],
+  responses: {
+    200: json(PublishedSchema, "Already published, unchanged"),
+    201: json(PublishedSchema, "Published"),
+    ...errors(400, 409, 413),
+  },
+});
+
+const listFilesRoute = createRoute({
+  method: "get",
+  path: "/files",
+  tags: TAG_FILES,
+  summary: "Every published file",
+  responses: { 200: json(z.object({ files: z.array(FileSummarySchema) }), "Files") },
+});
+
+const getFileRoute = createRoute({
+  method: "get",
+  path: "/files/{file}",
+  tags: TAG_FILES,
+  summary: "A file's manifest with each fragment's live holders and their count",
+  request: { params: z.object({ file: pathParam("file") }) },
+  responses: { 200: json(FileDetailSchema, "The manifest with holders"), ...errors(400, 404) },
+});
+
+// ---------------------------------------------------------------------------------------------
+// The app
+
+/** The error body every failure has: `{"error": {"code", "message"}}`. */
+function errorBody(code: string, message: string) {
+  return { error: { code, message } };
+}
+
+const ERROR_CODES: Record<number, string> = {
+  400: "BAD_REQUEST",
+  404: "NOT_FOUND",
+  409: "CONFLICT",
+  413: "PAYLOAD_TOO_LARGE",
+  415: "UNSUPPORTED_MEDIA_TYPE",
+  500: "INTERNAL",
+};
+
+const TARGET_NAMES: Record<string, string> = { json: "Field", param: "Path parameter" };
+
+/** One sentence naming the first field that broke the schema. */
+function describeIssue(issue: z.core.$ZodIssue, target: string): string {
+  const what = TARGET_NAMES[target] ?? "Parameter";
+  const field = issue.path.length > 0 ? issue.path.join(".") : "(body)";
+  if (issue.code === "invalid_type" && issue.message.endsWith("received undefined")) {
+    return `${what} "${field}" is required`;
+  }
+  const reason = issue.message.replace(/^Invalid input: /, "");
+  return `${what} "${field}" is invalid: ${reason[0].toLowerCase()}${reason.slice(1)}`;
+}
+
+/** What the Deno server passes as Hono's env: the connection's addresses. */
+type Env = { Bindings: Partial<Deno.ServeHandlerInfo<Deno.NetAddr>> };
+
+/** The address the request came from, without the IPv4-mapped IPv6 prefix. */
+function remoteHost(env: Env["Bindings"] | undefined): string | undefined {
+  return env?.remoteAddr?.hostname.replace(/^::ffff:(?=\d+\.)/, "");
+}
+
+/** Options of {@link createApp}. */
+export interface AppOptions extends RegistryOptions {
+  /** The state to serve; by default a new one with `ttl` and `now`. */
+  registry?: Registry;
+}
+
+/**
+ * Builds the directory's Hono app without listening, so tests can use `app.request()`.
+ * @example
+ * ```ts
+ * const app = createApp({ ttl: 30 });
+ * const response = await app.request("/fragments/fragment_0.bin");
+ * ```
+ */
+export function createApp(options: AppOptions = {}): OpenAPIHono<Env> {
+  const registry = options.registry ?? new Registry(options);
+  const app = new OpenAPIHono<Env>({
+    // Every validation failure, whatever the route, becomes one 400 naming the field.
+    defaultHook: (result, c) => {
+      if (result.success) return undefined;
+      const message = describeIssue(result.error.issues[0], result.target);
+      return c.json(errorBody("BAD_REQUEST", message), 400);
+    },
+  });
+
+  app.onError((error, c) => {
+    if (error instanceof HTTPException) {
+      const status = error.status as ContentfulStatusCode;
+      const message = status === 415 ? 'Content-Type must be "application/json"' : error.message;
+      return c.json(errorBody(ERROR_CODES[status] ?? `HTTP_${status}`, message), status);
+    }
+    console.error(`[DIRECTORY] ${c.req.method} ${c.req.path} failed:`, error);
+    return c.json(errorBody("INTERNAL", "Internal server error"), 500);
+  });
+  app.notFound((c) =>
+    c.json(errorBody("NOT_FOUND", `No route for ${c.req.method} "${c.req.path}"`), 404)
+  );
+  app.openapi(healthRoute, (c) =>
+    c.json({
+      status: "ok" as const,
+      peers: registry.peerCount,
+      fragments: registry.fragmentCount,
+      files: registry.fileCount,
+    }, 200));
+
+  /** The state with `host` filled in, or undefined when neither the body nor the socket says. */
+  function withHost(state: PeerState, env: Env["Bindings"] | undefined) {
+    const host = state.host ?? remoteHost(env);
+    return host === undefined ? undefined : { ...state, host };
+  }
+  const noHost = errorBody(
+    "BAD_REQUEST",
+    'Field "host" is required: the remote address is unknown',
+  );
+
+  app.openapi(registerRoute, (c) => {
+    const state = withHost(c.req.valid("json"), c.env);
+    if (state === undefined) return c.json(noHost, 400);
+    const id = crypto.randomUUID();
+    registry.upsert(id, state);
+    return c.json({ id, ttl: registry.ttl }, 201);
+  });
+
+  app.openapi(heartbeatRoute, (c) => {
+    const { id } = c.req.valid("param");
+    const state = withHost(c.req.valid("json"), c.env);
+    if (state === undefined) return c.json(noHost, 400);
+    const recreated = registry.upsert(id, state);
+    return c.json({ id, ttl: registry.ttl, recreated }, 200);
+  });
+
+  app.openapi(leaveRoute, (c) => {
+    const { id } = c.req.valid("param");
+    if (!registry.remove(id)) return c.json(errorBody("NOT_FOUND", `No peer "${id}"`), 404);
+    return c.body(null, 204);
+  });
+
+  app.openapi(listPeersRoute, (c) => c.json({ peers: registry.peers() }, 200));
+  app.openapi(listFragmentsRoute, (c) => c.json({ fragments: registry.fragments() }, 200));
+
+  app.openapi(locateRoute, (c) => {
+    const { name } = c.req.valid("param");
+    const holders = registry.locate(name);
+    if (holders.length === 0) {
+      return c.json(errorBody("NOT_FOUND", `No live peer holds "${name}"`), 404);
+    }
+    return c.json({ name, holders }, 200);
+  });
+
+  app.openapi(publishRoute, (c) => {
+    const manifest = c.req.valid("json");
+    const outcome = registry.publish(manifest);
+    if (outcome === "conflict") {
+      const message = `File "${manifest.file}" is already published with another sha256`;
+      return c.json(errorBody("CONFLICT", message), 409);
+    }
+    const body = { file: manifest.file, fragments: manifest.fragments.length };
+    return outcome === "created" ? c.json(body, 201) : c.json(body, 200);
+  });
+
+  app.openapi(listFilesRoute, (c) => c.json({ files: registry.files() }, 200));
+
+  app.openapi(getFileRoute, (c) => {
+    const { file } = c.req.valid("param");
+    const detail = registry.file(file);
+    if (detail === undefined) return c.json(errorBody("NOT_FOUND", `No file "${file}"`), 404);
+    return c.json(detail, 200);
+  });
+
+  // OpenAPI 3.0 rather than 3.1: validators check 3.0 schema objects strictly, 3.1 barely.
+  app.doc("/openapi.json", {
+    openapi: "3.0.3",
+    info: {
+      title: "P2P video directory",
+      version: "1.0.0",
+      description: "Which live peer holds which fragment, and the manifests of shared files",
+    },
+  });
+  app.get(
+    "/apidocs",
+    // baseUrl points the page's <script> and <link> at the route below instead of a CDN.
+    swaggerUI({ url: "/openapi.json", baseUrl: "/apidocs", title: "P2P directory API" }),
+  );
+  app.get("/apidocs/swagger-ui-dist/:asset", async (c) => {
+    const asset = SWAGGER_ASSETS.get(c.req.param("asset"));
+    if (asset === undefined) return c.notFound();
+    return c.body(await asset.load(), 200, {
+      "content-type": asset.type,
+      "cache-control": "public, max-age=86400",
+    });
+  });
+  return app;
+}
+
+/**
+ * Swagger UI's own files, from npm `swagger-ui-dist`, so /apidocs works with no internet. Loaded
+ * as text modules on first use: no file-system path and no read permission needed.
+ */
+const SWAGGER_ASSETS = new Map([
+  ["swagger-ui.css", {
+    type: "text/css; charset=utf-8",
+    load: once(() => import("swagger-ui-dist/swagger-ui.css", { with: { type: "text" } })),
+  }],
+  ["swagger-ui-bundle.js", {
+    type: "text/javascript; charset=utf-8",
+    load: once(() => import("swagger-ui-dist/swagger-ui-bundle.js", { with: { type: "text" } })),
+  }],
+]);
+
+function once(load: () => Promise<{ default: string }>): () => Promise<string> {
+  let text: Promise<string> | undefined;
+  return () => text ??= load().then((module) => module.default);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The server
+
+/** Options of {@link startDirectory}. */
+export interface DirectoryOptions extends AppOptions {
+  /** 0 picks any free port. @default 5000 */
+  port?: number;
+  /** @default "0.0.0.0" */
+  hostname?: string;
+}
+
+/** A running directory; close it, or `await using` it. */
+export interface DirectoryServer extends AsyncDisposable {
+  /** The port it listens on (the real one when started on port 0). */
+  readonly port: number;
+  /** Its base URL, e.g. `http://localhost:5000`. */
+  readonly url: string;
+  /** The state it serves. */
+  readonly registry: Registry;
+  /** Resolves once the server has stopped. */
+  readonly finished: Promise<void>;
+  /** Stops listening, lets requests in flight finish, and stops the sweep. */
+  close(): Promise<void>;
+}
+
+/**
+ * Starts the directory on a port; the handle closes it.
+ * @example
+ * ```ts
+ * await using directory = startDirectory({ port: 0, ttl: 30 });
+ * const client = new DirectoryClient(directory.url);
+ * ```
+ */
+export function startDirectory(options: DirectoryOptions = {}): DirectoryServer {
+  const registry = options.registry ?? new Registry(options);
+  const app = createApp({ registry });
+  const server = Deno.serve({
+    port: options.port ?? DEFAULT_PORT,
+    hostname: options.hostname ?? "0.0.0.0",
+    onListen: () => {}, // the caller prints its own line
+  }, app.fetch);
+  // Reads already skip the expired; sweeping every ttl/4 frees their memory soon after.
+  const sweeper = setInterval(() => registry.sweep(), Math.max(100, registry.ttl * 250));
+  const { hostname, port } = server.addr;
+  const shown = hostname === "0.0.0.0" || hostname === "::" ? "localhost" : hostname;
+  const url = `http://${shown.includes(":") ? `[${shown}]` : shown}:${port}`;
+  let closing: Promise<void> | undefined;
+  const close = () => {
+    clearInterval(sweeper);
+    return closing ??= server.shutdown();
+  };
+  return {
+    port,
+    url,
+    registry,
+    finished: server.finished,
+    close,
+    [Symbol.asyncDispose]: close,
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client peer.ts uses
+
+/** A failed directory call: `status` is the HTTP status, 0 when there was no answer. */
+export class DirectoryError extends Error {
+  override name = "DirectoryError";
+  constructor(
+    message: string,
+    /** The HTTP status, or 0 when the directory was unreachable or too slow. */
+    readonly status: number,
+    /** The error code from the body (e.g. `NOT_FOUND`), or `UNREACHABLE` / `TIMEOUT`. */
+    readonly code: string,
+    options?: ErrorOptions,
+  ) {
+    super(message, options);
+  }
+}
+
+/** Options of {@link DirectoryClient}. */
+export interface DirectoryClientOptions {
+  /** Give up on a call after this long. @default 5000 */
+  timeoutMs?: number;
+}
+
+/**
+ * A typed client of the directory's REST API. Every call throws a {@link DirectoryError} on a
+ * non-2xx answer, on a timeout, or when the directory cannot be reached.
+ * @example
+ * ```ts
+ * const directory = new DirectoryClient("http://localhost:5000");
+ * const { id, ttl } = await directory.register({ port: 6001, grpcPort: 50051, httpPort: 8001, fragments: [] });
+ * const holders = await directory.locate("fragment_5.bin");
+ * ```
+ */
+export class DirectoryClient {
+  /** The directory's base URL, without a trailing slash. */
+  readonly url: string;
+  readonly #timeoutMs: number;
+
+  constructor(url: string | URL, options: DirectoryClientOptions = {}) {
+    this.url = String(url).replace(/\/+$/, "");
+    this.#timeoutMs = options.timeoutMs ?? DEFAULT_CLIENT_TIMEOUT_MS;
+  }
+
+  /** Liveness, with the sizes of the directory's state. */
+  health(): Promise<Health> {
+    return this.#call("GET", "/health");
+  }
+
+  /** Registers this peer; heartbeat every `ttl / 3` seconds with the returned id. */
+  register(state: PeerState): Promise<Registration> {
+    return this.#call("POST", "/peers", state);
+  }
+
+  /** Refreshes this peer with its full state; re-creates it if the directory forgot it. */
+  heartbeat(id: string, state: PeerState): Promise<Heartbeat> {
+    return this.#call("PUT", `/peers/${encodeURIComponent(id)}`, state);
+  }
+
+  /** Leaves the directory (status 404 when it did not know `id`). */
+  async leave(id: string): Promise<void> {
+    await this.#call("DELETE", `/peers/${encodeURIComponent(id)}`);
+  }
+
+  /** The live holders of a fragment; an empty list when no live peer holds it. */
+  async locate(name: string): Promise<Holder[]> {
+    try {
+      const found = await this.#call<FragmentHolders>(
+        "GET",
+        `/fragments/${encodeURIComponent(name)}`,
+      );
+      return found.holders;
+    } catch (error) {
+      if (error instanceof DirectoryError && error.status === 404) return [];
+      throw error;
+    }
+  }
+
+  /** Every live peer with its fragments. */
+  async listPeers(): Promise<PeerInfo[]> {
+    return (await this.#call<{ peers: PeerInfo[] }>("GET", "/peers")).peers;
+  }
+
+  /** Every fragment with its live holders. */
+  async listFragments(): Promise<FragmentHolders[]> {
+    return (await this.#call<{ fragments: FragmentHolders[] }>("GET", "/fragments")).fragments;
+  }
+
+  /** Publishes a file's manifest (status 409 when another file has its name). */
+  async publishFile(manifest: Manifest): Promise<void> {
+    await this.#call("POST", "/files", manifest);
+  }
+
+  /** Every published file. */
+  async listFiles(): Promise<FileSummary[]> {
+    return (await this.#call<{ files: FileSummary[] }>("GET", "/files")).files;
+  }
+
+  /** A file's manifest with each fragment's live holders (status 404 when unknown). */
+  getFile(file: string): Promise<FileDetail> {
+    return this.#call("GET", `/files/${encodeURIComponent(file)}`);
+  }
+
+  async #call<T>(method: string, path: string, body?: unknown): Promise<T> {
+    const controller = new AbortController();
+    // A timer of our own, not AbortSignal.timeout(), so it is cleared the moment we are done.
+    const timer = setTimeout(() => controller.abort(), this.#timeoutMs);
+    let response: Response;
+    let text: string;
+    try {
+      response = await fetch(this.url + path, {
+        method,
+        headers: body === undefined ? {} : { "content-type": "application/json" },
+        body: body === undefined ? undefined : JSON.stringify(body),
+        signal: controller.signal,
+      });
+      text = await response.text();
+    } catch (error) {
+      if (controller.signal.aborted) {
+        const message = `Directory at "${this.url}" did not answer within ${this.#timeoutMs} ms`;
+        throw new DirectoryError(message, 0, "TIMEOUT", { cause: error });
+      }
+      const message = `Cannot reach directory at "${this.url}": ${fetchFailure(error)}`;
+      throw new DirectoryError(message, 0, "UNREACHABLE", { cause: error });
+    } finally {
+      clearTimeout(timer);
+    }
+    if (!response.ok) {
+      const { code, message } = parseError(text, response.status);
+      throw new DirectoryError(`${method} ${path} failed: ${message}`, response.status, code);
+    }
+    return (text === "" ? undefined : JSON.parse(text)) as T;
+  }
+}
+
+/** Why fetch failed, short: Deno hides the reason in `cause`, in a long sentence. */
+function fetchFailure(error: unknown): string {
+  const inner = error instanceof Error && error.cause instanceof Error ? error.cause : error;
+  const text = inner instanceof Error ? inner.message : String(inner);
+  return /connection refused/i.test(text) ? "connection refused" : text;
+}
+
+/** The code and message of an error body, or the status when the body is not one. */
+function parseError(text: string, status: number): { code: string; message: string } {
+  try {
+    const { error } = JSON.parse(text);
+    if (typeof error?.code === "string" && typeof error?.message === "string") return error;
+  } catch {
+    // not our error shape (a proxy in between?): fall back to the status
+  }
+  return { code: ERROR_CODES[status] ?? `HTTP_${status}`, message: `HTTP ${status}` };
+}
+
+// ---------------------------------------------------------------------------------------------
+// The command line
+
+const USAGE =
+  `Usage: deno task directory [--port ${DEFAULT_PORT}] [--ttl ${DEFAULT_TTL}] [--hostname 0.0.0.0]
+
+The REST directory: which live peer holds which fragment, and the published manifests.
+
+Options:
+  --port PORT      port to listen on, 0 for any free one (default ${DEFAULT_PORT})
+  --ttl SECONDS    forget a peer this long after its last heartbeat (default ${DEFAULT_TTL})
+  --hostname HOST  address to listen on (default 0.0.0.0)
+  -h, --help       show this help`;
+
+/** Reads the flags; a mistake throws a {@link UserError} (parseArgs' own errors count as one). */
+function parseCli(args: string[]): { port: number; ttl: number; hostname: string } | "help" {
+  const { values } = parseArgs({
+    args,
+    options: {
+      port: { type: "string" },
+      ttl: { type: "string" },
+      hostname: { type: "string" },
+      help: { type: "boolean", short: "h" },
+    },
+  });
+  if (values.help) return "help";
+  const port = Number(values.port ?? DEFAULT_PORT);
+  if (!Number.isInteger(port) || port < 0 || port > 65535) {
+    throw new UserError(`Invalid --port "${values.port}": expected a number from 0 to 65535`);
+  }
+  const ttl = Number(values.ttl ?? DEFAULT_TTL);
+  if (!Number.isFinite(ttl) || ttl <= 0) {
+    throw new UserError(`Invalid --ttl "${values.ttl}": expected a positive number of seconds`);
+  }
+  return { port, ttl, hostname: values.hostname ?? "0.0.0.0" };
+}
+
+async function main(args = Deno.args): Promise<void> {
+  const options = parseCli(args);
+  if (options === "help") return console.log(USAGE);
+  let directory: DirectoryServer;
+  try {
+    directory = startDirectory(options);
+  } catch (error) {
+    if (error instanceof Deno.errors.AddrInUse) {
+      throw new UserError(`Cannot listen on port ${options.port}: address already in use`);
+    }
+    throw error;
+  }
+  console.log(`[DIRECTORY] Listening on ${directory.url} (Swagger UI: ${directory.url}/apidocs)`);
+  const stop = () => directory.close();
+  Deno.addSignalListener("SIGINT", stop);
+  Deno.addSignalListener("SIGTERM", stop);
+  await directory.finished;
+  Deno.removeSignalListener("SIGINT", stop);
+  Deno.removeSignalListener("SIGTERM", stop);
+}
+
+if (import.meta.main) await runMain(() => main());

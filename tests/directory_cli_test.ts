@@ -1,0 +1,91 @@
+/**
+ * `deno task directory` as a real child process with the task's own flags: the listening line,
+ * signals, flag mistakes, and real expiry with a short ttl.
+ * @module
+ */
+import assert from "node:assert/strict";
+import { DirectoryClient } from "../directory.ts";
+import { runTask, startTask } from "./_util.ts";
+
+const LISTENING =
+  /\[DIRECTORY\] Listening on (http:\/\/\S+) \(Swagger UI: (http:\/\/\S+\/apidocs)\)/;
+
+/** Polls `check` until it returns true, or fails after `timeoutMs`. */
+async function eventually(check: () => Promise<boolean>, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`Condition not met within ${timeoutMs} ms`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+for (const signal of ["SIGTERM", "SIGINT"] as const) {
+  Deno.test(`deno task directory prints its address and Swagger UI, and stops cleanly on ${signal}`, async () => {
+    await using child = startTask("directory", ["--port", "0"]);
+    const [, url, docs] = await child.waitFor(LISTENING, { stream: "stdout" });
+    assert.doesNotMatch(url, /:0$/);
+    assert.equal(docs, `${url}/apidocs`);
+    const page = await (await fetch(docs)).text();
+    const script = page.match(/src="([^"]+\.js)"/)?.[1];
+    assert.ok(script, page);
+    const bundle = await fetch(new URL(script, url)); // served under the task's narrow permissions
+    assert.equal(bundle.status, 200);
+    assert.match(await bundle.text(), /SwaggerUIBundle/);
+    assert.equal((await new DirectoryClient(url).health()).status, "ok");
+    child.kill(signal);
+    const { code } = await child.status();
+    assert.equal(code, 0, child.stderr);
+    assert.equal(child.stdout.trim().split("\n").length, 1, "one listening line, nothing more");
+    assert.equal(child.stderr, "");
+  });
+}
+
+Deno.test("deno task directory --help prints the usage and exits 0", async () => {
+  const { code, stdout, stderr } = await runTask("directory", ["--help"]);
+  assert.equal(code, 0);
+  assert.match(stdout, /^Usage: deno task directory \[--port 5000\] \[--ttl 30\]/);
+  assert.equal(stderr, "");
+});
+
+Deno.test("deno task directory refuses bad flags with one line and a non-zero exit", async () => {
+  const cases: [string[], RegExp][] = [
+    [["--port", "abc"], /^error: Invalid --port "abc": expected a number from 0 to 65535$/],
+    [["--port", "70000"], /^error: Invalid --port "70000"/],
+    [["--ttl", "0"], /^error: Invalid --ttl "0": expected a positive number of seconds$/],
+    [["--bogus"], /^error: Unknown option '--bogus'/],
+    [["extra"], /^error: Unexpected argument 'extra'/],
+  ];
+  const results = await Promise.all(cases.map(([args]) => runTask("directory", args)));
+  results.forEach(({ code, stdout, stderr }, i) => {
+    assert.notEqual(code, 0);
+    assert.equal(stdout, "");
+    assert.match(stderr.trimEnd(), cases[i][1]);
+    assert.equal(stderr.trimEnd().split("\n").length, 1, stderr);
+  });
+});
+
+Deno.test("deno task directory says so in one line when its port is taken", async () => {
+  using taken = Deno.listen({ hostname: "0.0.0.0", port: 0 });
+  const port = String(taken.addr.port);
+  const { code, stderr } = await runTask("directory", ["--port", port]);
+  assert.notEqual(code, 0);
+  assert.equal(stderr.trimEnd(), `error: Cannot listen on port ${port}: address already in use`);
+});
+
+Deno.test("deno task directory --ttl 1 forgets a peer that stops heartbeating", async () => {
+  await using child = startTask("directory", ["--port", "0", "--ttl", "1"]);
+  const [, url] = await child.waitFor(LISTENING, { stream: "stdout" });
+  const client = new DirectoryClient(url);
+  const registered = Date.now();
+  const { ttl } = await client.register({
+    port: 6001,
+    grpcPort: 50051,
+    httpPort: 8001,
+    fragments: ["x.bin"],
+  });
+  assert.equal(ttl, 1);
+  assert.equal((await client.locate("x.bin")).length, 1);
+  await eventually(async () => (await client.locate("x.bin")).length === 0);
+  assert.ok(Date.now() - registered >= 900, "expired before its ttl");
+  assert.deepEqual(await client.health(), { status: "ok", peers: 0, fragments: 0, files: 0 });
+});

@@ -1,0 +1,165 @@
+/**
+ * directory.ts over real sockets: `startDirectory()` on port 0 and the `DirectoryClient` that
+ * peer.ts uses, including its errors, its timeout and an unreachable directory.
+ * @module
+ */
+import assert from "node:assert/strict";
+import { DirectoryClient, DirectoryError, startDirectory } from "../directory.ts";
+import type { Manifest } from "../split.ts";
+
+const SHA = "0".repeat(64);
+const MANIFEST: Manifest = {
+  version: 1,
+  file: "clip.webm",
+  mime: "video/webm",
+  size: 10,
+  sha256: SHA,
+  fragments: [
+    { index: 0, name: "clip_0.bin", offset: 0, size: 5, sha256: SHA },
+    { index: 1, name: "clip_1.bin", offset: 5, size: 5, sha256: SHA },
+  ],
+};
+
+function state(port: number, fragments: string[]) {
+  return { port, grpcPort: port + 44050, httpPort: port + 2000, fragments };
+}
+
+/** Runs `work` and returns the DirectoryError it must throw. */
+async function rejection(work: () => Promise<unknown>): Promise<DirectoryError> {
+  try {
+    await work();
+  } catch (error) {
+    assert.ok(error instanceof DirectoryError, `expected a DirectoryError, got ${error}`);
+    return error;
+  }
+  throw new Error("Expected a DirectoryError, but the call succeeded");
+}
+
+Deno.test("DirectoryClient registers, heartbeats, locates, publishes and leaves over HTTP", async () => {
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
+  assert.ok(directory.port > 0);
+  const client = new DirectoryClient(`${directory.url}/`);
+  assert.deepEqual(await client.health(), { status: "ok", peers: 0, fragments: 0, files: 0 });
+
+  const { id, ttl } = await client.register(state(6001, ["clip_0.bin"]));
+  assert.equal(ttl, 30);
+  const other = await client.register({ ...state(6002, ["clip_1.bin"]), host: "seed.example" });
+  assert.deepEqual(await client.locate("clip_0.bin"), [
+    { id, host: "127.0.0.1", port: 6001, grpcPort: 50051, httpPort: 8001 },
+  ]);
+  assert.deepEqual(await client.heartbeat(id, state(6001, ["clip_0.bin", "clip_1.bin"])), {
+    id,
+    ttl: 30,
+    recreated: false,
+  });
+  assert.deepEqual((await client.locate("clip_1.bin")).map((holder) => holder.id), [other.id, id]);
+  assert.deepEqual(await client.locate("nobody.bin"), []);
+
+  await client.publishFile(MANIFEST);
+  await client.publishFile(MANIFEST); // the same manifest again is fine
+  assert.deepEqual((await client.listFiles()).map((file) => [file.file, file.available]), [
+    ["clip.webm", true],
+  ]);
+  const detail = await client.getFile("clip.webm");
+  assert.deepEqual(detail.fragments.map((fragment) => fragment.holderCount), [1, 2]);
+
+  assert.equal((await client.listPeers()).length, 2);
+  assert.deepEqual((await client.listFragments()).map((fragment) => fragment.name), [
+    "clip_0.bin",
+    "clip_1.bin",
+  ]);
+  await client.leave(id);
+  assert.deepEqual(await client.locate("clip_0.bin"), []);
+});
+
+Deno.test("DirectoryClient throws a DirectoryError with the status and code of a refusal", async () => {
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
+  const client = new DirectoryClient(directory.url);
+  const unknown = await rejection(() => client.leave("ghost"));
+  assert.deepEqual([unknown.status, unknown.code], [404, "NOT_FOUND"]);
+  assert.match(unknown.message, /DELETE \/peers\/ghost failed: No peer "ghost"/);
+
+  const invalid = await rejection(() => client.register(state(6001, ["../passwd"])));
+  assert.deepEqual([invalid.status, invalid.code], [400, "BAD_REQUEST"]);
+  assert.match(invalid.message, /"fragments\.0"/);
+
+  await client.publishFile(MANIFEST);
+  const conflict = await rejection(() =>
+    client.publishFile({ ...MANIFEST, sha256: "1".repeat(64) })
+  );
+  assert.deepEqual([conflict.status, conflict.code], [409, "CONFLICT"]);
+
+  const missing = await rejection(() => client.getFile("other.webm"));
+  assert.deepEqual([missing.status, missing.code], [404, "NOT_FOUND"]);
+});
+
+Deno.test("startDirectory() answers 413 to a streamed body over 1 MiB", async () => {
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
+  // A stream has no Content-Length: the limit must count the bytes as they arrive.
+  const chunk = new TextEncoder().encode(" ".repeat(64 * 1024));
+  let sent = 0;
+  const body = new ReadableStream<Uint8Array>({
+    pull(controller) {
+      if (sent++ < 20) controller.enqueue(chunk);
+      else controller.close();
+    },
+  });
+  const response = await fetch(`${directory.url}/peers`, {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body,
+  });
+  assert.equal(response.status, 413);
+  assert.equal((await response.json()).error.code, "PAYLOAD_TOO_LARGE");
+});
+
+Deno.test("DirectoryClient gets a PAYLOAD_TOO_LARGE error for a state over 1 MiB", async () => {
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
+  const client = new DirectoryClient(directory.url);
+  const names = Array.from({ length: 70_000 }, (_, i) => `fragment_${i}.bin`); // about 1.3 MB
+  const error = await rejection(() => client.register(state(6001, names)));
+  assert.deepEqual([error.status, error.code], [413, "PAYLOAD_TOO_LARGE"]);
+  assert.equal((await client.health()).peers, 0);
+});
+
+Deno.test("DirectoryClient gives up with a TIMEOUT error when the directory does not answer", async () => {
+  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const accepted: Deno.Conn[] = [];
+  const accepting = (async () => {
+    for await (const conn of listener) accepted.push(conn); // read nothing, answer nothing
+  })();
+  try {
+    const client = new DirectoryClient(`http://127.0.0.1:${listener.addr.port}`, {
+      timeoutMs: 200,
+    });
+    const error = await rejection(() => client.health());
+    assert.deepEqual([error.status, error.code], [0, "TIMEOUT"]);
+    assert.match(error.message, /did not answer within 200 ms/);
+  } finally {
+    listener.close();
+    await accepting.catch(() => {});
+    for (const conn of accepted) conn.close();
+  }
+});
+
+Deno.test("DirectoryClient says UNREACHABLE when nothing listens at the address", async () => {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const { port } = listener.addr;
+  listener.close(); // a port that was just free and is now closed: the connection is refused
+  const client = new DirectoryClient(`http://127.0.0.1:${port}`);
+  const error = await rejection(() => client.register(state(6001, [])));
+  assert.deepEqual([error.status, error.code], [0, "UNREACHABLE"]);
+  assert.equal(
+    error.message,
+    `Cannot reach directory at "http://127.0.0.1:${port}": connection refused`,
+  );
+});
+
+Deno.test("startDirectory() close() is idempotent and frees the port", async () => {
+  const directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
+  await directory.close();
+  await directory.close();
+  await directory.finished;
+  // the port is free again: binding it right now succeeds
+  Deno.listen({ hostname: "127.0.0.1", port: directory.port }).close();
+});

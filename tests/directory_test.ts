@@ -1,0 +1,409 @@
+/**
+ * directory.ts through `app.request()`, no port: every route with good and bad input, expiry on
+ * a fake clock, the error shape, and the OpenAPI document checked by a real validator.
+ * @module
+ */
+import SwaggerParser from "@apidevtools/swagger-parser";
+import assert from "node:assert/strict";
+import { createApp, type PeerState, Registry } from "../directory.ts";
+import type { Manifest } from "../split.ts";
+
+const REMOTE = {
+  remoteAddr: { hostname: "::ffff:10.0.0.9", port: 40000, transport: "tcp" as const },
+};
+const SHA = "a".repeat(64);
+
+/** A directory app on a clock the test moves by hand. */
+function fixture(ttl = 30) {
+  const clock = { now: 1_000_000 };
+  const registry = new Registry({ ttl, now: () => clock.now });
+  const app = createApp({ registry });
+  const call = async (method: string, path: string, body?: unknown, env: object = REMOTE) => {
+    const init: RequestInit = { method };
+    if (body !== undefined) {
+      init.headers = { "content-type": "application/json" };
+      init.body = typeof body === "string" ? body : JSON.stringify(body);
+    }
+    const response = await app.request(path, init, env);
+    const text = await response.text();
+    return { status: response.status, body: text === "" ? undefined : JSON.parse(text) };
+  };
+  return { clock, registry, app, call };
+}
+
+function peer(port: number, fragments: string[], host?: string): PeerState {
+  return {
+    ...(host ? { host } : {}),
+    port,
+    grpcPort: port + 44050,
+    httpPort: port + 2000,
+    fragments,
+  };
+}
+
+function manifest(file = "movie.webm", names = ["movie_0.bin", "movie_1.bin"]): Manifest {
+  return {
+    version: 1,
+    file,
+    mime: "video/webm",
+    size: 200,
+    sha256: SHA,
+    fragments: names.map((name, index) => ({
+      index,
+      name,
+      offset: index * 100,
+      size: 100,
+      sha256: SHA,
+    })),
+  };
+}
+
+/** Asserts the error shape, its status and code, and that the message matches. */
+function assertError(
+  result: { status: number; body: { error: { code: string; message: string } } },
+  status: number,
+  code: string,
+  message?: RegExp,
+) {
+  assert.deepEqual(result.status, status, JSON.stringify(result.body));
+  assert.deepEqual(Object.keys(result.body), ["error"]);
+  assert.deepEqual(result.body.error.code, code);
+  assert.deepEqual(typeof result.body.error.message, "string");
+  if (message) assert.match(result.body.error.message, message);
+}
+
+Deno.test("GET /health answers ok with the sizes of the state", async () => {
+  const { call } = fixture();
+  await call("POST", "/peers", peer(6001, ["a.bin", "b.bin"]));
+  const { status, body } = await call("GET", "/health");
+  assert.deepEqual(status, 200);
+  assert.deepEqual(body, { status: "ok", peers: 1, fragments: 2, files: 0 });
+});
+
+Deno.test("POST /peers registers a peer at its remote address, and a body host overrides it", async () => {
+  const { call } = fixture();
+  const first = await call("POST", "/peers", peer(6001, ["a.bin"]));
+  assert.deepEqual(first.status, 201);
+  assert.deepEqual(first.body.ttl, 30);
+  const second = await call("POST", "/peers", peer(6002, ["a.bin"], "seed.example"));
+  const located = await call("GET", "/fragments/a.bin");
+  assert.deepEqual(located.status, 200);
+  assert.deepEqual(located.body, {
+    name: "a.bin",
+    holders: [
+      { id: first.body.id, host: "10.0.0.9", port: 6001, grpcPort: 50051, httpPort: 8001 },
+      { id: second.body.id, host: "seed.example", port: 6002, grpcPort: 50052, httpPort: 8002 },
+    ],
+  });
+});
+
+Deno.test("POST /peers without a host and without a remote address is a 400 naming host", async () => {
+  const { call } = fixture();
+  assertError(await call("POST", "/peers", peer(6001, []), {}), 400, "BAD_REQUEST", /"host"/);
+});
+
+Deno.test("POST /peers from a peer that restarted at the same address keeps one entry", async () => {
+  const { call } = fixture();
+  await call("POST", "/peers", peer(6001, ["a.bin"]));
+  const again = await call("POST", "/peers", peer(6001, ["b.bin"]));
+  const { body } = await call("GET", "/peers");
+  assert.deepEqual(body.peers.map((p: { id: string }) => p.id), [again.body.id]);
+  assert.deepEqual((await call("GET", "/fragments/a.bin")).status, 404);
+});
+
+Deno.test("POST /peers refuses malformed JSON, a missing field and a bad fragment name", async () => {
+  const { call } = fixture();
+  assertError(await call("POST", "/peers", "{nope"), 400, "BAD_REQUEST", /Malformed JSON/);
+  const { grpcPort: _, ...noGrpc } = peer(6001, []);
+  assertError(await call("POST", "/peers", noGrpc), 400, "BAD_REQUEST", /"grpcPort" is required/);
+  assertError(
+    await call("POST", "/peers", { ...peer(6001, []), port: "6001" }),
+    400,
+    "BAD_REQUEST",
+    /"port" is invalid: expected number/,
+  );
+  assertError(await call("POST", "/peers", peer(70000, [])), 400, "BAD_REQUEST", /"port"/);
+  for (const bad of ["../etc", ".hidden", "a/b", "", "x".repeat(201)]) {
+    assertError(
+      await call("POST", "/peers", peer(6001, ["ok.bin", bad])),
+      400,
+      "BAD_REQUEST",
+      /"fragments\.1" is invalid/,
+    );
+  }
+  assertError(await call("POST", "/peers", [1, 2]), 400, "BAD_REQUEST", /"\(body\)"/);
+  assertError(
+    await call("POST", "/peers", peer(6001, [], "bad host/")),
+    400,
+    "BAD_REQUEST",
+    /"host"/,
+  );
+});
+
+Deno.test("POST /peers refuses a body over 1 MiB with 413 and another media type with 415", async () => {
+  const { app } = fixture();
+  const big = JSON.stringify(
+    peer(6001, Array.from({ length: 70_000 }, (_, i) => `fragment_${i}.bin`)),
+  );
+  assert.ok(big.length > 1024 * 1024);
+  const response = await app.request("/peers", {
+    method: "POST",
+    headers: { "content-type": "application/json" },
+    body: big,
+  }, REMOTE);
+  assertError({ status: response.status, body: await response.json() }, 413, "PAYLOAD_TOO_LARGE");
+  const text = await app.request("/peers", {
+    method: "POST",
+    headers: { "content-type": "text/plain" },
+    body: "port=6001",
+  }, REMOTE);
+  const body = await text.json();
+  assertError({ status: text.status, body }, 415, "UNSUPPORTED_MEDIA_TYPE", /application\/json/);
+});
+
+Deno.test("PUT /peers/{id} replaces the peer's fragments in the index, touching only changes", async () => {
+  const { call } = fixture();
+  const { body: { id } } = await call("POST", "/peers", peer(6001, ["a.bin", "b.bin"]));
+  const beat = await call("PUT", `/peers/${id}`, peer(6001, ["b.bin", "c.bin"]));
+  assert.deepEqual(beat.status, 200);
+  assert.deepEqual(beat.body, { id, ttl: 30, recreated: false });
+  assert.deepEqual((await call("GET", "/fragments/a.bin")).status, 404);
+  assert.deepEqual((await call("GET", "/fragments/b.bin")).body.holders[0].id, id);
+  assert.deepEqual((await call("GET", "/fragments/c.bin")).body.holders[0].id, id);
+  assert.deepEqual((await call("GET", "/health")).body.fragments, 2);
+});
+
+Deno.test("PUT /peers/{id} recreates a peer the directory forgot, and is idempotent", async () => {
+  const { call } = fixture();
+  const state = peer(6001, ["a.bin"], "peer1");
+  assert.deepEqual((await call("PUT", "/peers/peer-1", state)).body, {
+    id: "peer-1",
+    ttl: 30,
+    recreated: true,
+  });
+  assert.deepEqual((await call("PUT", "/peers/peer-1", state)).body.recreated, false);
+  const { body } = await call("GET", "/peers");
+  assert.deepEqual(body.peers, [{
+    id: "peer-1",
+    host: "peer1",
+    port: 6001,
+    grpcPort: 50051,
+    httpPort: 8001,
+    fragments: ["a.bin"],
+  }]);
+});
+
+Deno.test("PUT /peers/{id} refuses a bad id, malformed JSON and a schema violation", async () => {
+  const { call } = fixture();
+  assertError(
+    await call("PUT", "/peers/.hidden", peer(6001, [])),
+    400,
+    "BAD_REQUEST",
+    /Path parameter "id"/,
+  );
+  assertError(await call("PUT", "/peers/p1", "[1,"), 400, "BAD_REQUEST", /Malformed JSON/);
+  assertError(
+    await call("PUT", "/peers/p1", { ...peer(6001, []), fragments: "a.bin" }),
+    400,
+    "BAD_REQUEST",
+    /"fragments" is invalid/,
+  );
+});
+
+Deno.test("DELETE /peers/{id} forgets the peer and answers 404 for an unknown id", async () => {
+  const { call } = fixture();
+  const { body: { id } } = await call("POST", "/peers", peer(6001, ["a.bin"]));
+  assert.deepEqual(await call("DELETE", `/peers/${id}`), { status: 204, body: undefined });
+  assert.deepEqual((await call("GET", "/fragments/a.bin")).status, 404);
+  assertError(await call("DELETE", `/peers/${id}`), 404, "NOT_FOUND", new RegExp(id));
+  assertError(await call("DELETE", "/peers/a%2Fb"), 400, "BAD_REQUEST", /"id"/);
+});
+
+Deno.test("GET /peers and GET /fragments list every live peer and fragment", async () => {
+  const { call } = fixture();
+  const a = (await call("POST", "/peers", peer(6001, ["x.bin", "y.bin"]))).body.id;
+  const b = (await call("POST", "/peers", peer(6002, ["y.bin"]))).body.id;
+  const { body: { peers } } = await call("GET", "/peers");
+  assert.deepEqual(peers.map((p: { id: string; fragments: string[] }) => [p.id, p.fragments]), [
+    [a, ["x.bin", "y.bin"]],
+    [b, ["y.bin"]],
+  ]);
+  const { body: { fragments } } = await call("GET", "/fragments");
+  assert.deepEqual(
+    fragments.map((
+      f: { name: string; holders: { id: string }[] },
+    ) => [f.name, f.holders.map((h) => h.id)]),
+    [["x.bin", [a]], ["y.bin", [a, b]]],
+  );
+});
+
+Deno.test("GET /fragments/{name} refuses a bad name and answers 404 when nobody holds it", async () => {
+  const { call } = fixture();
+  for (const bad of ["..%2Fsecret", "%2Eenv", "-x", "a%20b"]) {
+    assertError(
+      await call("GET", `/fragments/${bad}`),
+      400,
+      "BAD_REQUEST",
+      /Path parameter "name"/,
+    );
+  }
+  assertError(await call("GET", "/fragments/nobody.bin"), 404, "NOT_FOUND", /"nobody\.bin"/);
+});
+
+Deno.test("a peer expires ttl seconds after its last heartbeat and the sweep frees its index", async () => {
+  const { clock, registry, call } = fixture(30);
+  const { body: { id } } = await call("POST", "/peers", peer(6001, ["a.bin"]));
+  await call("POST", "/peers", peer(6002, ["b.bin"]));
+  clock.now += 20_000;
+  await call("PUT", `/peers/${id}`, peer(6001, ["a.bin"]));
+  clock.now += 10_000; // 6002 is 30 s old: gone; 6001 heartbeat 10 s ago: live
+  assert.deepEqual((await call("GET", "/fragments/b.bin")).status, 404);
+  assert.deepEqual((await call("GET", "/fragments/a.bin")).status, 200);
+  clock.now += 19_999;
+  assert.deepEqual((await call("GET", "/peers")).body.peers.length, 1);
+  clock.now += 1;
+  registry.sweep();
+  assert.deepEqual([registry.peerCount, registry.fragmentCount], [0, 0]);
+  assert.deepEqual((await call("GET", "/fragments")).body, { fragments: [] });
+  assert.deepEqual((await call("PUT", `/peers/${id}`, peer(6001, ["a.bin"]))).body.recreated, true);
+});
+
+Deno.test("POST /files publishes a manifest once and refuses another file under its name", async () => {
+  const { call } = fixture();
+  assert.deepEqual(await call("POST", "/files", manifest()), {
+    status: 201,
+    body: { file: "movie.webm", fragments: 2 },
+  });
+  assert.deepEqual((await call("POST", "/files", manifest())).status, 200);
+  const other = { ...manifest(), sha256: "b".repeat(64) };
+  assertError(await call("POST", "/files", other), 409, "CONFLICT", /"movie\.webm"/);
+});
+
+Deno.test("POST /files refuses a manifest with a bad name, hash, index or duplicate fragment", async () => {
+  const { call } = fixture();
+  const good = manifest();
+  const cases: [unknown, RegExp][] = [
+    [{ ...good, file: "../movie.webm" }, /"file"/],
+    [{ ...good, version: 2 }, /"version"/],
+    [{ ...good, sha256: "XYZ" }, /"sha256"/],
+    [{ ...good, fragments: [] }, /"fragments"/],
+    [manifest("m.webm", ["a.bin", "a/b.bin"]), /"fragments\.1\.name"/],
+    [manifest("m.webm", ["a.bin", "a.bin"]), /"fragments\.1\.name" is invalid: must be unique/],
+    [{ ...good, fragments: [good.fragments[1], good.fragments[0]] }, /"fragments\.0\.index"/],
+    ["{", /Malformed JSON/],
+  ];
+  for (const [body, message] of cases) {
+    assertError(await call("POST", "/files", body), 400, "BAD_REQUEST", message);
+  }
+});
+
+Deno.test("GET /files lists files and says whether every fragment has a live holder", async () => {
+  const { call } = fixture();
+  await call("POST", "/files", manifest());
+  await call("POST", "/peers", peer(6001, ["movie_0.bin"]));
+  const summary = { file: "movie.webm", mime: "video/webm", size: 200, sha256: SHA, fragments: 2 };
+  assert.deepEqual((await call("GET", "/files")).body, {
+    files: [{ ...summary, available: false }],
+  });
+  await call("POST", "/peers", peer(6002, ["movie_1.bin"]));
+  assert.deepEqual((await call("GET", "/files")).body, {
+    files: [{ ...summary, available: true }],
+  });
+});
+
+Deno.test("GET /files/{file} gives each fragment's live holders and their count", async () => {
+  const { call } = fixture();
+  await call("POST", "/files", manifest());
+  const a = (await call("POST", "/peers", peer(6001, ["movie_0.bin", "movie_1.bin"]))).body.id;
+  await call("POST", "/peers", peer(6002, ["movie_1.bin"]));
+  const { status, body } = await call("GET", "/files/movie.webm");
+  assert.deepEqual(status, 200);
+  assert.deepEqual(body.sha256, SHA);
+  assert.deepEqual(body.fragments.map((f: { holderCount: number }) => f.holderCount), [1, 2]);
+  assert.deepEqual(body.fragments[0].holders[0], {
+    id: a,
+    host: "10.0.0.9",
+    port: 6001,
+    grpcPort: 50051,
+    httpPort: 8001,
+  });
+  assert.deepEqual(body.fragments[1].offset, 100);
+  assertError(await call("GET", "/files/other.webm"), 404, "NOT_FOUND", /"other\.webm"/);
+  assertError(await call("GET", "/files/..%2Fx"), 400, "BAD_REQUEST", /"file"/);
+});
+
+Deno.test("an unknown route is a 404 in the error shape", async () => {
+  const { call } = fixture();
+  assertError(await call("GET", "/nowhere"), 404, "NOT_FOUND", /GET "\/nowhere"/);
+  assertError(await call("PATCH", "/peers"), 404, "NOT_FOUND");
+});
+
+Deno.test("a handler that throws becomes a logged, generic 500 that leaks nothing", async () => {
+  const { app, call } = fixture();
+  app.get("/boom", () => {
+    throw new Error("secret detail");
+  });
+  const logged: unknown[][] = [];
+  const original = console.error;
+  console.error = (...args: unknown[]) => logged.push(args);
+  try {
+    const result = await call("GET", "/boom");
+    assertError(result, 500, "INTERNAL", /^Internal server error$/);
+    assert.ok(!JSON.stringify(result.body).includes("secret"));
+  } finally {
+    console.error = original;
+  }
+  assert.deepEqual(logged.length, 1);
+  assert.ok(String(logged[0].at(-1)).includes("secret detail"));
+});
+
+Deno.test("GET /openapi.json is an OpenAPI 3 document that a real validator accepts", async () => {
+  const { call } = fixture();
+  const { status, body } = await call("GET", "/openapi.json");
+  assert.deepEqual(status, 200);
+  const api = await SwaggerParser.validate(structuredClone(body));
+  assert.deepEqual(Object.keys(api.paths ?? {}).sort(), [
+    "/files",
+    "/files/{file}",
+    "/fragments",
+    "/fragments/{name}",
+    "/health",
+    "/peers",
+    "/peers/{id}",
+  ]);
+  const peers = body.paths["/peers/{id}"];
+  assert.deepEqual(Object.keys(peers).sort(), ["delete", "put"]);
+  assert.deepEqual(Object.keys(peers.put.responses).sort(), ["200", "400", "413"]);
+  assert.deepEqual(body.components.schemas.Error.properties.error.required, ["code", "message"]);
+  // and the validator is not a rubber stamp
+  body.paths["/health"].get.responses["200"].content["application/json"].schema = { type: "nope" };
+  let refused = false;
+  await SwaggerParser.validate(body).catch(() => refused = true);
+  assert.ok(refused, "the validator accepted a broken document");
+});
+
+Deno.test("GET /apidocs serves Swagger UI whose scripts and styles come from the directory", async () => {
+  const { app } = fixture();
+  const page = await (await app.request("/apidocs")).text();
+  assert.match(page, /url: '\/openapi\.json'/);
+  const assets = [...page.matchAll(/(?:href|src)="([^"]+)"/g)].map((match) => match[1]);
+  assert.deepEqual(assets.sort(), [
+    "/apidocs/swagger-ui-dist/swagger-ui-bundle.js",
+    "/apidocs/swagger-ui-dist/swagger-ui.css",
+  ]);
+  for (
+    const [path, type, marker] of [
+      [assets[0], "text/javascript", "SwaggerUIBundle"],
+      [assets[1], "text/css", ".swagger-ui"],
+    ]
+  ) {
+    const response = await app.request(path);
+    assert.deepEqual(response.status, 200);
+    assert.match(response.headers.get("content-type") ?? "", new RegExp(type));
+    assert.ok((await response.text()).includes(marker));
+  }
+  for (const other of ["index.html", "constructor", "..%2Fpackage.json"]) {
+    const missing = await app.request(`/apidocs/swagger-ui-dist/${other}`);
+    assert.deepEqual([missing.status, (await missing.json()).error.code], [404, "NOT_FOUND"]);
+  }
+});
