@@ -1,0 +1,391 @@
+/**
+ * The peer's TCP protocol (DESIGN.md "Peer TCP protocol"): one persistent connection, requests
+ * one after another, each a line. `GET <name>` answers `OK <size> <sha256>` and the bytes,
+ * `LIST` the fragments held, `PING` `PONG`; a bad line gets `ERR <CODE> <text>` and the
+ * connection stays usable; a line over 1 KiB closes it. peer.ts re-exports the server and client.
+ * @module
+ */
+import { LineBuffer } from "./_lines.ts";
+import { type FragmentInfo, isFragmentName, type Store } from "./_store.ts";
+
+/** The longest request line; anything longer closes the connection. */
+export const MAX_REQUEST_LINE = 1024;
+const CHUNK = 1024 * 1024;
+const encoder = new TextEncoder();
+
+export interface TcpServerOptions {
+  /** @default 6001 */
+  port?: number;
+  hostname?: string;
+  /** A connection with no progress (no request, no byte written) for this long is closed. */
+  idleTimeoutMs?: number;
+  /** More connections than this at once are answered `ERR BUSY` and closed. @default 256 */
+  maxConnections?: number;
+  /** Paces every byte sent, across all connections (the peer's --max-upload). */
+  throttle?: (bytes: number) => Promise<void>;
+  onConnect?: (remote: string) => void;
+  onSent?: (name: string, remote: string) => void;
+}
+
+/** A running TCP fragment server. */
+export interface TcpServer extends AsyncDisposable {
+  readonly port: number;
+  /** How many connections are open now. */
+  readonly connections: number;
+  close(): Promise<void>;
+}
+
+/** Serves `store` over the peer TCP protocol until closed. */
+export function startTcpServer(store: Store, options: TcpServerOptions = {}): TcpServer {
+  const { idleTimeoutMs = 60_000, maxConnections = 256 } = options;
+  const listener = Deno.listen({ port: options.port ?? 6001, hostname: options.hostname });
+  const open = new Set<Deno.Conn>();
+  const handlers = new Set<Promise<void>>();
+
+  const accepting = (async () => {
+    for await (const conn of listener) {
+      if (open.size >= maxConnections) {
+        conn.write(encoder.encode("ERR BUSY too many connections\n")).catch(() => {})
+          .finally(() => conn.close());
+        continue;
+      }
+      open.add(conn);
+      const handler = serveConnection(conn, store, { ...options, idleTimeoutMs })
+        .catch(() => {}) // a client that vanished is not the server's problem
+        .finally(() => {
+          open.delete(conn);
+          handlers.delete(handler);
+          try {
+            conn.close();
+          } catch { /* already closed */ }
+        });
+      handlers.add(handler);
+    }
+  })().catch(() => {}); // the listener was closed
+
+  async function close() {
+    try {
+      listener.close();
+    } catch { /* already closed */ }
+    for (const conn of open) {
+      try {
+        conn.close();
+      } catch { /* already closed */ }
+    }
+    await Promise.allSettled([accepting, ...handlers]);
+  }
+
+  return {
+    port: (listener.addr as Deno.NetAddr).port,
+    get connections() {
+      return open.size;
+    },
+    close,
+    [Symbol.asyncDispose]: close,
+  };
+}
+
+async function serveConnection(
+  conn: Deno.Conn,
+  store: Store,
+  options: TcpServerOptions & { idleTimeoutMs: number },
+): Promise<void> {
+  const remote = formatAddr(conn.remoteAddr as Deno.NetAddr);
+  options.onConnect?.(remote);
+  // The watchdog closes a connection that makes no progress: an idle client, or one that
+  // stopped reading what we send it. Every read and write resets it.
+  let watchdog: ReturnType<typeof setTimeout> | undefined;
+  const progress = () => {
+    clearTimeout(watchdog);
+    watchdog = setTimeout(() => conn.close(), options.idleTimeoutMs);
+  };
+  const send = async (bytes: Uint8Array) => {
+    for (let sent = 0; sent < bytes.length;) {
+      await options.throttle?.(Math.min(bytes.length - sent, CHUNK));
+      sent += await conn.write(bytes.subarray(sent, sent + CHUNK));
+      progress();
+    }
+  };
+  const lines = new LineBuffer(MAX_REQUEST_LINE);
+  const buffer = new Uint8Array(16 * 1024);
+  progress();
+  try {
+    while (true) {
+      const n = await conn.read(buffer);
+      if (n === null) return;
+      progress();
+      lines.push(buffer.subarray(0, n));
+      for (let line; (line = lines.shift()) !== undefined;) {
+        await answer(line, store, send, (name) => options.onSent?.(name, remote));
+      }
+      if (lines.overflow) {
+        await send(encoder.encode("ERR BAD_REQUEST line too long\n"));
+        return;
+      }
+    }
+  } finally {
+    clearTimeout(watchdog);
+  }
+}
+
+async function answer(
+  line: string,
+  store: Store,
+  send: (bytes: Uint8Array) => Promise<void>,
+  onSent: (name: string) => void,
+): Promise<void> {
+  const reply = (text: string) => send(encoder.encode(text + "\n"));
+  const request = parseRequest(line);
+  if ("error" in request) return reply(`ERR BAD_REQUEST ${request.error}`);
+  if (request.verb === "PING") return reply("PONG");
+  if (request.verb === "LIST") {
+    const held = store.list();
+    return reply(
+      [`OK ${held.length}`, ...held.map((f) => `${f.name} ${f.size} ${f.sha256}`)].join("\n"),
+    );
+  }
+  const opened = await store.open(request.name) ??
+    (await store.adopt(request.name) && await store.open(request.name));
+  if (!opened) return reply(`ERR NOT_FOUND no fragment "${request.name}" here`);
+  using file = opened.file;
+  await reply(`OK ${opened.info.size} ${opened.info.sha256}`);
+  const chunk = new Uint8Array(Math.min(CHUNK, Math.max(opened.info.size, 1)));
+  let left = opened.info.size;
+  while (left > 0) {
+    const n = await file.read(chunk.subarray(0, Math.min(chunk.length, left)));
+    // The size is promised in the OK line: a file that shrank leaves the stream unusable.
+    if (n === null) throw new Error(`Fragment "${request.name}" shrank while being sent`);
+    await send(chunk.subarray(0, n));
+    left -= n;
+  }
+  onSent(request.name);
+}
+
+/** A parsed request line, or why it is not one. */
+export type Request =
+  | { verb: "GET"; name: string }
+  | { verb: "LIST" }
+  | { verb: "PING" }
+  | { error: string };
+
+/** Parses one request line: `GET <name>`, a bare `<name>`, `LIST` or `PING`. */
+export function parseRequest(line: string): Request {
+  const words = line.trim().split(/\s+/);
+  if (words.length === 1 && words[0] === "") return { error: "empty request" };
+  const [verb, ...args] = words;
+  if (verb === "LIST" && args.length === 0) return { verb };
+  if (verb === "PING" && args.length === 0) return { verb };
+  const name = verb === "GET" && args.length === 1 ? args[0]! : words.length === 1 ? verb! : "";
+  if (name === "") return { error: `unknown request "${line.slice(0, 64)}"` };
+  if (!isFragmentName(name)) return { error: `invalid fragment name "${name.slice(0, 64)}"` };
+  return { verb: "GET", name };
+}
+
+/** An `ERR` reply from a peer: `code` is NOT_FOUND, BAD_REQUEST, BUSY or INTERNAL. */
+export class PeerError extends Error {
+  override name = "PeerError";
+  constructor(readonly code: string, message: string) {
+    super(message);
+  }
+}
+
+/** A fragment on its way from a peer: its announced size and hash, and its bytes. */
+export interface Download {
+  size: number;
+  sha256: string;
+  chunks: AsyncIterable<Uint8Array>;
+}
+
+/**
+ * One persistent connection to a peer's TCP port. Requests run one at a time (a fragment's
+ * bytes must be read before the next request); any broken exchange closes the connection.
+ */
+export class TcpPeerClient implements Disposable {
+  readonly address: string;
+  #conn: Deno.Conn;
+  #lines = new LineBuffer(MAX_REQUEST_LINE + 200);
+  #queue: Promise<unknown> = Promise.resolve();
+  #closed = false;
+  #readTimeoutMs: number;
+
+  private constructor(address: string, conn: Deno.Conn, readTimeoutMs: number) {
+    this.address = address;
+    this.#conn = conn;
+    this.#readTimeoutMs = readTimeoutMs;
+  }
+
+  /** Connects to `host:port`; fails after `timeoutMs` (a dead host) or at once (refused). */
+  static async connect(
+    address: string,
+    { timeoutMs = 5_000, readTimeoutMs = 15_000 } = {},
+  ): Promise<TcpPeerClient> {
+    const { hostname, port } = parseAddress(address);
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const connecting = Deno.connect({ hostname, port });
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`Timed out connecting to ${address}`)), timeoutMs);
+    });
+    try {
+      const conn = await Promise.race([connecting, timeout]);
+      return new TcpPeerClient(address, conn, readTimeoutMs);
+    } catch (error) {
+      connecting.then((conn) => conn.close(), () => {});
+      throw error;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** True once the connection is closed and the client is of no more use. */
+  get closed(): boolean {
+    return this.#closed;
+  }
+
+  /** Checks the peer answers. */
+  ping(): Promise<void> {
+    return this.#exclusive(async () => {
+      await this.#send("PING");
+      const line = await this.#readLine();
+      if (line !== "PONG") this.#fail(`Unexpected answer to PING: "${line}"`);
+    });
+  }
+
+  /** What the peer holds. */
+  list(): Promise<FragmentInfo[]> {
+    return this.#exclusive(async () => {
+      await this.#send("LIST");
+      const count = Number(this.#expectOk(await this.#readLine())[0]);
+      const held: FragmentInfo[] = [];
+      for (let i = 0; i < count; i++) {
+        const [name, size, sha256] = (await this.#readLine()).split(" ");
+        held.push({ name: name!, size: Number(size), sha256: sha256! });
+      }
+      return held;
+    });
+  }
+
+  /**
+   * Requests fragment `name`. The bytes must be read to the end (or the client closed) before
+   * another request runs; they are not verified here: the store verifies as it writes.
+   */
+  async get(name: string): Promise<Download> {
+    let release!: () => void;
+    const done = new Promise<void>((resolve) => release = resolve);
+    const header = await this.#exclusive(async () => {
+      await this.#send(`GET ${name}`);
+      const [size, sha256] = this.#expectOk(await this.#readLine());
+      return { size: Number(size), sha256: sha256! };
+    }, done);
+    const chunks = this.#body(header.size, release);
+    return { ...header, chunks };
+  }
+
+  async *#body(size: number, release: () => void): AsyncGenerator<Uint8Array> {
+    let left = size;
+    try {
+      const buffered = this.#lines.take(left);
+      left -= buffered.length;
+      if (buffered.length > 0) yield buffered;
+      const buffer = new Uint8Array(CHUNK);
+      while (left > 0) {
+        const n = await this.#read(buffer.subarray(0, Math.min(CHUNK, left)));
+        if (n === null) this.#fail(`Connection to ${this.address} closed mid-fragment`);
+        left -= n;
+        yield buffer.slice(0, n);
+      }
+    } finally {
+      if (left > 0) this.close(); // abandoned mid-body: the stream is out of step
+      release();
+    }
+  }
+
+  #expectOk(line: string): string[] {
+    const [status, ...rest] = line.split(" ");
+    if (status === "OK") return rest;
+    if (status === "ERR") throw new PeerError(rest[0] ?? "INTERNAL", rest.slice(1).join(" "));
+    return this.#fail(`Unexpected answer from ${this.address}: "${line.slice(0, 80)}"`);
+  }
+
+  async #readLine(): Promise<string> {
+    const buffer = new Uint8Array(16 * 1024);
+    while (true) {
+      const line = this.#lines.shift();
+      if (line !== undefined) return line;
+      if (this.#lines.overflow) this.#fail(`Overlong answer from ${this.address}`);
+      const n = await this.#read(buffer);
+      if (n === null) this.#fail(`Connection to ${this.address} closed`);
+      this.#lines.push(buffer.subarray(0, n));
+    }
+  }
+
+  async #read(buffer: Uint8Array): Promise<number | null> {
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => {
+        this.close();
+        reject(new Error(`${this.address} sent nothing for ${this.#readTimeoutMs} ms`));
+      }, this.#readTimeoutMs);
+    });
+    try {
+      return await Promise.race([this.#conn.read(buffer), timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  async #send(line: string): Promise<void> {
+    const bytes = encoder.encode(line + "\n");
+    for (let sent = 0; sent < bytes.length;) sent += await this.#conn.write(bytes.subarray(sent));
+  }
+
+  // Runs `work` after every earlier request is done; `until` holds the turn past `work` itself
+  // (a fragment's body). A failure closes the connection, except a clean ERR reply.
+  #exclusive<T>(work: () => Promise<T>, until?: Promise<void>): Promise<T> {
+    const run = this.#queue.then(async () => {
+      if (this.#closed) throw new Error(`Connection to ${this.address} is closed`);
+      try {
+        return await work();
+      } catch (error) {
+        if (!(error instanceof PeerError)) this.close();
+        throw error;
+      }
+    });
+    this.#queue = run.then(() => until, () => {});
+    return run;
+  }
+
+  #fail(message: string): never {
+    this.close();
+    throw new Error(message);
+  }
+
+  /** Closes the connection; requests in flight fail. */
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    try {
+      this.#conn.close();
+    } catch { /* already closed */ }
+  }
+
+  [Symbol.dispose](): void {
+    this.close();
+  }
+}
+
+/** Splits `host:port` (or `[v6]:port`); throws a clear error for anything else. */
+export function parseAddress(address: string): { hostname: string; port: number } {
+  const match = address.match(/^(?:\[([^\]]+)\]|([^:\s]+)):(\d{1,5})$/);
+  const port = Number(match?.[3]);
+  if (!match || port < 1 || port > 65535) {
+    throw new TypeError(`Invalid address "${address}": expected host:port`);
+  }
+  return { hostname: match[1] ?? match[2]!, port };
+}
+
+/** `host:port` of a socket address. */
+export function formatAddr(addr: Deno.NetAddr): string {
+  return addr.hostname.includes(":")
+    ? `[${addr.hostname}]:${addr.port}`
+    : `${addr.hostname}:${addr.port}`;
+}

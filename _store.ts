@@ -1,0 +1,231 @@
+/**
+ * A peer's fragment store: a folder of verified fragment files and the file's `manifest.json`.
+ * Only verified bytes ever carry a fragment's name: a fragment is written under a hidden
+ * temporary name, hashed as it is written, and renamed only when its size and SHA-256 match.
+ * The TCP and gRPC servers read from it, and the fetchers write into it.
+ * @module
+ */
+import { createHash } from "node:crypto";
+import { join } from "node:path";
+import {
+  hashReader,
+  isValidName,
+  type Manifest,
+  MANIFEST_NAME,
+  manifestProblem,
+  readManifest,
+  SplitError,
+} from "./split.ts";
+
+/** What a store knows of a fragment it holds. */
+export interface FragmentInfo {
+  name: string;
+  size: number;
+  sha256: string;
+}
+
+/** Bytes that did not match what they were announced as: nothing was kept. */
+export class IntegrityError extends Error {
+  override name = "IntegrityError";
+}
+
+/** A name that is not a valid fragment name (`../`, too long, the manifest's own name...). */
+export class BadNameError extends Error {
+  override name = "BadNameError";
+}
+
+const TEMP_PREFIX = ".part-";
+
+/** True when `name` may be stored and served as a fragment. */
+export function isFragmentName(name: string): boolean {
+  return isValidName(name) && name !== MANIFEST_NAME;
+}
+
+/** A folder of verified fragments; open it with {@link Store.open}. */
+export class Store {
+  readonly dir: string;
+  #manifest: Manifest | undefined;
+  #held = new Map<string, FragmentInfo>();
+  #listeners = new Set<(info: FragmentInfo) => void>();
+
+  private constructor(dir: string) {
+    this.dir = dir;
+  }
+
+  /**
+   * Opens (creating it when missing) the store in `dir`: drops temporaries an interrupted run
+   * left, reads the manifest, and hashes what is there. A fragment whose bytes disagree with the
+   * manifest is not held (and is reported through `onCorrupt`), so it is never served.
+   */
+  static async open(dir: string, onCorrupt?: (name: string) => void): Promise<Store> {
+    await Deno.mkdir(dir, { recursive: true });
+    const store = new Store(dir);
+    try {
+      store.#manifest = await readManifest(dir);
+    } catch (error) {
+      if (!(error instanceof SplitError)) throw error;
+      // No manifest yet (an empty viewer) or a broken one: fragments are checked on arrival.
+    }
+    const expected = new Map(store.#manifest?.fragments.map((f) => [f.name, f]));
+    for await (const entry of Deno.readDir(dir)) {
+      if (entry.name.startsWith(TEMP_PREFIX)) {
+        await Deno.remove(join(dir, entry.name)).catch(() => {});
+        continue;
+      }
+      if (!entry.isFile || !isFragmentName(entry.name)) continue;
+      const want = expected.get(entry.name);
+      if (!want && store.#manifest) continue; // e.g. the joined video beside its fragments
+      using file = await Deno.open(join(dir, entry.name));
+      const size = (await file.stat()).size;
+      const sha256 = await hashReader(file);
+      if (want && (want.size !== size || want.sha256 !== sha256)) {
+        onCorrupt?.(entry.name);
+        continue;
+      }
+      store.#held.set(entry.name, { name: entry.name, size, sha256 });
+    }
+    return store;
+  }
+
+  /** The manifest of the file this store holds fragments of, when it has one. */
+  get manifest(): Manifest | undefined {
+    return this.#manifest;
+  }
+
+  /** Every fragment held, sorted by name (manifest order when there is a manifest). */
+  list(): FragmentInfo[] {
+    const order = new Map(this.#manifest?.fragments.map((f) => [f.name, f.index]));
+    return [...this.#held.values()].sort((a, b) =>
+      (order.get(a.name) ?? Infinity) - (order.get(b.name) ?? Infinity) ||
+      a.name.localeCompare(b.name)
+    );
+  }
+
+  /** What the store holds under `name`, if anything. */
+  get(name: string): FragmentInfo | undefined {
+    return this.#held.get(name);
+  }
+
+  /** What a fragment must hash to: the manifest's word, when the manifest lists it. */
+  expected(name: string): FragmentInfo | undefined {
+    const entry = this.#manifest?.fragments.find((f) => f.name === name);
+    return entry && { name, size: entry.size, sha256: entry.sha256 };
+  }
+
+  /**
+   * Picks up fragment `name` (and a manifest) that another process wrote into the folder, after
+   * checking it against the manifest; returns what is now held under `name`, if anything.
+   */
+  async adopt(name: string): Promise<FragmentInfo | undefined> {
+    if (!isFragmentName(name)) return undefined;
+    if (!this.#manifest) {
+      this.#manifest = await readManifest(this.dir).catch(() => undefined);
+    }
+    if (this.#held.has(name)) return this.#held.get(name);
+    let file;
+    try {
+      file = await Deno.open(join(this.dir, name));
+    } catch (error) {
+      if (error instanceof Deno.errors.NotFound) return undefined;
+      throw error;
+    }
+    using _ = file;
+    const size = (await file.stat()).size;
+    const sha256 = await hashReader(file);
+    const want = this.expected(name);
+    if (want && (want.size !== size || want.sha256 !== sha256)) return undefined;
+    const info = { name, size, sha256 };
+    this.#held.set(name, info);
+    for (const listener of this.#listeners) listener(info);
+    return info;
+  }
+
+  /** Opens a held fragment for reading; undefined when it is not held. */
+  async open(name: string): Promise<{ file: Deno.FsFile; info: FragmentInfo } | undefined> {
+    const info = this.#held.get(name);
+    if (!info) return undefined;
+    try {
+      return { file: await Deno.open(join(this.dir, name)), info };
+    } catch (error) {
+      if (!(error instanceof Deno.errors.NotFound)) throw error;
+      this.#held.delete(name); // removed behind our back
+      return undefined;
+    }
+  }
+
+  /**
+   * Writes `chunks` as fragment `name` if they are exactly `expected.size` bytes hashing to
+   * `expected.sha256`; otherwise throws {@link IntegrityError} and keeps nothing. The manifest's
+   * hash, when the manifest lists the name, overrides what the sender claimed.
+   */
+  async write(
+    name: string,
+    expected: { size: number; sha256: string },
+    chunks: AsyncIterable<Uint8Array>,
+  ): Promise<FragmentInfo> {
+    if (!isFragmentName(name)) throw new BadNameError(`Invalid fragment name "${name}"`);
+    const want = this.expected(name) ?? { name, ...expected };
+    if (want.size !== expected.size || want.sha256 !== expected.sha256) {
+      throw new IntegrityError(
+        `Fragment "${name}" was offered with a hash the manifest disagrees with`,
+      );
+    }
+    const temp = join(this.dir, `${TEMP_PREFIX}${name}-${crypto.randomUUID()}`);
+    try {
+      const hash = createHash("sha256");
+      let size = 0;
+      {
+        using file = await Deno.open(temp, { write: true, createNew: true });
+        for await (const chunk of chunks) {
+          size += chunk.length;
+          if (size > want.size) {
+            throw new IntegrityError(`Fragment "${name}" is longer than ${want.size} bytes`);
+          }
+          hash.update(chunk);
+          for (let written = 0; written < chunk.length;) {
+            written += await file.write(chunk.subarray(written));
+          }
+        }
+      }
+      const sha256 = hash.digest("hex");
+      if (size !== want.size || sha256 !== want.sha256) {
+        throw new IntegrityError(
+          `Fragment "${name}" failed verification (${size} bytes, sha256 ${sha256.slice(0, 12)}…)`,
+        );
+      }
+      await Deno.rename(temp, join(this.dir, name));
+    } catch (error) {
+      await Deno.remove(temp).catch(() => {});
+      throw error;
+    }
+    const info = { name, size: want.size, sha256: want.sha256 };
+    this.#held.set(name, info);
+    for (const listener of this.#listeners) listener(info);
+    return info;
+  }
+
+  /** Adopts `manifest` (e.g. from the directory) when the store has none; written atomically. */
+  async setManifest(manifest: Manifest): Promise<void> {
+    const problem = manifestProblem(manifest);
+    if (problem) throw new IntegrityError(`Invalid manifest: ${problem}`);
+    if (this.#manifest) return;
+    const temp = join(this.dir, `${TEMP_PREFIX}${MANIFEST_NAME}-${crypto.randomUUID()}`);
+    await Deno.writeTextFile(temp, JSON.stringify(manifest, null, 2) + "\n");
+    await Deno.rename(temp, join(this.dir, MANIFEST_NAME));
+    this.#manifest = manifest;
+    // Anything held that the manifest contradicts can no longer be trusted.
+    for (const entry of manifest.fragments) {
+      const held = this.#held.get(entry.name);
+      if (held && (held.size !== entry.size || held.sha256 !== entry.sha256)) {
+        this.#held.delete(entry.name);
+        await Deno.remove(join(this.dir, entry.name)).catch(() => {});
+      }
+    }
+  }
+
+  /** Calls `listener` for each fragment stored from now on; returns a function that stops it. */
+  onFragment(listener: (info: FragmentInfo) => void): () => void {
+    this.#listeners.add(listener);
+    return () => this.#listeners.delete(listener);
+  }
+}

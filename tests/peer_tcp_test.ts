@@ -1,0 +1,194 @@
+import { assert, assertEquals, assertMatch, assertRejects } from "./_assert.ts";
+import { join } from "node:path";
+import { createHash } from "node:crypto";
+import { PeerError, startTcpServer, TcpPeerClient } from "../_peer_tcp.ts";
+import { IntegrityError, Store } from "../_store.ts";
+import { splitFile } from "../split.ts";
+import { tempDir } from "./_util.ts";
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+/** A store holding fragments 0..3 of a random 64 KiB + 3 byte file, and its bytes. */
+async function makeStore(root: string) {
+  const input = join(root, "video.webm");
+  const bytes = new Uint8Array(65536 + 3).map(() => Math.random() * 256);
+  await Deno.writeFile(input, bytes);
+  const manifest = await splitFile(input, { out: join(root, "store"), fragments: 4 });
+  return { store: await Store.open(join(root, "store")), manifest, bytes };
+}
+
+/** Sends `text` (optionally one byte at a time) and reads until `done(received)` is true. */
+async function exchange(
+  port: number,
+  text: string,
+  done: (received: string) => boolean,
+  { byteByByte = false } = {},
+): Promise<string> {
+  using conn = await Deno.connect({ port });
+  const bytes = encoder.encode(text);
+  if (byteByByte) {
+    for (let i = 0; i < bytes.length; i++) await conn.write(bytes.subarray(i, i + 1));
+  } else {
+    await conn.write(bytes);
+  }
+  let received = "";
+  const buffer = new Uint8Array(65536);
+  while (!done(received)) {
+    const n = await conn.read(buffer);
+    if (n === null) break;
+    received += decoder.decode(buffer.subarray(0, n), { stream: true });
+  }
+  return received;
+}
+
+Deno.test("TCP server answers the protocol table, and stays usable after every ERR", async () => {
+  await using dir = await tempDir();
+  const { store, manifest } = await makeStore(dir.path);
+  await using server = startTcpServer(store, { port: 0, hostname: "127.0.0.1" });
+  const table: [string, RegExp][] = [
+    ["PING", /^PONG$/],
+    ["LIST", new RegExp(`^OK 4$`)],
+    ["", /^ERR BAD_REQUEST empty request$/],
+    ["GET", /^ERR BAD_REQUEST invalid fragment name "GET"$|^ERR NOT_FOUND/],
+    ["GET nothing.bin", /^ERR NOT_FOUND no fragment "nothing\.bin" here$/],
+    ["GET ../etc/passwd", /^ERR BAD_REQUEST invalid fragment name "\.\.\/etc\/passwd"$/],
+    ["GET /etc/passwd", /^ERR BAD_REQUEST invalid fragment name/],
+    ["GET ..%2fmanifest.json", /^ERR BAD_REQUEST invalid fragment name/],
+    ["GET %2e%2e/x", /^ERR BAD_REQUEST invalid fragment name/],
+    ["GET manifest.json", /^ERR BAD_REQUEST invalid fragment name "manifest\.json"$/],
+    [`GET ${"a".repeat(201)}`, /^ERR BAD_REQUEST invalid fragment name/],
+    ["GET a b", /^ERR BAD_REQUEST unknown request "GET a b"$/],
+    ["HELLO WORLD", /^ERR BAD_REQUEST unknown request/],
+    ["PING extra", /^ERR BAD_REQUEST unknown request/],
+    ["\0", /^ERR BAD_REQUEST invalid fragment name/],
+  ];
+  // Every request on one connection: an ERR must leave it usable.
+  const script = table.map(([line]) => line + "\n").join("") + "PING\n";
+  const received = await exchange(
+    server.port,
+    script,
+    (r) => r.endsWith("PONG\n") && r.split("\n").length > table.length + 5,
+  );
+  const replies = received.split("\n");
+  let at = 0;
+  for (const [line, pattern] of table) {
+    assertMatch(replies[at]!, pattern, `reply to "${line}"`);
+    at += line === "LIST" ? 1 + manifest.fragments.length : 1;
+  }
+  assertEquals(replies[at], "PONG");
+});
+
+Deno.test("TCP server sends a fragment as OK <size> <sha256> and exactly its bytes", async () => {
+  await using dir = await tempDir();
+  const { store, manifest, bytes } = await makeStore(dir.path);
+  await using server = startTcpServer(store, { port: 0, hostname: "127.0.0.1" });
+  const f = manifest.fragments[1]!;
+  for (const line of [`GET ${f.name}`, f.name]) { // a bare name means GET
+    using conn = await Deno.connect({ port: server.port });
+    await conn.write(encoder.encode(line + "\nPING\n"));
+    const expected = `OK ${f.size} ${f.sha256}\n`.length + f.size + "PONG\n".length;
+    const received = new Uint8Array(expected);
+    for (let at = 0; at < expected;) at += (await conn.read(received.subarray(at)))!;
+    const header = `OK ${f.size} ${f.sha256}\n`;
+    assertEquals(decoder.decode(received.subarray(0, header.length)), header);
+    assertEquals(
+      received.subarray(header.length, header.length + f.size),
+      bytes.subarray(f.offset, f.offset + f.size),
+    );
+    assertEquals(decoder.decode(received.subarray(header.length + f.size)), "PONG\n");
+  }
+});
+
+Deno.test("TCP server parses requests the same however they are cut, down to one byte", async () => {
+  await using dir = await tempDir();
+  const { store } = await makeStore(dir.path);
+  await using server = startTcpServer(store, { port: 0, hostname: "127.0.0.1" });
+  const script = "PING\r\nLIST\nGET ../x\nGET nothing.bin\nPING\n";
+  const finished = (text: string) => /NOT_FOUND[^\n]*\nPONG\n$/.test(text);
+  const whole = await exchange(server.port, script, finished);
+  const byByte = await exchange(server.port, script, finished, { byteByByte: true });
+  assertEquals(byByte, whole);
+  assertMatch(whole, /^PONG\nOK 4\n(fragment_\d\.bin \d+ [0-9a-f]{64}\n){4}ERR BAD_REQUEST/);
+});
+
+Deno.test("TCP server closes a connection whose line passes 1 KiB", async () => {
+  await using dir = await tempDir();
+  const { store } = await makeStore(dir.path);
+  await using server = startTcpServer(store, { port: 0, hostname: "127.0.0.1" });
+  const received = await exchange(server.port, "x".repeat(4096) + "\nPING\n", () => false);
+  assertEquals(received, "ERR BAD_REQUEST line too long\n"); // and then EOF, no PONG
+});
+
+Deno.test("TCP server serves many clients while one stops reading, and drops idle ones", async () => {
+  await using dir = await tempDir();
+  const input = join(dir.path, "big.bin");
+  await Deno.writeFile(input, new Uint8Array(8 * 1024 * 1024));
+  await splitFile(input, { out: join(dir.path, "store"), fragments: 1 });
+  const store = await Store.open(join(dir.path, "store"));
+  await using server = startTcpServer(store, {
+    port: 0,
+    hostname: "127.0.0.1",
+    idleTimeoutMs: 500,
+  });
+
+  // A client that asks for 8 MiB and never reads: its socket buffers fill, its writes stall.
+  using stuck = await Deno.connect({ port: server.port });
+  await stuck.write(encoder.encode("GET fragment_0.bin\n"));
+
+  const clients = await Promise.all(
+    Array.from({ length: 50 }, () => TcpPeerClient.connect(`127.0.0.1:${server.port}`)),
+  );
+  try {
+    await Promise.all(clients.map((client) => client.ping()));
+    const lists = await Promise.all(clients.map((client) => client.list()));
+    assert(lists.every((list) => list.length === 1));
+  } finally {
+    clients.forEach((client) => client.close());
+  }
+  // The stalled one and an idle one are both cut off once they make no progress.
+  using idle = await Deno.connect({ port: server.port });
+  assertEquals(await idle.read(new Uint8Array(1)), null);
+  const deadline = Date.now() + 10_000;
+  while (server.connections > 0) {
+    assert(Date.now() < deadline, `${server.connections} connections left open`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+});
+
+Deno.test("TcpPeerClient fetches into a store, and a holder's ERR leaves the connection usable", async () => {
+  await using dir = await tempDir();
+  const { store, manifest } = await makeStore(dir.path);
+  await using server = startTcpServer(store, { port: 0, hostname: "127.0.0.1" });
+  const target = await Store.open(join(dir.path, "viewer"));
+  using client = await TcpPeerClient.connect(`127.0.0.1:${server.port}`);
+
+  const error = await assertRejects(() => client.get("nothing.bin"), PeerError);
+  assertEquals(error.code, "NOT_FOUND");
+  for (const f of manifest.fragments) {
+    const download = await client.get(f.name);
+    assertEquals([download.size, download.sha256], [f.size, f.sha256]);
+    await target.write(f.name, download, download.chunks);
+  }
+  assertEquals(target.list().map((f) => f.name), manifest.fragments.map((f) => f.name));
+  await client.ping();
+});
+
+Deno.test("Store.write() refuses bytes that do not match, keeping nothing", async () => {
+  await using dir = await tempDir();
+  const { store, manifest } = await makeStore(dir.path);
+  await using server = startTcpServer(store, { port: 0, hostname: "127.0.0.1" });
+  const viewer = await Store.open(join(dir.path, "viewer"));
+  using client = await TcpPeerClient.connect(`127.0.0.1:${server.port}`);
+  const f = manifest.fragments[0]!;
+  const download = await client.get(f.name);
+  const wrong = { size: download.size, sha256: createHash("sha256").update("x").digest("hex") };
+  await assertRejects(() => viewer.write(f.name, wrong, download.chunks), IntegrityError);
+  assertEquals([...Deno.readDirSync(join(dir.path, "viewer"))].length, 0);
+  // Fed too many bytes for what was promised: refused before the end.
+  async function* tooLong() {
+    yield new Uint8Array(f.size + 1);
+  }
+  await assertRejects(() => viewer.write(f.name, f, tooLong()), IntegrityError);
+  assertEquals([...Deno.readDirSync(join(dir.path, "viewer"))].length, 0);
+});
