@@ -7,17 +7,17 @@ import nodeAssert from "node:assert/strict";
 
 /** Fails unless `condition` is truthy. */
 export function assert(condition: unknown, message?: string): asserts condition {
-  nodeAssert.ok(condition, message);
+  nodeAssert.ok(condition, message as string);
 }
 
 /** Fails unless `actual` and `expected` are deeply equal. */
 export function assertEquals<T>(actual: unknown, expected: T, message?: string): void {
-  nodeAssert.deepStrictEqual(actual, expected, message);
+  nodeAssert.deepStrictEqual(actual, expected, message as string);
 }
 
 /** Fails unless `actual` matches `pattern`. */
 export function assertMatch(actual: string, pattern: RegExp, message?: string): void {
-  nodeAssert.match(actual, pattern, message);
+  nodeAssert.match(actual, pattern, message as string);
 }
 
 /** Fails unless `fn` rejects with an instance of `ErrorClass` whose message includes `text`. */

@@ -1,0 +1,71 @@
+#!/usr/bin/env -S deno run --allow-net
+/**
+ * Announces on the broker that a fragment is available, waits until the broker has taken the
+ * message (`PING`/`PONG`), and exits 0; exits 1 with one line on stderr when it cannot.
+ *
+ * Usage: `deno run notify.ts fragment_5.bin [--topic fragmentos] [--broker localhost:5555]`
+ * @module
+ */
+import { parseArgs } from "node:util";
+import {
+  ANNOUNCE_TOPIC,
+  BrokerError,
+  connect,
+  DEFAULT_ADDRESS,
+  formatAnnouncement,
+  isValidTopic,
+} from "./broker.ts";
+import { isValidName } from "./split.ts";
+
+const USAGE = `Usage: deno run notify.ts FRAGMENT [--topic ${ANNOUNCE_TOPIC}] [--broker HOST:PORT]
+
+Publishes that FRAGMENT (e.g. fragment_5.bin) is available, and waits until the broker has it.
+
+Options:
+  --topic TOPIC        the topic to publish on (default ${ANNOUNCE_TOPIC})
+  --broker HOST:PORT   the broker to use (default ${DEFAULT_ADDRESS})
+  -h, --help           show this help`;
+
+async function main(args = Deno.args) {
+  const { values, positionals } = parseArgs({
+    args,
+    allowPositionals: true,
+    options: {
+      topic: { type: "string", default: ANNOUNCE_TOPIC },
+      broker: { type: "string", default: DEFAULT_ADDRESS },
+      help: { type: "boolean", short: "h", default: false },
+    },
+  });
+  if (values.help) return console.log(USAGE);
+  if (positionals.length !== 1) {
+    throw new TypeError("Give exactly one fragment name, e.g. notify.ts fragment_5.bin");
+  }
+  const [name] = positionals;
+  if (!isValidName(name)) {
+    throw new TypeError(
+      `Invalid fragment name "${name}": use up to 200 letters, digits, '.', '_' or '-', ` +
+        "starting with a letter or digit",
+    );
+  }
+  if (!isValidTopic(values.topic)) {
+    throw new TypeError(
+      `Invalid topic "${values.topic}": use 1 to 128 letters, digits, '.', '_' or '-'`,
+    );
+  }
+
+  await using client = await connect(values.broker);
+  client.publish(values.topic, formatAnnouncement(name));
+  await client.flush();
+  console.error(`[NOTIFY] Published '${name}' on '${values.topic}'`);
+}
+
+if (import.meta.main) {
+  try {
+    await main();
+  } catch (error) {
+    // Mistakes a user can fix get one line; anything else keeps its stack.
+    if (!(error instanceof TypeError || error instanceof BrokerError)) throw error;
+    console.error(`error: ${error.message}`);
+    Deno.exit(1);
+  }
+}

@@ -1,0 +1,122 @@
+import assert from "node:assert/strict";
+import { startBroker } from "../broker.ts";
+import { type Child, runTask, startTask } from "./_util.ts";
+
+/** Starts `deno task broker --port 0 ...` and reads back the port it got. */
+async function startBrokerTask(args: string[] = ["--port", "0"]): Promise<[Child, number]> {
+  const child = startTask("broker", args);
+  const [, port] = await child.waitFor(/\[BROKER\] Listening on port (\d+)/, { stream: "stdout" });
+  return [child, Number(port)];
+}
+
+/** A port where nothing listens: one a broker just gave up. */
+async function freePort(): Promise<number> {
+  const broker = startBroker({ port: 0 });
+  await broker.close();
+  return broker.port;
+}
+
+Deno.test("notify.ts announces a fragment that subscribe.ts prints, and Ctrl-C ends both services cleanly", async () => {
+  const [broker, port] = await startBrokerTask();
+  await using _broker = broker;
+  await using subscriber = startTask("subscribe", ["fragmentos", "--broker", `localhost:${port}`]);
+  await subscriber.waitFor(
+    /\[SUBSCRIBER\] Subscribed to 'fragmentos'\. Waiting for messages\.\.\./,
+    { stream: "stderr" },
+  );
+
+  const notify = await runTask("notify", ["fragment_5.bin", "--broker", `localhost:${port}`]);
+  assert.equal(notify.code, 0, notify.stderr);
+  await subscriber.waitFor(/^\[fragmentos\] fragment_5\.bin$/m, { stream: "stdout" });
+
+  subscriber.kill("SIGINT");
+  assert.equal((await subscriber.status()).code, 0);
+  assert.equal(subscriber.stdout, "[fragmentos] fragment_5.bin\n", "stdout holds only messages");
+
+  const start = performance.now();
+  broker.kill("SIGTERM");
+  assert.equal((await broker.status()).code, 0);
+  assert.ok(performance.now() - start < 1500, "the broker exits promptly"); // 1 s + process exit
+});
+
+Deno.test("subscribe.ts survives a broker restart and gets what is published afterwards", async () => {
+  const [first, port] = await startBrokerTask();
+  await using _first = first;
+  await using subscriber = startTask("subscribe", ["fragmentos", "--broker", `localhost:${port}`]);
+  await subscriber.waitFor(/Waiting for messages/);
+
+  first.kill("SIGTERM");
+  await first.status();
+  await subscriber.waitFor(/\[SUBSCRIBER\] Disconnected/, { stream: "stderr" });
+  const [second] = await startBrokerTask(["--port", String(port)]);
+  await using _second = second;
+  await subscriber.waitFor(/\[SUBSCRIBER\] Reconnected/, { stream: "stderr" });
+
+  const notify = await runTask("notify", ["fragment_7.bin", "--broker", `localhost:${port}`]);
+  assert.equal(notify.code, 0, notify.stderr);
+  await subscriber.waitFor(/^\[fragmentos\] fragment_7\.bin$/m, { stream: "stdout" });
+});
+
+Deno.test("subscribe.ts asks for the topics when none is given", async () => {
+  const [broker, port] = await startBrokerTask();
+  await using _broker = broker;
+  await using subscriber = startTask("subscribe", ["--broker", `localhost:${port}`], {
+    stdin: true,
+  });
+  await subscriber.waitFor(/Topic to subscribe:/);
+  await subscriber.write("news fragmentos\n");
+  await subscriber.waitFor(/Subscribed to 'news', 'fragmentos'\. Waiting for messages/);
+  const notify = await runTask("notify", [
+    "fragment_1.bin",
+    "--topic",
+    "news",
+    "--broker",
+    `localhost:${port}`,
+  ]);
+  assert.equal(notify.code, 0, notify.stderr);
+  await subscriber.waitFor(/^\[news\] fragment_1\.bin$/m, { stream: "stdout" });
+});
+
+Deno.test("notify.ts says in one line that the broker cannot be reached, and exits 1", async () => {
+  const port = await freePort();
+  const { code, stdout, stderr } = await runTask("notify", [
+    "fragment_5.bin",
+    "--broker",
+    `localhost:${port}`,
+  ]);
+  assert.equal(code, 1);
+  assert.equal(stdout, "");
+  assert.equal(
+    stderr,
+    `error: Cannot connect to broker at "localhost:${port}": connection refused\n`,
+  );
+});
+
+Deno.test("the CLIs refuse user mistakes with one line on stderr and exit 1", async () => {
+  const port = await freePort();
+  const mistakes: [task: string, args: string[], error: RegExp][] = [
+    ["notify", ["../etc/passwd"], /^error: Invalid fragment name "\.\.\/etc\/passwd": /],
+    ["notify", [], /^error: Give exactly one fragment name/],
+    ["notify", ["f.bin", "--topic", "a b"], /^error: Invalid topic "a b"/],
+    ["notify", ["f.bin", "--broker", "nohost"], /^error: Invalid address "nohost"/],
+    ["subscribe", ["bad/topic", "--broker", `localhost:${port}`], /^error: Invalid topic/],
+    ["subscribe", ["t", "--broker", `localhost:${port}`], /^error: Cannot connect to broker/],
+    ["broker", ["--port", "x"], /^error: --port must be a whole number, got "x"/],
+    ["broker", ["--max-line", "0"], /^error: --max-line must be a positive whole number/],
+    ["broker", ["--bogus"], /^error: Unknown option '--bogus'/],
+  ];
+  await Promise.all(mistakes.map(async ([task, args, error]) => {
+    const { code, stderr } = await runTask(task, args);
+    assert.equal(code, 1, `${task} ${args.join(" ")}`);
+    assert.match(stderr, error);
+    assert.equal(stderr.trimEnd().split("\n").length, 1, `one line: ${stderr}`);
+  }));
+});
+
+Deno.test("the CLIs print their usage with --help", async () => {
+  await Promise.all(["broker", "subscribe", "notify"].map(async (task) => {
+    const { code, stdout } = await runTask(task, ["--help"]);
+    assert.equal(code, 0);
+    assert.match(stdout, /^Usage: /);
+  }));
+});
