@@ -6,6 +6,7 @@
  * @module
  */
 import { LineBuffer } from "./_lines.ts";
+import { parseAddress } from "./broker.ts";
 import { type FragmentInfo, isFragmentName, type Store } from "./_store.ts";
 
 /** The longest request line; anything longer closes the connection. */
@@ -371,16 +372,6 @@ export class TcpPeerClient implements Disposable {
   [Symbol.dispose](): void {
     this.close();
   }
-}
-
-/** Splits `host:port` (or `[v6]:port`); throws a clear error for anything else. */
-export function parseAddress(address: string): { hostname: string; port: number } {
-  const match = address.match(/^(?:\[([^\]]+)\]|([^:\s]+)):(\d{1,5})$/);
-  const port = Number(match?.[3]);
-  if (!match || port < 1 || port > 65535) {
-    throw new TypeError(`Invalid address "${address}": expected host:port`);
-  }
-  return { hostname: match[1] ?? match[2]!, port };
 }
 
 /** `host:port` of a socket address. */

@@ -1,0 +1,394 @@
+#!/usr/bin/env -S deno run --allow-net --allow-read --allow-write --allow-env --allow-run
+/**
+ * A P2P node, server and client at once: it serves its fragment store over the TCP protocol and
+ * gRPC, fetches fragments from neighbours or any holder the directory knows (verifying every
+ * byte), tells the directory what it holds and announces new fragments on the broker.
+ *
+ * ```sh
+ * deno run peer.ts 6001 localhost:6002 --dir fragments/6001
+ * ```
+ * @module
+ */
+import { parseArgs } from "node:util";
+import { join } from "node:path";
+import { isUserError, runMain, UserError } from "./_cli.ts";
+import {
+  Fetcher,
+  FetchError,
+  type Holder,
+  holderAddress,
+  StoreWriteError,
+  type Transport,
+} from "./_fetch.ts";
+import { startTcpServer, type TcpServer } from "./_peer_tcp.ts";
+import { Presence } from "./_presence.ts";
+import { isFragmentName, Store } from "./_store.ts";
+import { createThrottle, parseRate } from "./_throttle.ts";
+import {
+  ANNOUNCE_TOPIC,
+  type BrokerClient,
+  connect as connectBroker,
+  formatAnnouncement,
+  parseAddress,
+} from "./broker.ts";
+
+export { PeerError, TcpPeerClient } from "./_peer_tcp.ts";
+export type { Download } from "./_peer_tcp.ts";
+export { FetchError, type Holder, StoreWriteError, type Transport } from "./_fetch.ts";
+
+/** gRPC listens on the TCP port plus this (6001 -> 50051), HTTP on the TCP port plus 2000. */
+export const GRPC_PORT_OFFSET = 44050;
+export const HTTP_PORT_OFFSET = 2000;
+const LOOPBACK = new Set(["localhost", "127.0.0.1", "::1", "0.0.0.0", "::"]);
+
+export interface PeerOptions {
+  /** TCP port; 0 picks a free one. @default 6001 */
+  port?: number;
+  /** `host:port` of neighbours asked first for a fragment. */
+  neighbours?: string[];
+  /** The fragment store. @default `fragments/<port>` */
+  dir?: string;
+  /** Directory URL, or null for none. @default "http://localhost:5000" */
+  directory?: string | null;
+  /** Broker `host:port`, or null for none. @default "localhost:5555" */
+  broker?: string | null;
+  /** The host other machines reach this peer at; the directory sees the request's address otherwise. */
+  advertise?: string;
+  /** Interface to listen on. @default "0.0.0.0" */
+  hostname?: string;
+  /** @default port + 44050 (a free one when port is 0) */
+  grpcPort?: number;
+  /** @default port + 2000 (a free one when port is 0) */
+  httpPort?: number;
+  /** Upload limit in bytes per second, across all connections. */
+  maxUpload?: number;
+  /** Where console and event lines go. @default console.log */
+  log?: (line: string) => void;
+}
+
+/** A running peer; close it (or dispose it) to leave the directory and stop serving. */
+export interface Peer extends AsyncDisposable {
+  readonly store: Store;
+  readonly port: number;
+  readonly grpcPort: number;
+  readonly httpPort: number;
+  /** Holders of `name` worth asking: neighbours first, then whom the directory knows. */
+  holders(name: string): Promise<Holder[]>;
+  /** Fetches `name` from a holder, verified and stored; resolves with where it came from. */
+  fetch(name: string, transport?: Transport): Promise<string>;
+  /** Neighbours and the peers the directory knows, one line each. */
+  describePeers(): Promise<string[]>;
+  close(): Promise<void>;
+}
+
+/** Starts a peer: its store, TCP server, directory presence and broker connection. */
+export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
+  const log = options.log ?? ((line: string) => console.log(line));
+  const requestedPort = options.port ?? 6001;
+  const dir = options.dir ?? join("fragments", String(requestedPort));
+  const neighbours = (options.neighbours ?? []).map((address) => {
+    const { hostname, port } = parseAddress(address);
+    return { host: hostname, port, grpcPort: port + GRPC_PORT_OFFSET };
+  });
+  const store = await Store.open(
+    dir,
+    (name) => log(`[!] '${name}' in ${dir} is corrupt; not serving it`),
+  );
+  const throttle = options.maxUpload ? createThrottle(options.maxUpload) : undefined;
+  const tcp: TcpServer = startTcpServer(store, {
+    port: requestedPort,
+    hostname: options.hostname ?? "0.0.0.0",
+    throttle,
+    onConnect: (remote) => log(`[+] Connected from ${remote}`),
+    onSent: (name, remote) => log(`[✓] Fragment '${name}' sent to ${remote}`),
+  });
+  const port = tcp.port;
+  log(`[SERVER] Node listening on port ${port}`);
+  const grpcPort = options.grpcPort ?? (requestedPort === 0 ? 0 : port + GRPC_PORT_OFFSET);
+  const httpPort = options.httpPort ?? (requestedPort === 0 ? 0 : port + HTTP_PORT_OFFSET);
+
+  const presence = options.directory === null ? undefined : new Presence(
+    options.directory ?? "http://localhost:5000",
+    {
+      state: () => ({
+        ...(options.advertise ? { host: options.advertise } : {}),
+        port,
+        grpcPort: grpcPort || 1,
+        httpPort: httpPort || 1,
+        fragments: store.list().map((f) => f.name),
+      }),
+      manifest: () => store.manifest,
+      log,
+    },
+  );
+  let broker: BrokerClient | undefined;
+  if (options.broker !== null) {
+    const address = options.broker ?? "localhost:5555";
+    let said = false;
+    broker = await connectBroker(address, {
+      waitForBroker: true,
+      onDisconnect: (error) => {
+        if (said) return;
+        said = true;
+        log(`[BROKER] ${error.message}; announcements wait until it is back`);
+      },
+      onReconnect: () => {
+        said = false;
+        log(`[BROKER] Connected to ${address}`);
+      },
+    });
+  }
+  const self = { host: options.advertise ?? "localhost", port };
+  store.onFragment((info) => {
+    presence?.poke();
+    broker?.publish(ANNOUNCE_TOPIC, formatAnnouncement(info.name, { hostname: self.host, port }));
+  });
+  const fetcher = new Fetcher(store, { log });
+
+  const isSelf = (holder: Holder) =>
+    holder.port === port && (holder.host === options.advertise || LOOPBACK.has(holder.host));
+
+  async function holders(name: string): Promise<Holder[]> {
+    const found = [...neighbours];
+    if (presence) {
+      const located = await presence.client.locate(name).catch(() => []);
+      found.push(...located.map((h) => ({ host: h.host, port: h.port, grpcPort: h.grpcPort })));
+    }
+    const seen = new Set<string>();
+    return found.filter((holder) => {
+      const key = holderAddress(LOOPBACK.has(holder.host) ? "loopback" : holder.host, holder.port);
+      if (isSelf(holder) || seen.has(key)) return false;
+      seen.add(key);
+      return true;
+    });
+  }
+
+  async function fetch(name: string, transport: Transport = "tcp"): Promise<string> {
+    if (!isFragmentName(name)) throw new FetchError(`Invalid fragment name "${name}"`);
+    const from = await fetcher.fetch(name, await holders(name), transport);
+    log(`[✓] Fragment '${name}' received from ${from}`);
+    return from;
+  }
+
+  async function describePeers(): Promise<string[]> {
+    const lines = neighbours.map((n) => `neighbour ${holderAddress(n.host, n.port)}`);
+    if (presence) {
+      try {
+        for (const peer of await presence.client.listPeers()) {
+          const address = holderAddress(peer.host, peer.port);
+          lines.push(`directory ${address} holds ${peer.fragments.length} fragment(s)`);
+        }
+      } catch {
+        lines.push(`directory ${presence.client.url} is not reachable`);
+      }
+    }
+    return lines;
+  }
+
+  let closing: Promise<void> | undefined;
+  function close(): Promise<void> {
+    closing ??= (async () => {
+      await presence?.close();
+      await broker?.close();
+      fetcher[Symbol.dispose]();
+      await tcp.close();
+    })();
+    return closing;
+  }
+
+  return {
+    store,
+    port,
+    grpcPort,
+    httpPort,
+    holders,
+    fetch,
+    describePeers,
+    close,
+    [Symbol.asyncDispose]: close,
+  };
+}
+
+const PROMPT = "Fragment to request (or 'exit'): ";
+const CONSOLE_HELP = `Commands:
+  <fragment name>        fetch it over TCP from a neighbour or any holder the directory knows
+  grpc <fragment name>   the same over gRPC
+  list                   the fragments this peer holds
+  peers                  neighbours and the peers the directory knows
+  help                   this text
+  exit                   leave the directory and stop`;
+
+/** Reads commands from `input` until `exit` or its end; resolves true when asked to exit. */
+export async function runConsole(
+  peer: Peer,
+  input: ReadableStream<Uint8Array>,
+  write: (text: string) => void,
+): Promise<boolean> {
+  write(PROMPT);
+  for await (const line of readLines(input)) {
+    const [word = "", ...rest] = line.trim().split(/\s+/);
+    if (word === "exit" || word === "quit") return true;
+    try {
+      if (word === "") {
+        // nothing typed
+      } else if (word === "help") {
+        write(CONSOLE_HELP + "\n");
+      } else if (word === "list") {
+        const held = peer.store.list();
+        write(
+          held.length === 0
+            ? "(no fragments yet)\n"
+            : held.map((f) => `${f.name}  ${f.size} bytes\n`).join(""),
+        );
+      } else if (word === "peers") {
+        const lines = await peer.describePeers();
+        write(lines.length === 0 ? "(no neighbours, no directory)\n" : lines.join("\n") + "\n");
+      } else if ((word === "grpc" || word === "tcp") && rest.length === 1) {
+        await fetchFromConsole(peer, rest[0]!, word);
+      } else if (rest.length === 0) {
+        await fetchFromConsole(peer, word, "tcp");
+      } else {
+        write(`Unknown command "${line.trim()}"; type 'help'\n`);
+      }
+    } catch (error) {
+      if (!(error instanceof FetchError || error instanceof StoreWriteError)) throw error;
+      console.error(`[x] ${error.message}`);
+    }
+    write(PROMPT);
+  }
+  return false;
+}
+
+async function fetchFromConsole(peer: Peer, name: string, transport: Transport): Promise<void> {
+  if (peer.store.get(name)) {
+    console.log(`[=] Fragment '${name}' is already here`);
+    return;
+  }
+  await peer.fetch(name, transport);
+}
+
+async function* readLines(input: ReadableStream<Uint8Array>): AsyncGenerator<string> {
+  let pending = "";
+  for await (const text of input.pipeThrough(new TextDecoderStream())) {
+    pending += text;
+    let newline;
+    while ((newline = pending.indexOf("\n")) !== -1) {
+      yield pending.slice(0, newline).replace(/\r$/, "");
+      pending = pending.slice(newline + 1);
+    }
+  }
+  if (pending !== "") yield pending;
+}
+
+const USAGE = `Usage: deno task peer PORT [NEIGHBOUR ...] [options]
+
+A P2P node: serves the fragments in its store over TCP (PORT) and gRPC, fetches what it lacks
+from NEIGHBOURs (host:port) or any holder the directory knows, verifying every byte.
+
+Options:
+  --dir DIR              fragment store (default fragments/PORT)
+  --directory URL        directory (default $DIRECTORY_URL or http://localhost:5000)
+  --broker HOST:PORT     pub/sub broker (default $BROKER_ADDR or localhost:5555)
+  --advertise HOST       the host other machines reach this peer at (default: as the directory sees it)
+  --hostname HOST        interface to listen on (default 0.0.0.0)
+  --grpc-port PORT       gRPC port (default PORT + 44050)
+  --http-port PORT       HTTP player port (default PORT + 2000)
+  --max-upload RATE      upload limit, e.g. 20MB/s or 512KiB/s
+  --grpc                 fetch over gRPC instead of TCP at the console
+  --no-console           no prompt: serve until SIGINT or SIGTERM (for containers)
+  -h, --help             show this help
+
+At the prompt, type a fragment name to fetch it, or 'help' for the other commands.`;
+
+function parsePort(text: string, what: string): number {
+  const port = Number(text);
+  if (!/^\d+$/.test(text) || port > 65535) throw new UserError(`Invalid ${what} "${text}"`);
+  return port;
+}
+
+async function main(args = Deno.args): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args,
+    allowPositionals: true,
+    options: {
+      dir: { type: "string" },
+      directory: { type: "string" },
+      broker: { type: "string" },
+      advertise: { type: "string" },
+      hostname: { type: "string" },
+      "grpc-port": { type: "string" },
+      "http-port": { type: "string" },
+      "max-upload": { type: "string" },
+      grpc: { type: "boolean" },
+      "no-console": { type: "boolean" },
+      help: { type: "boolean", short: "h" },
+    },
+  });
+  if (values.help) {
+    console.log(USAGE);
+    return 0;
+  }
+  const [portText, ...neighbours] = positionals;
+  if (portText === undefined) {
+    throw new UserError("Missing the TCP port, e.g. 'deno task peer 6001'");
+  }
+  for (const neighbour of neighbours) {
+    try {
+      parseAddress(neighbour);
+    } catch {
+      throw new UserError(
+        `Invalid neighbour "${neighbour}": expected host:port, e.g. localhost:6002`,
+      );
+    }
+  }
+  let maxUpload;
+  try {
+    maxUpload = values["max-upload"] === undefined ? undefined : parseRate(values["max-upload"]);
+  } catch (error) {
+    throw new UserError((error as Error).message);
+  }
+  let peer: Peer;
+  try {
+    peer = await startPeer({
+      port: parsePort(portText, "port"),
+      neighbours,
+      dir: values.dir,
+      directory: values.directory ?? Deno.env.get("DIRECTORY_URL") ?? "http://localhost:5000",
+      broker: values.broker ?? Deno.env.get("BROKER_ADDR") ?? "localhost:5555",
+      advertise: values.advertise,
+      hostname: values.hostname,
+      grpcPort: values["grpc-port"] === undefined
+        ? undefined
+        : parsePort(values["grpc-port"], "gRPC port"),
+      httpPort: values["http-port"] === undefined
+        ? undefined
+        : parsePort(values["http-port"], "HTTP port"),
+      maxUpload,
+    });
+  } catch (error) {
+    if (error instanceof Deno.errors.AddrInUse) {
+      throw new UserError(
+        `Port ${portText} is already in use: choose another or stop what holds it`,
+      );
+    }
+    throw error;
+  }
+  const stop = Promise.withResolvers<void>();
+  for (const signal of ["SIGINT", "SIGTERM"] as const) {
+    Deno.addSignalListener(signal, () => stop.resolve());
+  }
+  if (!values["no-console"]) {
+    const write = (text: string) => Deno.stdout.writeSync(new TextEncoder().encode(text));
+    runConsole(peer, Deno.stdin.readable, write).then((exit) => {
+      if (exit) stop.resolve();
+      else console.error("[CONSOLE] Input ended; still serving (Ctrl-C to stop)");
+    }, (error) => {
+      if (!isUserError(error)) stop.reject(error);
+    });
+  }
+  await stop.promise;
+  await peer.close();
+  return 0;
+}
+
+if (import.meta.main) await runMain(main);
