@@ -18,7 +18,11 @@ export interface Holder {
 export type Transport = "tcp" | "grpc";
 
 /** Downloads `name` from a gRPC address; supplied by peer_grpc.ts. */
-export type GrpcDownload = (address: string, name: string) => Promise<Download>;
+export type GrpcDownload = (
+  address: string,
+  name: string,
+  signal?: AbortSignal,
+) => Promise<Download>;
 
 export interface FetcherOptions {
   grpcDownload?: GrpcDownload;
@@ -28,9 +32,12 @@ export interface FetcherOptions {
   log?: (line: string) => void;
 }
 
-/** Nobody could provide the fragment; `reasons` says what happened with each holder. */
+/** Nobody could provide the fragment; `failures` says what happened with each holder. */
 export class FetchError extends Error {
   override name = "FetchError";
+  constructor(message: string, readonly failures: Failure[] = []) {
+    super(message);
+  }
 }
 
 /** The disk failed while a fragment was written: nothing partial was kept. */
@@ -52,7 +59,10 @@ export function holderAddress(host: string, port: number): string {
 export class Fetcher implements Disposable {
   readonly #store: Store;
   readonly #options: FetcherOptions;
-  readonly #pool = new Map<string, Promise<TcpPeerClient>>();
+  // Idle connections per holder address: a fetch leases one, and returns it when the fragment's
+  // bytes are all read, so fetches from one holder can run side by side.
+  readonly #idle = new Map<string, TcpPeerClient[]>();
+  readonly #leased = new Set<TcpPeerClient>();
   readonly #avoidUntil = new Map<string, number>();
 
   constructor(store: Store, options: FetcherOptions = {}) {
@@ -67,105 +77,157 @@ export class Fetcher implements Disposable {
 
   /**
    * Tries `holders` in order until one provides `name` with the right bytes; resolves with the
-   * address it came from. Throws {@link FetchError} when none could, and
+   * address it came from. Throws {@link FetchError} when none could (or `signal` aborted), and
    * {@link StoreWriteError} when the disk failed (trying elsewhere would not help).
    */
-  async fetch(name: string, holders: Holder[], transport: Transport = "tcp"): Promise<string> {
-    const reasons: string[] = [];
+  async fetch(
+    name: string,
+    holders: Holder[],
+    transport: Transport = "tcp",
+    signal?: AbortSignal,
+  ): Promise<string> {
+    const failures: Failure[] = [];
     for (const holder of holders) {
+      if (signal?.aborted) break;
       const address = holderAddress(
         holder.host,
         transport === "grpc" ? holder.grpcPort : holder.port,
       );
       if (this.isAvoided(holder)) {
-        reasons.push(`${address} is avoided (it sent bad bytes)`);
+        failures.push({
+          address,
+          kind: "avoided",
+          text: `${address} is avoided (it sent bad bytes)`,
+        });
         continue;
       }
-      let download;
+      const failure = await this.#attempt(name, holder, address, transport, signal);
+      if (!failure) return address;
+      failures.push(failure);
+      if (failure.kind === "bad" || failure.kind === "down") {
+        this.#options.log?.(`[!] ${failure.text}; trying the next holder`);
+      }
+    }
+    const why = signal?.aborted
+      ? "cancelled"
+      : failures.length === 0
+      ? "no holder known"
+      : failures.map((f) => f.text).join("; ");
+    throw new FetchError(`Could not fetch '${name}': ${why}`, failures);
+  }
+
+  // One try at one holder: undefined on success, or what went wrong.
+  async #attempt(
+    name: string,
+    holder: Holder,
+    address: string,
+    transport: Transport,
+    signal?: AbortSignal,
+  ): Promise<Failure | undefined> {
+    let client: TcpPeerClient | undefined;
+    const onAbort = () => client?.close();
+    signal?.addEventListener("abort", onAbort);
+    try {
+      let download: Download;
       try {
-        download = await this.#download(holder, name, transport);
+        if (transport === "grpc") {
+          if (!this.#options.grpcDownload) throw new Error("gRPC is not available");
+          download = await this.#options.grpcDownload(address, name, signal);
+        } else {
+          ({ client, download } = await this.#lease(address, name));
+        }
       } catch (error) {
         if (error instanceof Deno.errors.NotCapable) throw error;
         if (error instanceof PeerError) {
-          reasons.push(`${address} answered ${error.code}`);
-        } else {
-          this.#drop(holder);
-          this.#options.log?.(`[!] ${address} failed (${message(error)}); trying the next holder`);
-          reasons.push(`${address} failed`);
+          return { address, kind: "missing", text: `${address} answered ${error.code}` };
         }
-        continue;
+        return { address, kind: "down", text: `${address} failed (${message(error)})` };
       }
       try {
         await this.#store.write(name, download, fromSource(download.chunks));
-        return address;
       } catch (error) {
-        this.#drop(holder); // the exchange may have stopped half-way
+        client?.close(); // the exchange may have stopped half-way
         if (error instanceof IntegrityError) {
           const avoidMs = this.#options.avoidMs ?? 60_000;
           this.#avoidUntil.set(holderAddress(holder.host, holder.port), Date.now() + avoidMs);
-          this.#options.log?.(`[!] '${name}' from ${address} failed verification; avoiding it`);
-          reasons.push(`${address} sent bad bytes`);
-        } else if (error instanceof SourceError) {
-          this.#options.log?.(
-            `[!] ${address} failed (${message(error.cause)}); trying the next holder`,
-          );
-          reasons.push(`${address} failed mid-fragment`);
-        } else {
-          throw new StoreWriteError(
-            `Cannot store '${name}' in "${this.#store.dir}": ${message(error)}`,
-            { cause: error },
-          );
+          return {
+            address,
+            kind: "bad",
+            text: `'${name}' from ${address} failed verification; avoiding it`,
+          };
         }
+        if (error instanceof SourceError) {
+          return {
+            address,
+            kind: "down",
+            text: `${address} failed mid-fragment (${message(error.cause)})`,
+          };
+        }
+        throw new StoreWriteError(
+          `Cannot store '${name}' in "${this.#store.dir}": ${message(error)}`,
+          {
+            cause: error,
+          },
+        );
       }
+      return undefined;
+    } finally {
+      signal?.removeEventListener("abort", onAbort);
+      if (client) this.#release(address, client);
     }
-    throw new FetchError(
-      holders.length === 0
-        ? `No holder known for '${name}'`
-        : `Could not fetch '${name}': ${reasons.join("; ")}`,
-    );
   }
 
-  async #download(holder: Holder, name: string, transport: Transport): Promise<Download> {
-    if (transport === "grpc") {
-      if (!this.#options.grpcDownload) throw new Error("gRPC is not available");
-      return await this.#options.grpcDownload(holderAddress(holder.host, holder.grpcPort), name);
-    }
-    const address = holderAddress(holder.host, holder.port);
-    const pooled = await this.#pool.get(address)?.catch(() => undefined);
-    if (pooled && !pooled.closed) {
+  // Requests `name` on an idle connection to `address`, or a new one. An idle connection may be
+  // stale (the holder restarted): a failure on one is retried once on a fresh connection.
+  async #lease(
+    address: string,
+    name: string,
+  ): Promise<{ client: TcpPeerClient; download: Download }> {
+    const idle = this.#idle.get(address) ?? [];
+    for (let client; (client = idle.pop());) {
+      if (client.closed) continue;
+      this.#leased.add(client);
       try {
-        return await pooled.get(name);
+        return { client, download: await client.get(name) };
       } catch (error) {
-        if (error instanceof PeerError) throw error;
-        // A pooled connection may be stale (the holder restarted): retry once on a fresh one.
-        this.#drop(holder);
+        if (error instanceof PeerError) {
+          this.#release(address, client);
+          throw error;
+        }
+        this.#leased.delete(client);
+        client.close();
       }
     }
-    return await (await this.#client(holder)).get(name);
-  }
-
-  async #client(holder: Holder): Promise<TcpPeerClient> {
-    const address = holderAddress(holder.host, holder.port);
-    const connecting = TcpPeerClient.connect(address);
-    this.#pool.set(address, connecting);
+    const client = await TcpPeerClient.connect(address);
+    this.#leased.add(client);
     try {
-      return await connecting;
+      return { client, download: await client.get(name) };
     } catch (error) {
-      this.#pool.delete(address);
+      this.#release(address, client);
       throw error;
     }
   }
 
-  #drop(holder: Holder): void {
-    const address = holderAddress(holder.host, holder.port);
-    this.#pool.get(address)?.then((client) => client.close(), () => {});
-    this.#pool.delete(address);
+  #release(address: string, client: TcpPeerClient): void {
+    this.#leased.delete(client);
+    if (client.closed) return;
+    const idle = this.#idle.get(address) ?? [];
+    idle.push(client);
+    this.#idle.set(address, idle);
   }
 
   [Symbol.dispose](): void {
-    for (const client of this.#pool.values()) client.then((c) => c.close(), () => {});
-    this.#pool.clear();
+    for (const idle of this.#idle.values()) idle.forEach((client) => client.close());
+    for (const client of this.#leased) client.close();
+    this.#idle.clear();
   }
+}
+
+/** What went wrong with one holder: it was down, sent bad bytes, lacked the fragment, or was avoided. */
+export interface Failure {
+  address: string;
+  kind: "down" | "bad" | "missing" | "avoided";
+  text: string;
 }
 
 async function* fromSource(chunks: AsyncIterable<Uint8Array>): AsyncGenerator<Uint8Array> {

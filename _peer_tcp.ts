@@ -12,6 +12,7 @@ import { type FragmentInfo, isFragmentName, type Store } from "./_store.ts";
 /** The longest request line; anything longer closes the connection. */
 export const MAX_REQUEST_LINE = 1024;
 const CHUNK = 1024 * 1024;
+const PACED_CHUNK = 64 * 1024; // smaller writes when throttled, so the pace stays even
 const encoder = new TextEncoder();
 
 export interface TcpServerOptions {
@@ -23,7 +24,7 @@ export interface TcpServerOptions {
   /** More connections than this at once are answered `ERR BUSY` and closed. @default 256 */
   maxConnections?: number;
   /** Paces every byte sent, across all connections (the peer's --max-upload). */
-  throttle?: (bytes: number) => Promise<void>;
+  throttle?: (bytes: number, signal?: AbortSignal) => Promise<void>;
   onConnect?: (remote: string) => void;
   onSent?: (name: string, remote: string) => void;
 }
@@ -40,7 +41,7 @@ export interface TcpServer extends AsyncDisposable {
 export function startTcpServer(store: Store, options: TcpServerOptions = {}): TcpServer {
   const { idleTimeoutMs = 60_000, maxConnections = 256 } = options;
   const listener = Deno.listen({ port: options.port ?? 6001, hostname: options.hostname });
-  const open = new Set<Deno.Conn>();
+  const open = new Map<Deno.Conn, AbortController>();
   const handlers = new Set<Promise<void>>();
 
   const accepting = (async () => {
@@ -50,8 +51,9 @@ export function startTcpServer(store: Store, options: TcpServerOptions = {}): Tc
           .finally(() => conn.close());
         continue;
       }
-      open.add(conn);
-      const handler = serveConnection(conn, store, { ...options, idleTimeoutMs })
+      const closed = new AbortController();
+      open.set(conn, closed);
+      const handler = serveConnection(conn, store, { ...options, idleTimeoutMs }, closed.signal)
         .catch(() => {}) // a client that vanished is not the server's problem
         .finally(() => {
           open.delete(conn);
@@ -68,7 +70,8 @@ export function startTcpServer(store: Store, options: TcpServerOptions = {}): Tc
     try {
       listener.close();
     } catch { /* already closed */ }
-    for (const conn of open) {
+    for (const [conn, closed] of open) {
+      closed.abort();
       try {
         conn.close();
       } catch { /* already closed */ }
@@ -90,6 +93,7 @@ async function serveConnection(
   conn: Deno.Conn,
   store: Store,
   options: TcpServerOptions & { idleTimeoutMs: number },
+  closed: AbortSignal,
 ): Promise<void> {
   const remote = formatAddr(conn.remoteAddr as Deno.NetAddr);
   options.onConnect?.(remote);
@@ -100,10 +104,11 @@ async function serveConnection(
     clearTimeout(watchdog);
     watchdog = setTimeout(() => conn.close(), options.idleTimeoutMs);
   };
+  const piece = options.throttle ? PACED_CHUNK : CHUNK;
   const send = async (bytes: Uint8Array) => {
     for (let sent = 0; sent < bytes.length;) {
-      await options.throttle?.(Math.min(bytes.length - sent, CHUNK));
-      sent += await conn.write(bytes.subarray(sent, sent + CHUNK));
+      await options.throttle?.(Math.min(bytes.length - sent, piece), closed);
+      sent += await conn.write(bytes.subarray(sent, sent + piece));
       progress();
     }
   };

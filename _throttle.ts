@@ -26,25 +26,37 @@ export function parseRate(text: string): number {
 
 /**
  * A pacer that lets `bytesPerSecond` through on average, with bursts of at most a tenth of a
- * second's worth: `await throttle(n)` before sending n bytes.
+ * second's worth: `await throttle(n)` before sending n bytes. A wait ends early, rejecting, when
+ * `signal` aborts (the connection closed), so nothing sits out a long wait for nobody.
  */
-export function createThrottle(bytesPerSecond: number): (bytes: number) => Promise<void> {
+export function createThrottle(
+  bytesPerSecond: number,
+): (bytes: number, signal?: AbortSignal) => Promise<void> {
   const burst = Math.max(bytesPerSecond / 10, 64 * 1024);
   let tokens = burst;
   let last = performance.now();
   let queue: Promise<void> = Promise.resolve();
-  return (bytes) => {
+  return (bytes, signal) => {
     // Senders take turns, so each waits for the tokens the ones before it used.
-    const turn = queue.then(async () => {
+    const turn = queue.then(() => {
+      signal?.throwIfAborted();
       const now = performance.now();
       tokens = Math.min(burst, tokens + (now - last) / 1000 * bytesPerSecond);
       last = now;
       tokens -= bytes;
-      if (tokens < 0) {
-        await new Promise((resolve) => setTimeout(resolve, -tokens / bytesPerSecond * 1000));
-      }
+      if (tokens >= 0) return;
+      return new Promise<void>((resolve, reject) => {
+        const timer = setTimeout(done, -tokens / bytesPerSecond * 1000);
+        signal?.addEventListener("abort", done, { once: true });
+        function done() {
+          clearTimeout(timer);
+          signal?.removeEventListener("abort", done);
+          if (signal?.aborted) reject(signal.reason);
+          else resolve();
+        }
+      });
     });
-    queue = turn;
+    queue = turn.catch(() => {});
     return turn;
   };
 }

@@ -10,6 +10,7 @@
  * @module
  */
 import { parseArgs } from "node:util";
+import { type Manifest, SplitError } from "./split.ts";
 import { join } from "node:path";
 import { isUserError, runMain, UserError } from "./_cli.ts";
 import {
@@ -22,6 +23,7 @@ import {
 } from "./_fetch.ts";
 import { startTcpServer, type TcpServer } from "./_peer_tcp.ts";
 import { Presence } from "./_presence.ts";
+import { type FragmentEvent, type Progress, Swarm } from "./_swarm.ts";
 import { isFragmentName, Store } from "./_store.ts";
 import { createThrottle, parseRate } from "./_throttle.ts";
 import {
@@ -64,6 +66,8 @@ export interface PeerOptions {
   maxUpload?: number;
   /** Where console and event lines go. @default console.log */
   log?: (line: string) => void;
+  /** Live swarm progress, for a progress bar; without it each arrival is a line. */
+  progress?: (state: Progress) => void;
 }
 
 /** A running peer; close it (or dispose it) to leave the directory and stop serving. */
@@ -78,6 +82,10 @@ export interface Peer extends AsyncDisposable {
   fetch(name: string, transport?: Transport): Promise<string>;
   /** Neighbours and the peers the directory knows, one line each. */
   describePeers(): Promise<string[]>;
+  /** Fetches every missing fragment from the swarm, then joins and verifies the file. */
+  fetchAll(): Promise<Manifest>;
+  /** The swarm: what the player asks for fragments and watches the map through. */
+  readonly swarm: Swarm;
   close(): Promise<void>;
 }
 
@@ -144,6 +152,19 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
     broker?.publish(ANNOUNCE_TOPIC, formatAnnouncement(info.name, { hostname: self.host, port }));
   });
   const fetcher = new Fetcher(store, { log });
+  const swarm = new Swarm(store, fetcher, {
+    directory: presence?.client,
+    neighbours: () => neighbours,
+    isSelf: (holder) => isSelf(holder),
+  }, { log, progress: options.progress });
+  if (!options.progress) {
+    swarm.onEvent((event: FragmentEvent) => {
+      if (event.state !== "held" || !event.from) return;
+      const total = store.manifest?.fragments.length ?? 0;
+      const held = store.manifest?.fragments.filter((f) => store.get(f.name)).length ?? 0;
+      log(`[swarm] ${event.name} from ${event.from} (${held}/${total})`);
+    });
+  }
 
   const isSelf = (holder: Holder) =>
     holder.port === port && (holder.host === options.advertise || LOOPBACK.has(holder.host));
@@ -185,11 +206,16 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
     return lines;
   }
 
+  function fetchAll(): Promise<Manifest> {
+    return swarm.fetchAll();
+  }
+
   let closing: Promise<void> | undefined;
   function close(): Promise<void> {
     closing ??= (async () => {
       await presence?.close();
       await broker?.close();
+      swarm[Symbol.dispose]();
       fetcher[Symbol.dispose]();
       await tcp.close();
     })();
@@ -204,6 +230,8 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
     holders,
     fetch,
     describePeers,
+    fetchAll,
+    swarm,
     close,
     [Symbol.asyncDispose]: close,
   };
@@ -211,8 +239,10 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
 
 const PROMPT = "Fragment to request (or 'exit'): ";
 const CONSOLE_HELP = `Commands:
-  <fragment name>        fetch it over TCP from a neighbour or any holder the directory knows
+  <fragment name>        fetch it (over TCP, or gRPC with --grpc) from a neighbour or any
+                         holder the directory knows
   grpc <fragment name>   the same over gRPC
+  all                    fetch the whole video from the swarm, then join and verify it
   list                   the fragments this peer holds
   peers                  neighbours and the peers the directory knows
   help                   this text
@@ -223,6 +253,7 @@ export async function runConsole(
   peer: Peer,
   input: ReadableStream<Uint8Array>,
   write: (text: string) => void,
+  transport: Transport = "tcp",
 ): Promise<boolean> {
   write(PROMPT);
   for await (const line of readLines(input)) {
@@ -243,20 +274,39 @@ export async function runConsole(
       } else if (word === "peers") {
         const lines = await peer.describePeers();
         write(lines.length === 0 ? "(no neighbours, no directory)\n" : lines.join("\n") + "\n");
+      } else if (word === "all" && rest.length === 0) {
+        await peer.fetchAll();
       } else if ((word === "grpc" || word === "tcp") && rest.length === 1) {
         await fetchFromConsole(peer, rest[0]!, word);
       } else if (rest.length === 0) {
-        await fetchFromConsole(peer, word, "tcp");
+        await fetchFromConsole(peer, word, transport);
       } else {
         write(`Unknown command "${line.trim()}"; type 'help'\n`);
       }
     } catch (error) {
-      if (!(error instanceof FetchError || error instanceof StoreWriteError)) throw error;
+      if (!isFetchFailure(error)) throw error;
       console.error(`[x] ${error.message}`);
     }
     write(PROMPT);
   }
   return false;
+}
+
+/** Errors a fetch may end with that are the world's fault, not a bug: shown, not thrown. */
+function isFetchFailure(error: unknown): error is Error {
+  return error instanceof FetchError || error instanceof StoreWriteError ||
+    error instanceof SplitError;
+}
+
+/** Draws the swarm's progress on one terminal line. */
+function drawProgress(state: Progress): void {
+  const width = 24;
+  const filled = Math.round((state.held / Math.max(state.total, 1)) * width);
+  const bar = "#".repeat(filled) + ".".repeat(width - filled);
+  const rate = (state.bytesPerSecond / 1e6).toFixed(1);
+  const text = `\r[${bar}] ${state.held}/${state.total} fragments  ${rate} MB/s  ` +
+    `${state.peers} peer(s)\x1b[K`;
+  Deno.stdout.writeSync(new TextEncoder().encode(text));
 }
 
 async function fetchFromConsole(peer: Peer, name: string, transport: Transport): Promise<void> {
@@ -294,6 +344,8 @@ Options:
   --grpc-port PORT       gRPC port (default PORT + 44050)
   --http-port PORT       HTTP player port (default PORT + 2000)
   --max-upload RATE      upload limit, e.g. 20MB/s or 512KiB/s
+  --fetch-all            fetch the whole video from the swarm, join and verify it, keep seeding
+  --exit-when-done       with --fetch-all: exit 0 once the video is complete instead of seeding
   --grpc                 fetch over gRPC instead of TCP at the console
   --no-console           no prompt: serve until SIGINT or SIGTERM (for containers)
   -h, --help             show this help
@@ -320,6 +372,8 @@ async function main(args = Deno.args): Promise<number> {
       "http-port": { type: "string" },
       "max-upload": { type: "string" },
       grpc: { type: "boolean" },
+      "fetch-all": { type: "boolean" },
+      "exit-when-done": { type: "boolean" },
       "no-console": { type: "boolean" },
       help: { type: "boolean", short: "h" },
     },
@@ -364,6 +418,7 @@ async function main(args = Deno.args): Promise<number> {
         ? undefined
         : parsePort(values["http-port"], "HTTP port"),
       maxUpload,
+      progress: values["fetch-all"] && Deno.stdout.isTerminal() ? drawProgress : undefined,
     });
   } catch (error) {
     if (error instanceof Deno.errors.AddrInUse) {
@@ -373,13 +428,28 @@ async function main(args = Deno.args): Promise<number> {
     }
     throw error;
   }
+  if (values["fetch-all"]) {
+    try {
+      await peer.fetchAll();
+    } catch (error) {
+      if (!isFetchFailure(error)) throw error;
+      await peer.close();
+      throw new UserError(error.message);
+    } finally {
+      if (Deno.stdout.isTerminal()) console.log();
+    }
+    if (values["exit-when-done"]) {
+      await peer.close();
+      return 0;
+    }
+  }
   const stop = Promise.withResolvers<void>();
   for (const signal of ["SIGINT", "SIGTERM"] as const) {
     Deno.addSignalListener(signal, () => stop.resolve());
   }
   if (!values["no-console"]) {
     const write = (text: string) => Deno.stdout.writeSync(new TextEncoder().encode(text));
-    runConsole(peer, Deno.stdin.readable, write).then((exit) => {
+    runConsole(peer, Deno.stdin.readable, write, values.grpc ? "grpc" : "tcp").then((exit) => {
       if (exit) stop.resolve();
       else console.error("[CONSOLE] Input ended; still serving (Ctrl-C to stop)");
     }, (error) => {

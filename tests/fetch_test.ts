@@ -126,7 +126,7 @@ Deno.test("Fetcher says why when no holder can provide a fragment", async () => 
   const { seeder } = await seed(dir.path);
   await using server = startTcpServer(seeder, { port: 0, hostname: "127.0.0.1" });
   using fetcher = new Fetcher(await Store.open(join(dir.path, "viewer")));
-  await assertRejects(() => fetcher.fetch("fragment_0.bin", []), FetchError, "No holder known");
+  await assertRejects(() => fetcher.fetch("fragment_0.bin", []), FetchError, "no holder known");
   await assertRejects(
     () => fetcher.fetch("fragment_99.bin", [local(server.port)]),
     FetchError,

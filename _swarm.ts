@@ -1,0 +1,374 @@
+/**
+ * The swarm download: every missing fragment of a file, from many holders at once. Fragments the
+ * player needs next go first, in playback order; the rest go rarest first, from the directory's
+ * holder counts. In flight at once: at most `perHolder` per holder and `total` overall. A failed
+ * fragment is retried elsewhere; a holder that sent bad bytes is not asked again (the fetcher
+ * avoids it); one that is down is left alone for a moment; and a fragment that is clearly late is
+ * asked of a second holder too, so a download never sits at 99% behind one slow peer.
+ * @module
+ */
+import { join } from "node:path";
+import { type Fetcher, FetchError, type Holder, holderAddress, StoreWriteError } from "./_fetch.ts";
+import type { Store } from "./_store.ts";
+import type { DirectoryClient } from "./directory.ts";
+import { type FragmentEntry, joinFragments, type Manifest } from "./split.ts";
+
+/** A change on the fragment map: held, in flight (and from whom), missing, or failed. */
+export interface FragmentEvent {
+  name: string;
+  index: number;
+  state: "held" | "inflight" | "missing" | "failed";
+  from?: string;
+}
+
+export interface SwarmOptions {
+  /** Most fragments in flight from one holder. @default 2 */
+  perHolder?: number;
+  /** Most fragments in flight overall. @default 6 */
+  total?: number;
+  /** A fragment in flight longer than this is asked of a second holder. @default 4000 */
+  lateMs?: number;
+  /** How long a holder that failed (down, cut) is left alone. @default 2000 */
+  downMs?: number;
+  /** Give up when nothing could be fetched for this long. @default 60000 */
+  stallMs?: number;
+  /** Where progress lines go; `progress` gets the live state for a progress bar. */
+  log?: (line: string) => void;
+  progress?: (state: Progress) => void;
+}
+
+/** Where a download stands, for a progress bar. */
+export interface Progress {
+  file: string;
+  held: number;
+  total: number;
+  bytesPerSecond: number;
+  peers: number;
+}
+
+interface Attempt {
+  holder: string;
+  started: number;
+  controller: AbortController;
+}
+
+/** Downloads files from many holders at once into a peer's store. */
+export class Swarm implements Disposable {
+  readonly #store: Store;
+  readonly #fetcher: Fetcher;
+  readonly #directory: DirectoryClient | undefined;
+  readonly #neighbours: () => Holder[];
+  readonly #isSelf: (holder: Holder) => boolean;
+  readonly #options: Required<Omit<SwarmOptions, "log" | "progress">> & SwarmOptions;
+  #holders = new Map<string, Holder[]>(); // fragment -> holders, from the directory
+  #refreshed = 0;
+  #urgent: string[] = []; // fragments the player waits for, in the order asked
+  #wanted = new Set<string>(); // fragments a fetch-all wants
+  #inflight = new Map<string, Attempt[]>();
+  #load = new Map<string, number>(); // holder -> fragments in flight from it
+  #downUntil = new Map<string, number>();
+  #tried = new Map<string, Set<string>>(); // fragment -> holders that failed it
+  #listeners = new Set<(event: FragmentEvent) => void>();
+  #wake: (() => void) | undefined;
+  #running: Promise<Error | undefined> | undefined;
+  #changed = Promise.withResolvers<undefined>();
+  #fatal: Error | undefined;
+  #closed = new AbortController();
+  #lastProgress = Date.now();
+  #received = 0;
+  #started = performance.now();
+
+  constructor(
+    store: Store,
+    fetcher: Fetcher,
+    parts: {
+      directory?: DirectoryClient;
+      neighbours?: () => Holder[];
+      isSelf?: (holder: Holder) => boolean;
+    },
+    options: SwarmOptions = {},
+  ) {
+    this.#store = store;
+    this.#fetcher = fetcher;
+    this.#directory = parts.directory;
+    this.#neighbours = parts.neighbours ?? (() => []);
+    this.#isSelf = parts.isSelf ?? (() => false);
+    this.#options = {
+      perHolder: 2,
+      total: 6,
+      lateMs: 4000,
+      downMs: 2000,
+      stallMs: 60_000,
+      ...options,
+    };
+    store.onFragment((info) => {
+      this.#received += info.size;
+      // A fragment the swarm fetched is announced by its fetch, which knows where it came from.
+      if (!this.#inflight.has(info.name)) this.#emit(info.name, "held");
+      this.#wake?.();
+      this.#notify();
+    });
+  }
+
+  /** Every fragment's state now, in manifest order (for a page that just opened). */
+  snapshot(): FragmentEvent[] {
+    return (this.#store.manifest?.fragments ?? []).map((f) => ({
+      name: f.name,
+      index: f.index,
+      state: this.#store.get(f.name) ? "held" : this.#inflight.has(f.name) ? "inflight" : "missing",
+      from: this.#inflight.get(f.name)?.[0]?.holder,
+    }));
+  }
+
+  /** Calls `listener` on each change of the map; returns a function that stops it. */
+  onEvent(listener: (event: FragmentEvent) => void): () => void {
+    this.#listeners.add(listener);
+    return () => this.#listeners.delete(listener);
+  }
+
+  /**
+   * Fetches every missing fragment of the store's file (adopting the directory's manifest when
+   * the store has none), then joins and verifies the whole file. Resolves with its manifest.
+   */
+  async fetchAll(): Promise<Manifest> {
+    const manifest = await this.#manifest();
+    for (const f of manifest.fragments) if (!this.#store.get(f.name)) this.#wanted.add(f.name);
+    await this.#settle(() => manifest.fragments.every((f) => this.#store.get(f.name)));
+    const output = join(this.#store.dir, manifest.file);
+    await joinFragments(this.#store.dir, output);
+    this.#options.log?.(
+      `[✓] '${manifest.file}' complete: ${manifest.fragments.length}/${manifest.fragments.length} fragments, sha256 verified`,
+    );
+    return manifest;
+  }
+
+  /** Makes sure `name` is held, fetching it ahead of everything else; rejects if it cannot. */
+  async need(name: string, signal?: AbortSignal): Promise<void> {
+    if (this.#store.get(name)) return;
+    if (!this.#urgent.includes(name)) this.#urgent.push(name);
+    await this.#settle(() => this.#store.get(name) !== undefined, signal);
+  }
+
+  // Runs the scheduler until `done()` holds; rejects if the swarm stalls or the disk fails.
+  async #settle(done: () => boolean, signal?: AbortSignal): Promise<void> {
+    while (!done()) {
+      if (signal?.aborted) throw new FetchError("Cancelled");
+      this.#running ??= this.#run().finally(() => this.#running = undefined);
+      this.#wake?.();
+      const changed = this.#changed.promise;
+      const error = await Promise.race([this.#running, changed]);
+      if (error) throw error;
+    }
+  }
+
+  // Wakes whoever waits in #settle: a fragment arrived or the scheduler stopped.
+  #notify(): void {
+    this.#changed.resolve(undefined);
+    this.#changed = Promise.withResolvers();
+  }
+
+  // The scheduler: starts fetches until nothing is missing; resolves with the error that
+  // stopped it, if any.
+  async #run(): Promise<Error | undefined> {
+    this.#lastProgress = Date.now();
+    try {
+      while (!this.#closed.signal.aborted) {
+        if (this.#fatal) return this.#fatal;
+        const pending = this.#pending();
+        if (pending.length === 0 && this.#inflight.size === 0) return undefined;
+        const unknown = pending.some((n) => this.#candidates(n).length === 0);
+        if (Date.now() - this.#refreshed > (unknown ? 500 : 2000)) await this.#refresh();
+        for (const name of pending) this.#start(name);
+        this.#chaseLate();
+        this.#report();
+        if (this.#inflight.size === 0 && Date.now() - this.#lastProgress > this.#options.stallMs) {
+          return new FetchError(`No holder could provide ${pending.slice(0, 5).join(", ")}`);
+        }
+        await new Promise<void>((resolve) => {
+          const timer = setTimeout(resolve, 250);
+          this.#wake = () => {
+            clearTimeout(timer);
+            resolve();
+          };
+        });
+        this.#wake = undefined;
+      }
+      return undefined;
+    } finally {
+      this.#fatal = undefined;
+      this.#notify();
+    }
+  }
+
+  /** Missing fragments in the order to fetch them: urgent first, then rarest first. */
+  #pending(): string[] {
+    this.#urgent = this.#urgent.filter((name) => !this.#store.get(name));
+    const index = new Map(this.#store.manifest?.fragments.map((f) => [f.name, f.index]));
+    const rest = [...this.#wanted].filter((name) =>
+      !this.#store.get(name) && !this.#urgent.includes(name)
+    )
+      .sort((a, b) =>
+        (this.#holders.get(a)?.length ?? 0) - (this.#holders.get(b)?.length ?? 0) ||
+        (index.get(a) ?? 0) - (index.get(b) ?? 0)
+      );
+    return [...this.#urgent, ...rest];
+  }
+
+  /** Holders worth asking for `name` now, least loaded first. */
+  #candidates(name: string): Holder[] {
+    const tried = this.#tried.get(name);
+    const now = Date.now();
+    const seen = new Set<string>();
+    return [...(this.#holders.get(name) ?? []), ...this.#neighbours()].filter((holder) => {
+      const address = holderAddress(holder.host, holder.port);
+      if (seen.has(address) || this.#isSelf(holder) || this.#fetcher.isAvoided(holder)) {
+        return false;
+      }
+      seen.add(address);
+      return !tried?.has(address) && (this.#downUntil.get(address) ?? 0) <= now;
+    }).sort((a, b) => this.#loadOf(a) - this.#loadOf(b));
+  }
+
+  #loadOf(holder: Holder): number {
+    return this.#load.get(holderAddress(holder.host, holder.port)) ?? 0;
+  }
+
+  #start(name: string, duplicate = false): void {
+    if (this.#inflightCount() >= this.#options.total) return;
+    const attempts = this.#inflight.get(name) ?? [];
+    if (attempts.length > 0 && !duplicate) return;
+    const busy = new Set(attempts.map((a) => a.holder));
+    const holder = this.#candidates(name).find((h) =>
+      this.#loadOf(h) < this.#options.perHolder && !busy.has(holderAddress(h.host, h.port))
+    );
+    if (!holder) return;
+    const address = holderAddress(holder.host, holder.port);
+    const attempt = { holder: address, started: Date.now(), controller: new AbortController() };
+    this.#inflight.set(name, [...attempts, attempt]);
+    this.#load.set(address, this.#loadOf(holder) + 1);
+    this.#emit(name, "inflight", address);
+    this.#fetcher.fetch(name, [holder], "tcp", attempt.controller.signal).then(
+      () => {
+        this.#lastProgress = Date.now();
+        this.#emit(name, "held", address);
+      },
+      (error) => this.#failed(name, address, error),
+    ).finally(() => {
+      this.#load.set(address, this.#loadOf(holder) - 1);
+      const left = (this.#inflight.get(name) ?? []).filter((a) => a !== attempt);
+      if (left.length > 0) this.#inflight.set(name, left);
+      else this.#inflight.delete(name);
+      // The first copy to arrive wins; the other attempts are cancelled.
+      if (this.#store.get(name)) { for (const other of left) other.controller.abort(); }
+      if (!this.#store.get(name) && left.length === 0) this.#emit(name, "failed", address);
+      this.#wake?.();
+    });
+  }
+
+  #failed(name: string, address: string, error: unknown): void {
+    if (error instanceof StoreWriteError) {
+      this.#fatal = error;
+      return;
+    }
+    if (!(error instanceof FetchError)) {
+      this.#fatal = error instanceof Error ? error : new Error(String(error));
+      return;
+    }
+    if (this.#store.get(name)) return; // cancelled because another copy arrived
+    const tried = this.#tried.get(name) ?? new Set();
+    tried.add(address);
+    this.#tried.set(name, tried);
+    if (error.failures.some((f) => f.kind === "down")) {
+      this.#downUntil.set(address, Date.now() + this.#options.downMs);
+    }
+    this.#options.log?.(`[!] ${error.message}`);
+  }
+
+  /** Asks a second holder for fragments in flight for longer than `lateMs`. */
+  #chaseLate(): void {
+    const now = Date.now();
+    for (const [name, attempts] of this.#inflight) {
+      if (this.#store.get(name)) continue; // arrived; its other attempts are being cancelled
+      if (attempts.length === 1 && now - attempts[0]!.started > this.#options.lateMs) {
+        this.#start(name, true);
+      }
+    }
+  }
+
+  #inflightCount(): number {
+    let count = 0;
+    for (const attempts of this.#inflight.values()) count += attempts.length;
+    return count;
+  }
+
+  async #refresh(): Promise<void> {
+    this.#refreshed = Date.now();
+    const file = this.#store.manifest?.file;
+    if (!this.#directory || !file) return;
+    try {
+      const detail = await this.#directory.getFile(file);
+      for (const f of detail.fragments) {
+        this.#holders.set(
+          f.name,
+          f.holders.map((h) => ({ host: h.host, port: h.port, grpcPort: h.grpcPort })),
+        );
+      }
+      // Holders that failed a fragment may have it again later (a restarted seeder).
+      this.#tried.clear();
+    } catch {
+      // The directory is down (or restarting): keep the holders we knew and the neighbours.
+    }
+  }
+
+  async #manifest(): Promise<Manifest> {
+    if (this.#store.manifest) return this.#store.manifest;
+    if (!this.#directory) throw new FetchError("No manifest here and no directory to ask for one");
+    const deadline = Date.now() + this.#options.stallMs;
+    while (true) {
+      const files = await this.#directory.listFiles().catch(() => []);
+      if (files.length > 0) {
+        const detail = await this.#directory.getFile(files[0]!.file);
+        const { version, file, mime, size, sha256 } = detail;
+        const fragments: FragmentEntry[] = detail.fragments.map((
+          { index, name, offset, size, sha256 },
+        ) => ({
+          index,
+          name,
+          offset,
+          size,
+          sha256,
+        }));
+        await this.#store.setManifest({ version, file, mime, size, sha256, fragments } as Manifest);
+        for (const f of fragments) this.#emit(f.name, "missing");
+        return this.#store.manifest!;
+      }
+      if (Date.now() > deadline) throw new FetchError("The directory knows no file to fetch");
+      await new Promise((resolve) => setTimeout(resolve, 500));
+    }
+  }
+
+  #emit(name: string, state: FragmentEvent["state"], from?: string): void {
+    const index = this.#store.manifest?.fragments.find((f) => f.name === name)?.index ?? -1;
+    for (const listener of this.#listeners) listener({ name, index, state, from });
+  }
+
+  #report(): void {
+    const manifest = this.#store.manifest;
+    if (!manifest || !this.#options.progress) return;
+    const seconds = (performance.now() - this.#started) / 1000;
+    this.#options.progress({
+      file: manifest.file,
+      held: manifest.fragments.filter((f) => this.#store.get(f.name)).length,
+      total: manifest.fragments.length,
+      bytesPerSecond: this.#received / Math.max(seconds, 0.001),
+      peers: new Set([...this.#inflight.values()].flat().map((a) => a.holder)).size,
+    });
+  }
+
+  /** Stops fetching: attempts in flight are cancelled. */
+  [Symbol.dispose](): void {
+    this.#closed.abort();
+    for (const attempts of this.#inflight.values()) attempts.forEach((a) => a.controller.abort());
+    this.#wake?.();
+  }
+}
