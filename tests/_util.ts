@@ -29,6 +29,8 @@ export interface ChildOptions {
   env?: Record<string, string>;
   /** Pipe stdin so the test can type into it; otherwise stdin is closed. */
   stdin?: boolean;
+  /** The program to run, when it is not deno itself (e.g. `ip netns exec ... deno`). */
+  command?: string;
 }
 
 /** A running task whose stdout and stderr are collected as they arrive. */
@@ -41,7 +43,7 @@ export class Child implements AsyncDisposable {
   #waiters = new Set<() => void>();
 
   constructor(argv: string[], options: ChildOptions = {}) {
-    this.process = new Deno.Command(Deno.execPath(), {
+    this.process = new Deno.Command(options.command ?? Deno.execPath(), {
       args: argv,
       cwd: options.cwd ?? ROOT,
       env: { NO_COLOR: "1", ...options.env },
