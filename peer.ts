@@ -26,6 +26,7 @@ import { Presence } from "./_presence.ts";
 import { type FragmentEvent, type Progress, Swarm } from "./_swarm.ts";
 import { isFragmentName, Store } from "./_store.ts";
 import { createThrottle, parseRate } from "./_throttle.ts";
+import { GrpcClient, type GrpcSupervisor, superviseGrpcServer } from "./peer_grpc.ts";
 import {
   ANNOUNCE_TOPIC,
   type BrokerClient,
@@ -58,8 +59,8 @@ export interface PeerOptions {
   advertise?: string;
   /** Interface to listen on. @default "0.0.0.0" */
   hostname?: string;
-  /** @default port + 44050 (a free one when port is 0) */
-  grpcPort?: number;
+  /** @default port + 44050 (a free one when port is 0); null for no gRPC server */
+  grpcPort?: number | null;
   /** @default port + 2000 (a free one when port is 0) */
   httpPort?: number;
   /** Upload limit in bytes per second, across all connections. */
@@ -112,8 +113,28 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
   });
   const port = tcp.port;
   log(`[SERVER] Node listening on port ${port}`);
-  const grpcPort = options.grpcPort ?? (requestedPort === 0 ? 0 : port + GRPC_PORT_OFFSET);
   const httpPort = options.httpPort ?? (requestedPort === 0 ? 0 : port + HTTP_PORT_OFFSET);
+  // gRPC runs in a supervised child process: a remote client can crash Deno's http2 server
+  // (denoland/deno#36788), and that must cost a restart of the child, never the peer.
+  let grpc: GrpcSupervisor | undefined;
+  if (options.grpcPort !== null) {
+    try {
+      grpc = await superviseGrpcServer({
+        dir,
+        port: options.grpcPort ?? (requestedPort === 0 ? 0 : port + GRPC_PORT_OFFSET),
+        hostname: options.hostname ?? "0.0.0.0",
+        directory: options.directory ?? undefined,
+        onStored: (name) => void store.adopt(name),
+        onLog: (line) => log(line),
+      });
+    } catch (error) {
+      await tcp.close();
+      throw error;
+    }
+  }
+  const grpcPort = grpc?.port ?? 0;
+  if (grpc) log(`[gRPC] Listening on port ${grpcPort}`);
+  const grpcClient = new GrpcClient();
 
   const presence = options.directory === null ? undefined : new Presence(
     options.directory ?? "http://localhost:5000",
@@ -121,7 +142,7 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
       state: () => ({
         ...(options.advertise ? { host: options.advertise } : {}),
         port,
-        grpcPort: grpcPort || 1,
+        grpcPort: grpcPort || port + GRPC_PORT_OFFSET,
         httpPort: httpPort || 1,
         fragments: store.list().map((f) => f.name),
       }),
@@ -151,7 +172,10 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
     presence?.poke();
     broker?.publish(ANNOUNCE_TOPIC, formatAnnouncement(info.name, { hostname: self.host, port }));
   });
-  const fetcher = new Fetcher(store, { log });
+  const fetcher = new Fetcher(store, {
+    log,
+    grpcDownload: (address, name, signal) => grpcClient.download(address, name, { signal }),
+  });
   const swarm = new Swarm(store, fetcher, {
     directory: presence?.client,
     neighbours: () => neighbours,
@@ -170,18 +194,23 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
     holder.port === port && (holder.host === options.advertise || LOOPBACK.has(holder.host));
 
   async function holders(name: string): Promise<Holder[]> {
-    const found = [...neighbours];
-    if (presence) {
-      const located = await presence.client.locate(name).catch(() => []);
-      found.push(...located.map((h) => ({ host: h.host, port: h.port, grpcPort: h.grpcPort })));
+    const located = presence ? await presence.client.locate(name).catch(() => []) : [];
+    // Neighbours first; the directory knows a neighbour's real gRPC port, the command line only
+    // the conventional one.
+    const byAddress = new Map<string, Holder>();
+    const key = (h: Holder) => holderAddress(LOOPBACK.has(h.host) ? "loopback" : h.host, h.port);
+    for (const holder of [...neighbours, ...located]) {
+      const known = byAddress.get(key(holder));
+      if (known) known.grpcPort = holder.grpcPort;
+      else if (!isSelf(holder)) {
+        byAddress.set(key(holder), {
+          host: holder.host,
+          port: holder.port,
+          grpcPort: holder.grpcPort,
+        });
+      }
     }
-    const seen = new Set<string>();
-    return found.filter((holder) => {
-      const key = holderAddress(LOOPBACK.has(holder.host) ? "loopback" : holder.host, holder.port);
-      if (isSelf(holder) || seen.has(key)) return false;
-      seen.add(key);
-      return true;
-    });
+    return [...byAddress.values()];
   }
 
   async function fetch(name: string, transport: Transport = "tcp"): Promise<string> {
@@ -217,7 +246,8 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
       await broker?.close();
       swarm[Symbol.dispose]();
       fetcher[Symbol.dispose]();
-      await tcp.close();
+      grpcClient.close();
+      await Promise.all([tcp.close(), grpc?.close()]);
     })();
     return closing;
   }

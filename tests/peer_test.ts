@@ -71,6 +71,13 @@ Deno.test("two peers fetch from each other at the console, announce it, and leav
     await Deno.readFile(join(dir.path, "fragments", "b", "fragment_1.bin")),
   );
 
+  // The same over gRPC, from B's supervised gRPC server.
+  const bGrpc = Number((await b.child.waitFor(/\[gRPC\] Listening on port (\d+)/))[1]);
+  await a.child.write("grpc fragment_3.bin\n");
+  await a.child.waitFor(
+    new RegExp(`Fragment 'fragment_3\\.bin' received from 127\\.0\\.0\\.1:${bGrpc}`),
+  );
+
   await a.child.write("list\npeers\nhelp\nfragment_1.bin\n../secret\nexit\n");
   assertEquals(await stopped(a.child), 0);
   assertMatch(a.child.stdout, /fragment_1\.bin {2}244095 bytes/);

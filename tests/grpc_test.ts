@@ -1,0 +1,345 @@
+import { assert, assertEquals, assertRejects } from "./_assert.ts";
+import { createHash } from "node:crypto";
+import { join } from "node:path";
+import { CHUNK_SIZE, type Download, GrpcClient, GrpcError, startGrpcServer } from "../peer_grpc.ts";
+import { type FragmentInfo, IntegrityError, Store } from "../_store.ts";
+import { splitFile } from "../split.ts";
+import { tempDir } from "./_util.ts";
+
+const BIG = "big.bin"; // 2.5 MiB: three chunks, the last one short
+
+function sha256(bytes: Uint8Array): string {
+  return createHash("sha256").update(bytes).digest("hex");
+}
+
+function randomBytes(size: number): Uint8Array {
+  const bytes = new Uint8Array(size);
+  for (let i = 0; i < size; i += 65536) crypto.getRandomValues(bytes.subarray(i, i + 65536));
+  return bytes;
+}
+
+/** A store with 4 fragments of a small file (and its manifest) plus a 2.5 MiB loose fragment. */
+async function makeStore(root: string) {
+  const input = join(root, "video.webm");
+  await Deno.writeFile(input, randomBytes(65536 + 3));
+  const manifest = await splitFile(input, { out: join(root, "store"), fragments: 4 });
+  const store = await Store.open(join(root, "store"));
+  const big = randomBytes(2.5 * CHUNK_SIZE);
+  await store.write(BIG, { size: big.length, sha256: sha256(big) }, toAsync([big]));
+  return { store, manifest, big };
+}
+
+/** Every file under `dir`, as sorted relative paths. */
+async function listTree(dir: string, prefix = ""): Promise<string[]> {
+  const names: string[] = [];
+  for await (const entry of Deno.readDir(dir)) {
+    const path = prefix + entry.name;
+    if (entry.isDirectory) names.push(...await listTree(join(dir, entry.name), `${path}/`));
+    else names.push(path);
+  }
+  return names.sort();
+}
+
+async function collect(chunks: AsyncIterable<Uint8Array>): Promise<Uint8Array[]> {
+  const all: Uint8Array[] = [];
+  for await (const chunk of chunks) all.push(chunk);
+  return all;
+}
+
+/** Runs `call` and returns the gRPC status name it failed with. */
+async function failure(call: () => Promise<unknown>): Promise<string> {
+  return (await assertRejects(call, GrpcError)).code;
+}
+
+/** An upload source announcing `info` but carrying `bytes`. */
+function lying(info: { size: number; sha256: string }, bytes: Uint8Array): Download {
+  return { ...info, chunks: [bytes].values() as unknown as AsyncIterable<Uint8Array> };
+}
+
+Deno.test("Echo answers with the message it was given", async () => {
+  await using dir = await tempDir();
+  const { store } = await makeStore(dir.path);
+  await using server = await startGrpcServer(store, { port: 0, hostname: "127.0.0.1" });
+  using client = new GrpcClient();
+  const address = `127.0.0.1:${server.port}`;
+  assertEquals(await client.echo(address, "DUMMY"), "DUMMY");
+  assertEquals(await client.echo(address, ""), "");
+  assertEquals(await client.echo(address, "héllo ✓"), "héllo ✓");
+});
+
+Deno.test("ListFiles names every fragment held with its size and hash, and the file", async () => {
+  await using dir = await tempDir();
+  const { store, manifest } = await makeStore(dir.path);
+  await using server = await startGrpcServer(store, { port: 0, hostname: "127.0.0.1" });
+  using client = new GrpcClient();
+  const list = await client.listFiles(`127.0.0.1:${server.port}`);
+  assertEquals(list.file, "video.webm");
+  assertEquals(list.fragments, store.list());
+  assertEquals(
+    list.fragments.slice(0, 4),
+    manifest.fragments.map((f) => ({ name: f.name, size: f.size, sha256: f.sha256 })),
+  );
+});
+
+Deno.test("Locate says whether the peer holds a fragment and names the holders it knows", async () => {
+  await using dir = await tempDir();
+  const { store, manifest } = await makeStore(dir.path);
+  const holder = { id: "x", host: "10.0.0.7", port: 6002, grpcPort: 50052, httpPort: 8002 };
+  await using server = await startGrpcServer(store, {
+    port: 0,
+    hostname: "127.0.0.1",
+    locate: (name) => Promise.resolve(name === "elsewhere.bin" ? [holder] : []),
+  });
+  using client = new GrpcClient();
+  const address = `127.0.0.1:${server.port}`;
+  const first = manifest.fragments[0];
+  assertEquals(await client.locate(address, first.name), {
+    held: true,
+    fragment: { name: first.name, size: first.size, sha256: first.sha256 },
+    holders: [],
+  });
+  const { id: _, ...where } = holder;
+  assertEquals(await client.locate(address, "elsewhere.bin"), { held: false, holders: [where] });
+  assertEquals(await failure(() => client.locate(address, "../elsewhere.bin")), "INVALID_ARGUMENT");
+});
+
+Deno.test("Locate still answers when the directory behind it fails", async () => {
+  await using dir = await tempDir();
+  const { store } = await makeStore(dir.path);
+  await using server = await startGrpcServer(store, {
+    port: 0,
+    hostname: "127.0.0.1",
+    locate: () => Promise.reject(new Error("directory down")),
+  });
+  using client = new GrpcClient();
+  assertEquals(await client.locate(`127.0.0.1:${server.port}`, "nowhere.bin"), {
+    held: false,
+    holders: [],
+  });
+});
+
+Deno.test("Download streams chunks of at most 1 MiB that Store.write verifies", async () => {
+  await using dir = await tempDir();
+  const { store, big } = await makeStore(dir.path);
+  await using server = await startGrpcServer(store, { port: 0, hostname: "127.0.0.1" });
+  using client = new GrpcClient();
+  const address = `127.0.0.1:${server.port}`;
+
+  const { size, sha256: hash, chunks } = await client.download(address, BIG);
+  assertEquals({ size, hash }, { size: big.length, hash: sha256(big) });
+  const pieces = await collect(chunks);
+  assertEquals(pieces.map((p) => p.length), [CHUNK_SIZE, CHUNK_SIZE, CHUNK_SIZE / 2]);
+
+  const mine = await Store.open(join(dir.path, "mine"));
+  const download = await client.download(address, BIG);
+  const info = await mine.write(BIG, download, download.chunks);
+  assertEquals(info, { name: BIG, size: big.length, sha256: sha256(big) });
+  assertEquals(await Deno.readFile(join(dir.path, "mine", BIG)), big);
+});
+
+Deno.test("Download of an empty fragment announces size 0 and carries no bytes", async () => {
+  await using dir = await tempDir();
+  await Deno.mkdir(join(dir.path, "store"));
+  await Deno.writeFile(join(dir.path, "store", "empty.bin"), new Uint8Array());
+  const store = await Store.open(join(dir.path, "store"));
+  await using server = await startGrpcServer(store, { port: 0, hostname: "127.0.0.1" });
+  using client = new GrpcClient();
+  const { size, sha256: hash, chunks } = await client.download(
+    `127.0.0.1:${server.port}`,
+    "empty.bin",
+  );
+  assertEquals({ size, hash }, { size: 0, hash: sha256(new Uint8Array()) });
+  assertEquals(await collect(chunks), []);
+});
+
+Deno.test("Download answers NOT_FOUND for a fragment the peer does not hold", async () => {
+  await using dir = await tempDir();
+  const { store } = await makeStore(dir.path);
+  await using server = await startGrpcServer(store, { port: 0, hostname: "127.0.0.1" });
+  using client = new GrpcClient();
+  const address = `127.0.0.1:${server.port}`;
+  assertEquals(await failure(() => client.download(address, "fragment_99.bin")), "NOT_FOUND");
+  // The manifest is in the folder but is no fragment: it is never served.
+  assertEquals(await failure(() => client.download(address, "manifest.json")), "INVALID_ARGUMENT");
+});
+
+Deno.test("A peer sending bytes that do not match its hash is caught by Store.write", async () => {
+  await using dir = await tempDir();
+  const { store, big } = await makeStore(dir.path);
+  await using server = await startGrpcServer(store, { port: 0, hostname: "127.0.0.1" });
+  using client = new GrpcClient();
+  // Flip a byte behind the serving store's back: it still announces the old hash.
+  big[12345] ^= 0xff;
+  await Deno.writeFile(join(dir.path, "store", BIG), big);
+  const mine = await Store.open(join(dir.path, "mine"));
+  const download = await client.download(`127.0.0.1:${server.port}`, BIG);
+  await assertRejects(() => mine.write(BIG, download, download.chunks), IntegrityError);
+  assertEquals(await listTree(join(dir.path, "mine")), []);
+});
+
+Deno.test("download() stops when its signal aborts", async () => {
+  await using dir = await tempDir();
+  const { store } = await makeStore(dir.path);
+  await using server = await startGrpcServer(store, { port: 0, hostname: "127.0.0.1" });
+  using client = new GrpcClient();
+  const controller = new AbortController();
+  const { chunks } = await client.download(`127.0.0.1:${server.port}`, BIG, {
+    signal: controller.signal,
+  });
+  const reading = (async () => {
+    for await (const _ of chunks) controller.abort(new Error("enough"));
+  })();
+  await assertRejects(() => reading, Error, "enough");
+});
+
+Deno.test("Upload keeps a verified fragment, reports it, and the store serves it", async () => {
+  await using dir = await tempDir();
+  const { store } = await makeStore(dir.path);
+  const stored: FragmentInfo[] = [];
+  await using server = await startGrpcServer(store, {
+    port: 0,
+    hostname: "127.0.0.1",
+    onStored: (info) => stored.push(info),
+  });
+  using client = new GrpcClient();
+  const address = `127.0.0.1:${server.port}`;
+  const bytes = randomBytes(CHUNK_SIZE + 777);
+  const expected = { name: "pushed.bin", size: bytes.length, sha256: sha256(bytes) };
+  assertEquals(await client.upload(address, "pushed.bin", bytes), expected);
+  assertEquals(stored, [expected]);
+  assertEquals(store.get("pushed.bin"), expected);
+  assertEquals(await Deno.readFile(join(dir.path, "store", "pushed.bin")), bytes);
+  // A stream in small pieces is regrouped, and an empty fragment is just the announcement.
+  const pieces = [bytes.subarray(0, 10), bytes.subarray(10, 70000), bytes.subarray(70000)];
+  const streamed = { size: bytes.length, sha256: expected.sha256, chunks: toAsync(pieces) };
+  assertEquals(await client.upload(address, "pushed2.bin", streamed), {
+    ...expected,
+    name: "pushed2.bin",
+  });
+  assertEquals((await client.upload(address, "empty.bin", new Uint8Array())).size, 0);
+});
+
+async function* toAsync(pieces: Uint8Array[]): AsyncGenerator<Uint8Array> {
+  yield* pieces;
+}
+
+Deno.test("Upload of corrupt bytes is DATA_LOSS and leaves no file, not even a temporary", async () => {
+  await using dir = await tempDir();
+  const { store, manifest } = await makeStore(dir.path);
+  await using server = await startGrpcServer(store, { port: 0, hostname: "127.0.0.1" });
+  using client = new GrpcClient();
+  const address = `127.0.0.1:${server.port}`;
+  const before = await listTree(dir.path);
+  const bytes = randomBytes(3 * CHUNK_SIZE);
+  const truth = { size: bytes.length, sha256: sha256(bytes) };
+  const flipped = bytes.slice();
+  flipped[CHUNK_SIZE * 2 + 5] ^= 1;
+  const cases: [string, Download][] = [
+    ["a flipped byte", lying(truth, flipped)],
+    ["too few bytes", lying(truth, bytes.subarray(1))],
+    ["too many bytes", lying({ ...truth, size: truth.size - 1 }, bytes)],
+    // The manifest's hash wins over what the sender claims.
+    ["bytes the manifest disagrees with", lying(truth, bytes)],
+  ];
+  for (const [what, source] of cases) {
+    const name = what.startsWith("bytes the") ? manifest.fragments[0].name : "bad.bin";
+    assertEquals(await failure(() => client.upload(address, name, source)), "DATA_LOSS", what);
+  }
+  assertEquals(await listTree(dir.path), before);
+  assertEquals(store.get("bad.bin"), undefined);
+});
+
+Deno.test("Upload refuses a bad announcement with INVALID_ARGUMENT", async () => {
+  await using dir = await tempDir();
+  const { store } = await makeStore(dir.path);
+  await using server = await startGrpcServer(store, { port: 0, hostname: "127.0.0.1" });
+  using client = new GrpcClient();
+  const address = `127.0.0.1:${server.port}`;
+  const bytes = randomBytes(100);
+  for (
+    const claim of [{ size: 100, sha256: "nothex" }, { size: 5 * 1024 ** 3, sha256: sha256(bytes) }]
+  ) {
+    assertEquals(
+      await failure(() => client.upload(address, "ok.bin", lying(claim, bytes))),
+      "INVALID_ARGUMENT",
+    );
+  }
+});
+
+Deno.test("Traversal names are refused by every RPC and nothing outside the store is touched", async () => {
+  await using dir = await tempDir();
+  const { store } = await makeStore(dir.path);
+  await Deno.writeTextFile(join(dir.path, "secret"), "do not serve me");
+  await using server = await startGrpcServer(store, { port: 0, hostname: "127.0.0.1" });
+  using client = new GrpcClient();
+  const address = `127.0.0.1:${server.port}`;
+  const before = await listTree(dir.path);
+  const names = [
+    "../secret",
+    "../etc/passwd",
+    "/etc/passwd",
+    `${dir.path}/secret`,
+    "..%2fsecret",
+    "..%2Fx",
+    "%2e%2e/x",
+    "%2e%2e%2fsecret",
+    "a/b",
+    "..",
+    ".",
+    "..\\secret",
+    "x\0y",
+    "a".repeat(300),
+    "",
+  ];
+  const bytes = new TextEncoder().encode("do not keep me");
+  for (const name of names) {
+    const shown = JSON.stringify(name.slice(0, 20));
+    assertEquals(await failure(() => client.download(address, name)), "INVALID_ARGUMENT", shown);
+    assertEquals(await failure(() => client.locate(address, name)), "INVALID_ARGUMENT", shown);
+    assertEquals(
+      await failure(() => client.upload(address, name, bytes)),
+      "INVALID_ARGUMENT",
+      shown,
+    );
+  }
+  assertEquals(await listTree(dir.path), before);
+  assertEquals(await Deno.readTextFile(join(dir.path, "secret")), "do not serve me");
+});
+
+Deno.test("A message over the size limit is refused with RESOURCE_EXHAUSTED", async () => {
+  await using dir = await tempDir();
+  const { store } = await makeStore(dir.path);
+  await using server = await startGrpcServer(store, { port: 0, hostname: "127.0.0.1" });
+  using client = new GrpcClient();
+  const huge = "x".repeat(2 * CHUNK_SIZE);
+  assertEquals(
+    await failure(() => client.echo(`127.0.0.1:${server.port}`, huge)),
+    "RESOURCE_EXHAUSTED",
+  );
+});
+
+Deno.test("GrpcClient reaches a server restarted on the same port through its cached channel", async () => {
+  await using dir = await tempDir();
+  const { store } = await makeStore(dir.path);
+  using client = new GrpcClient({ deadlineMs: 3000 });
+  const first = await startGrpcServer(store, { port: 0, hostname: "127.0.0.1" });
+  const address = `127.0.0.1:${first.port}`;
+  assertEquals(await client.echo(address, "before"), "before");
+  await first.close();
+  assertEquals(await failure(() => client.echo(address, "while down")), "UNAVAILABLE");
+  await using _second = await startGrpcServer(store, { port: first.port, hostname: "127.0.0.1" });
+  assertEquals(await client.echo(address, "after"), "after");
+  const { chunks } = await client.download(address, BIG);
+  assertEquals((await collect(chunks)).length, 3);
+});
+
+Deno.test("startGrpcServer() refuses a port already taken", async () => {
+  await using dir = await tempDir();
+  const { store } = await makeStore(dir.path);
+  await using first = await startGrpcServer(store, { port: 0, hostname: "127.0.0.1" });
+  const error = await assertRejects(
+    () => startGrpcServer(store, { port: first.port, hostname: "127.0.0.1" }),
+    Error,
+  );
+  assert(/listen/i.test(error.message), error.message);
+});
