@@ -93,6 +93,11 @@ export class Fetcher implements Disposable {
         holder.host,
         transport === "grpc" ? holder.grpcPort : holder.port,
       );
+      if (transport === "grpc" && holder.grpcPort === 0) {
+        const text = `${holderAddress(holder.host, holder.port)} serves no gRPC`;
+        failures.push({ address, kind: "missing", text });
+        continue;
+      }
       if (this.isAvoided(holder)) {
         failures.push({
           address,

@@ -4,7 +4,7 @@
  * close. When the directory is unreachable it says so once and keeps trying in the background.
  * @module
  */
-import { DirectoryClient, DirectoryError, type PeerState } from "./directory.ts";
+import { type DirectoryClient, DirectoryError, type PeerState } from "./directory.ts";
 import type { Manifest } from "./split.ts";
 
 export interface PresenceOptions {
@@ -29,8 +29,9 @@ export class Presence implements AsyncDisposable {
   #wake: (() => void) | undefined;
   readonly #loop: Promise<void>;
 
-  constructor(url: string, options: PresenceOptions) {
-    this.client = new DirectoryClient(url, { timeoutMs: 3_000 });
+  /** Registers through `client` at once, then keeps at it until closed. */
+  constructor(client: DirectoryClient, options: PresenceOptions) {
+    this.client = client;
     this.#options = options;
     this.#loop = this.#run();
   }

@@ -77,6 +77,7 @@ export class Swarm implements Disposable {
   #lastProgress = Date.now();
   #received = 0;
   #started = performance.now();
+  #finding: Promise<Manifest> | undefined;
 
   constructor(
     store: Store,
@@ -131,7 +132,7 @@ export class Swarm implements Disposable {
    * the store has none), then joins and verifies the whole file. Resolves with its manifest.
    */
   async fetchAll(): Promise<Manifest> {
-    const manifest = await this.#manifest();
+    const manifest = await this.manifest();
     for (const f of manifest.fragments) if (!this.#store.get(f.name)) this.#wanted.add(f.name);
     await this.#settle(() => manifest.fragments.every((f) => this.#store.get(f.name)));
     const output = join(this.#store.dir, manifest.file);
@@ -320,8 +321,14 @@ export class Swarm implements Disposable {
     }
   }
 
-  async #manifest(): Promise<Manifest> {
-    if (this.#store.manifest) return this.#store.manifest;
+  /** The store's manifest; when it has none, the first file the directory lists, adopted. */
+  manifest(): Promise<Manifest> {
+    if (this.#store.manifest) return Promise.resolve(this.#store.manifest);
+    // One search at a time: the player and a fetch-all may both ask.
+    return this.#finding ??= this.#findManifest().finally(() => this.#finding = undefined);
+  }
+
+  async #findManifest(): Promise<Manifest> {
     if (!this.#directory) throw new FetchError("No manifest here and no directory to ask for one");
     const deadline = Date.now() + this.#options.stallMs;
     while (true) {

@@ -35,6 +35,8 @@ const NAME_RULE = "a name of letters, digits, '.', '_' or '-' (at most 200, not 
 const Name = z.string().regex(NAME_PATTERN, `Must be ${NAME_RULE}`);
 const Host = z.string().regex(/^[A-Za-z0-9._:%-]{1,253}$/, "Must be a hostname or an IP address");
 const Port = z.int().min(1).max(65535);
+/** A port a peer may not serve at all (a peer started without gRPC or without a player). */
+const ServicePort = z.int().min(0).max(65535).openapi({ description: "0 when not served" });
 const Sha256 = z.string().regex(/^[0-9a-f]{64}$/, "Must be 64 lowercase hex digits");
 const Count = z.int().nonnegative();
 
@@ -44,8 +46,8 @@ const PeerStateSchema = z.object({
     example: "10.0.0.7",
   }),
   port: Port.openapi({ description: "TCP fragment server", example: 6001 }),
-  grpcPort: Port.openapi({ example: 50051 }),
-  httpPort: Port.openapi({ example: 8001 }),
+  grpcPort: ServicePort.openapi({ example: 50051 }),
+  httpPort: ServicePort.openapi({ example: 8001 }),
   fragments: z.array(Name).openapi({ example: ["fragment_0.bin", "fragment_3.bin"] }),
 }).openapi("PeerState");
 
@@ -53,8 +55,8 @@ const HolderSchema = z.object({
   id: z.string(),
   host: z.string(),
   port: Port,
-  grpcPort: Port,
-  httpPort: Port,
+  grpcPort: ServicePort,
+  httpPort: ServicePort,
 }).openapi("Holder");
 
 const PeerSchema = HolderSchema.extend({ fragments: z.array(z.string()) }).openapi("Peer");

@@ -21,12 +21,14 @@ import {
   StoreWriteError,
   type Transport,
 } from "./_fetch.ts";
+import { DirectoryClient } from "./directory.ts";
 import { startTcpServer, type TcpServer } from "./_peer_tcp.ts";
 import { Presence } from "./_presence.ts";
 import { type FragmentEvent, type Progress, Swarm } from "./_swarm.ts";
 import { isFragmentName, Store } from "./_store.ts";
 import { createThrottle, parseRate } from "./_throttle.ts";
 import { GrpcClient, type GrpcSupervisor, superviseGrpcServer } from "./peer_grpc.ts";
+import { type PlayerServer, startPlayer } from "./_player.ts";
 import {
   ANNOUNCE_TOPIC,
   type BrokerClient,
@@ -61,8 +63,8 @@ export interface PeerOptions {
   hostname?: string;
   /** @default port + 44050 (a free one when port is 0); null for no gRPC server */
   grpcPort?: number | null;
-  /** @default port + 2000 (a free one when port is 0) */
-  httpPort?: number;
+  /** The player's HTTP port. @default port + 2000 (a free one when port is 0); null for none */
+  httpPort?: number | null;
   /** Upload limit in bytes per second, across all connections. */
   maxUpload?: number;
   /** Where console and event lines go. @default console.log */
@@ -113,7 +115,6 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
   });
   const port = tcp.port;
   log(`[SERVER] Node listening on port ${port}`);
-  const httpPort = options.httpPort ?? (requestedPort === 0 ? 0 : port + HTTP_PORT_OFFSET);
   // gRPC runs in a supervised child process: a remote client can crash Deno's http2 server
   // (denoland/deno#36788), and that must cost a restart of the child, never the peer.
   let grpc: GrpcSupervisor | undefined;
@@ -136,20 +137,9 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
   if (grpc) log(`[gRPC] Listening on port ${grpcPort}`);
   const grpcClient = new GrpcClient();
 
-  const presence = options.directory === null ? undefined : new Presence(
-    options.directory ?? "http://localhost:5000",
-    {
-      state: () => ({
-        ...(options.advertise ? { host: options.advertise } : {}),
-        port,
-        grpcPort: grpcPort || port + GRPC_PORT_OFFSET,
-        httpPort: httpPort || 1,
-        fragments: store.list().map((f) => f.name),
-      }),
-      manifest: () => store.manifest,
-      log,
-    },
-  );
+  const directory = options.directory === null
+    ? undefined
+    : new DirectoryClient(options.directory ?? "http://localhost:5000", { timeoutMs: 3_000 });
   let broker: BrokerClient | undefined;
   if (options.broker !== null) {
     const address = options.broker ?? "localhost:5555";
@@ -168,6 +158,7 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
     });
   }
   const self = { host: options.advertise ?? "localhost", port };
+  let presence: Presence | undefined;
   store.onFragment((info) => {
     presence?.poke();
     broker?.publish(ANNOUNCE_TOPIC, formatAnnouncement(info.name, { hostname: self.host, port }));
@@ -177,10 +168,46 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
     grpcDownload: (address, name, signal) => grpcClient.download(address, name, { signal }),
   });
   const swarm = new Swarm(store, fetcher, {
-    directory: presence?.client,
+    directory,
     neighbours: () => neighbours,
     isSelf: (holder) => isSelf(holder),
   }, { log, progress: options.progress });
+  let player: PlayerServer | undefined;
+  if (options.httpPort !== null) {
+    try {
+      player = startPlayer({
+        store,
+        need: (name, signal) => swarm.need(name, signal),
+        onEvent: (listener) => swarm.onEvent(listener),
+        snapshot: () => swarm.snapshot(),
+        findManifest: () => swarm.manifest(),
+      }, {
+        port: options.httpPort ?? (requestedPort === 0 ? 0 : port + HTTP_PORT_OFFSET),
+        hostname: options.hostname ?? "0.0.0.0",
+      });
+    } catch (error) {
+      swarm[Symbol.dispose]();
+      await Promise.all([broker?.close(), tcp.close(), grpc?.close()]);
+      grpcClient.close();
+      throw error;
+    }
+    log(`[PLAYER] Watch at http://${options.advertise ?? "localhost"}:${player.port}/`);
+  }
+  const httpPort = player?.port ?? 0;
+  // Last, so the directory learns every port that is really open.
+  if (directory) {
+    presence = new Presence(directory, {
+      state: () => ({
+        ...(options.advertise ? { host: options.advertise } : {}),
+        port,
+        grpcPort,
+        httpPort,
+        fragments: store.list().map((f) => f.name),
+      }),
+      manifest: () => store.manifest,
+      log,
+    });
+  }
   if (!options.progress) {
     swarm.onEvent((event: FragmentEvent) => {
       if (event.state !== "held" || !event.from) return;
@@ -194,7 +221,7 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
     holder.port === port && (holder.host === options.advertise || LOOPBACK.has(holder.host));
 
   async function holders(name: string): Promise<Holder[]> {
-    const located = presence ? await presence.client.locate(name).catch(() => []) : [];
+    const located = directory ? await directory.locate(name).catch(() => []) : [];
     // Neighbours first; the directory knows a neighbour's real gRPC port, the command line only
     // the conventional one.
     const byAddress = new Map<string, Holder>();
@@ -222,14 +249,14 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
 
   async function describePeers(): Promise<string[]> {
     const lines = neighbours.map((n) => `neighbour ${holderAddress(n.host, n.port)}`);
-    if (presence) {
+    if (directory) {
       try {
-        for (const peer of await presence.client.listPeers()) {
+        for (const peer of await directory.listPeers()) {
           const address = holderAddress(peer.host, peer.port);
           lines.push(`directory ${address} holds ${peer.fragments.length} fragment(s)`);
         }
       } catch {
-        lines.push(`directory ${presence.client.url} is not reachable`);
+        lines.push(`directory ${directory.url} is not reachable`);
       }
     }
     return lines;
@@ -247,7 +274,7 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
       swarm[Symbol.dispose]();
       fetcher[Symbol.dispose]();
       grpcClient.close();
-      await Promise.all([tcp.close(), grpc?.close()]);
+      await Promise.all([tcp.close(), grpc?.close(), player?.close()]);
     })();
     return closing;
   }
