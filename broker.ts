@@ -478,7 +478,10 @@ export interface ClientOptions {
   maxBackoffMs?: number;
   /** Longest line accepted from the broker, in bytes. @default 65536 */
   maxLine?: number;
-  /** Most output that may wait for the broker; past it publishing drops. @default 8 MiB */
+  /**
+   * Most output that may wait for the broker, and most publications held while it is down (sent
+   * once it is back, as NATS clients do); past it publishing drops. @default 8 MiB
+   */
   maxPending?: number;
   /** Called when the connection is lost (or the first attempt failed, with `waitForBroker`). */
   onDisconnect?: (error: Error) => void;
@@ -514,6 +517,9 @@ export class BrokerClient implements AsyncDisposable {
   readonly #topics = new Map<string, Set<Inbox>>();
   #conn: Deno.TcpConn | null = null;
   #outbox: Outbox | null = null;
+  /** `PUB:` lines published while disconnected, and their size: sent on reconnection. */
+  #held: string[] = [];
+  #heldSize = 0;
   #pongs: PromiseWithResolvers<void>[] = [];
   #closed = false;
   #wake: (() => void) | null = null;
@@ -552,15 +558,22 @@ export class BrokerClient implements AsyncDisposable {
   }
 
   /**
-   * Publishes `message` on `topic`; false when it was dropped because the connection is down
-   * (delivery is at most once). Call {@link flush} to know the broker took it.
+   * Publishes `message` on `topic`. While the connection is down it is held and sent once the
+   * client is back; false when it was dropped instead (past `maxPending`, or the client is
+   * closed): delivery is at most once. Call {@link flush} to know the broker took it.
    */
   publish(topic: string, message: string): boolean {
     if (!isValidTopic(topic)) throw new TypeError(`Invalid topic ${quote(topic)}`);
     if (/[\n\r\0]/.test(message)) {
       throw new TypeError("A message cannot hold a newline, carriage return or NUL");
     }
-    return this.#outbox?.send(`PUB:${topic}:${message}`) ?? false;
+    const line = `PUB:${topic}:${message}`;
+    if (this.#outbox) return this.#outbox.send(line);
+    const limit = this.#options.maxPending ?? MAX_PENDING;
+    if (this.#closed || this.#heldSize + line.length + 1 > limit) return false;
+    this.#held.push(line);
+    this.#heldSize += line.length + 1;
+    return true;
   }
 
   /** Resolves when the broker has taken everything sent so far (a `PING` answered by `PONG`). */
@@ -634,8 +647,11 @@ export class BrokerClient implements AsyncDisposable {
     });
     this.#outbox = outbox;
     const reading = this.#read(conn);
-    if (this.#topics.size > 0 || again) {
+    if (this.#topics.size > 0 || again || this.#held.length > 0) {
       for (const topic of this.#topics.keys()) outbox.send(`SUB:${topic}`);
+      // After the subscriptions, so this client's own subscriptions see what it held.
+      for (const line of this.#held.splice(0)) outbox.send(line);
+      this.#heldSize = 0;
       this.flush().then(() => again && this.#options.onReconnect?.(), () => {});
     }
     const error = await reading;

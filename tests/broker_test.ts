@@ -350,14 +350,39 @@ Deno.test("connect() with waitForBroker keeps trying until a broker appears", as
     onReconnect: () => reconnected.resolve(),
   });
   assert.equal(client.isConnected, false);
-  assert.equal(client.publish("t", "dropped"), false, "publishing while down drops the message");
+  assert.equal(client.publish("t", "held"), true, "publishing while down holds the message");
   await assert.rejects(client.flush(), { name: "BrokerError" });
   const subscription = await client.subscribe("t");
   assert.equal(errors.length, 1, "the failure is reported once");
   await using _broker = startBroker({ port });
   await reconnected.promise;
   client.publish("t", "hello");
-  assert.deepEqual(await take(subscription, 1), ["hello"]);
+  assert.deepEqual(await take(subscription, 2), ["held", "hello"], "held first, in order");
+});
+
+Deno.test("BrokerClient holds publications while down only up to maxPending", async () => {
+  const placeholder = startBroker({ port: 0 });
+  const { port } = placeholder;
+  await placeholder.close();
+  const reconnected = Promise.withResolvers<void>();
+  await using client = await connect(`localhost:${port}`, {
+    waitForBroker: true,
+    minBackoffMs: 10,
+    maxBackoffMs: 50,
+    // "PUB:t:" + 40 characters + "\n" is 47 bytes: room for two, and for the SUB and PING
+    // sent with them on reconnection.
+    maxPending: 110,
+    onReconnect: () => reconnected.resolve(),
+  });
+  const subscription = await client.subscribe("t");
+  const messages = ["1", "2", "3", "4"].map((n) => n.repeat(40));
+  assert.deepEqual(messages.slice(0, 3).map((m) => client.publish("t", m)), [true, true, false]);
+  await using _broker = startBroker({ port });
+  await reconnected.promise;
+  client.publish("t", messages[3]!);
+  assert.deepEqual(await take(subscription, 3), [messages[0], messages[1], messages[3]]);
+  await client.close();
+  assert.equal(client.publish("t", "late"), false, "a closed client drops what is published");
 });
 
 Deno.test("BrokerClient refuses bad topics and messages before sending them", async () => {
