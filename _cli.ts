@@ -3,6 +3,8 @@
  * stack trace; anything unexpected is rethrown so its stack shows.
  * @module
  */
+import { basename } from "node:path";
+import { fileURLToPath } from "node:url";
 
 /** A mistake in what the user asked for: its message is shown as it is. */
 export class UserError extends Error {
@@ -22,6 +24,14 @@ export async function runMain(main: () => Promise<number | void>): Promise<never
   try {
     code = await main() ?? 0;
   } catch (error) {
+    if (error instanceof Deno.errors.NotCapable) {
+      // Run with too few permissions (a bare `deno run -P x.ts`, say): say which, no stack.
+      const task = basename(fileURLToPath(Deno.mainModule), ".ts");
+      console.error(
+        `error: ${error.message}; \`deno task ${task}\` runs it with the ones it needs`,
+      );
+      Deno.exit(1);
+    }
     if (!isUserError(error)) throw error;
     console.error(`error: ${error.message}`);
     code = 1;

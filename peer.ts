@@ -367,7 +367,10 @@ function drawProgress(state: Progress): void {
 }
 
 async function fetchFromConsole(peer: Peer, name: string, transport: Transport): Promise<void> {
-  if (peer.store.get(name)) {
+  // Opening it, not asking the index: a fragment deleted behind the peer's back is fetched anew.
+  const held = await peer.store.open(name);
+  if (held) {
+    held.file.close();
     console.log(`[=] Fragment '${name}' is already here`);
     return;
   }
@@ -408,6 +411,11 @@ Options:
   -h, --help             show this help
 
 At the prompt, type a fragment name to fetch it, or 'help' for the other commands.`;
+
+/** The directory's rule for a peer's host (see directory.ts). */
+function isValidHost(host: string): boolean {
+  return /^[A-Za-z0-9._:%-]{1,253}$/.test(host);
+}
 
 function parsePort(text: string, what: string): number {
   const port = Number(text);
@@ -458,14 +466,40 @@ async function main(args = Deno.args): Promise<number> {
   } catch (error) {
     throw new UserError((error as Error).message);
   }
+  if (values["exit-when-done"] && !values["fetch-all"]) {
+    throw new UserError("--exit-when-done goes with --fetch-all");
+  }
+  const directory = values.directory ?? Deno.env.get("DIRECTORY_URL") ?? "http://localhost:5000";
+  if (!/^https?:$/.test(URL.parse(directory)?.protocol ?? "")) {
+    throw new UserError(
+      `Invalid directory "${directory}": expected an http:// URL, e.g. http://localhost:5000`,
+    );
+  }
+  const broker = values.broker ?? Deno.env.get("BROKER_ADDR") ?? "localhost:5555";
+  try {
+    parseAddress(broker);
+  } catch {
+    throw new UserError(`Invalid broker "${broker}": expected host:port, e.g. localhost:5555`);
+  }
+  if (values.advertise !== undefined && !isValidHost(values.advertise)) {
+    throw new UserError(
+      `Invalid --advertise "${values.advertise}": expected a hostname or an IP address`,
+    );
+  }
+  const port = parsePort(portText, "port");
+  const dir = values.dir ?? join("fragments", String(port));
+  const dirInfo = await Deno.stat(dir).catch(() => undefined);
+  if (dirInfo && !dirInfo.isDirectory) {
+    throw new UserError(`The store "${dir}" is a file, not a folder: give --dir a folder`);
+  }
   let peer: Peer;
   try {
     peer = await startPeer({
-      port: parsePort(portText, "port"),
+      port,
       neighbours,
-      dir: values.dir,
-      directory: values.directory ?? Deno.env.get("DIRECTORY_URL") ?? "http://localhost:5000",
-      broker: values.broker ?? Deno.env.get("BROKER_ADDR") ?? "localhost:5555",
+      dir,
+      directory,
+      broker,
       advertise: values.advertise,
       hostname: values.hostname,
       grpcPort: values["grpc-port"] === undefined

@@ -162,6 +162,12 @@ Deno.test("peer CLI refuses bad command lines with one line and exit 1", async (
     [["0", "nohost"], /^error: Invalid neighbour "nohost": expected host:port/],
     [["0", "--max-upload", "fast"], /^error: Invalid rate "fast"/],
     [["0", "--bogus"], /^error: Unknown option '--bogus'/],
+    [["0", "--exit-when-done"], /^error: --exit-when-done goes with --fetch-all/],
+    [["0", "--directory", "notaurl"], /^error: Invalid directory "notaurl": expected an http/],
+    [["0", "--directory", "ftp://x"], /^error: Invalid directory "ftp:\/\/x"/],
+    [["0", "--broker", "nope"], /^error: Invalid broker "nope": expected host:port/],
+    [["0", "--advertise", "bad host!"], /^error: Invalid --advertise "bad host!"/],
+    [["0", "--dir", "README.md"], /^error: The store "README.md" is a file, not a folder/],
   ];
   for (const [args, pattern] of cases) {
     const { code, stderr } = await runTask("peer", args);
@@ -181,4 +187,57 @@ Deno.test("peer CLI says which port is taken", async () => {
   const { code, stderr } = await runTask("peer", [port, "--dir", dir.path, "--no-console"]);
   assertEquals(code, 1);
   assertMatch(stderr, new RegExp(`^error: Port ${port} is already in use`));
+});
+
+Deno.test("a peer announces what it fetched while the broker was down once the broker is back", async () => {
+  await using dir = await tempDir();
+  await splitFile(SAMPLE_VIDEO, { out: join(dir.path, "fragments"), peers: ["seed"] });
+  // The broker's port, free for now: the viewer starts while nothing listens there.
+  const placeholder = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const brokerPort = (placeholder.addr as Deno.NetAddr).port;
+  placeholder.close();
+  const seed = await startPeerTask([
+    "--directory",
+    "http://127.0.0.1:1",
+    "--broker",
+    "127.0.0.1:1",
+    "--dir",
+    join(dir.path, "fragments", "seed"),
+    "--no-console",
+  ]);
+  await using _seed = seed.child;
+  const viewer = await startPeerTask([
+    `127.0.0.1:${seed.port}`,
+    "--directory",
+    "http://127.0.0.1:1",
+    "--broker",
+    `127.0.0.1:${brokerPort}`,
+    "--dir",
+    join(dir.path, "viewer"),
+  ], { stdin: true });
+  await using _viewer = viewer.child;
+  await viewer.child.waitFor(/\[BROKER\] Cannot connect to broker/);
+  await viewer.child.write("fragment_3.bin\n");
+  await viewer.child.waitFor(/Fragment 'fragment_3\.bin' received from/);
+
+  // What the viewer sends once a broker listens again, read off the wire: the announcement it
+  // held comes first, before anything else it publishes.
+  using broker = Deno.listen({ hostname: "127.0.0.1", port: brokerPort });
+  using conn = await broker.accept();
+  let received = "";
+  const buffer = new Uint8Array(4096);
+  const deadline = Date.now() + 10_000;
+  while (!received.includes("PING\n")) {
+    assert(Date.now() < deadline, `No PING after the held lines: ${JSON.stringify(received)}`);
+    const n = await conn.read(buffer);
+    if (n === null) break;
+    received += new TextDecoder().decode(buffer.subarray(0, n));
+  }
+  assertEquals(received, `PUB:fragmentos:fragment_3.bin localhost:${viewer.port}\nPING\n`);
+
+  // A fragment deleted behind the peer's back is fetched again, not "already here".
+  await Deno.remove(join(dir.path, "viewer", "fragment_3.bin"));
+  await viewer.child.write("fragment_3.bin\nexit\n");
+  assertEquals(await stopped(viewer.child), 0);
+  assertEquals(viewer.child.stdout.match(/Fragment 'fragment_3\.bin' received from/g)?.length, 2);
 });
