@@ -2,9 +2,10 @@
  * The swarm download: every missing fragment of a file, from many holders at once. Fragments the
  * player needs next go first, in playback order; the rest go rarest first, from the directory's
  * holder counts. In flight at once: at most `perHolder` per holder and `total` overall. A failed
- * fragment is retried elsewhere; a holder that sent bad bytes is not asked again (the fetcher
- * avoids it); one that is down is left alone for a moment; and a fragment that is clearly late is
- * asked of a second holder too, so a download never sits at 99% behind one slow peer.
+ * fragment is retried elsewhere; a holder that sent bad bytes of a fragment is never asked for it
+ * again, and for other fragments only when no one else has them; one that is down is left alone
+ * for a moment; and a fragment that is clearly late is asked of a second holder too, so a
+ * download never sits at 99% behind one slow peer.
  * @module
  */
 import { join } from "node:path";
@@ -67,7 +68,9 @@ export class Swarm implements Disposable {
   #inflight = new Map<string, Attempt[]>();
   #load = new Map<string, number>(); // holder -> fragments in flight from it
   #downUntil = new Map<string, number>();
-  #tried = new Map<string, Set<string>>(); // fragment -> holders that failed it
+  #tried = new Map<string, Set<string>>(); // fragment -> holders that failed it, until a refresh
+  #lied = new Map<string, Set<string>>(); // fragment -> holders that sent bad bytes of it, for good
+  #liars = new Set<string>(); // holders that ever sent bad bytes
   #listeners = new Set<(event: FragmentEvent) => void>();
   #wake: (() => void) | undefined;
   #running: Promise<Error | undefined> | undefined;
@@ -196,8 +199,9 @@ export class Swarm implements Disposable {
       }
       return undefined;
     } finally {
+      // No #notify() here: the waiters in #settle race this run itself, and a wake-up before
+      // its result would restart the run, resetting the stall clock and losing the error.
       this.#fatal = undefined;
-      this.#notify();
     }
   }
 
@@ -215,19 +219,21 @@ export class Swarm implements Disposable {
     return [...this.#urgent, ...rest];
   }
 
-  /** Holders worth asking for `name` now, least loaded first. */
+  /** Holders worth asking for `name` now, least loaded first; holders that lied, last resort. */
   #candidates(name: string): Holder[] {
     const tried = this.#tried.get(name);
+    const lied = this.#lied.get(name);
     const now = Date.now();
     const seen = new Set<string>();
-    return [...(this.#holders.get(name) ?? []), ...this.#neighbours()].filter((holder) => {
+    const holders = [...(this.#holders.get(name) ?? []), ...this.#neighbours()].filter((holder) => {
       const address = holderAddress(holder.host, holder.port);
-      if (seen.has(address) || this.#isSelf(holder) || this.#fetcher.isAvoided(holder)) {
-        return false;
-      }
+      if (seen.has(address) || this.#isSelf(holder) || lied?.has(address)) return false;
       seen.add(address);
-      return !tried?.has(address) && (this.#downUntil.get(address) ?? 0) <= now;
+      return !this.#fetcher.isAvoided(holder) && !tried?.has(address) &&
+        (this.#downUntil.get(address) ?? 0) <= now;
     }).sort((a, b) => this.#loadOf(a) - this.#loadOf(b));
+    const honest = holders.filter((h) => !this.#liars.has(holderAddress(h.host, h.port)));
+    return honest.length > 0 ? honest : holders;
   }
 
   #loadOf(holder: Holder): number {
@@ -282,6 +288,10 @@ export class Swarm implements Disposable {
     if (error.failures.some((f) => f.kind === "down")) {
       this.#downUntil.set(address, Date.now() + this.#options.downMs);
     }
+    if (error.failures.some((f) => f.kind === "bad")) {
+      this.#lied.set(name, (this.#lied.get(name) ?? new Set()).add(address));
+      this.#liars.add(address);
+    }
     this.#options.log?.(`[!] ${error.message}`);
   }
 
@@ -332,7 +342,11 @@ export class Swarm implements Disposable {
     if (!this.#directory) throw new FetchError("No manifest here and no directory to ask for one");
     const deadline = Date.now() + this.#options.stallMs;
     while (true) {
-      const files = await this.#directory.listFiles().catch(() => []);
+      let reached = true;
+      const files = await this.#directory.listFiles().catch(() => {
+        reached = false;
+        return [];
+      });
       if (files.length > 0) {
         const detail = await this.#directory.getFile(files[0]!.file);
         const { version, file, mime, size, sha256 } = detail;
@@ -349,7 +363,13 @@ export class Swarm implements Disposable {
         for (const f of fragments) this.#emit(f.name, "missing");
         return this.#store.manifest!;
       }
-      if (Date.now() > deadline) throw new FetchError("The directory knows no file to fetch");
+      if (Date.now() > deadline) {
+        throw new FetchError(
+          reached
+            ? `The directory at "${this.#directory.url}" knows no file to fetch`
+            : `Cannot reach the directory at "${this.#directory.url}" to find a file to fetch`,
+        );
+      }
       await new Promise((resolve) => setTimeout(resolve, 500));
     }
   }

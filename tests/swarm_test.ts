@@ -5,7 +5,10 @@
  */
 import { assert, assertEquals, assertMatch } from "./_assert.ts";
 import { join } from "node:path";
-import { startDirectory } from "../directory.ts";
+import { DirectoryClient, startDirectory } from "../directory.ts";
+import { Fetcher, FetchError } from "../_fetch.ts";
+import { Store } from "../_store.ts";
+import { Swarm } from "../_swarm.ts";
 import { type Peer, startPeer } from "../peer.ts";
 import { SAMPLE_VIDEO, splitFile } from "../split.ts";
 import { startTask, tempDir } from "./_util.ts";
@@ -174,6 +177,88 @@ Deno.test("the swarm asks a second holder when the first is clearly late", async
     assertEquals(arrivals.filter((a) => !a.endsWith(`:${fast!.port}`)), []);
   } finally {
     await closeAll([slow!, fast!]);
+  }
+});
+
+/** A viewer's store, fetcher and swarm in this process, with the swarm's timings shortened. */
+async function startSwarm(
+  dir: string,
+  directory: string,
+  options: { stallMs?: number; avoidMs?: number; log?: (line: string) => void } = {},
+) {
+  const store = await Store.open(dir);
+  const fetcher = new Fetcher(store, { avoidMs: options.avoidMs, log: options.log });
+  const swarm = new Swarm(store, fetcher, { directory: new DirectoryClient(directory) }, {
+    stallMs: options.stallMs,
+    log: options.log,
+  });
+  return {
+    store,
+    swarm,
+    [Symbol.dispose]() {
+      swarm[Symbol.dispose]();
+      fetcher[Symbol.dispose]();
+    },
+  };
+}
+
+Deno.test("the swarm gives up, naming the fragments, when no holder has them", async () => {
+  await using dir = await tempDir();
+  const root = join(dir.path, "f");
+  await splitFile(SAMPLE_VIDEO, { out: root, peers: ["a", "b", "c"] });
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
+  const seeders = await startSeeders(root, directory.url, ["a", "b"]); // no one holds c's share
+  try {
+    await registered(directory.url, 2);
+    using viewer = await startSwarm(join(dir.path, "viewer"), directory.url, { stallMs: 1000 });
+    let timer;
+    const error = await Promise.race([
+      viewer.swarm.fetchAll().then(() => undefined, (error) => error),
+      new Promise((resolve) => timer = setTimeout(resolve, 15_000, "still waiting after 15 s")),
+    ]);
+    clearTimeout(timer);
+    assert(error instanceof FetchError, `fetchAll() should reject, not ${error}`);
+    assertMatch(error.message, /^No holder could provide fragment_2\.bin, fragment_5\.bin/);
+    assertEquals(viewer.store.list().length, 7, "what could be had was fetched");
+  } finally {
+    await closeAll(seeders);
+  }
+});
+
+Deno.test("the swarm never asks a holder again for a fragment it sent bad bytes of", async () => {
+  await using dir = await tempDir();
+  const root = join(dir.path, "f");
+  await splitFile(SAMPLE_VIDEO, { out: join(root, "liar") });
+  await splitFile(SAMPLE_VIDEO, { out: join(root, "honest") });
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
+  const [liar] = await startSeeders(root, directory.url, ["liar"]);
+  const seeders = [liar!];
+  try {
+    // Corrupted after the liar hashed its store: it serves the bad bytes as good.
+    const path = join(root, "liar", "fragment_3.bin");
+    await Deno.writeFile(path, new Uint8Array((await Deno.stat(path)).size).fill(0x55));
+    await registered(directory.url, 1);
+    const lines: string[] = [];
+    // The fetcher's own avoidance is short, so only the swarm's memory keeps the liar away.
+    using viewer = await startSwarm(join(dir.path, "viewer"), directory.url, {
+      avoidMs: 100,
+      log: (line) => lines.push(line),
+    });
+    const done = viewer.swarm.fetchAll();
+    const deadline = Date.now() + 10_000;
+    while (viewer.store.list().length < 9) {
+      assert(Date.now() < deadline, "the liar's good fragments never arrived");
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    await new Promise((resolve) => setTimeout(resolve, 1500)); // refreshes, and avoidance ends
+    seeders.push(...await startSeeders(root, directory.url, ["honest"]));
+    await done;
+    // The fetcher's line for each attempt that got bad bytes (the swarm says it again).
+    const bad = lines.filter((line) => /^\[!\] 'fragment_3\.bin' from \S+ failed verif/.test(line));
+    assertEquals(bad.length, 1, lines.join("\n"));
+    assertEquals(viewer.store.list().length, 10);
+  } finally {
+    await closeAll(seeders);
   }
 });
 
