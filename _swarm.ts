@@ -156,7 +156,7 @@ export class Swarm implements Disposable {
   // Runs the scheduler until `done()` holds; rejects if the swarm stalls or the disk fails.
   async #settle(done: () => boolean, signal?: AbortSignal): Promise<void> {
     while (!done()) {
-      if (signal?.aborted) throw new FetchError("Cancelled");
+      if (signal?.aborted || this.#closed.signal.aborted) throw new FetchError("Cancelled");
       this.#running ??= this.#run().finally(() => this.#running = undefined);
       this.#wake?.();
       const changed = this.#changed.promise;

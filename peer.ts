@@ -106,13 +106,15 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
     (name) => log(`[!] '${name}' in ${dir} is corrupt; not serving it`),
   );
   const throttle = options.maxUpload ? createThrottle(options.maxUpload) : undefined;
-  const tcp: TcpServer = startTcpServer(store, {
-    port: requestedPort,
-    hostname: options.hostname ?? "0.0.0.0",
-    throttle,
-    onConnect: (remote) => log(`[+] Connected from ${remote}`),
-    onSent: (name, remote) => log(`[✓] Fragment '${name}' sent to ${remote}`),
-  });
+  const hostname = options.hostname ?? "0.0.0.0";
+  const tcp: TcpServer = listening("TCP", requestedPort, hostname, () =>
+    startTcpServer(store, {
+      port: requestedPort,
+      hostname,
+      throttle,
+      onConnect: (remote) => log(`[+] Connected from ${remote}`),
+      onSent: (name, remote) => log(`[✓] Fragment '${name}' sent to ${remote}`),
+    }));
   const port = tcp.port;
   log(`[SERVER] Node listening on port ${port}`);
   // gRPC runs in a supervised child process: a remote client can crash Deno's http2 server
@@ -123,7 +125,7 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
       grpc = await superviseGrpcServer({
         dir,
         port: options.grpcPort ?? (requestedPort === 0 ? 0 : port + GRPC_PORT_OFFSET),
-        hostname: options.hostname ?? "0.0.0.0",
+        hostname,
         directory: options.directory ?? undefined,
         onStored: (name) => void store.adopt(name),
         onLog: (line) => log(line),
@@ -174,17 +176,16 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
   }, { log, progress: options.progress });
   let player: PlayerServer | undefined;
   if (options.httpPort !== null) {
+    const httpPort = options.httpPort ?? (requestedPort === 0 ? 0 : port + HTTP_PORT_OFFSET);
     try {
-      player = startPlayer({
-        store,
-        need: (name, signal) => swarm.need(name, signal),
-        onEvent: (listener) => swarm.onEvent(listener),
-        snapshot: () => swarm.snapshot(),
-        findManifest: () => swarm.manifest(),
-      }, {
-        port: options.httpPort ?? (requestedPort === 0 ? 0 : port + HTTP_PORT_OFFSET),
-        hostname: options.hostname ?? "0.0.0.0",
-      });
+      player = listening("HTTP player", httpPort, hostname, () =>
+        startPlayer({
+          store,
+          need: (name, signal) => swarm.need(name, signal),
+          onEvent: (listener) => swarm.onEvent(listener),
+          snapshot: () => swarm.snapshot(),
+          findManifest: () => swarm.manifest(),
+        }, { port: httpPort, hostname }));
     } catch (error) {
       swarm[Symbol.dispose]();
       await Promise.all([broker?.close(), tcp.close(), grpc?.close()]);
@@ -292,6 +293,34 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
     close,
     [Symbol.asyncDispose]: close,
   };
+}
+
+/** One of the peer's servers could not listen; the message says which, and why. */
+export class ListenError extends Error {
+  override name = "ListenError";
+}
+
+/** Runs `start`, turning "address in use" and "not an address here" into a {@link ListenError}. */
+function listening<T>(server: string, port: number, hostname: string, start: () => T): T {
+  try {
+    return start();
+  } catch (error) {
+    if (error instanceof Deno.errors.AddrInUse) {
+      throw new ListenError(
+        `Port ${port} is already in use (the peer's ${server} port): choose another or stop what holds it`,
+        { cause: error },
+      );
+    }
+    if (error instanceof Deno.errors.AddrNotAvailable) {
+      throw new ListenError(
+        `Cannot listen on "${hostname}": it is not an address of this machine`,
+        {
+          cause: error,
+        },
+      );
+    }
+    throw error;
+  }
 }
 
 const PROMPT = "Fragment to request (or 'exit'): ";
@@ -492,6 +521,8 @@ async function main(args = Deno.args): Promise<number> {
   if (dirInfo && !dirInfo.isDirectory) {
     throw new UserError(`The store "${dir}" is a file, not a folder: give --dir a folder`);
   }
+  const showProgress = values["fetch-all"] && Deno.stdout.isTerminal();
+  let barShown = false;
   let peer: Peer;
   try {
     peer = await startPeer({
@@ -509,34 +540,39 @@ async function main(args = Deno.args): Promise<number> {
         ? undefined
         : parsePort(values["http-port"], "HTTP port"),
       maxUpload,
-      progress: values["fetch-all"] && Deno.stdout.isTerminal() ? drawProgress : undefined,
+      progress: showProgress ? (state) => (drawProgress(state), barShown = true) : undefined,
+      // A line logged while the bar is drawn goes below it, not glued to it.
+      log: (line) => {
+        if (barShown) console.log();
+        barShown = false;
+        console.log(line);
+      },
     });
   } catch (error) {
-    if (error instanceof Deno.errors.AddrInUse) {
-      throw new UserError(
-        `Port ${portText} is already in use: choose another or stop what holds it`,
-      );
-    }
+    if (error instanceof ListenError) throw new UserError(error.message);
     throw error;
+  }
+  // Before the fetch-all, so that Ctrl-C during it still leaves the directory.
+  const stop = Promise.withResolvers<void>();
+  for (const signal of ["SIGINT", "SIGTERM"] as const) {
+    Deno.addSignalListener(signal, () => stop.resolve());
   }
   if (values["fetch-all"]) {
     try {
-      await peer.fetchAll();
+      const interrupted = await Promise.race([peer.fetchAll(), stop.promise.then(() => true)]);
+      if (interrupted === true) {
+        await peer.close();
+        return 130;
+      }
     } catch (error) {
       if (!isFetchFailure(error)) throw error;
       await peer.close();
       throw new UserError(error.message);
-    } finally {
-      if (Deno.stdout.isTerminal()) console.log();
     }
     if (values["exit-when-done"]) {
       await peer.close();
       return 0;
     }
-  }
-  const stop = Promise.withResolvers<void>();
-  for (const signal of ["SIGINT", "SIGTERM"] as const) {
-    Deno.addSignalListener(signal, () => stop.resolve());
   }
   if (!values["no-console"]) {
     const write = (text: string) => Deno.stdout.writeSync(new TextEncoder().encode(text));

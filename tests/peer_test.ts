@@ -186,7 +186,52 @@ Deno.test("peer CLI says which port is taken", async () => {
   const port = String((taken.addr as Deno.NetAddr).port);
   const { code, stderr } = await runTask("peer", [port, "--dir", dir.path, "--no-console"]);
   assertEquals(code, 1);
-  assertMatch(stderr, new RegExp(`^error: Port ${port} is already in use`));
+  assertMatch(
+    stderr,
+    new RegExp(`^error: Port ${port} is already in use \\(the peer's TCP port\\)`),
+  );
+  // The player's port, not the TCP one, when that is the one taken.
+  const http = await runTask("peer", [
+    "0",
+    "--grpc-port",
+    "0",
+    "--http-port",
+    port,
+    "--dir",
+    dir.path,
+    "--no-console",
+  ]);
+  assertEquals(http.code, 1);
+  assertMatch(http.stderr, new RegExp(`error: Port ${port} is already in use \\(the peer's HTTP`));
+  assertEquals(http.stderr.match(/error:/g)?.length, 1, http.stderr);
+  const nowhere = await runTask("peer", ["0", "--hostname", "192.0.2.1", "--dir", dir.path]);
+  assertEquals(nowhere.code, 1);
+  assertMatch(nowhere.stderr, /^error: Cannot listen on "192\.0\.2\.1": it is not an address of/);
+});
+
+Deno.test("Ctrl-C during --fetch-all leaves the directory", async () => {
+  await using dir = await tempDir();
+  await splitFile(SAMPLE_VIDEO, { out: join(dir.path, "fragments"), peers: ["seed"] });
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
+  const common = ["--directory", directory.url, "--broker", "127.0.0.1:1"];
+  // 20 KB/s: the fetch-all takes minutes, so it is surely still going when interrupted.
+  const seed = await startPeerTask([
+    ...common,
+    "--dir",
+    join(dir.path, "fragments", "seed"),
+    "--max-upload",
+    "20KB/s",
+    "--no-console",
+  ]);
+  await using _seed = seed.child;
+  const client = new DirectoryClient(directory.url);
+  await eventually("the seeder registered", async () => (await client.listPeers()).length === 1);
+  const viewer = await startPeerTask([...common, "--dir", join(dir.path, "v"), "--fetch-all"]);
+  await using _viewer = viewer.child;
+  await eventually("the viewer registered", async () => (await client.listPeers()).length === 2);
+  viewer.child.kill("SIGINT");
+  assertEquals(await stopped(viewer.child), 130);
+  assertEquals((await client.listPeers()).map((p) => p.port), [seed.port]);
 });
 
 Deno.test("a peer announces what it fetched while the broker was down once the broker is back", async () => {
