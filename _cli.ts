@@ -18,6 +18,16 @@ export function isUserError(error: unknown): error is Error {
   return typeof code === "string" && code.startsWith("ERR_PARSE_ARGS");
 }
 
+/**
+ * A user mistake's message on one line. parseArgs explains its errors at length, over several
+ * lines and with quotes it leaves open; its first sentence says what is wrong.
+ */
+export function userMessage(error: Error): string {
+  const code = (error as { code?: unknown }).code;
+  if (typeof code !== "string" || !code.startsWith("ERR_PARSE_ARGS")) return error.message;
+  return `${error.message.split(/(?<=\.)\s/)[0]!.replace(/\.$/, "")} (see --help)`;
+}
+
 /** Runs `main` and exits with its code; a user mistake prints `error: <message>` and exits 1. */
 export async function runMain(main: () => Promise<number | void>): Promise<never> {
   let code;
@@ -33,7 +43,7 @@ export async function runMain(main: () => Promise<number | void>): Promise<never
       Deno.exit(1);
     }
     if (!isUserError(error)) throw error;
-    console.error(`error: ${error.message}`);
+    console.error(`error: ${userMessage(error)}`);
     code = 1;
   }
   Deno.exit(code);

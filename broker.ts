@@ -10,6 +10,7 @@
  * @module
  */
 import { parseArgs } from "node:util";
+import { userMessage } from "./_cli.ts";
 import { LineBuffer } from "./_lines.ts";
 import { isValidName } from "./split.ts";
 
@@ -892,7 +893,7 @@ function main(args = Deno.args) {
     };
   } catch (error) {
     if (!(error instanceof TypeError)) throw error;
-    console.error(`error: ${error.message}`);
+    console.error(`error: ${userMessage(error)}`);
     Deno.exit(1);
   }
 
@@ -900,8 +901,13 @@ function main(args = Deno.args) {
   try {
     broker = startBroker(options);
   } catch (error) {
-    if (!(error instanceof Deno.errors.AddrInUse)) throw error;
-    console.error(`error: Port ${options.port} is already in use`);
+    if (error instanceof Deno.errors.AddrInUse) {
+      console.error(`error: Port ${options.port} is already in use`);
+    } else if (error instanceof Deno.errors.AddrNotAvailable) {
+      console.error(
+        `error: Cannot listen on "${options.hostname}": it is not an address of this machine`,
+      );
+    } else throw error;
     Deno.exit(1);
   }
   console.log(`[BROKER] Listening on port ${broker.port}`);

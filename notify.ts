@@ -7,6 +7,7 @@
  * @module
  */
 import { parseArgs } from "node:util";
+import { userMessage } from "./_cli.ts";
 import {
   ANNOUNCE_TOPIC,
   BrokerError,
@@ -16,6 +17,9 @@ import {
   isValidTopic,
 } from "./broker.ts";
 import { isValidName } from "./split.ts";
+
+/** How long the broker may take to confirm it has the message. */
+const FLUSH_TIMEOUT_MS = 5_000;
 
 const USAGE = `Usage: deno run notify.ts FRAGMENT [--topic ${ANNOUNCE_TOPIC}] [--broker HOST:PORT]
 
@@ -55,7 +59,18 @@ async function main(args = Deno.args) {
 
   await using client = await connect(values.broker);
   client.publish(values.topic, formatAnnouncement(name));
-  await client.flush();
+  // Bounded: something that accepts connections but is not a broker never answers PING.
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const silent = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => {
+      reject(new BrokerError(`The broker at "${values.broker}" did not answer within 5 s`));
+    }, FLUSH_TIMEOUT_MS);
+  });
+  try {
+    await Promise.race([client.flush(), silent]);
+  } finally {
+    clearTimeout(timer);
+  }
   console.error(`[NOTIFY] Published '${name}' on '${values.topic}'`);
 }
 
@@ -65,7 +80,7 @@ if (import.meta.main) {
   } catch (error) {
     // Mistakes a user can fix get one line; anything else keeps its stack.
     if (!(error instanceof TypeError || error instanceof BrokerError)) throw error;
-    console.error(`error: ${error.message}`);
+    console.error(`error: ${userMessage(error)}`);
     Deno.exit(1);
   }
 }

@@ -7,6 +7,7 @@
  * @module
  */
 import { parseArgs } from "node:util";
+import { userMessage } from "./_cli.ts";
 import { LineBuffer } from "./_lines.ts";
 import { BrokerError, connect, DEFAULT_ADDRESS, isValidTopic } from "./broker.ts";
 
@@ -77,7 +78,7 @@ if (import.meta.main) {
   } catch (error) {
     // Mistakes a user can fix get one line; anything else keeps its stack.
     if (!(error instanceof TypeError || error instanceof BrokerError)) throw error;
-    console.error(`error: ${error.message}`);
+    console.error(`error: ${userMessage(error)}`);
     Deno.exit(1);
   }
 }

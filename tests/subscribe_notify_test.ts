@@ -103,7 +103,10 @@ Deno.test("the CLIs refuse user mistakes with one line on stderr and exit 1", as
     ["subscribe", ["t", "--broker", `localhost:${port}`], /^error: Cannot connect to broker/],
     ["broker", ["--port", "x"], /^error: --port must be a whole number, got "x"/],
     ["broker", ["--max-line", "0"], /^error: --max-line must be a positive whole number/],
-    ["broker", ["--bogus"], /^error: Unknown option '--bogus'/],
+    ["broker", ["--bogus"], /^error: Unknown option '--bogus' \(see --help\)$/m],
+    ["broker", ["--max-pending", "-5"], /^error: Option '--max-pending' argument is ambiguous/],
+    ["broker", ["--hostname", "192.0.2.1"], /^error: Cannot listen on "192\.0\.2\.1": it is not/],
+    ["notify", ["f.bin", "--bogus"], /^error: Unknown option '--bogus' \(see --help\)$/m],
   ];
   await Promise.all(mistakes.map(async ([task, args, error]) => {
     const { code, stderr } = await runTask(task, args);
@@ -119,4 +122,13 @@ Deno.test("the CLIs print their usage with --help", async () => {
     assert.equal(code, 0);
     assert.match(stdout, /^Usage: /);
   }));
+});
+
+Deno.test("notify.ts gives up on a listener that never answers, saying so", async () => {
+  // Accepts connections (the kernel does, for a listener) but never reads or answers.
+  using silent = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (silent.addr as Deno.NetAddr).port;
+  const { code, stderr } = await runTask("notify", ["f.bin", "--broker", `127.0.0.1:${port}`]);
+  assert.equal(code, 1);
+  assert.equal(stderr.trim(), `error: The broker at "127.0.0.1:${port}" did not answer within 5 s`);
 });
