@@ -1,7 +1,7 @@
 /**
  * A SHA-256 that runs on a worker thread, fed views of SharedArrayBuffers so no byte is copied.
- * The splitter hashes each fragment on the main thread and the whole file here, at once, which
- * is what lets two hashes per byte keep up with the disk on two cores.
+ * The splitter runs two at once, one for each fragment and one for the whole file, so that two
+ * hashes per byte keep up with the disk on two cores while its main thread only moves buffers.
  * @module
  */
 /// <reference lib="deno.worker" />
@@ -9,31 +9,49 @@ import { createHash } from "node:crypto";
 
 type Request =
   | { view: Uint8Array<SharedArrayBuffer> }
-  | { digest: true };
+  | { digest: "restart" | "peek" };
+
+interface Pending {
+  resolve: (value: string | null) => void;
+  reject: (error: unknown) => void;
+}
 
 /** A running SHA-256 on a worker thread; dispose it to stop the thread. */
 export class WorkerHash implements Disposable {
   #worker = new Worker(import.meta.url, { type: "module" });
-  #pending: ((value: string | null) => void)[] = [];
+  #pending: Pending[] = [];
 
   constructor() {
     this.#worker.onmessage = (event: MessageEvent<string | null>) => {
-      this.#pending.shift()?.(event.data);
+      this.#pending.shift()?.resolve(event.data);
+    };
+    // A crashed worker would never answer: fail every call instead of hanging.
+    this.#worker.onerror = (event: ErrorEvent) => {
+      event.preventDefault();
+      const error = new Error(`Hash worker failed: ${event.message}`);
+      for (const call of this.#pending.splice(0)) call.reject(error);
     };
   }
 
   /** Hashes `view` next; resolves once the worker is done with it (so it may be reused). */
-  update(view: Uint8Array<SharedArrayBuffer>): Promise<void> {
-    return this.#call({ view }).then(() => {});
+  update(view: Uint8Array<SharedArrayBuffer>): Promise<unknown> {
+    return this.#call({ view });
   }
 
-  /** The hex digest of everything given to {@link update}. */
+  /** The hex digest of everything given since the last digest; the hash then starts again. */
   async digest(): Promise<string> {
-    return (await this.#call({ digest: true }))!;
+    return (await this.#call({ digest: "restart" }))!;
+  }
+
+  /** The hex digest of everything given since the last digest, and the hash goes on. */
+  async peek(): Promise<string> {
+    return (await this.#call({ digest: "peek" }))!;
   }
 
   #call(request: Request): Promise<string | null> {
-    const reply = new Promise<string | null>((resolve) => this.#pending.push(resolve));
+    const reply = new Promise<string | null>((resolve, reject) => {
+      this.#pending.push({ resolve, reject });
+    });
     this.#worker.postMessage(request);
     return reply;
   }
@@ -45,13 +63,16 @@ export class WorkerHash implements Disposable {
 
 // Inside the worker: answer each request in order.
 if (typeof WorkerGlobalScope !== "undefined" && self instanceof WorkerGlobalScope) {
-  const hash = createHash("sha256");
+  let hash = createHash("sha256");
   self.onmessage = ({ data }: MessageEvent<Request>) => {
     if ("view" in data) {
       hash.update(data.view);
       self.postMessage(null);
+    } else if (data.digest === "peek") {
+      self.postMessage(hash.copy().digest("hex"));
     } else {
       self.postMessage(hash.digest("hex"));
+      hash = createHash("sha256");
     }
   };
 }

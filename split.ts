@@ -9,9 +9,10 @@
  * deno run split.ts verify fragments/6001
  * ```
  *
- * Memory stays bounded whatever the file's size: bytes stream through a few 4 MiB buffers and
- * are hashed as they pass. Every store is replaced atomically enough that an interrupted run
- * never leaves a store that looks complete: the manifest goes last.
+ * Memory stays bounded whatever the file's size: bytes stream through a few 2 MiB buffers, each
+ * read once, written once and hashed on two worker threads as it passes. Every store is replaced
+ * atomically enough that an interrupted run never leaves a store that looks complete: the
+ * manifest goes last.
  * @module
  */
 import { createHash } from "node:crypto";
@@ -30,8 +31,11 @@ export const SAMPLE_VIDEO = fileURLToPath(new URL("./samples/sample.webm", impor
 /** More fragments than this is a typo, not a plan: each one is a file and a manifest line. */
 export const MAX_FRAGMENTS = 10_000;
 
-const CHUNK = 4 * 1024 * 1024;
-const BUFFERS = 4; // being read, being hashed, being written, spare for a lagging worker
+const CHUNK = 2 * 1024 * 1024;
+const BUFFERS = 4; // being read, being written, and two the hash workers may still be on
+// Bigger writes make the kernel allocate large page-cache folios, which cost several times more
+// here (1 GiB to ext4 in 4 MiB writes: 1.9 s of system time; in 256 KiB writes: 0.33 s).
+const WRITE_SLICE = 256 * 1024;
 const HEX64 = /^[0-9a-f]{64}$/;
 const MIME_TYPES: Record<string, string> = {
   ".webm": "video/webm",
@@ -147,29 +151,33 @@ export async function joinFragments(dir: string, output?: string): Promise<Manif
     throw new SplitError(`Cannot write "${target}": it is a folder`);
   }
   const missing = [];
+  const sizes: number[] = [];
   for (const fragment of manifest.fragments) {
     const info = await statOrNull(join(dir, fragment.name));
     if (!info?.isFile) missing.push(fragment.name);
+    sizes.push(info?.size ?? 0);
   }
   if (missing.length > 0) {
     throw new SplitError(`Cannot join "${dir}": missing ${missing.join(", ")}`);
   }
   await ensureFolder(dirname(target));
+  // One pass: the bytes are hashed on their way into a temporary file, which is renamed once
+  // every hash matched and removed otherwise.
   const temp = await Deno.makeTempFile({ dir: dirname(target), prefix: `.${basename(target)}.` });
   try {
     using copier = new HashedCopy();
-    const corrupt = [];
-    using sink = await Deno.open(temp, { write: true, truncate: true });
-    for (const fragment of manifest.fragments) {
-      using source = await Deno.open(join(dir, fragment.name));
-      const { size } = await source.stat();
-      const sha256 = await copier.copy(source, sink, Math.min(size, fragment.size));
-      if (size !== fragment.size || sha256 !== fragment.sha256) corrupt.push(fragment.name);
-    }
+    const { legs, whole } = await copier.copy(manifest.fragments.map((fragment, i) => ({
+      from: join(dir, fragment.name),
+      to: temp,
+      length: Math.min(sizes[i]!, fragment.size),
+    })));
+    const corrupt = manifest.fragments
+      .filter((fragment, i) => sizes[i] !== fragment.size || legs[i] !== fragment.sha256)
+      .map((fragment) => fragment.name);
     if (corrupt.length > 0) {
       throw new SplitError(`Cannot join "${dir}": corrupt ${corrupt.join(", ")}`);
     }
-    if (await copier.digest() !== manifest.sha256) {
+    if (whole !== manifest.sha256) {
       throw new SplitError(`Cannot join "${dir}": the joined file does not match the manifest`);
     }
     await Deno.rename(temp, target);
@@ -273,15 +281,18 @@ async function writeFragments(
   count: number,
   folder: string,
 ): Promise<Manifest> {
-  using source = await Deno.open(input);
+  const sizes = fragmentSizes(size, count);
   using copier = new HashedCopy();
+  const { legs, whole } = await copier.copy(sizes.map((length, index) => ({
+    from: input,
+    to: join(folder, fragmentName(index)),
+    length,
+  })));
   const fragments: FragmentEntry[] = [];
   let offset = 0;
-  for (const [index, fragmentSize] of fragmentSizes(size, count).entries()) {
+  for (const [index, fragmentSize] of sizes.entries()) {
     const name = fragmentName(index);
-    using sink = await Deno.open(join(folder, name), { write: true, createNew: true });
-    const sha256 = await copier.copy(source, sink, fragmentSize);
-    fragments.push({ index, name, offset, size: fragmentSize, sha256 });
+    fragments.push({ index, name, offset, size: fragmentSize, sha256: legs[index]! });
     offset += fragmentSize;
   }
   const file = basename(input);
@@ -291,7 +302,7 @@ async function writeFragments(
     file,
     mime,
     size,
-    sha256: await copier.digest(),
+    sha256: whole,
     fragments,
   };
   await Deno.writeTextFile(join(folder, MANIFEST_NAME), JSON.stringify(manifest, null, 2) + "\n");
@@ -299,55 +310,82 @@ async function writeFragments(
 }
 
 /**
- * Copies byte ranges from file to file, hashing each range on this thread and everything it
- * copies (the whole file) on a worker thread. The next read and the last write run while the
- * hashes do, so disk and both hashes overlap; a buffer is reused only once its write and the
- * worker are done with it.
+ * `length` bytes to copy from the file at `from` to the file at `to`. A leg naming the same file
+ * as the leg before it goes on where that one stopped: split reads one file into many, join
+ * writes many into one.
+ */
+interface Leg {
+  from: string;
+  to: string;
+  length: number;
+}
+
+/**
+ * Copies legs from file to file, hashing each leg on one worker thread and all of them (the whole
+ * file) on another. The main thread only moves buffers: while one chunk is being read, earlier
+ * ones are being written and hashed, and a buffer is reused once its write and both hashes are
+ * done with it. Nothing waits at the end of a leg, so the pipeline never drains until the end.
  */
 class HashedCopy implements Disposable {
   #buffers = Array.from({ length: BUFFERS }, () => new Uint8Array(new SharedArrayBuffer(CHUNK)));
-  #free: Promise<unknown>[] = this.#buffers.map(() => Promise.resolve());
   #whole = new WorkerHash();
-  #turn = 0;
+  #legs = new WorkerHash();
 
-  /** Copies exactly `length` bytes from `source` to `sink` and returns their SHA-256. */
-  async copy(source: Deno.FsFile, sink: Deno.FsFile, length: number): Promise<string> {
-    const hash = createHash("sha256");
+  /** Copies every leg in order; returns each leg's SHA-256 and that of all of them in a row. */
+  async copy(legs: Leg[]): Promise<{ legs: string[]; whole: string }> {
+    const free: Promise<unknown>[] = this.#buffers.map(() => Promise.resolve());
+    const digests: Promise<string>[] = [];
+    const open = new Set<Deno.FsFile>();
+    const close = (file: Deno.FsFile) => {
+      if (open.delete(file)) file.close();
+    };
+    let source: { path: string; file: Deno.FsFile } | undefined;
+    let sink: { path: string; file: Deno.FsFile } | undefined;
     let writing: Promise<unknown> = Promise.resolve();
-    let next = this.#read(source, length);
-    let left = length;
+    let turn = 0;
     try {
-      while (left > 0) {
-        const { chunk, b } = await next;
-        left -= chunk.length;
-        if (left > 0) next = this.#read(source, left);
-        const hashed = this.#whole.update(chunk);
-        hash.update(chunk);
-        writing = writing.then(() => writeAll(sink, chunk));
-        this.#free[b] = Promise.all([writing, hashed]);
+      for (const [index, leg] of legs.entries()) {
+        if (source?.path !== leg.from) {
+          if (source) close(source.file);
+          source = { path: leg.from, file: await Deno.open(leg.from) };
+          open.add(source.file);
+        }
+        if (sink?.path !== leg.to) {
+          const done = sink?.file;
+          if (done) writing = writing.then(() => close(done));
+          const file = await Deno.open(leg.to, { write: true, create: true, truncate: true });
+          sink = { path: leg.to, file };
+          open.add(file);
+        }
+        // The first leg is where the whole file starts, so the whole hash as it stands at the
+        // leg's end is the leg's hash too: its bytes need hashing only once.
+        const first = index === 0;
+        for (let left = leg.length; left > 0;) {
+          const b = turn++ % BUFFERS;
+          await free[b];
+          const view = this.#buffers[b]!.subarray(0, Math.min(CHUNK, left));
+          const chunk = await readExact(source.file, view);
+          left -= chunk.length;
+          const file = sink.file;
+          writing = writing.then(() => writeAll(file, chunk));
+          const hashed = [writing, this.#whole.update(chunk)];
+          if (!first) hashed.push(this.#legs.update(chunk));
+          free[b] = Promise.all(hashed);
+        }
+        digests.push(first ? this.#whole.peek() : this.#legs.digest());
       }
       await writing;
+      return { legs: await Promise.all(digests), whole: await this.#whole.digest() };
     } finally {
       // On failure, settle what is still in flight so no rejection goes unobserved.
-      await Promise.allSettled([next, writing]);
+      await Promise.allSettled([writing, ...free, ...digests]);
+      for (const file of open) file.close();
     }
-    return hash.digest("hex");
-  }
-
-  /** The SHA-256 of every byte copied so far. */
-  digest(): Promise<string> {
-    return this.#whole.digest();
-  }
-
-  async #read(source: Deno.FsFile, left: number) {
-    const b = this.#turn++ % BUFFERS;
-    await this.#free[b];
-    const chunk = await readExact(source, this.#buffers[b]!.subarray(0, Math.min(CHUNK, left)));
-    return { chunk, b };
   }
 
   [Symbol.dispose](): void {
     this.#whole[Symbol.dispose]();
+    this.#legs[Symbol.dispose]();
   }
 }
 
@@ -362,7 +400,7 @@ async function readExact<T extends Uint8Array>(file: Deno.FsFile, view: T): Prom
 
 async function writeAll(file: Deno.FsFile, view: Uint8Array): Promise<void> {
   for (let written = 0; written < view.length;) {
-    written += await file.write(view.subarray(written));
+    written += await file.write(view.subarray(written, written + WRITE_SLICE));
   }
 }
 
