@@ -163,7 +163,8 @@ async function compare(
   return [figures(bareRounds), figures(ourRounds)];
 }
 
-async function main() {
+/** Runs the bench; false when a target was missed. Both servers are stopped on return. */
+async function main(): Promise<boolean> {
   const directoryArgs = ["--port", "0", "--hostname", "127.0.0.1", "--ttl", "600"];
   await using directory = startTask("directory", directoryArgs);
   await using bare = new Child(["run", "-q", "-P=bench", fileURLToPath(import.meta.url), "--bare"]);
@@ -178,8 +179,12 @@ async function main() {
   });
   const { peers, fragments } = await (await fetch(`${directoryUrl}/health`)).json();
   const memory = rssMiB(ourPid);
-  const ids: string[] = (await (await fetch(`${directoryUrl}/peers`)).json()).peers
-    .map((peer: { id: string }) => peer.id);
+  // GET /peers lists peers in the order their registrations landed, which the concurrent workers
+  // shuffle: match each id to its peer by host (one per peer), so heartbeat i repeats peer i.
+  const listed: { id: string; host: string }[] =
+    (await (await fetch(`${directoryUrl}/peers`)).json()).peers;
+  const idByHost = new Map(listed.map((peer) => [peer.host, peer.id]));
+  const ids = Array.from({ length: PEERS }, (_, i) => idByHost.get(peerState(i).host) ?? "");
 
   const randomFragment = () =>
     fragmentName(Math.floor(Math.random() * FILES), Math.floor(Math.random() * FRAGMENTS_PER_PEER));
@@ -196,6 +201,10 @@ async function main() {
     { pid: barePid, request: heartbeat(bareUrl) },
     { pid: ourPid, request: heartbeat(directoryUrl) },
   );
+  // Refreshing peers must not evict any: every one is still there after the heartbeats.
+  const afterBeats: number = (await (await fetch(`${directoryUrl}/health`)).json()).peers;
+  // Again after the load: the locates reached nearly every fragment, and what they built stays.
+  const loadedMemory = rssMiB(ourPid);
 
   const show = (result: Figures) =>
     `${Math.round(result.perSecond)} req/s, ${result.cpuMicros.toFixed(1)} µs CPU/req` +
@@ -216,6 +225,12 @@ async function main() {
       target: "< 150 MiB",
       pass: memory < 150,
     },
+    {
+      name: "directory RSS after the locate and heartbeat load",
+      value: `${loadedMemory.toFixed(1)} MiB`,
+      target: "< 150 MiB",
+      pass: loadedMemory < 150,
+    },
     { name: "bare Hono GET /fragments/:name", value: show(bareLocate) },
     {
       name: `GET /fragments/{name}, ${PEERS / FILES} holders`,
@@ -231,7 +246,11 @@ async function main() {
       pass: versus(locate, bareLocate) >= 0.8,
     },
     { name: "bare Hono PUT /peers/:id", value: show(bareBeat) },
-    { name: "PUT /peers/{id} heartbeat", value: show(beat), pass: beat.failures === 0 },
+    {
+      name: "PUT /peers/{id} heartbeat",
+      value: show(beat) + (afterBeats === PEERS ? "" : `, ${afterBeats} peers left`),
+      pass: beat.failures === 0 && afterBeats === PEERS,
+    },
     {
       name: "heartbeat vs bare: server CPU per request",
       value: `${ratio(versus(beat, bareBeat))} (req/s ${
@@ -247,7 +266,7 @@ async function main() {
       pass: beat.p99 < 5,
     },
   ];
-  if (!printTable(rows)) Deno.exit(1);
+  return printTable(rows);
 }
 
 /** `--bare`: serve the bare app on a free port until SIGTERM. */
@@ -261,4 +280,9 @@ async function serveBare() {
   await server.finished;
 }
 
-if (import.meta.main) await (Deno.args.includes("--bare") ? serveBare() : main());
+if (import.meta.main) {
+  if (Deno.args.includes("--bare")) await serveBare();
+  // Exit only after main() has returned: exiting inside it would skip the `await using` that
+  // stops both servers, and leave them running.
+  else if (!(await main())) Deno.exit(1);
+}

@@ -268,6 +268,60 @@ Deno.test("a peer expires ttl seconds after its last heartbeat and the sweep fre
   assert.deepEqual((await call("PUT", `/peers/${id}`, peer(6001, ["a.bin"]))).body.recreated, true);
 });
 
+Deno.test("GET /fragments/{name} answers again after a holder joins, moves, leaves or expires", async () => {
+  const { clock, call } = fixture(30);
+  const holders = async () =>
+    ((await call("GET", "/fragments/a.bin")).body?.holders ?? []).map((
+      h: { id: string; host: string; port: number },
+    ) => `${h.id} ${h.host}:${h.port}`);
+  const a = (await call("POST", "/peers", peer(6001, ["a.bin"], "one"))).body.id;
+  assert.deepEqual(await holders(), [`${a} one:6001`]);
+  const b = (await call("POST", "/peers", peer(6002, ["a.bin"], "two"))).body.id;
+  assert.deepEqual(await holders(), [`${a} one:6001`, `${b} two:6002`]);
+  await call("PUT", `/peers/${a}`, peer(6003, ["a.bin"], "one")); // moved to another port
+  assert.deepEqual(await holders(), [`${a} one:6003`, `${b} two:6002`]);
+  await call("DELETE", `/peers/${b}`);
+  assert.deepEqual(await holders(), [`${a} one:6003`]);
+  await call("POST", "/peers", peer(6004, ["a.bin"], "four"));
+  clock.now += 20_000;
+  await call("PUT", `/peers/${a}`, peer(6003, ["a.bin"], "one")); // 6004 is now the older
+  clock.now += 10_000; // 6004 expires, with no sweep
+  assert.deepEqual(await holders(), [`${a} one:6003`]);
+  clock.now += 20_000; // and then `a`
+  assert.deepEqual((await call("GET", "/fragments/a.bin")).status, 404);
+  // The very heartbeat it sent last brings it back, as a peer the directory had forgotten.
+  const back = await call("PUT", `/peers/${a}`, peer(6003, ["a.bin"], "one"));
+  assert.deepEqual(back.body.recreated, true);
+  assert.deepEqual(await holders(), [`${a} one:6003`]);
+});
+
+Deno.test("PUT /peers/{id} repeated byte for byte from another address moves a peer without a host", async () => {
+  const { app, call } = fixture();
+  const state = peer(6001, ["a.bin"]);
+  const { body: { id } } = await call("POST", "/peers", state);
+  const elsewhere = {
+    remoteAddr: { hostname: "10.0.0.10", port: 40001, transport: "tcp" as const },
+  };
+  const beat = await call("PUT", `/peers/${id}`, state, elsewhere);
+  assert.deepEqual(beat.body, { id, ttl: 30, recreated: false });
+  const { body } = await call("GET", "/fragments/a.bin");
+  assert.deepEqual(body.holders.map((h: { host: string }) => h.host), ["10.0.0.10"]);
+  // and the same bytes with another media type are still refused
+  const response = await app.request(`/peers/${id}`, {
+    method: "PUT",
+    headers: { "content-type": "text/plain" },
+    body: JSON.stringify(state),
+  }, REMOTE);
+  assert.deepEqual(response.status, 415);
+  await response.body?.cancel();
+});
+
+Deno.test("PUT /peers/{id} with no body refuses a peer added without one, naming the field", async () => {
+  const { registry, call } = fixture();
+  registry.upsert("p9", { host: "h", port: 6009, grpcPort: 0, httpPort: 0, fragments: [] });
+  assertError(await call("PUT", "/peers/p9"), 400, "BAD_REQUEST", /"port" is required/);
+});
+
 Deno.test("POST /files publishes a manifest once and refuses another file under its name", async () => {
   const { call } = fixture();
   assert.deepEqual(await call("POST", "/files", manifest()), {
