@@ -195,7 +195,10 @@ export class PeerError extends Error {
   }
 }
 
-/** A fragment on its way from a peer: its announced size and hash, and its bytes. */
+/**
+ * A fragment on its way from a peer: its announced size and hash, and its bytes. A chunk may be
+ * reused once the next is asked for: copy it to keep it longer.
+ */
 export interface Download {
   size: number;
   sha256: string;
@@ -272,7 +275,8 @@ export class TcpPeerClient implements Disposable {
 
   /**
    * Requests fragment `name`. The bytes must be read to the end (or the client closed) before
-   * another request runs; they are not verified here: the store verifies as it writes.
+   * another request runs; they are not verified here: the store verifies as it writes. Each chunk
+   * is valid only until the next one is asked for (its buffer is reused), as Store.write uses it.
    */
   async get(name: string): Promise<Download> {
     let release!: () => void;
@@ -286,21 +290,36 @@ export class TcpPeerClient implements Disposable {
     return { ...header, chunks };
   }
 
+  // Yields views of two buffers it takes turns with: while the consumer hashes and writes one
+  // chunk, the socket read of the next is already in flight. No read asks for more than the
+  // body has left, so the next reply's bytes stay in the socket.
   async *#body(size: number, release: () => void): AsyncGenerator<Uint8Array> {
     let left = size;
+    let reading: Promise<number | null> | undefined;
     try {
       const buffered = this.#lines.take(left);
       left -= buffered.length;
       if (buffered.length > 0) yield buffered;
-      const buffer = new Uint8Array(CHUNK);
-      while (left > 0) {
-        const n = await this.#read(buffer.subarray(0, Math.min(CHUNK, left)));
+      const buffers = [
+        new Uint8Array(Math.min(CHUNK, left)),
+        new Uint8Array(Math.min(CHUNK, left)),
+      ];
+      let turn = 0;
+      reading = left > 0 ? this.#read(buffers[0]!) : undefined;
+      while (reading) {
+        const n = await reading;
         if (n === null) this.#fail(`Connection to ${this.address} closed mid-fragment`);
         left -= n;
-        yield buffer.slice(0, n);
+        const chunk = buffers[turn]!.subarray(0, n);
+        turn = 1 - turn;
+        reading = left > 0
+          ? this.#read(buffers[turn]!.subarray(0, Math.min(CHUNK, left)))
+          : undefined;
+        yield chunk;
       }
     } finally {
       if (left > 0) this.close(); // abandoned mid-body: the stream is out of step
+      reading?.catch(() => {}); // the read ahead fails with the closed connection; nobody waits
       release();
     }
   }

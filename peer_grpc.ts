@@ -11,6 +11,7 @@
  */
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
+import { Buffer } from "node:buffer";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { runMain, UserError } from "./_cli.ts";
@@ -71,6 +72,7 @@ const DEFAULT_IDLE_MS = 30_000;
 const FLOW_CONTROL_WINDOW = 8 * 1024 * 1024;
 const LISTENING = /^\[gRPC\] Listening on port (\d+)$/;
 const STORED = /^STORED (\S+)$/;
+const encoder = new TextEncoder();
 
 // ---------------------------------------------------------------------------------------------
 // Wire types and the service definition
@@ -132,6 +134,25 @@ function fileTransfer(): grpc.ServiceClientConstructor {
   return service;
 }
 
+/**
+ * The service as the server registers it: Download's chunks arrive already encoded (see
+ * {@link encodeChunk}), so protobufjs does not copy each MiB once more; other messages as usual.
+ */
+function serverDefinition(): grpc.ServiceDefinition {
+  const definition = fileTransfer().service;
+  const download = definition.Download!;
+  return {
+    ...definition,
+    Download: {
+      ...download,
+      responseSerialize: (message: unknown) =>
+        message instanceof Uint8Array
+          ? Buffer.from(message.buffer, message.byteOffset, message.length) // a view: no copy
+          : download.responseSerialize(message),
+    },
+  };
+}
+
 /** A failed call with its gRPC status name (`NOT_FOUND`, `DATA_LOSS`, `UNAVAILABLE`...). */
 export class GrpcError extends Error {
   override name = "GrpcError";
@@ -189,7 +210,7 @@ export async function startGrpcServer(
     "grpc.max_receive_message_length": MAX_MESSAGE,
   });
   const active = new Set<Promise<void>>();
-  server.addService(fileTransfer().service, fileTransferHandlers(store, options, active));
+  server.addService(serverDefinition(), fileTransferHandlers(store, options, active));
   const host = options.hostname ?? "0.0.0.0";
   const address = `${host.includes(":") ? `[${host}]` : host}:${options.port ?? DEFAULT_PORT}`;
   const port = await new Promise<number>((resolve, reject) => {
@@ -246,7 +267,8 @@ function fileTransferHandlers(
     callback(null, { held: fragment !== undefined, fragment, holders: holders.map(toWireHolder) });
   }
 
-  function Download(call: grpc.ServerWritableStream<{ name: string }, Chunk>) {
+  // Its messages are Chunks encoded by encodeChunk (see serverDefinition).
+  function Download(call: grpc.ServerWritableStream<{ name: string }, Uint8Array>) {
     const { name } = call.request;
     if (!isFragmentName(name)) {
       call.emit("error", statusError(grpc.status.INVALID_ARGUMENT, `Invalid name ${quote(name)}`));
@@ -303,7 +325,7 @@ function toWireHolder(holder: Holder): WireHolder {
 async function sendFragment(
   store: Store,
   name: string,
-  call: grpc.ServerWritableStream<{ name: string }, Chunk>,
+  call: grpc.ServerWritableStream<{ name: string }, Uint8Array>,
 ): Promise<void> {
   const opened = await store.open(name);
   if (!opened) {
@@ -319,30 +341,79 @@ async function sendFragment(
     cancelled = true;
     onCancelled();
   });
+  // Each message is read from the file straight into its encoded place in one of these buffers;
+  // a buffer is used again only once grpc-js called back for the message it held (by then
+  // grpc-js has copied it into its own frame), so the download allocates nothing per chunk.
+  const spare = Array.from(
+    { length: DOWNLOAD_WINDOW + 1 },
+    () => new Uint8Array(CHUNK_HEAD_ROOM + Math.min(CHUNK_SIZE, size)),
+  );
   // Writes complete in order; waiting on the oldest keeps at most DOWNLOAD_WINDOW queued.
-  const pending: Promise<void>[] = [];
+  const pending: Promise<Uint8Array<ArrayBuffer>>[] = [];
   let sent = 0, first = true;
   while (!cancelled && (first || sent < size)) {
-    const buffer = new Uint8Array(Math.min(CHUNK_SIZE, size - sent));
+    const buffer = spare.pop()!;
+    const data = buffer.subarray(
+      CHUNK_HEAD_ROOM,
+      CHUNK_HEAD_ROOM + Math.min(CHUNK_SIZE, size - sent),
+    );
     let filled = 0;
-    while (filled < buffer.length) {
-      const n = await file.read(buffer.subarray(filled));
+    while (filled < data.length) {
+      const n = await file.read(data.subarray(filled));
       if (n === null) break;
       filled += n;
     }
-    if (filled < buffer.length) {
+    if (filled < data.length) {
       // The file shrank behind the store's back: fail loudly rather than send short bytes.
       call.emit("error", statusError(grpc.status.DATA_LOSS, `Fragment ${quote(name)} is short`));
       return;
     }
-    const message: Chunk = first ? { size, sha256, data: buffer } : { data: buffer };
-    pending.push(new Promise((resolve) => call.write(message, () => resolve())));
-    if (pending.length >= DOWNLOAD_WINDOW) await Promise.race([pending.shift(), whenCancelled]);
+    const message = encodeChunk(buffer, data.length, first ? { size, sha256 } : undefined);
+    pending.push(new Promise((resolve) => call.write(message, () => resolve(buffer))));
+    if (pending.length >= DOWNLOAD_WINDOW) {
+      const done = await Promise.race([pending.shift()!, whenCancelled]);
+      if (done) spare.push(done);
+    }
     sent += filled;
     first = false;
   }
   await Promise.race([Promise.all(pending), whenCancelled]);
   if (!cancelled) call.end();
+}
+
+// Room before a chunk's bytes for its encoded fields: the largest head is 83 bytes.
+const CHUNK_HEAD_ROOM = 96;
+
+/**
+ * Encodes a `Chunk` in place: `buffer` holds `length` data bytes from CHUNK_HEAD_ROOM on, and the
+ * fields go just before them. The same bytes protobufjs writes (fields 1, 2, 3 in order), plus
+ * `size` even when it is 0, which every decoder reads alike.
+ */
+function encodeChunk(
+  buffer: Uint8Array,
+  length: number,
+  head?: { size: number; sha256: string },
+): Uint8Array {
+  const fields: number[] = [];
+  if (head) {
+    fields.push(0x08, ...varint(head.size)); // field 1, varint
+    fields.push(0x12, ...varint(head.sha256.length), ...encoder.encode(head.sha256)); // field 2
+  }
+  if (length > 0) fields.push(0x1a, ...varint(length)); // field 3, length-delimited
+  const start = CHUNK_HEAD_ROOM - fields.length;
+  buffer.set(fields, start);
+  return buffer.subarray(start, CHUNK_HEAD_ROOM + length);
+}
+
+/** A protobuf varint; sizes go past 2^32, so by division rather than bit shifts. */
+function varint(value: number): number[] {
+  const bytes: number[] = [];
+  while (value >= 0x80) {
+    bytes.push((value % 0x80) | 0x80);
+    value = Math.floor(value / 0x80);
+  }
+  bytes.push(value);
+  return bytes;
 }
 
 /** Reads an Upload's messages into the store: verified by Store.write before it is kept. */
