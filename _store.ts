@@ -122,6 +122,8 @@ export class Store {
       this.#manifest = await readManifest(this.dir).catch(() => undefined);
     }
     if (this.#held.has(name)) return this.#held.get(name);
+    // Only fragments: never the joined video or another file that happens to sit in the folder.
+    if (this.#manifest && !this.expected(name)) return undefined;
     let file;
     try {
       file = await Deno.open(join(this.dir, name));
@@ -138,6 +140,13 @@ export class Store {
     this.#held.set(name, info);
     for (const listener of this.#listeners) listener(info);
     return info;
+  }
+
+  /** Adopts every fragment of the manifest that another process stored since. */
+  async adoptAll(): Promise<void> {
+    for (const fragment of this.#manifest?.fragments ?? []) {
+      if (!this.#held.has(fragment.name)) await this.adopt(fragment.name);
+    }
   }
 
   /** Opens a held fragment for reading; undefined when it is not held. */
@@ -164,6 +173,10 @@ export class Store {
     chunks: AsyncIterable<Uint8Array>,
   ): Promise<FragmentInfo> {
     if (!isFragmentName(name)) throw new BadNameError(`Invalid fragment name "${name}"`);
+    if (name === this.#manifest?.file) {
+      // The joined video sits beside its fragments: nothing may be written over it.
+      throw new BadNameError(`"${name}" is the store's joined file, not a fragment`);
+    }
     const want = this.expected(name) ?? { name, ...expected };
     if (want.size !== expected.size || want.sha256 !== expected.sha256) {
       throw new IntegrityError(

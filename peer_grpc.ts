@@ -250,7 +250,11 @@ function fileTransferHandlers(
     _call: grpc.ServerUnaryCall<unknown, unknown>,
     callback: grpc.sendUnaryData<unknown>,
   ) {
-    callback(null, { fragments: store.list(), file: store.manifest?.file ?? "" });
+    // The peer stores what it fetches in the same folder: pick that up first.
+    store.adoptAll().then(
+      () => callback(null, { fragments: store.list(), file: store.manifest?.file ?? "" }),
+      (error) => callback(statusError(grpc.status.INTERNAL, String(error))),
+    );
   }
 
   async function Locate(
@@ -261,7 +265,7 @@ function fileTransferHandlers(
     if (!isFragmentName(name)) {
       return callback(statusError(grpc.status.INVALID_ARGUMENT, `Invalid name ${quote(name)}`));
     }
-    const fragment = store.get(name);
+    const fragment = store.get(name) ?? await store.adopt(name);
     // The directory being down is no reason to fail: the answer just knows fewer holders.
     const holders = await options.locate?.(name).catch(() => []) ?? [];
     callback(null, { held: fragment !== undefined, fragment, holders: holders.map(toWireHolder) });
@@ -327,7 +331,9 @@ async function sendFragment(
   name: string,
   call: grpc.ServerWritableStream<{ name: string }, Uint8Array>,
 ): Promise<void> {
-  const opened = await store.open(name);
+  // A fragment the peer fetched after this process started is in the folder, not yet held here.
+  const opened = await store.open(name) ??
+    (await store.adopt(name) ? await store.open(name) : undefined);
   if (!opened) {
     call.emit("error", statusError(grpc.status.NOT_FOUND, `No fragment ${quote(name)} here`));
     return;

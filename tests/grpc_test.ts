@@ -343,3 +343,32 @@ Deno.test("startGrpcServer() refuses a port already taken", async () => {
   );
   assert(/listen/i.test(error.message), error.message);
 });
+
+Deno.test("the gRPC server serves what another process stored since, but never loose files", async () => {
+  await using dir = await tempDir();
+  const input = join(dir.path, "video.webm");
+  await Deno.writeFile(input, randomBytes(65536 + 3));
+  const manifest = await splitFile(input, { out: join(dir.path, "store"), fragments: 4 });
+  const late = manifest.fragments[2]!;
+  const path = join(dir.path, "store", late.name);
+  const bytes = await Deno.readFile(path);
+  await Deno.remove(path);
+  const store = await Store.open(join(dir.path, "store"));
+  await using server = await startGrpcServer(store, { port: 0, hostname: "127.0.0.1" });
+  using client = new GrpcClient();
+  const address = `127.0.0.1:${server.port}`;
+  // The peer (another process) stores the fragment, and a file no manifest lists.
+  await Deno.writeFile(path, bytes);
+  await Deno.writeFile(join(dir.path, "store", "notes.txt"), new TextEncoder().encode("secret"));
+  const download = await client.download(address, late.name);
+  assertEquals(download.sha256, late.sha256);
+  await collect(download.chunks);
+  assert((await client.listFiles(address)).fragments.some((f) => f.name === late.name));
+  await assertRejects(() => client.download(address, "notes.txt"), GrpcError, "No fragment");
+  // Nobody may upload over the joined video.
+  await assertRejects(
+    () => store.write(manifest.file, { size: 1, sha256: sha256(new Uint8Array(1)) }, toAsync([])),
+    Error,
+    "joined file",
+  );
+});
