@@ -122,6 +122,12 @@ export async function splitFile(input: string, options: SplitOptions = {}): Prom
   }
   const badPeer = peers.find((peer) => !isValidName(peer) || peer === MANIFEST_NAME);
   if (badPeer !== undefined) throw new SplitError(`Invalid peer folder name "${badPeer}"`);
+  // A peer folder may not take the name of a file the store itself will hold.
+  const taken = new Set([file, ...Array.from({ length: count }, (_, i) => fragmentName(i))]);
+  const clash = peers.find((peer) => taken.has(peer));
+  if (clash !== undefined) {
+    throw new SplitError(`Invalid peer folder name "${clash}": the store has a file of that name`);
+  }
   if (new Set(peers).size !== peers.length) throw new SplitError("Peer folder names repeat");
   await ensureFolder(out);
   await removeStaleStaging(out);
@@ -180,6 +186,8 @@ export async function joinFragments(dir: string, output?: string): Promise<Manif
     if (whole !== manifest.sha256) {
       throw new SplitError(`Cannot join "${dir}": the joined file does not match the manifest`);
     }
+    // makeTempFile makes it private (0600); the joined video is an ordinary file, as fragments are.
+    await Deno.chmod(temp, 0o644);
     await Deno.rename(temp, target);
     return manifest;
   } catch (error) {

@@ -242,6 +242,14 @@ const BAD_INPUTS: [string, (dir: string) => string[] | Promise<string[]>, RegExp
     await randomFile(join(dir, "v.webm"), 50);
     return ["v.webm", "--peers", ".git"];
   }, /Invalid peer folder name "\.git"/],
+  ["a peer named like a fragment", async (dir) => {
+    await randomFile(join(dir, "v.webm"), 50);
+    return ["v.webm", "--peers", "6001,fragment_1.bin"];
+  }, /Invalid peer folder name "fragment_1\.bin": the store has a file of that name/],
+  ["a peer named like the video", async (dir) => {
+    await randomFile(join(dir, "v.webm"), 50);
+    return ["v.webm", "--peers", "v.webm"];
+  }, /Invalid peer folder name "v\.webm"/],
   ["an unknown flag", () => ["--fragmnets", "3"], /Unknown option '--fragmnets'/],
 ];
 
