@@ -17,7 +17,7 @@ import { HTTPException } from "hono/http-exception";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
 import { parseArgs } from "node:util";
 import { runMain, UserError } from "./_cli.ts";
-import { type Manifest, NAME_PATTERN } from "./split.ts";
+import { type Manifest, manifestProblem, NAME_PATTERN } from "./split.ts";
 
 /** The port the directory listens on unless told otherwise. */
 export const DEFAULT_PORT = 5000;
@@ -358,7 +358,10 @@ export class Registry {
       this.#files.set(manifest.file, { manifest });
       return "created";
     }
-    return known.manifest.sha256 === manifest.sha256 ? "unchanged" : "conflict";
+    // The same file split another way (other fragments) is not the same publication.
+    const same = known.manifest.sha256 === manifest.sha256 &&
+      JSON.stringify(known.manifest.fragments) === JSON.stringify(manifest.fragments);
+    return same ? "unchanged" : "conflict";
   }
 
   /** Every published file with its fragment count and whether all fragments are held. */
@@ -827,9 +830,13 @@ export function createApp(options: AppOptions = {}): OpenAPIHono<Env> {
   });
 
   mount(app, publishRoute, (c, { json: manifest }) => {
+    // The schema checks each field; this checks that they agree (offsets, sizes, indexes), as
+    // a peer will before it trusts the manifest.
+    const problem = manifestProblem(manifest);
+    if (problem) return c.json(errorBody("BAD_REQUEST", `Invalid manifest: ${problem}`), 400);
     const outcome = registry.publish(manifest);
     if (outcome === "conflict") {
-      const message = `File "${manifest.file}" is already published with another sha256`;
+      const message = `File "${manifest.file}" is already published with other contents`;
       return c.json(errorBody("CONFLICT", message), 409);
     }
     const body = { file: manifest.file, fragments: manifest.fragments.length };

@@ -331,6 +331,20 @@ Deno.test("POST /files publishes a manifest once and refuses another file under 
   assert.deepEqual((await call("POST", "/files", manifest())).status, 200);
   const other = { ...manifest(), sha256: "b".repeat(64) };
   assertError(await call("POST", "/files", other), 409, "CONFLICT", /"movie\.webm"/);
+  // The same file split another way is another publication, not the same one again.
+  const resplit = manifest("movie.webm", ["movie_0.bin"]);
+  resplit.fragments[0]!.size = 200;
+  assertError(await call("POST", "/files", resplit), 409, "CONFLICT", /"movie\.webm"/);
+});
+
+Deno.test("POST /files refuses a manifest whose fields do not add up, keeping nothing", async () => {
+  const { call } = fixture();
+  const gap = manifest("gap.webm");
+  gap.fragments[1]!.offset = 150; // fragment 0 ends at 100
+  assertError(await call("POST", "/files", gap), 400, "BAD_REQUEST", /^Invalid manifest: /);
+  const short = { ...manifest("short.webm"), size: 300 }; // the fragments cover 200 bytes
+  assertError(await call("POST", "/files", short), 400, "BAD_REQUEST", /^Invalid manifest: /);
+  assert.deepEqual((await call("GET", "/files")).body, { files: [] });
 });
 
 Deno.test("POST /files refuses a manifest with a bad name, hash, index or duplicate fragment", async () => {
