@@ -33,7 +33,9 @@ const DEFAULT_CLIENT_TIMEOUT_MS = 5_000;
 const NAME_RULE = "a name of letters, digits, '.', '_' or '-' (at most 200, not starting with a " +
   "symbol)";
 const Name = z.string().regex(NAME_PATTERN, `Must be ${NAME_RULE}`);
-const Host = z.string().regex(/^[A-Za-z0-9._:%-]{1,253}$/, "Must be a hostname or an IP address");
+/** A peer's host: a hostname or an IP address (with a %zone for IPv6). */
+export const HOST_PATTERN = /^[A-Za-z0-9._:%-]{1,253}$/;
+const Host = z.string().regex(HOST_PATTERN, "Must be a hostname or an IP address");
 const Port = z.int().min(1).max(65535);
 /** A port a peer may not serve at all (a peer started without gRPC or without a player). */
 const ServicePort = z.int().min(0).max(65535).openapi({ description: "0 when not served" });

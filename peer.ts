@@ -21,7 +21,7 @@ import {
   StoreWriteError,
   type Transport,
 } from "./_fetch.ts";
-import { DirectoryClient } from "./directory.ts";
+import { DirectoryClient, HOST_PATTERN } from "./directory.ts";
 import { startTcpServer, type TcpServer } from "./_peer_tcp.ts";
 import { Presence } from "./_presence.ts";
 import { type FragmentEvent, type Progress, Swarm } from "./_swarm.ts";
@@ -441,11 +441,6 @@ Options:
 
 At the prompt, type a fragment name to fetch it, or 'help' for the other commands.`;
 
-/** The directory's rule for a peer's host (see directory.ts). */
-function isValidHost(host: string): boolean {
-  return /^[A-Za-z0-9._:%-]{1,253}$/.test(host);
-}
-
 function parsePort(text: string, what: string): number {
   const port = Number(text);
   if (!/^\d+$/.test(text) || port > 65535) throw new UserError(`Invalid ${what} "${text}"`);
@@ -510,7 +505,7 @@ async function main(args = Deno.args): Promise<number> {
   } catch {
     throw new UserError(`Invalid broker "${broker}": expected host:port, e.g. localhost:5555`);
   }
-  if (values.advertise !== undefined && !isValidHost(values.advertise)) {
+  if (values.advertise !== undefined && !HOST_PATTERN.test(values.advertise)) {
     throw new UserError(
       `Invalid --advertise "${values.advertise}": expected a hostname or an IP address`,
     );
