@@ -127,6 +127,8 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
         port: options.grpcPort ?? (requestedPort === 0 ? 0 : port + GRPC_PORT_OFFSET),
         hostname,
         directory: options.directory ?? undefined,
+        // Its own pace, in its own process: TCP and gRPC are each held to the rate.
+        maxUpload: options.maxUpload,
         onStored: (name) => void store.adopt(name),
         onLog: (line) => log(line),
       });

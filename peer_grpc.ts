@@ -16,6 +16,7 @@ import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { runMain, UserError } from "./_cli.ts";
 import { LineBuffer } from "./_lines.ts";
+import { createThrottle, parseRate } from "./_throttle.ts";
 import {
   BadNameError,
   type FragmentInfo,
@@ -186,6 +187,8 @@ export interface GrpcServerOptions {
   maxDownloads?: number;
   /** Uploads received at once; more are refused with RESOURCE_EXHAUSTED. @default 4 */
   maxUploads?: number;
+  /** Download bytes per second, across all calls (a peer's `--max-upload`). */
+  maxUpload?: number;
 }
 
 /** A running gRPC FileTransfer server. */
@@ -239,6 +242,7 @@ function fileTransferHandlers(
 ): grpc.UntypedServiceImplementation {
   const { maxDownloads = 64, maxUploads = 4 } = options;
   let downloads = 0, uploads = 0;
+  const throttle = options.maxUpload ? createThrottle(options.maxUpload) : undefined;
 
   /** Runs a streaming handler, tracked so close() can wait for its cleanup. */
   function track(work: Promise<void>) {
@@ -283,7 +287,7 @@ function fileTransferHandlers(
       return;
     }
     downloads++;
-    track(sendFragment(store, name, call).finally(() => downloads--));
+    track(sendFragment(store, name, call, throttle).finally(() => downloads--));
   }
 
   function Upload(
@@ -330,6 +334,7 @@ async function sendFragment(
   store: Store,
   name: string,
   call: grpc.ServerWritableStream<{ name: string }, Uint8Array>,
+  throttle?: ReturnType<typeof createThrottle>,
 ): Promise<void> {
   // A fragment the peer fetched after this process started is in the folder, not yet held here.
   const opened = await store.open(name) ??
@@ -374,6 +379,7 @@ async function sendFragment(
       call.emit("error", statusError(grpc.status.DATA_LOSS, `Fragment ${quote(name)} is short`));
       return;
     }
+    if (throttle) await throttle(data.length).catch(() => {});
     const message = encodeChunk(buffer, data.length, first ? { size, sha256 } : undefined);
     pending.push(new Promise((resolve) => call.write(message, () => resolve(buffer))));
     if (pending.length >= DOWNLOAD_WINDOW) {
@@ -777,6 +783,8 @@ export interface SupervisorOptions {
   hostname?: string;
   /** The directory's URL, so Locate can name other holders. */
   directory?: string;
+  /** Download bytes per second (the peer's `--max-upload`). */
+  maxUpload?: number;
   /** Called with the name of each fragment an Upload stored (then `store.adopt(name)` it). */
   onStored?: (name: string) => void;
   /** Called with the child's stderr lines and the supervisor's own news (a restart...). */
@@ -894,7 +902,7 @@ class Supervisor implements GrpcSupervisor {
 
   /** Runs the child once, to its end; calls `onListening` when it prints its port. */
   async #runChild(onListening: () => void) {
-    const { dir, hostname, directory } = this.#options;
+    const { dir, hostname, directory, maxUpload } = this.#options;
     const child = new Deno.Command(Deno.execPath(), {
       args: [
         "run",
@@ -912,6 +920,7 @@ class Supervisor implements GrpcSupervisor {
         "--supervised",
         ...hostname ? ["--hostname", hostname] : [],
         ...directory ? ["--directory", directory] : [],
+        ...maxUpload ? ["--max-upload", String(maxUpload)] : [],
       ],
       stdin: "piped", // the child exits when this closes, so a killed peer leaves no orphan
       stdout: "piped",
@@ -985,6 +994,7 @@ Options:
   --port P          port to listen on; 0 picks a free one (default 50051)
   --hostname H      address to listen on (default 0.0.0.0)
   --directory URL   directory whose holders Locate names (e.g. http://localhost:5000)
+  --max-upload RATE download bytes per second it may send, e.g. 20MB/s
   --supervised      exit when stdin closes (set by the supervising peer)
   --help            show this help`;
 
@@ -996,6 +1006,7 @@ async function main(args = Deno.args): Promise<number> {
       port: { type: "string", default: String(DEFAULT_PORT) },
       hostname: { type: "string", default: "0.0.0.0" },
       directory: { type: "string" },
+      "max-upload": { type: "string" },
       supervised: { type: "boolean", default: false },
       help: { type: "boolean", default: false },
     },
@@ -1016,10 +1027,17 @@ async function main(args = Deno.args): Promise<number> {
     const directory = new DirectoryClient(values.directory);
     locate = (name) => directory.locate(name);
   }
+  let maxUpload;
+  try {
+    maxUpload = values["max-upload"] === undefined ? undefined : parseRate(values["max-upload"]);
+  } catch (error) {
+    throw new UserError((error as Error).message);
+  }
   const store = await Store.open(positionals[0]);
   const server = await startGrpcServer(store, {
     port,
     hostname: values.hostname,
+    maxUpload,
     locate,
     onStored: (info) => console.log(`STORED ${info.name}`),
   });

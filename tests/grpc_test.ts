@@ -372,3 +372,21 @@ Deno.test("the gRPC server serves what another process stored since, but never l
     "joined file",
   );
 });
+
+Deno.test("Download keeps to maxUpload, the peer's --max-upload", async () => {
+  await using dir = await tempDir();
+  const { store, big } = await makeStore(dir.path);
+  // 1 MB/s: the 2.6 MB fragment cannot arrive in less than about 2.5 s (a burst is 0.1 s).
+  await using server = await startGrpcServer(store, {
+    port: 0,
+    hostname: "127.0.0.1",
+    maxUpload: 1_000_000,
+  });
+  using client = new GrpcClient();
+  const start = performance.now();
+  const download = await client.download(`127.0.0.1:${server.port}`, BIG);
+  const pieces = await collect(download.chunks);
+  const seconds = (performance.now() - start) / 1000;
+  assertEquals(pieces.reduce((sum, p) => sum + p.length, 0), big.length);
+  assert(seconds >= 2, `2.6 MB at 1 MB/s took only ${seconds.toFixed(2)} s`);
+});
