@@ -192,6 +192,25 @@ Deno.test("joinFragments() names a corrupt fragment and leaves no output, not ev
   assertEquals(await listNames(out), before);
 });
 
+Deno.test("joinFragments() names every fragment of the wrong size and leaves no output", async () => {
+  await using dir = await tempDir();
+  const out = join(dir.path, "fragments");
+  await splitFile(SAMPLE_VIDEO, { out });
+  const shorter = await Deno.readFile(join(out, "fragment_0.bin"));
+  await Deno.writeFile(join(out, "fragment_0.bin"), shorter.subarray(1));
+  const longer = await Deno.readFile(join(out, "fragment_5.bin"));
+  await Deno.writeFile(join(out, "fragment_5.bin"), new Uint8Array([...longer, 0]));
+  const before = await listNames(out);
+  const output = join(dir.path, "joined.webm");
+  await assertRejects(
+    () => joinFragments(out, output),
+    SplitError,
+    "corrupt fragment_0.bin, fragment_5.bin",
+  );
+  assertEquals(await listNames(out), before);
+  assertEquals(await listNames(dir.path), ["fragments"]);
+});
+
 Deno.test("joinFragments() refuses a manifest that is not whole-file consistent", async () => {
   await using dir = await tempDir();
   const out = join(dir.path, "fragments");
