@@ -23,6 +23,16 @@ import { type Manifest, manifestProblem, NAME_PATTERN } from "./split.ts";
 export const DEFAULT_PORT = 5000;
 /** Seconds a peer stays listed after its last heartbeat. */
 export const DEFAULT_TTL = 30;
+/** The longest ttl there is: a day. */
+export const MAX_TTL = 86_400;
+/** Files the directory lists at most, unless told otherwise. */
+export const DEFAULT_MAX_FILES = 1_000;
+/**
+ * Fragments the listed files' manifests hold at most, together, unless told otherwise: what
+ * bounds their memory (a manifest of 1 MiB, the largest body, lists about 7,000 fragments and
+ * takes about 1.4 MiB of heap).
+ */
+export const DEFAULT_MAX_FILE_FRAGMENTS = 100_000;
 /** Request bodies larger than this get a 413. */
 export const MAX_BODY_BYTES = 1024 * 1024;
 const DEFAULT_CLIENT_TIMEOUT_MS = 5_000;
@@ -195,24 +205,62 @@ interface FragmentRecord {
 
 interface FileRecord {
   manifest: Manifest;
+  /**
+   * The last moment a live peer was known to hold one of its fragments, or when it was last
+   * published: the file is dropped one ttl later unless a live holder turns up.
+   */
+  backedAt: number;
+}
+
+/** A fragment name that published files list: how many, and when a holder last let it go. */
+interface ListedName {
+  files: number;
+  /** The last moment a peer stopped holding it (left, expired, or dropped it): it held it till then. */
+  releasedAt: number;
 }
 
 /** Options of a {@link Registry}. */
 export interface RegistryOptions {
-  /** Seconds a peer stays listed after its last heartbeat. @default 30 */
+  /** Seconds a peer stays listed after its last heartbeat, at most {@link MAX_TTL}. @default 30 */
   ttl?: number;
   /** The clock in milliseconds; tests pass a fake one. @default Date.now */
   now?: () => number;
+  /** Files listed at most; publishing another is refused. @default 1000 */
+  maxFiles?: number;
+  /** Fragments all listed files' manifests hold at most, together. @default 100000 */
+  maxFileFragments?: number;
 }
+
+/** What {@link Registry.publish} did with a manifest. */
+export type PublishOutcome =
+  /** Stored: a new file. */
+  | "created"
+  /** The same file was already published: it has another ttl to be backed. */
+  | "unchanged"
+  /** Another file (other contents, or split another way) has its name. */
+  | "conflict"
+  /** Refused: the directory lists {@link Registry.maxFiles} files already. */
+  | "too many files"
+  /** Refused: the files' manifests would hold more than {@link Registry.maxFileFragments}. */
+  | "too many fragments";
 
 /**
  * The directory's in-memory state: peers, which of them holds which fragment, and files. Reads
  * skip expired peers, so answers hold only live ones; {@link Registry.sweep} (run on a timer by
  * {@link startDirectory}) frees the memory of the dead.
+ *
+ * A file is soft state too: it stays listed while a live peer holds any of its fragments, and
+ * is dropped once none has for one ttl. Publishing it (again) counts as backing it, so a peer may
+ * publish before it registers its first fragment.
  */
 export class Registry {
   /** Seconds a peer stays listed after its last heartbeat. */
   readonly ttl: number;
+  /** Files listed at most. */
+  readonly maxFiles: number;
+  /** Fragments all listed files' manifests hold at most, together. */
+  readonly maxFileFragments: number;
+  readonly #ttlMs: number;
   readonly #now: () => number;
   /** Every peer heard from within a ttl, and any expired since the last sweep. */
   readonly #peers = new Map<string, PeerRecord>();
@@ -221,9 +269,22 @@ export class Registry {
   /** "host:port" -> peer id, so a peer that restarted and registered again has one entry. */
   readonly #byAddress = new Map<string, string>();
   readonly #files = new Map<string, FileRecord>();
+  /** The fragment names the files list: what {@link Registry.#unindex} stamps as released. */
+  readonly #listed = new Map<string, ListedName>();
+  /** Fragments of all files' manifests, together. */
+  #fileFragments = 0;
 
   constructor(options: RegistryOptions = {}) {
     this.ttl = options.ttl ?? DEFAULT_TTL;
+    if (!(this.ttl > 0 && this.ttl <= MAX_TTL)) {
+      throw new RangeError(`The ttl must be more than 0 and at most ${MAX_TTL} seconds`);
+    }
+    this.maxFiles = positive(options.maxFiles ?? DEFAULT_MAX_FILES, "maxFiles");
+    this.maxFileFragments = positive(
+      options.maxFileFragments ?? DEFAULT_MAX_FILE_FRAGMENTS,
+      "maxFileFragments",
+    );
+    this.#ttlMs = this.ttl * 1000;
     this.#now = options.now ?? Date.now;
   }
 
@@ -239,17 +300,22 @@ export class Registry {
     return this.#fragments.size;
   }
 
-  /** Published files. */
+  /** Published files that are still listed. */
   get fileCount(): number {
+    this.#sweepFiles(this.#now());
     return this.#files.size;
   }
 
-  /** Forgets every peer whose ttl has run out, and its place in the fragment index: O(peers). */
+  /**
+   * Forgets every peer whose ttl has run out, and its place in the fragment index, and every
+   * file no live peer has backed for a ttl: O(peers + files).
+   */
   sweep(): void {
     const now = this.#now();
     for (const peer of this.#peers.values()) {
-      if (peer.expiresAt <= now) this.#remove(peer);
+      if (peer.expiresAt <= now) this.#remove(peer, now);
     }
+    this.#sweepFiles(now);
   }
 
   /**
@@ -290,7 +356,7 @@ export class Registry {
     const sameAddress = this.#byAddress.get(address);
     // Another id at the same address is this peer before a restart: keep one entry per peer.
     if (sameAddress !== undefined && sameAddress !== id) {
-      this.#remove(this.#peers.get(sameAddress)!);
+      this.#remove(this.#peers.get(sameAddress)!, now);
     }
     let peer = known;
     if (peer === undefined) {
@@ -304,7 +370,7 @@ export class Registry {
       // Its holder may have changed, or it was expired and left out of the answers: rebuild them.
       for (const name of peer.fragments) this.#fragments.get(name)!.json = undefined;
     }
-    this.#index(peer, state.fragments);
+    this.#index(peer, state.fragments, now);
     peer.expiresAt = now + this.ttl * 1000;
     peer.body = sent.body;
     peer.from = sent.from;
@@ -316,8 +382,9 @@ export class Registry {
   remove(id: string): boolean {
     const peer = this.#peers.get(id);
     if (peer === undefined) return false;
-    this.#remove(peer);
-    return peer.expiresAt > this.#now();
+    const now = this.#now();
+    this.#remove(peer, now);
+    return peer.expiresAt > now;
   }
 
   /** The live holders of fragment `name` (empty when none). */
@@ -353,22 +420,49 @@ export class Registry {
       .filter((fragment) => fragment.holders.length > 0);
   }
 
-  /** Stores a manifest: "created", "unchanged", or "conflict" when another file has its name. */
-  publish(manifest: Manifest): "created" | "unchanged" | "conflict" {
-    const known = this.#files.get(manifest.file);
-    if (known === undefined) {
-      this.#files.set(manifest.file, { manifest });
-      return "created";
+  /**
+   * Stores a manifest, unless another file has its name or the directory is full (see
+   * {@link PublishOutcome}). The same manifest again gives the file another ttl to be backed.
+   */
+  publish(manifest: Manifest): PublishOutcome {
+    const now = this.#now();
+    let known = this.#files.get(manifest.file);
+    if (known !== undefined && this.#expired(known, now)) {
+      this.#drop(known);
+      known = undefined;
     }
-    // The same file split another way (other fragments) is not the same publication.
-    const same = known.manifest.sha256 === manifest.sha256 &&
-      JSON.stringify(known.manifest.fragments) === JSON.stringify(manifest.fragments);
-    return same ? "unchanged" : "conflict";
+    if (known !== undefined) {
+      // The same file split another way (other fragments) is not the same publication.
+      const same = known.manifest.sha256 === manifest.sha256 &&
+        JSON.stringify(known.manifest.fragments) === JSON.stringify(manifest.fragments);
+      if (!same) return "conflict";
+      known.backedAt = Math.max(known.backedAt, now);
+      return "unchanged";
+    }
+    const full = () =>
+      this.#files.size >= this.maxFiles
+        ? "too many files"
+        : this.#fileFragments + manifest.fragments.length > this.maxFileFragments
+        ? "too many fragments"
+        : undefined;
+    // Only a full directory pays for a sweep: a dropped file may make room.
+    if (full() !== undefined) this.#sweepFiles(now);
+    const refused = full();
+    if (refused !== undefined) return refused;
+    this.#files.set(manifest.file, { manifest, backedAt: now });
+    this.#fileFragments += manifest.fragments.length;
+    for (const { name } of manifest.fragments) {
+      const listed = this.#listed.get(name);
+      if (listed === undefined) this.#listed.set(name, { files: 1, releasedAt: -Infinity });
+      else listed.files++;
+    }
+    return "created";
   }
 
-  /** Every published file with its fragment count and whether all fragments are held. */
+  /** Every listed file with its fragment count and whether all fragments are held. */
   files(): FileSummary[] {
     const now = this.#now();
+    this.#sweepFiles(now);
     const held = (name: string) =>
       [...this.#fragments.get(name)?.holders ?? []].some((peer) => peer.expiresAt > now);
     return [...this.#files.values()].map(({ manifest }) => ({
@@ -381,10 +475,14 @@ export class Registry {
     }));
   }
 
-  /** The manifest of `file` with each fragment's live holders, or undefined when unknown. */
+  /** The manifest of `file` with each fragment's live holders, or undefined when not listed. */
   file(file: string): FileDetail | undefined {
     const record = this.#files.get(file);
     if (record === undefined) return undefined;
+    if (this.#expired(record, this.#now())) {
+      this.#drop(record);
+      return undefined;
+    }
     const fragments = record.manifest.fragments.map((fragment) => {
       const holders = this.locate(fragment.name);
       return { ...fragment, holders, holderCount: holders.length };
@@ -392,12 +490,50 @@ export class Registry {
     return { ...record.manifest, fragments };
   }
 
+  /**
+   * True when no live peer has held any of `file`'s fragments for a ttl; otherwise moves its
+   * `backedAt` up to the last moment one is known to have. O(its fragments) at worst, and O(1)
+   * for a file known to be backed less than a ttl ago.
+   */
+  #expired(file: FileRecord, now: number): boolean {
+    if (now - file.backedAt < this.#ttlMs) return false;
+    let backedAt = file.backedAt;
+    for (const { name } of file.manifest.fragments) {
+      // A peer expired but not swept yet held it until its expiry; one swept, until releasedAt.
+      for (const peer of this.#fragments.get(name)?.holders ?? []) {
+        if (peer.expiresAt > now) {
+          file.backedAt = now;
+          return false;
+        }
+        backedAt = Math.max(backedAt, peer.expiresAt);
+      }
+      backedAt = Math.max(backedAt, this.#listed.get(name)!.releasedAt);
+    }
+    file.backedAt = backedAt;
+    return now - backedAt >= this.#ttlMs;
+  }
+
+  #sweepFiles(now: number): void {
+    for (const file of this.#files.values()) {
+      if (this.#expired(file, now)) this.#drop(file);
+    }
+  }
+
+  #drop(file: FileRecord): void {
+    this.#files.delete(file.manifest.file);
+    this.#fileFragments -= file.manifest.fragments.length;
+    for (const { name } of file.manifest.fragments) {
+      const listed = this.#listed.get(name)!;
+      if (--listed.files === 0) this.#listed.delete(name);
+    }
+  }
+
   /** Brings the fragment index in step with `peer`'s new list, touching only what changed. */
-  #index(peer: PeerRecord, names: string[]): void {
+  #index(peer: PeerRecord, names: string[], now: number): void {
     if (sameList(peer.fragments, names)) return; // the usual heartbeat: nothing changed
     const next = new Set(names);
     for (const name of peer.fragments) {
-      if (!next.has(name)) this.#unindex(name, peer);
+      if (!next.has(name)) this.#unindex(name, peer, now);
     }
     for (const name of next) {
       let fragment = this.#fragments.get(name);
@@ -412,7 +548,12 @@ export class Registry {
     peer.fragments = [...next];
   }
 
-  #unindex(name: string, peer: PeerRecord): void {
+  /** Takes `peer` out of fragment `name`'s holders, noting until when it held it. */
+  #unindex(name: string, peer: PeerRecord, now: number): void {
+    const listed = this.#listed.get(name);
+    if (listed !== undefined) {
+      listed.releasedAt = Math.max(listed.releasedAt, Math.min(now, peer.expiresAt));
+    }
     const fragment = this.#fragments.get(name);
     if (fragment === undefined) return;
     fragment.holders.delete(peer);
@@ -432,11 +573,17 @@ export class Registry {
     return { holders, until };
   }
 
-  #remove(peer: PeerRecord): void {
-    for (const name of peer.fragments) this.#unindex(name, peer);
+  #remove(peer: PeerRecord, now: number): void {
+    for (const name of peer.fragments) this.#unindex(name, peer, now);
     this.#peers.delete(peer.id);
     if (this.#byAddress.get(peer.address) === peer.id) this.#byAddress.delete(peer.address);
   }
+}
+
+/** `value` when it is a whole number of at least 1; a RangeError naming `option` otherwise. */
+function positive(value: number, option: string): number {
+  if (Number.isInteger(value) && value >= 1) return value;
+  throw new RangeError(`${option} must be a whole number of at least 1, not ${value}`);
 }
 
 function sameList(a: string[], b: string[]): boolean {
@@ -476,6 +623,10 @@ const ERROR_DESCRIPTIONS = {
   404: "Not found",
   409: "Conflicts with what the directory holds",
   413: `Body larger than ${MAX_BODY_BYTES} bytes`,
+  415: 'A body without a Content-Type, or one other than "application/json" (or "+json")',
+  429: `The directory lists as many files as it may (${DEFAULT_MAX_FILES} by default), or ` +
+    `their manifests as many fragments (${DEFAULT_MAX_FILE_FRAGMENTS} by default); a file no ` +
+    "live peer holds goes within a ttl, and makes room",
 } as const;
 type ErrorStatus = keyof typeof ERROR_DESCRIPTIONS;
 
@@ -492,6 +643,10 @@ function jsonBody<T extends z.ZodType>(schema: T) {
 
 const pathParam = (name: string) => Name.openapi({ param: { name, in: "path" } });
 
+const FILE_LIFETIME = "A file stays listed while a live peer holds any of its fragments, and " +
+  "is dropped once none has for one ttl; a new publication has one ttl to be backed, so a peer " +
+  "may publish before it registers its first fragment.";
+
 const healthRoute = createRoute({
   method: "get",
   path: "/health",
@@ -505,7 +660,7 @@ const registerRoute = createRoute({
   tags: TAG_PEERS,
   summary: "Register a peer with its state",
   request: jsonBody(PeerStateSchema),
-  responses: { 201: json(RegistrationSchema, "Registered"), ...errors(400, 413) },
+  responses: { 201: json(RegistrationSchema, "Registered"), ...errors(400, 413, 415) },
 });
 
 const heartbeatRoute = createRoute({
@@ -514,7 +669,7 @@ const heartbeatRoute = createRoute({
   tags: TAG_PEERS,
   summary: "Heartbeat with the peer's full state (idempotent; recreates a forgotten peer)",
   request: { params: z.object({ id: pathParam("id") }), ...jsonBody(PeerStateSchema) },
-  responses: { 200: json(HeartbeatSchema, "Refreshed"), ...errors(400, 413) },
+  responses: { 200: json(HeartbeatSchema, "Refreshed"), ...errors(400, 413, 415) },
 });
 
 const leaveRoute = createRoute({
@@ -558,11 +713,12 @@ const publishRoute = createRoute({
   path: "/files",
   tags: TAG_FILES,
   summary: "Publish a file's manifest",
+  description: FILE_LIFETIME + " Publishing the same manifest again (200) counts as backing it.",
   request: jsonBody(ManifestSchema),
   responses: {
     200: json(PublishedSchema, "Already published, unchanged"),
     201: json(PublishedSchema, "Published"),
-    ...errors(400, 409, 413),
+    ...errors(400, 409, 413, 415, 429),
   },
 });
 
@@ -571,6 +727,7 @@ const listFilesRoute = createRoute({
   path: "/files",
   tags: TAG_FILES,
   summary: "Every published file",
+  description: FILE_LIFETIME,
   responses: { 200: json(z.object({ files: z.array(FileSummarySchema) }), "Files") },
 });
 
@@ -705,6 +862,7 @@ const ERROR_CODES: Record<number, string> = {
   409: "CONFLICT",
   413: "PAYLOAD_TOO_LARGE",
   415: "UNSUPPORTED_MEDIA_TYPE",
+  429: "TOO_MANY_REQUESTS",
   500: "INTERNAL",
 };
 
@@ -840,6 +998,15 @@ export function createApp(options: AppOptions = {}): OpenAPIHono<Env> {
     if (outcome === "conflict") {
       const message = `File "${manifest.file}" is already published with other contents`;
       return c.json(errorBody("CONFLICT", message), 409);
+    }
+    if (outcome === "too many files" || outcome === "too many fragments") {
+      const full = outcome === "too many files"
+        ? `the directory already lists ${registry.maxFiles} files, its limit`
+        : `the directory's files would list more than ${registry.maxFileFragments} ` +
+          "fragments, its limit";
+      const message = `Cannot publish "${manifest.file}": ${full}; a file no live peer ` +
+        "holds is dropped within a ttl";
+      return c.json(errorBody("TOO_MANY_FILES", message), 429);
     }
     const body = { file: manifest.file, fragments: manifest.fragments.length };
     return outcome === "created" ? c.json(body, 201) : c.json(body, 200);
@@ -1122,7 +1289,8 @@ The REST directory: which live peer holds which fragment, and the published mani
 
 Options:
   --port PORT      port to listen on, 0 for any free one (default ${DEFAULT_PORT})
-  --ttl SECONDS    forget a peer this long after its last heartbeat (default ${DEFAULT_TTL})
+  --ttl SECONDS    forget a peer this long after its last heartbeat, and a file this long
+                   after no live peer holds any of it (default ${DEFAULT_TTL}, at most ${MAX_TTL})
   --hostname HOST  address to listen on (default 0.0.0.0)
   -h, --help       show this help`;
 
@@ -1143,8 +1311,13 @@ function parseCli(args: string[]): { port: number; ttl: number; hostname: string
     throw new UserError(`Invalid --port "${values.port}": expected a number from 0 to 65535`);
   }
   const ttl = Number(values.ttl ?? DEFAULT_TTL);
-  if (!Number.isFinite(ttl) || ttl <= 0) {
+  if (Number.isNaN(ttl) || ttl <= 0) {
     throw new UserError(`Invalid --ttl "${values.ttl}": expected a positive number of seconds`);
+  }
+  if (ttl > MAX_TTL) {
+    throw new UserError(
+      `Invalid --ttl "${values.ttl}": expected at most ${MAX_TTL} seconds (a day)`,
+    );
   }
   return { port, ttl, hostname: values.hostname ?? "0.0.0.0" };
 }

@@ -5,6 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { DirectoryClient } from "../directory.ts";
+import type { Manifest } from "../split.ts";
 import { runTask, startTask } from "./_util.ts";
 
 const LISTENING =
@@ -52,6 +53,11 @@ Deno.test("deno task directory refuses bad flags with one line and a non-zero ex
     [["--port", "abc"], /^error: Invalid --port "abc": expected a number from 0 to 65535$/],
     [["--port", "70000"], /^error: Invalid --port "70000"/],
     [["--ttl", "0"], /^error: Invalid --ttl "0": expected a positive number of seconds$/],
+    [
+      ["--ttl", "86401"],
+      /^error: Invalid --ttl "86401": expected at most 86400 seconds \(a day\)$/,
+    ],
+    [["--ttl", "Infinity"], /^error: Invalid --ttl "Infinity": expected at most 86400 seconds/],
     [["--bogus"], /^error: Unknown option '--bogus'/],
     [["extra"], /^error: Unexpected argument 'extra'/],
   ];
@@ -72,7 +78,19 @@ Deno.test("deno task directory says so in one line when its port is taken", asyn
   assert.equal(stderr.trimEnd(), `error: Cannot listen on port ${port}: address already in use`);
 });
 
-Deno.test("deno task directory --ttl 1 forgets a peer that stops heartbeating", async () => {
+Deno.test("deno task directory --ttl 86400 takes the longest ttl there is", async () => {
+  await using child = startTask("directory", ["--port", "0", "--ttl", "86400"]);
+  const [, url] = await child.waitFor(LISTENING, { stream: "stdout" });
+  const { ttl } = await new DirectoryClient(url).register({
+    port: 6001,
+    grpcPort: 50051,
+    httpPort: 8001,
+    fragments: [],
+  });
+  assert.equal(ttl, 86400);
+});
+
+Deno.test("deno task directory --ttl 1 forgets a peer that stops heartbeating, then its file", async () => {
   await using child = startTask("directory", ["--port", "0", "--ttl", "1"]);
   const [, url] = await child.waitFor(LISTENING, { stream: "stdout" });
   const client = new DirectoryClient(url);
@@ -83,9 +101,22 @@ Deno.test("deno task directory --ttl 1 forgets a peer that stops heartbeating", 
     httpPort: 8001,
     fragments: ["x.bin"],
   });
+  await client.publishFile(MANIFEST);
   assert.equal(ttl, 1);
   assert.equal((await client.locate("x.bin")).length, 1);
   await eventually(async () => (await client.locate("x.bin")).length === 0);
   assert.ok(Date.now() - registered >= 900, "expired before its ttl");
+  assert.equal((await client.listFiles()).length, 1, "the file went with its last holder");
+  await eventually(async () => (await client.listFiles()).length === 0);
+  assert.ok(Date.now() - registered >= 1_900, "the file went before one ttl without a holder");
   assert.deepEqual(await client.health(), { status: "ok", peers: 0, fragments: 0, files: 0 });
 });
+
+const MANIFEST: Manifest = {
+  version: 1,
+  file: "x.webm",
+  mime: "video/webm",
+  size: 1,
+  sha256: "0".repeat(64),
+  fragments: [{ index: 0, name: "x.bin", offset: 0, size: 1, sha256: "0".repeat(64) }],
+};

@@ -6,6 +6,7 @@
 import assert from "node:assert/strict";
 import { DirectoryClient, DirectoryError, startDirectory } from "../directory.ts";
 import type { Manifest } from "../split.ts";
+import { Presence } from "../_presence.ts";
 
 const SHA = "0".repeat(64);
 const MANIFEST: Manifest = {
@@ -91,6 +92,54 @@ Deno.test("DirectoryClient throws a DirectoryError with the status and code of a
 
   const missing = await rejection(() => client.getFile("other.webm"));
   assert.deepEqual([missing.status, missing.code], [404, "NOT_FOUND"]);
+});
+
+Deno.test("DirectoryClient gets a TOO_MANY_FILES error from a directory at its bound", async () => {
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1", maxFiles: 1 });
+  const client = new DirectoryClient(directory.url);
+  await client.publishFile(MANIFEST);
+  const full = await rejection(() => client.publishFile({ ...MANIFEST, file: "other.webm" }));
+  assert.deepEqual([full.status, full.code], [429, "TOO_MANY_FILES"]);
+  assert.match(full.message, /POST \/files failed: Cannot publish "other\.webm"/);
+});
+
+/** Polls `check` until it returns true, or fails after `timeoutMs`. */
+async function eventually(check: () => Promise<boolean>, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`Condition not met within ${timeoutMs} ms`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+Deno.test("a peer's presence keeps its file published while it heartbeats, and the file goes a ttl after it leaves", async () => {
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1", ttl: 1 });
+  const client = new DirectoryClient(directory.url);
+  // As peer.ts has it: the presence registers with what the store holds, then publishes.
+  const fragments: string[] = [];
+  const presence = new Presence(client, {
+    state: () => state(6001, fragments),
+    manifest: () => MANIFEST,
+    log: () => {},
+  });
+  try {
+    await eventually(async () => (await client.listFiles()).length === 1);
+    fragments.push("clip_0.bin"); // the first fragment arrives after the publication
+    presence.poke();
+    await eventually(async () => (await client.locate("clip_0.bin")).length === 1);
+    const backed = Date.now();
+    // Three ttls of heartbeats (every ttl/3): the file stays all along.
+    while (Date.now() - backed < 3_000) {
+      assert.deepEqual((await client.listFiles()).map((file) => file.file), ["clip.webm"]);
+      await new Promise((resolve) => setTimeout(resolve, 250));
+    }
+  } finally {
+    await presence.close();
+  }
+  const left = Date.now();
+  assert.deepEqual(await client.locate("clip_0.bin"), []);
+  await eventually(async () => (await client.listFiles()).length === 0);
+  assert.ok(Date.now() - left >= 900, "the file went before one ttl without a holder");
 });
 
 Deno.test("startDirectory() answers 413 to a streamed body over 1 MiB", async () => {

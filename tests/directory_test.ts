@@ -5,7 +5,7 @@
  */
 import SwaggerParser from "@apidevtools/swagger-parser";
 import assert from "node:assert/strict";
-import { createApp, type PeerState, Registry } from "../directory.ts";
+import { createApp, type PeerState, Registry, type RegistryOptions } from "../directory.ts";
 import type { Manifest } from "../split.ts";
 
 const REMOTE = {
@@ -14,9 +14,9 @@ const REMOTE = {
 const SHA = "a".repeat(64);
 
 /** A directory app on a clock the test moves by hand. */
-function fixture(ttl = 30) {
+function fixture(ttl = 30, options: RegistryOptions = {}) {
   const clock = { now: 1_000_000 };
-  const registry = new Registry({ ttl, now: () => clock.now });
+  const registry = new Registry({ ttl, now: () => clock.now, ...options });
   const app = createApp({ registry });
   const call = async (method: string, path: string, body?: unknown, env: object = REMOTE) => {
     const init: RequestInit = { method };
@@ -56,6 +56,13 @@ function manifest(file = "movie.webm", names = ["movie_0.bin", "movie_1.bin"]): 
       sha256: SHA,
     })),
   };
+}
+
+/** A manifest of one fragment, the whole file. */
+function single(file: string, name: string): Manifest {
+  const whole = manifest(file, [name]);
+  whole.fragments[0]!.size = whole.size;
+  return whole;
 }
 
 /** Asserts the error shape, its status and code, and that the message matches. */
@@ -441,7 +448,11 @@ Deno.test("GET /openapi.json is an OpenAPI 3 document that a real validator acce
   ]);
   const peers = body.paths["/peers/{id}"];
   assert.deepEqual(Object.keys(peers).sort(), ["delete", "put"]);
-  assert.deepEqual(Object.keys(peers.put.responses).sort(), ["200", "400", "413"]);
+  assert.deepEqual(Object.keys(peers.put.responses).sort(), ["200", "400", "413", "415"]);
+  assert.deepEqual(
+    Object.keys(body.paths["/files"].post.responses).sort(),
+    ["200", "201", "400", "409", "413", "415", "429"],
+  );
   assert.deepEqual(body.components.schemas.Error.properties.error.required, ["code", "message"]);
   // and the validator is not a rubber stamp
   body.paths["/health"].get.responses["200"].content["application/json"].schema = { type: "nope" };
@@ -475,3 +486,185 @@ Deno.test("GET /apidocs serves Swagger UI whose scripts and styles come from the
     assert.deepEqual([missing.status, (await missing.json()).error.code], [404, "NOT_FOUND"]);
   }
 });
+
+Deno.test("a published file stays while a live peer holds any of its fragments, and goes one ttl after the last", async () => {
+  const { clock, call } = fixture(30);
+  const listed = async () =>
+    (await call("GET", "/files")).body.files.map((f: { file: string }) => f.file);
+  assert.deepEqual((await call("POST", "/files", manifest())).status, 201);
+  const { body: { id } } = await call("POST", "/peers", peer(6001, ["movie_0.bin"]));
+  for (let beat = 0; beat < 5; beat++) { // five ttls, held all along
+    clock.now += 20_000;
+    await call("PUT", `/peers/${id}`, peer(6001, ["movie_0.bin"]));
+    assert.deepEqual(await listed(), ["movie.webm"]);
+  }
+  // The peer drops the fragment: the file is no longer backed from now on.
+  await call("PUT", `/peers/${id}`, peer(6001, ["other.bin"]));
+  clock.now += 29_999;
+  assert.deepEqual((await call("GET", "/files/movie.webm")).status, 200);
+  clock.now += 1;
+  assertError(await call("GET", "/files/movie.webm"), 404, "NOT_FOUND", /"movie\.webm"/);
+  assert.deepEqual(await listed(), []);
+  assert.deepEqual((await call("GET", "/health")).body.files, 0);
+  // Published again, it is a new publication.
+  assert.deepEqual((await call("POST", "/files", manifest())).status, 201);
+});
+
+Deno.test("a file goes one ttl after its last holder expires, whether or not the sweep ran", async () => {
+  for (const sweep of [false, true]) {
+    const { clock, registry, call } = fixture(30);
+    await call("POST", "/files", manifest());
+    await call("POST", "/peers", peer(6001, ["movie_0.bin", "movie_1.bin"]));
+    clock.now += 20_000;
+    await call("POST", "/peers", peer(6002, ["movie_1.bin"])); // the last holder: expires at 50 s
+    clock.now += 15_000; // 6001 is gone
+    if (sweep) registry.sweep();
+    assert.deepEqual((await call("GET", "/files")).body.files[0].available, false);
+    clock.now += 25_000; // 6002 too, 10 s ago
+    if (sweep) registry.sweep();
+    assert.deepEqual((await call("GET", "/health")).body, {
+      status: "ok",
+      peers: 0,
+      fragments: 0,
+      files: 1,
+    });
+    clock.now += 19_999;
+    assert.deepEqual((await call("GET", "/files/movie.webm")).status, 200, `sweep: ${sweep}`);
+    clock.now += 1; // one ttl after 6002 expired
+    if (sweep) registry.sweep();
+    assert.deepEqual((await call("GET", "/files")).body, { files: [] }, `sweep: ${sweep}`);
+  }
+});
+
+Deno.test("a file published before its first fragment is registered has one ttl to be backed", async () => {
+  const { clock, call } = fixture(30);
+  // A peer's presence registers first (with what it holds: nothing yet), then publishes.
+  const { body: { id } } = await call("POST", "/peers", peer(6004, []));
+  await call("POST", "/files", manifest());
+  await call("POST", "/files", single("lonely.webm", "lonely_0.bin"));
+  clock.now += 29_999;
+  await call("PUT", `/peers/${id}`, peer(6004, ["movie_1.bin"])); // its first fragment
+  for (let beat = 0; beat < 3; beat++) {
+    clock.now += 20_000;
+    await call("PUT", `/peers/${id}`, peer(6004, ["movie_1.bin"]));
+  }
+  const { body: { files } } = await call("GET", "/files");
+  assert.deepEqual(files.map((f: { file: string }) => f.file), ["movie.webm"]);
+});
+
+Deno.test("publishing an unchanged manifest again gives an unbacked file another ttl", async () => {
+  const { clock, call } = fixture(30);
+  await call("POST", "/files", manifest());
+  clock.now += 20_000;
+  assert.deepEqual((await call("POST", "/files", manifest())).status, 200);
+  clock.now += 29_999;
+  assert.deepEqual((await call("GET", "/files/movie.webm")).status, 200);
+  clock.now += 1;
+  assert.deepEqual((await call("GET", "/files/movie.webm")).status, 404);
+});
+
+Deno.test("POST /files refuses a file past the bound with 429, and takes it once one is dropped", async () => {
+  const { clock, call } = fixture(30, { maxFiles: 2 });
+  await call("POST", "/files", single("a.webm", "a_0.bin"));
+  await call("POST", "/files", single("b.webm", "b_0.bin"));
+  await call("POST", "/peers", peer(6001, ["a_0.bin"]));
+  assertError(
+    await call("POST", "/files", single("c.webm", "c_0.bin")),
+    429,
+    "TOO_MANY_FILES",
+    /^Cannot publish "c\.webm": the directory already lists 2 files, its limit/,
+  );
+  // At the bound, the files it has may still be published again.
+  assert.deepEqual((await call("POST", "/files", single("a.webm", "a_0.bin"))).status, 200);
+  clock.now += 30_000; // b.webm was never backed: it goes, and makes room
+  assert.deepEqual((await call("POST", "/files", single("c.webm", "c_0.bin"))).status, 201);
+  const { body: { files } } = await call("GET", "/files");
+  assert.deepEqual(files.map((f: { file: string }) => f.file), ["a.webm", "c.webm"]);
+});
+
+Deno.test("POST /files refuses a file that would take the fragments of all files past their bound", async () => {
+  const { clock, call } = fixture(30, { maxFileFragments: 3 });
+  await call("POST", "/files", manifest("a.webm", ["a_0.bin", "a_1.bin"]));
+  assertError(
+    await call("POST", "/files", manifest("b.webm", ["b_0.bin", "b_1.bin"])),
+    429,
+    "TOO_MANY_FILES",
+    /^Cannot publish "b\.webm": the directory's files would list more than 3 fragments, its limit/,
+  );
+  assert.deepEqual((await call("POST", "/files", single("c.webm", "c_0.bin"))).status, 201);
+  clock.now += 30_000; // both unbacked: dropped, with their fragments
+  assert.deepEqual(
+    (await call("POST", "/files", manifest("b.webm", ["b_0.bin", "b_1.bin"]))).status,
+    201,
+  );
+});
+
+Deno.test("new Registry() refuses a ttl past a day and bounds that are not positive", () => {
+  for (const options of [{ ttl: 0 }, { ttl: 86_401 }, { maxFiles: 0 }, { maxFileFragments: 0.5 }]) {
+    assert.throws(() => new Registry(options), RangeError, JSON.stringify(options));
+  }
+  assert.deepEqual(new Registry({ ttl: 86_400 }).ttl, 86_400);
+});
+
+/** A valid request body per body schema, the n-th one distinct from the others. */
+const VALID_BODIES: Record<string, (n: number) => unknown> = {
+  PeerState: (n) => peer(6000 + n, [`walk_${n}.bin`]),
+  Manifest: (n) => single(`walk${n}.webm`, `walk${n}_0.bin`),
+};
+
+Deno.test("every status a route answers is one its OpenAPI document lists", async () => {
+  // One file at most, so that publishing a second answers what a full directory answers.
+  const { app, call } = fixture(30, { maxFiles: 1 });
+  const { body: api } = await call("GET", "/openapi.json");
+  const big = JSON.stringify({ padding: "x".repeat(1024 * 1024) });
+  let n = 0;
+  for (const [path, operations] of Object.entries<Record<string, OpenApiOperation>>(api.paths)) {
+    for (const [method, operation] of Object.entries(operations)) {
+      const documented = Object.keys(operation.responses).map(Number);
+      const urls = path.includes("{")
+        ? [path.replace(/\{\w+\}/g, "probe.bin"), path.replace(/\{\w+\}/g, "..%2Fx")]
+        : [path];
+      const bodySchema = operation.requestBody?.content["application/json"].schema.$ref
+        ?.replace("#/components/schemas/", "");
+      const probes: [string, RequestInit][] = [];
+      for (const url of urls) {
+        probes.push([url, { method }]);
+        if (bodySchema === undefined) continue;
+        const valid = VALID_BODIES[bodySchema];
+        assert.ok(valid, `no valid ${bodySchema} body to probe ${method} ${path} with`);
+        const good = JSON.stringify(valid(n++));
+        const other = JSON.stringify(valid(n++));
+        const type = { "content-type": "application/json" };
+        probes.push(
+          [url, { method, headers: type, body: good }],
+          [url, { method, headers: type, body: good }],
+          [url, { method, headers: type, body: other }],
+          [url, { method, body: good }], // no Content-Type
+          [url, { method, headers: { "content-type": "text/plain" }, body: good }],
+          [url, { method, headers: type, body: "{" }],
+          [url, { method, headers: type, body: "[]" }],
+          [url, { method, headers: type, body: big }],
+        );
+      }
+      const seen = new Set<number>();
+      for (const [url, init] of probes) {
+        const response = await app.request(url, { ...init, method: method.toUpperCase() }, REMOTE);
+        await response.body?.cancel();
+        seen.add(response.status);
+        assert.ok(
+          documented.includes(response.status),
+          `${method.toUpperCase()} ${url} answered ${response.status}, not in ${documented}`,
+        );
+      }
+      if (bodySchema !== undefined) {
+        assert.ok(seen.has(415), `${method} ${path} never answered 415`);
+        assert.ok(seen.has(413), `${method} ${path} never answered 413`);
+      }
+    }
+  }
+});
+
+interface OpenApiOperation {
+  responses: Record<string, unknown>;
+  requestBody?: { content: Record<string, { schema: { $ref?: string } }> };
+}
