@@ -1,0 +1,170 @@
+/**
+ * The directory's typed client, as peers use it: register, heartbeat, leave, locate, publish
+ * and read files, each call with a timeout and one {@link DirectoryError} for every failure.
+ * @module
+ */
+import {
+  ERROR_CODES,
+  type FileDetail,
+  type FileSummary,
+  type FragmentHolders,
+  type Health,
+  type Heartbeat,
+  type Holder,
+  type PeerInfo,
+  type PeerState,
+  type Registration,
+} from "./_directory_schemas.ts";
+import type { Manifest } from "./split.ts";
+
+const DEFAULT_CLIENT_TIMEOUT_MS = 5_000;
+
+/** A failed directory call: `status` is the HTTP status, 0 when there was no answer. */
+export class DirectoryError extends Error {
+  override name = "DirectoryError";
+  constructor(
+    message: string,
+    /** The HTTP status, or 0 when the directory was unreachable or too slow. */
+    readonly status: number,
+    /** The error code from the body (e.g. `NOT_FOUND`), or `UNREACHABLE` / `TIMEOUT`. */
+    readonly code: string,
+    options?: ErrorOptions,
+  ) {
+    super(message, options);
+  }
+}
+
+/** Options of {@link DirectoryClient}. */
+export interface DirectoryClientOptions {
+  /** Give up on a call after this long. @default 5000 */
+  timeoutMs?: number;
+}
+
+/**
+ * A typed client of the directory's REST API. Every call throws a {@link DirectoryError} on a
+ * non-2xx answer, on a timeout, or when the directory cannot be reached.
+ * @example
+ * ```ts
+ * const directory = new DirectoryClient("http://localhost:5000");
+ * const { id, ttl } = await directory.register({ port: 6001, grpcPort: 50051, httpPort: 8001, fragments: [] });
+ * const holders = await directory.locate("fragment_5.bin");
+ * ```
+ */
+export class DirectoryClient {
+  /** The directory's base URL, without a trailing slash. */
+  readonly url: string;
+  readonly #timeoutMs: number;
+
+  constructor(url: string | URL, options: DirectoryClientOptions = {}) {
+    this.url = String(url).replace(/\/+$/, "");
+    this.#timeoutMs = options.timeoutMs ?? DEFAULT_CLIENT_TIMEOUT_MS;
+  }
+
+  /** Liveness, with the sizes of the directory's state. */
+  health(): Promise<Health> {
+    return this.#call("GET", "/health");
+  }
+
+  /** Registers this peer; heartbeat every `ttl / 3` seconds with the returned id. */
+  register(state: PeerState): Promise<Registration> {
+    return this.#call("POST", "/peers", state);
+  }
+
+  /** Refreshes this peer with its full state; re-creates it if the directory forgot it. */
+  heartbeat(id: string, state: PeerState): Promise<Heartbeat> {
+    return this.#call("PUT", `/peers/${encodeURIComponent(id)}`, state);
+  }
+
+  /** Leaves the directory (status 404 when it did not know `id`). */
+  async leave(id: string): Promise<void> {
+    await this.#call("DELETE", `/peers/${encodeURIComponent(id)}`);
+  }
+
+  /** The live holders of a fragment; an empty list when no live peer holds it. */
+  async locate(name: string): Promise<Holder[]> {
+    try {
+      const found = await this.#call<FragmentHolders>(
+        "GET",
+        `/fragments/${encodeURIComponent(name)}`,
+      );
+      return found.holders;
+    } catch (error) {
+      if (error instanceof DirectoryError && error.status === 404) return [];
+      throw error;
+    }
+  }
+
+  /** Every live peer with its fragments. */
+  async listPeers(): Promise<PeerInfo[]> {
+    return (await this.#call<{ peers: PeerInfo[] }>("GET", "/peers")).peers;
+  }
+
+  /** Every fragment with its live holders. */
+  async listFragments(): Promise<FragmentHolders[]> {
+    return (await this.#call<{ fragments: FragmentHolders[] }>("GET", "/fragments")).fragments;
+  }
+
+  /** Publishes a file's manifest (status 409 when another file has its name). */
+  async publishFile(manifest: Manifest): Promise<void> {
+    await this.#call("POST", "/files", manifest);
+  }
+
+  /** Every published file. */
+  async listFiles(): Promise<FileSummary[]> {
+    return (await this.#call<{ files: FileSummary[] }>("GET", "/files")).files;
+  }
+
+  /** A file's manifest with each fragment's live holders (status 404 when unknown). */
+  getFile(file: string): Promise<FileDetail> {
+    return this.#call("GET", `/files/${encodeURIComponent(file)}`);
+  }
+
+  async #call<T>(method: string, path: string, body?: unknown): Promise<T> {
+    const controller = new AbortController();
+    // A timer of our own, not AbortSignal.timeout(), so it is cleared the moment we are done.
+    const timer = setTimeout(() => controller.abort(), this.#timeoutMs);
+    let response: Response;
+    let text: string;
+    try {
+      response = await fetch(this.url + path, {
+        method,
+        headers: body === undefined ? {} : { "content-type": "application/json" },
+        body: body === undefined ? undefined : JSON.stringify(body),
+        signal: controller.signal,
+      });
+      text = await response.text();
+    } catch (error) {
+      if (controller.signal.aborted) {
+        const message = `Directory at "${this.url}" did not answer within ${this.#timeoutMs} ms`;
+        throw new DirectoryError(message, 0, "TIMEOUT", { cause: error });
+      }
+      const message = `Cannot reach directory at "${this.url}": ${fetchFailure(error)}`;
+      throw new DirectoryError(message, 0, "UNREACHABLE", { cause: error });
+    } finally {
+      clearTimeout(timer);
+    }
+    if (!response.ok) {
+      const { code, message } = parseError(text, response.status);
+      throw new DirectoryError(`${method} ${path} failed: ${message}`, response.status, code);
+    }
+    return (text === "" ? undefined : JSON.parse(text)) as T;
+  }
+}
+
+/** Why fetch failed, short: Deno hides the reason in `cause`, in a long sentence. */
+function fetchFailure(error: unknown): string {
+  const inner = error instanceof Error && error.cause instanceof Error ? error.cause : error;
+  const text = inner instanceof Error ? inner.message : String(inner);
+  return /connection refused/i.test(text) ? "connection refused" : text;
+}
+
+/** The code and message of an error body, or the status when the body is not one. */
+function parseError(text: string, status: number): { code: string; message: string } {
+  try {
+    const { error } = JSON.parse(text);
+    if (typeof error?.code === "string" && typeof error?.message === "string") return error;
+  } catch {
+    // not our error shape (a proxy in between?): fall back to the status
+  }
+  return { code: ERROR_CODES[status] ?? `HTTP_${status}`, message: `HTTP ${status}` };
+}

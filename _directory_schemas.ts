@@ -1,0 +1,296 @@
+/**
+ * The directory's contract: the zod schemas of every body it takes and gives (the validation
+ * and the OpenAPI document at once), the routes declared with them, its limits, and the codes
+ * of its error shape. Only declarations: the registry, the app and the client import them.
+ * @module
+ */
+import { createRoute, z } from "@hono/zod-openapi";
+import { type Manifest, NAME_PATTERN } from "./split.ts";
+
+/** Seconds a peer stays listed after its last heartbeat. */
+export const DEFAULT_TTL = 30;
+/** The longest ttl there is: a day. */
+export const MAX_TTL = 86_400;
+/** Files the directory lists at most, unless told otherwise. */
+export const DEFAULT_MAX_FILES = 1_000;
+/**
+ * Fragments the listed files' manifests hold at most, together, unless told otherwise: what
+ * bounds their memory (a manifest of 1 MiB, the largest body, lists about 7,000 fragments and
+ * takes about 1.4 MiB of heap).
+ */
+export const DEFAULT_MAX_FILE_FRAGMENTS = 100_000;
+/** Request bodies larger than this get a 413. */
+export const MAX_BODY_BYTES = 1024 * 1024;
+
+// ---------------------------------------------------------------------------------------------
+// Schemas
+
+const NAME_RULE = "a name of letters, digits, '.', '_' or '-' (at most 200, not starting with a " +
+  "symbol)";
+const Name = z.string().regex(NAME_PATTERN, `Must be ${NAME_RULE}`);
+/** A peer's host: a hostname or an IP address (with a %zone for IPv6). */
+export const HOST_PATTERN = /^[A-Za-z0-9._:%-]{1,253}$/;
+const Host = z.string().regex(HOST_PATTERN, "Must be a hostname or an IP address");
+const Port = z.int().min(1).max(65535);
+/** A port a peer may not serve at all (a peer started without gRPC or without a player). */
+const ServicePort = z.int().min(0).max(65535).openapi({ description: "0 when not served" });
+const Sha256 = z.string().regex(/^[0-9a-f]{64}$/, "Must be 64 lowercase hex digits");
+const Count = z.int().nonnegative();
+
+const PeerStateSchema = z.object({
+  host: Host.optional().openapi({
+    description: "Where other peers reach this one; defaults to the request's remote address",
+    example: "10.0.0.7",
+  }),
+  port: Port.openapi({ description: "TCP fragment server", example: 6001 }),
+  grpcPort: ServicePort.openapi({ example: 50051 }),
+  httpPort: ServicePort.openapi({ example: 8001 }),
+  fragments: z.array(Name).openapi({ example: ["fragment_0.bin", "fragment_3.bin"] }),
+}).openapi("PeerState");
+
+const HolderSchema = z.object({
+  id: z.string(),
+  host: z.string(),
+  port: Port,
+  grpcPort: ServicePort,
+  httpPort: ServicePort,
+}).openapi("Holder");
+
+const PeerSchema = HolderSchema.extend({ fragments: z.array(z.string()) }).openapi("Peer");
+const RegistrationSchema = z.object({
+  id: z.string(),
+  ttl: z.number().openapi({ description: "Seconds; heartbeat every ttl/3" }),
+}).openapi("Registration");
+const HeartbeatSchema = RegistrationSchema.extend({
+  recreated: z.boolean().openapi({
+    description: "True when the directory had forgotten this peer (e.g. after a restart): " +
+      "the peer should publish its manifests again",
+  }),
+}).openapi("Heartbeat");
+const FragmentHoldersSchema = z.object({ name: z.string(), holders: z.array(HolderSchema) })
+  .openapi("FragmentHolders");
+
+const FragmentEntrySchema = z.object({
+  index: Count,
+  name: Name,
+  offset: Count,
+  size: Count,
+  sha256: Sha256,
+}).openapi("FragmentEntry");
+
+const ManifestSchema = z.object({
+  version: z.literal(1),
+  file: Name,
+  mime: z.string().min(1).max(255),
+  size: Count,
+  sha256: Sha256,
+  fragments: z.array(FragmentEntrySchema).min(1),
+}).superRefine((manifest, context) => {
+  const names = new Set<string>();
+  manifest.fragments.forEach((fragment, index) => {
+    if (fragment.index !== index) {
+      context.addIssue({
+        code: "custom",
+        path: ["fragments", index, "index"],
+        message: `Must be ${index}`,
+      });
+    }
+    if (names.has(fragment.name)) {
+      context.addIssue({
+        code: "custom",
+        path: ["fragments", index, "name"],
+        message: "Must be unique",
+      });
+    }
+    names.add(fragment.name);
+  });
+}).openapi("Manifest") satisfies z.ZodType<Manifest>;
+
+const PublishedSchema = z.object({ file: z.string(), fragments: Count }).openapi("Published");
+const FileSummarySchema = z.object({
+  file: z.string(),
+  mime: z.string(),
+  size: Count,
+  sha256: z.string(),
+  fragments: Count,
+  available: z.boolean().openapi({ description: "Every fragment has at least one live holder" }),
+}).openapi("FileSummary");
+const FileDetailSchema = ManifestSchema.safeExtend({
+  fragments: z.array(FragmentEntrySchema.extend({
+    holders: z.array(HolderSchema),
+    holderCount: Count.openapi({ description: "Live holders: fetch the rarest first" }),
+  })),
+}).openapi("FileDetail");
+
+const HealthSchema = z.object({
+  status: z.literal("ok"),
+  peers: Count,
+  fragments: Count,
+  files: Count,
+}).openapi("Health");
+const ErrorSchema = z.object({
+  error: z.object({ code: z.string().openapi({ example: "NOT_FOUND" }), message: z.string() }),
+}).openapi("Error");
+
+/** What a peer tells the directory about itself (`host` defaults to its remote address). */
+export type PeerState = z.input<typeof PeerStateSchema>;
+/** A live peer that holds a fragment: where to fetch it. */
+export type Holder = z.infer<typeof HolderSchema>;
+/** A live peer and every fragment it holds. */
+export type PeerInfo = z.infer<typeof PeerSchema>;
+/** The answer to a registration: the peer's id and the ttl in seconds. */
+export type Registration = z.infer<typeof RegistrationSchema>;
+/** The answer to a heartbeat; `recreated` says the directory had forgotten the peer. */
+export type Heartbeat = z.infer<typeof HeartbeatSchema>;
+/** One fragment and its live holders. */
+export type FragmentHolders = z.infer<typeof FragmentHoldersSchema>;
+/** One published file, as `GET /files` lists it. */
+export type FileSummary = z.infer<typeof FileSummarySchema>;
+/** A published manifest with, per fragment, its live holders and their count. */
+export type FileDetail = z.infer<typeof FileDetailSchema>;
+/** The directory's liveness answer, with the sizes of its state. */
+export type Health = z.infer<typeof HealthSchema>;
+
+// ---------------------------------------------------------------------------------------------
+// Routes
+
+const TAG_PEERS = ["peers"];
+const TAG_FRAGMENTS = ["fragments"];
+const TAG_FILES = ["files"];
+
+function json<T extends z.ZodType>(schema: T, description: string) {
+  return { content: { "application/json": { schema } }, description };
+}
+
+const ERROR_DESCRIPTIONS = {
+  400: "Malformed JSON, or a field that breaks the schema (the message names it)",
+  404: "Not found",
+  409: "Conflicts with what the directory holds",
+  413: `Body larger than ${MAX_BODY_BYTES} bytes`,
+  415: 'A body without a Content-Type, or one other than "application/json" (or "+json")',
+  429: `The directory lists as many files as it may (${DEFAULT_MAX_FILES} by default), or ` +
+    `their manifests as many fragments (${DEFAULT_MAX_FILE_FRAGMENTS} by default); a file no ` +
+    "live peer holds goes within a ttl, and makes room",
+} as const;
+type ErrorStatus = keyof typeof ERROR_DESCRIPTIONS;
+
+/** The declared error responses of a route, all with the error shape. */
+function errors<const S extends ErrorStatus[]>(...statuses: S) {
+  return Object.fromEntries(
+    statuses.map((status) => [status, json(ErrorSchema, ERROR_DESCRIPTIONS[status])]),
+  ) as { [K in S[number]]: ReturnType<typeof json<typeof ErrorSchema>> };
+}
+
+function jsonBody<T extends z.ZodType>(schema: T) {
+  return { body: { content: { "application/json": { schema } }, required: true } };
+}
+
+const pathParam = (name: string) => Name.openapi({ param: { name, in: "path" } });
+
+const FILE_LIFETIME = "A file stays listed while a live peer holds any of its fragments, and " +
+  "is dropped once none has for one ttl; a new publication has one ttl to be backed, so a peer " +
+  "may publish before it registers its first fragment.";
+
+export const healthRoute = createRoute({
+  method: "get",
+  path: "/health",
+  summary: "Liveness, with the number of live peers, fragments and files",
+  responses: { 200: json(HealthSchema, "The directory is up") },
+});
+
+export const registerRoute = createRoute({
+  method: "post",
+  path: "/peers",
+  tags: TAG_PEERS,
+  summary: "Register a peer with its state",
+  request: jsonBody(PeerStateSchema),
+  responses: { 201: json(RegistrationSchema, "Registered"), ...errors(400, 413, 415) },
+});
+
+export const heartbeatRoute = createRoute({
+  method: "put",
+  path: "/peers/{id}",
+  tags: TAG_PEERS,
+  summary: "Heartbeat with the peer's full state (idempotent; recreates a forgotten peer)",
+  request: { params: z.object({ id: pathParam("id") }), ...jsonBody(PeerStateSchema) },
+  responses: { 200: json(HeartbeatSchema, "Refreshed"), ...errors(400, 413, 415) },
+});
+
+export const leaveRoute = createRoute({
+  method: "delete",
+  path: "/peers/{id}",
+  tags: TAG_PEERS,
+  summary: "Leave: forget the peer now",
+  request: { params: z.object({ id: pathParam("id") }) },
+  responses: { 204: { description: "Forgotten" }, ...errors(400, 404) },
+});
+
+export const listPeersRoute = createRoute({
+  method: "get",
+  path: "/peers",
+  tags: TAG_PEERS,
+  summary: "Every live peer with its fragments",
+  responses: { 200: json(z.object({ peers: z.array(PeerSchema) }), "Live peers") },
+});
+
+export const listFragmentsRoute = createRoute({
+  method: "get",
+  path: "/fragments",
+  tags: TAG_FRAGMENTS,
+  summary: "Every fragment with its live holders",
+  responses: {
+    200: json(z.object({ fragments: z.array(FragmentHoldersSchema) }), "Fragments"),
+  },
+});
+
+export const locateRoute = createRoute({
+  method: "get",
+  path: "/fragments/{name}",
+  tags: TAG_FRAGMENTS,
+  summary: "Locate a fragment: its live holders",
+  request: { params: z.object({ name: pathParam("name") }) },
+  responses: { 200: json(FragmentHoldersSchema, "Its holders"), ...errors(400, 404) },
+});
+
+export const publishRoute = createRoute({
+  method: "post",
+  path: "/files",
+  tags: TAG_FILES,
+  summary: "Publish a file's manifest",
+  description: FILE_LIFETIME + " Publishing the same manifest again (200) counts as backing it.",
+  request: jsonBody(ManifestSchema),
+  responses: {
+    200: json(PublishedSchema, "Already published, unchanged"),
+    201: json(PublishedSchema, "Published"),
+    ...errors(400, 409, 413, 415, 429),
+  },
+});
+
+export const listFilesRoute = createRoute({
+  method: "get",
+  path: "/files",
+  tags: TAG_FILES,
+  summary: "Every published file",
+  description: FILE_LIFETIME,
+  responses: { 200: json(z.object({ files: z.array(FileSummarySchema) }), "Files") },
+});
+
+export const getFileRoute = createRoute({
+  method: "get",
+  path: "/files/{file}",
+  tags: TAG_FILES,
+  summary: "A file's manifest with each fragment's live holders and their count",
+  request: { params: z.object({ file: pathParam("file") }) },
+  responses: { 200: json(FileDetailSchema, "The manifest with holders"), ...errors(400, 404) },
+});
+
+/** The `code` of the error shape for each status the directory answers with. */
+export const ERROR_CODES: Record<number, string> = {
+  400: "BAD_REQUEST",
+  404: "NOT_FOUND",
+  409: "CONFLICT",
+  413: "PAYLOAD_TOO_LARGE",
+  415: "UNSUPPORTED_MEDIA_TYPE",
+  429: "TOO_MANY_REQUESTS",
+  500: "INTERNAL",
+};
