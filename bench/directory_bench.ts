@@ -1,7 +1,8 @@
 /**
- * `deno task bench directory`: the directory with 10,000 peers holding 10 fragments each, under
- * locate (`GET /fragments/{name}`) and heartbeat (`PUT /peers/{id}`) load, beside bare Hono
- * routes doing the same JSON work without validation or state, in the same run.
+ * `deno task bench directory`: the directory with 10,000 peers holding 10 fragments each and the
+ * 1,000 files they seed, under locate (`GET /fragments/{name}`) and heartbeat (`PUT /peers/{id}`)
+ * load, beside bare Hono routes doing the same JSON work without validation or state, in the
+ * same run.
  *
  * Both servers run as child processes: the directory exactly as its task runs it, the bare app as
  * this file with `--bare`. The load generator (keep-alive fetch, a few concurrent workers) shares
@@ -39,6 +40,27 @@ function peerState(i: number) {
     grpcPort: 50051,
     httpPort: 8001,
     fragments: Array.from({ length: FRAGMENTS_PER_PEER }, (_, j) => fragmentName(file, j)),
+  };
+}
+
+const SHA256 = "0".repeat(64);
+const FRAGMENT_SIZE = 1_000;
+
+/** The manifest of file `file`, which peers i with i % FILES === file seed whole. */
+function manifest(file: number) {
+  return {
+    version: 1,
+    file: `file${file}.webm`,
+    mime: "video/webm",
+    size: FRAGMENTS_PER_PEER * FRAGMENT_SIZE,
+    sha256: SHA256,
+    fragments: Array.from({ length: FRAGMENTS_PER_PEER }, (_, index) => ({
+      index,
+      name: fragmentName(file, index),
+      offset: index * FRAGMENT_SIZE,
+      size: FRAGMENT_SIZE,
+      sha256: SHA256,
+    })),
   };
 }
 
@@ -179,6 +201,11 @@ async function main(): Promise<boolean> {
   });
   const { peers, fragments } = await (await fetch(`${directoryUrl}/health`)).json();
   const memory = rssMiB(ourPid);
+  const publication = await load(ourPid, FILES, (i) => {
+    const body = JSON.stringify(manifest(i));
+    return [`${directoryUrl}/files`, { method: "POST", headers: JSON_HEADERS, body }];
+  });
+  const withFiles = rssMiB(ourPid);
   // GET /peers lists peers in the order their registrations landed, which the concurrent workers
   // shuffle: match each id to its peer by host (one per peer), so heartbeat i repeats peer i.
   const listed: { id: string; host: string }[] =
@@ -201,8 +228,11 @@ async function main(): Promise<boolean> {
     { pid: barePid, request: heartbeat(bareUrl) },
     { pid: ourPid, request: heartbeat(directoryUrl) },
   );
-  // Refreshing peers must not evict any: every one is still there after the heartbeats.
-  const afterBeats: number = (await (await fetch(`${directoryUrl}/health`)).json()).peers;
+  // Refreshing peers must not evict any: every one is still there after the heartbeats, and so
+  // is every file they seed.
+  const after: { peers: number; files: number } = await (await fetch(`${directoryUrl}/health`))
+    .json();
+  const afterBeats = after.peers;
   // Again after the load, for the record: the locates reached nearly every fragment and what
   // they built stays, but most of the growth is V8's young generation, which grows to ~50 MiB
   // once enough survives (five re-registrations of the peers take the directory there as well).
@@ -226,6 +256,14 @@ async function main(): Promise<boolean> {
       value: `${memory.toFixed(1)} MiB (${emptyRss.toFixed(1)} MiB empty)`,
       target: "< 150 MiB",
       pass: memory < 150,
+    },
+    {
+      name: `publish the ${FILES} files they seed`,
+      value: `${Math.round(publication.requests / publication.seconds)} req/s, ${
+        withFiles.toFixed(1)
+      } MiB RSS with them, ${after.files} listed after the load`,
+      target: `${FILES} files`,
+      pass: publication.failures === 0 && after.files === FILES,
     },
     {
       name: "directory RSS after the locate and heartbeat load",

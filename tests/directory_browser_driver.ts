@@ -7,7 +7,6 @@
  * Usage: `deno run -A tests/directory_browser_driver.ts http://127.0.0.1:PORT/apidocs /usr/bin/chromium`
  * @module
  */
-import { chromium } from "playwright-core";
 
 /** What the page did, printed as JSON for the test to judge. */
 export interface BrowserReport {
@@ -18,6 +17,9 @@ export interface BrowserReport {
 }
 
 async function drive(url: string, executablePath: string): Promise<BrowserReport> {
+  // Imported here, not at the top: a glob such as `deno test tests/directory_*.ts` loads this
+  // file too, and playwright-core's import alone needs `-A`.
+  const { chromium } = await import("playwright-core");
   const browser = await chromium.launch({
     executablePath,
     args: [
