@@ -25,6 +25,9 @@ export class Presence implements AsyncDisposable {
   #ttl = 30;
   #reachable: boolean | undefined;
   #published: string | undefined;
+  // Whether the peer held fragments when it last published: the directory drops a file no live
+  // peer has backed for a ttl, so one published from an empty store is published again later.
+  #publishedBacked = false;
   #closed = false;
   #wake: (() => void) | undefined;
   readonly #loop: Promise<void>;
@@ -97,9 +100,11 @@ export class Presence implements AsyncDisposable {
       if (heartbeat.recreated) this.#published = undefined; // a new directory knows no files
     }
     const manifest = this.#options.manifest();
-    if (manifest && this.#published !== manifest.sha256) {
+    const backed = (state.fragments?.length ?? 0) > 0;
+    if (manifest && (this.#published !== manifest.sha256 || (backed && !this.#publishedBacked))) {
       await this.client.publishFile(manifest);
       this.#published = manifest.sha256;
+      this.#publishedBacked = backed;
     }
   }
 

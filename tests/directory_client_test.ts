@@ -142,6 +142,27 @@ Deno.test("a peer's presence keeps its file published while it heartbeats, and t
   assert.ok(Date.now() - left >= 900, "the file went before one ttl without a holder");
 });
 
+Deno.test("Presence publishes again a file the directory dropped while the peer held nothing", async () => {
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1", ttl: 1 });
+  const client = new DirectoryClient(directory.url);
+  const fragments: string[] = [];
+  const presence = new Presence(client, {
+    state: () => state(6001, fragments),
+    manifest: () => MANIFEST,
+    log: () => {},
+  });
+  try {
+    await eventually(async () => (await client.listFiles()).length === 1);
+    // Nobody holds a fragment of it for a ttl: the directory drops it.
+    await eventually(async () => (await client.listFiles()).length === 0);
+    fragments.push("clip_1.bin"); // the first fragment arrives late (from a neighbour, say)
+    presence.poke();
+    await eventually(async () => (await client.listFiles()).length === 1);
+  } finally {
+    await presence.close();
+  }
+});
+
 Deno.test("startDirectory() answers 413 to a streamed body over 1 MiB", async () => {
   await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
   // A stream has no Content-Length: the limit must count the bytes as they arrive.
