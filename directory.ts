@@ -20,6 +20,9 @@ import { type AppOptions, createApp } from "./_directory_app.ts";
 import { Registry } from "./_directory_registry.ts";
 import { DEFAULT_TTL, MAX_TTL } from "./_directory_schemas.ts";
 
+/** The shortest --ttl: peers heartbeat every ttl/3, so less than a second is a flood. */
+const MIN_TTL = 1;
+
 export {
   DEFAULT_MAX_FILE_FRAGMENTS,
   DEFAULT_MAX_FILES,
@@ -125,7 +128,7 @@ The REST directory: which live peer holds which fragment, and the published mani
 Options:
   --port PORT      port to listen on, 0 for any free one (default ${DEFAULT_PORT})
   --ttl SECONDS    forget a peer this long after its last heartbeat, and a file this long
-                   after no live peer holds any of it (default ${DEFAULT_TTL}, at most ${MAX_TTL})
+                   after no live peer holds any of it (default ${DEFAULT_TTL}, ${MIN_TTL} to ${MAX_TTL})
   --hostname HOST  address to listen on (default 0.0.0.0)
   -h, --help       show this help`;
 
@@ -146,12 +149,9 @@ function parseCli(args: string[]): { port: number; ttl: number; hostname: string
     throw new UserError(`Invalid --port "${values.port}": expected a number from 0 to 65535`);
   }
   const ttl = Number(values.ttl ?? DEFAULT_TTL);
-  if (Number.isNaN(ttl) || ttl <= 0) {
-    throw new UserError(`Invalid --ttl "${values.ttl}": expected a positive number of seconds`);
-  }
-  if (ttl > MAX_TTL) {
+  if (!(ttl >= MIN_TTL && ttl <= MAX_TTL)) {
     throw new UserError(
-      `Invalid --ttl "${values.ttl}": expected at most ${MAX_TTL} seconds (a day)`,
+      `Invalid --ttl "${values.ttl}": expected ${MIN_TTL} to ${MAX_TTL} seconds (a day)`,
     );
   }
   return { port, ttl, hostname: values.hostname ?? "0.0.0.0" };

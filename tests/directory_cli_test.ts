@@ -52,12 +52,13 @@ Deno.test("deno task directory refuses bad flags with one line and a non-zero ex
   const cases: [string[], RegExp][] = [
     [["--port", "abc"], /^error: Invalid --port "abc": expected a number from 0 to 65535$/],
     [["--port", "70000"], /^error: Invalid --port "70000"/],
-    [["--ttl", "0"], /^error: Invalid --ttl "0": expected a positive number of seconds$/],
+    [["--ttl", "0"], /^error: Invalid --ttl "0": expected 1 to 86400 seconds \(a day\)$/],
+    [["--ttl", "0.5"], /^error: Invalid --ttl "0.5": expected 1 to 86400 seconds \(a day\)$/],
     [
       ["--ttl", "86401"],
-      /^error: Invalid --ttl "86401": expected at most 86400 seconds \(a day\)$/,
+      /^error: Invalid --ttl "86401": expected 1 to 86400 seconds \(a day\)$/,
     ],
-    [["--ttl", "Infinity"], /^error: Invalid --ttl "Infinity": expected at most 86400 seconds/],
+    [["--ttl", "Infinity"], /^error: Invalid --ttl "Infinity": expected 1 to 86400 seconds/],
     [["--bogus"], /^error: Unknown option '--bogus'/],
     [["extra"], /^error: Unexpected argument 'extra'/],
   ];
