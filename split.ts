@@ -29,7 +29,7 @@ export const MANIFEST_NAME = "manifest.json";
 /** The video `split` uses when given none. */
 export const SAMPLE_VIDEO = fileURLToPath(new URL("./samples/sample.webm", import.meta.url));
 /** More fragments than this is a typo, not a plan: each one is a file and a manifest line. */
-export const MAX_FRAGMENTS = 10_000;
+export const MAX_FRAGMENTS = 5_000;
 
 const CHUNK = 4 * 1024 * 1024;
 const BUFFERS = 3; // one being read and written, two the hash workers may still be on

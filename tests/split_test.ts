@@ -1,10 +1,13 @@
 import { assert, assertEquals, assertMatch, assertRejects } from "./_assert.ts";
 import { join } from "node:path";
 import { createHash } from "node:crypto";
+import { DirectoryClient, startDirectory } from "../directory.ts";
 import {
+  fragmentName,
   fragmentSizes,
   joinFragments,
   type Manifest,
+  MAX_FRAGMENTS,
   readManifest,
   SAMPLE_VIDEO,
   SplitError,
@@ -348,4 +351,27 @@ Deno.test("split CLI killed mid-run leaves no store that looks complete", async 
   const again = await runTask("split", ["big.bin", "--fragments", "2"], { cwd: dir.path });
   assertEquals(again.code, 0, again.stderr);
   assertEquals(await listNames(out), ["fragment_0.bin", "fragment_1.bin", "manifest.json"]);
+});
+
+Deno.test("the largest split's manifest is one the directory accepts", async () => {
+  // Widest fields: a 200-character file name, 8 TiB split as finely as split.ts allows.
+  const size = 8 * 1024 ** 4;
+  const sizes = fragmentSizes(size, MAX_FRAGMENTS);
+  let offset = 0;
+  const manifest: Manifest = {
+    version: 1,
+    file: `${"v".repeat(195)}.webm`,
+    mime: "video/webm",
+    size,
+    sha256: "f".repeat(64),
+    fragments: sizes.map((fragmentSize, index) => {
+      const entry = { index, name: fragmentName(index), offset, size: fragmentSize };
+      offset += fragmentSize;
+      return { ...entry, sha256: "f".repeat(64) };
+    }),
+  };
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
+  const client = new DirectoryClient(directory.url);
+  await client.publishFile(manifest);
+  assertEquals((await client.getFile(manifest.file)).fragments.length, MAX_FRAGMENTS);
 });
