@@ -8,6 +8,7 @@
  * download never sits at 99% behind one slow peer.
  * @module
  */
+import { AsyncLocalStorage } from "node:async_hooks";
 import { join } from "node:path";
 import { type Fetcher, FetchError, type Holder, holderAddress, StoreWriteError } from "./_fetch.ts";
 import type { Store } from "./_store.ts";
@@ -53,6 +54,10 @@ interface Attempt {
   controller: AbortController;
 }
 
+// The attempt whose fetch is running. The store tells of an arrival from inside the write that
+// stored it, so this says which attempt (and holder) the fragment came from.
+const currentAttempt = new AsyncLocalStorage<Attempt>();
+
 /** Downloads files from many holders at once into a peer's store. */
 export class Swarm implements Disposable {
   readonly #store: Store;
@@ -70,6 +75,7 @@ export class Swarm implements Disposable {
   #downUntil = new Map<string, number>();
   #tried = new Map<string, Set<string>>(); // fragment -> holders that failed it, until a refresh
   #lied = new Map<string, Set<string>>(); // fragment -> holders that sent bad bytes of it, for good
+  #announced = new Set<string>(); // fragments whose "held" event went out
   #liars = new Set<string>(); // holders that ever sent bad bytes
   #listeners = new Set<(event: FragmentEvent) => void>();
   #wake: (() => void) | undefined;
@@ -107,8 +113,15 @@ export class Swarm implements Disposable {
     };
     store.onFragment((info) => {
       this.#received += info.size;
-      // A fragment the swarm fetched is announced by its fetch, which knows where it came from.
-      if (!this.#inflight.has(info.name)) this.#emit(info.name, "held");
+      // Told here, as it lands, so a listener counting what is held counts this arrival and no
+      // other: by the time its fetch resolves another may have landed too. A second copy (both
+      // holders of a late fragment finished) is no news.
+      if (!this.#announced.has(info.name)) {
+        this.#announced.add(info.name);
+        const attempt = currentAttempt.getStore();
+        const ours = attempt && this.#inflight.get(info.name)?.includes(attempt);
+        this.#emit(info.name, "held", ours ? attempt.holder : undefined);
+      }
       this.#wake?.();
       this.#notify();
     });
@@ -178,10 +191,13 @@ export class Swarm implements Disposable {
     try {
       while (!this.#closed.signal.aborted) {
         if (this.#fatal) return this.#fatal;
-        const pending = this.#pending();
+        let pending = this.#pending();
         if (pending.length === 0 && this.#inflight.size === 0) return undefined;
         const unknown = pending.some((n) => this.#candidates(n).length === 0);
-        if (Date.now() - this.#refreshed > (unknown ? 500 : 2000)) await this.#refresh();
+        if (Date.now() - this.#refreshed > (unknown ? 500 : 2000)) {
+          await this.#refresh();
+          pending = this.#pending(); // in the order the new holder counts give
+        }
         for (const name of pending) this.#start(name);
         this.#chaseLate();
         this.#report();
@@ -251,13 +267,16 @@ export class Swarm implements Disposable {
     if (!holder) return;
     const address = holderAddress(holder.host, holder.port);
     const attempt = { holder: address, started: Date.now(), controller: new AbortController() };
+    if (!duplicate) this.#announced.delete(name); // not held: the store may have lost it
     this.#inflight.set(name, [...attempts, attempt]);
     this.#load.set(address, this.#loadOf(holder) + 1);
     this.#emit(name, "inflight", address);
-    this.#fetcher.fetch(name, [holder], "tcp", attempt.controller.signal).then(
+    currentAttempt.run(
+      attempt,
+      () => this.#fetcher.fetch(name, [holder], "tcp", attempt.controller.signal),
+    ).then(
       () => {
         this.#lastProgress = Date.now();
-        this.#emit(name, "held", address);
       },
       (error) => this.#failed(name, address, error),
     ).finally(() => {
@@ -376,7 +395,15 @@ export class Swarm implements Disposable {
 
   #emit(name: string, state: FragmentEvent["state"], from?: string): void {
     const index = this.#store.manifest?.fragments.find((f) => f.name === name)?.index ?? -1;
-    for (const listener of this.#listeners) listener({ name, index, state, from });
+    for (const listener of this.#listeners) {
+      // As EventTarget does: a listener that throws is reported, and never fails the store's
+      // write this may be called from, nor the listeners after it.
+      try {
+        listener({ name, index, state, from });
+      } catch (error) {
+        reportError(error);
+      }
+    }
   }
 
   #report(): void {

@@ -1,17 +1,21 @@
 /**
  * The swarm download: a viewer gets the whole video from several seeders at once, and survives
- * a seeder dying, the directory restarting, and a seeder far slower than the rest.
+ * a seeder dying (closed, or killed mid-fragment), the directory restarting, and a seeder far
+ * slower than the rest. Stand-in holders that hold their replies show the scheduler's limits and
+ * its order.
  * @module
  */
 import { assert, assertEquals, assertMatch } from "./_assert.ts";
+import { createHash } from "node:crypto";
 import { join } from "node:path";
 import { DirectoryClient, startDirectory } from "../directory.ts";
 import { Fetcher, FetchError } from "../_fetch.ts";
+import { LineBuffer } from "../_lines.ts";
 import { Store } from "../_store.ts";
-import { Swarm } from "../_swarm.ts";
+import { Swarm, type SwarmOptions } from "../_swarm.ts";
 import { type Peer, startPeer } from "../peer.ts";
-import { SAMPLE_VIDEO, splitFile } from "../split.ts";
-import { startTask, tempDir } from "./_util.ts";
+import { type Manifest, SAMPLE_VIDEO, splitFile } from "../split.ts";
+import { type Child, startTask, tempDir } from "./_util.ts";
 
 /** Seeders in-process, each on its own store under `root`, registered in `directory`. */
 async function startSeeders(
@@ -108,6 +112,7 @@ Deno.test("the swarm completes when a seeder dies mid-download", async () => {
       log: () => {},
     });
     const done = viewer.fetchAll();
+    done.catch(() => {}); // awaited below; a failed assertion before must not leave it unhandled
     await waitForHeld(viewer, 2);
     await seeders[0]!.close(); // a seeder dies
     const manifest = await done;
@@ -136,6 +141,7 @@ Deno.test("the swarm completes when the directory restarts mid-download", async 
       log: () => {},
     });
     const done = viewer.fetchAll();
+    done.catch(() => {}); // awaited below; a failed assertion before must not leave it unhandled
     await waitForHeld(viewer, 2);
     await first.close();
     second = startDirectory({ port, hostname: "127.0.0.1", ttl: 1 });
@@ -184,14 +190,17 @@ Deno.test("the swarm asks a second holder when the first is clearly late", async
 async function startSwarm(
   dir: string,
   directory: string,
-  options: { stallMs?: number; avoidMs?: number; log?: (line: string) => void } = {},
+  options: SwarmOptions & { avoidMs?: number } = {},
 ) {
+  const { avoidMs, ...swarmOptions } = options;
   const store = await Store.open(dir);
-  const fetcher = new Fetcher(store, { avoidMs: options.avoidMs, log: options.log });
-  const swarm = new Swarm(store, fetcher, { directory: new DirectoryClient(directory) }, {
-    stallMs: options.stallMs,
-    log: options.log,
-  });
+  const fetcher = new Fetcher(store, { avoidMs, log: options.log });
+  const swarm = new Swarm(
+    store,
+    fetcher,
+    { directory: new DirectoryClient(directory) },
+    swarmOptions,
+  );
   return {
     store,
     swarm,
@@ -245,6 +254,7 @@ Deno.test("the swarm never asks a holder again for a fragment it sent bad bytes 
       log: (line) => lines.push(line),
     });
     const done = viewer.swarm.fetchAll();
+    done.catch(() => {}); // awaited below; a failed assertion before must not leave it unhandled
     const deadline = Date.now() + 10_000;
     while (viewer.store.list().length < 9) {
       assert(Date.now() < deadline, "the liar's good fragments never arrived");
@@ -269,3 +279,368 @@ async function waitForHeld(peer: Peer, count: number) {
     await new Promise((resolve) => setTimeout(resolve, 20));
   }
 }
+
+/** Polls `probe` every 20 ms until it gives something truthy, and returns it; or fails. */
+async function poll<T>(
+  probe: () => T | Promise<T>,
+  message: string,
+  timeoutMs = 30_000,
+): Promise<NonNullable<T>> {
+  const deadline = Date.now() + timeoutMs;
+  while (true) {
+    const found = await probe();
+    if (found) return found;
+    assert(Date.now() < deadline, message);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+Deno.test("each [swarm] line counts one fragment more than the line before", async () => {
+  await using dir = await tempDir();
+  const root = join(dir.path, "f");
+  await splitFile(SAMPLE_VIDEO, { out: root, peers: ["a", "b", "c"] });
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
+  const seeders = await startSeeders(root, directory.url, ["a", "b", "c"]);
+  try {
+    await registered(directory.url, 3);
+    const lines: string[] = [];
+    await using viewer = await startPeer({
+      port: 0,
+      hostname: "127.0.0.1",
+      dir: join(dir.path, "viewer"),
+      directory: directory.url,
+      broker: null,
+      log: (line) => lines.push(line),
+    });
+    // Two fragments land before the first one's fetch is over, as when both arrive in one turn
+    // of the event loop: the first write's answer waits until a second fragment is stored.
+    let landed = 0;
+    viewer.store.onFragment(() => landed++);
+    const write = viewer.store.write.bind(viewer.store);
+    viewer.store.write = async (name, expected, chunks) => {
+      const info = await write(name, expected, chunks);
+      if (landed === 1) await poll(() => landed >= 2, "no second fragment landed");
+      return info;
+    };
+    await viewer.fetchAll();
+    const counts = lines.flatMap((line) =>
+      line.match(/^\[swarm\] fragment_\d+\.bin from 127\.0\.0\.1:\d+ \((\d+)\/10\)$/)?.[1] ?? []
+    );
+    assertEquals(counts, ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10"], lines.join("\n"));
+  } finally {
+    await closeAll(seeders);
+  }
+});
+
+// ---------------------------------------------------------------------------------------------
+// A seeder killed mid-fragment
+
+/** A seeder as a child process, with its task's flags, uploading at `rate`. */
+function startSeederTask(dir: string, directory: string, rate: string): Child {
+  return startTask("peer", [
+    "0",
+    "--no-console",
+    "--max-upload",
+    rate,
+    "--dir",
+    dir,
+    "--directory",
+    directory,
+    "--broker",
+    "127.0.0.1:1",
+    "--hostname",
+    "127.0.0.1",
+    "--grpc-port",
+    "0",
+    "--http-port",
+    "0",
+  ]);
+}
+
+async function listeningPort(child: Child): Promise<number> {
+  const [, port] = await child.waitFor(/\[SERVER\] Node listening on port (\d+)/, {
+    stream: "stdout",
+    timeoutMs: 30_000,
+  });
+  return Number(port);
+}
+
+Deno.test("the swarm completes from the others when a seeder is killed mid-fragment", async () => {
+  await using dir = await tempDir();
+  const all = join(dir.path, "all");
+  const manifest = await splitFile(SAMPLE_VIDEO, { out: all });
+  // Three seeders, each lacking a third: every fragment has two holders, so any one may die.
+  const stores = [0, 1, 2].map((k) => join(dir.path, `seeder${k}`));
+  for (const [k, store] of stores.entries()) {
+    await Deno.mkdir(store);
+    await Deno.copyFile(join(all, "manifest.json"), join(store, "manifest.json"));
+    for (const f of manifest.fragments) {
+      if (f.index % 3 !== k) await Deno.copyFile(join(all, f.name), join(store, f.name));
+    }
+  }
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
+  // Slow, so that fragments are still on their way when the victim dies.
+  await using victim = startSeederTask(stores[0]!, directory.url, "200KB/s");
+  await using seeder1 = startSeederTask(stores[1]!, directory.url, "200KB/s");
+  await using seeder2 = startSeederTask(stores[2]!, directory.url, "200KB/s");
+  const victimAddress = `127.0.0.1:${await listeningPort(victim)}`;
+  await Promise.all([seeder1, seeder2].map(listeningPort));
+  await registered(directory.url, 3);
+
+  const lines: string[] = [];
+  const viewerDir = join(dir.path, "viewer");
+  // No second holder for a late fragment: what the victim had is fetched again because it died.
+  using viewer = await startSwarm(viewerDir, directory.url, {
+    lateMs: 600_000,
+    log: (line) => lines.push(line),
+  });
+  const asked = new Map<string, string>(); // fragment -> the holder last asked for it
+  const arrived = new Map<string, string | undefined>(); // fragment -> where it came from
+  viewer.swarm.onEvent((e) => {
+    if (e.state === "inflight") asked.set(e.name, e.from!);
+    if (e.state === "held") arrived.set(e.name, e.from);
+  });
+  const done = viewer.swarm.fetchAll();
+  done.catch(() => {}); // awaited below; a failed assertion before must not leave it unhandled
+
+  // A fragment the victim is sending: its bytes have started to arrive, and it is not done.
+  const cut = await poll(async () => {
+    for await (const entry of Deno.readDir(viewerDir)) {
+      const name = entry.name.match(/^\.part-(.+)-[0-9a-f-]{36}$/)?.[1];
+      if (!name || asked.get(name) !== victimAddress || viewer.store.get(name)) continue;
+      const size = await Deno.stat(join(viewerDir, entry.name)).then((s) => s.size, () => 0);
+      if (size > 0) return name;
+    }
+    return undefined;
+  }, "the victim never sent part of a fragment");
+  victim.kill("SIGKILL");
+  assertEquals((await victim.status()).signal, "SIGKILL");
+
+  await done;
+  assert(
+    lines.some((line) => line.startsWith(`[!] ${victimAddress} failed mid-fragment`)),
+    lines.join("\n"),
+  );
+  assert(arrived.has(cut) && arrived.get(cut) !== victimAddress, `${cut} from ${arrived.get(cut)}`);
+  assertEquals(manifest.fragments.filter((f) => !viewer.store.get(f.name)), []);
+  assertEquals(
+    await Deno.readFile(join(viewerDir, "sample.webm")),
+    await Deno.readFile(SAMPLE_VIDEO),
+  );
+});
+
+// ---------------------------------------------------------------------------------------------
+// Stand-in holders: the scheduler's limits and order
+
+/** Requests being answered: now, and the most at once. */
+class Tally {
+  now = 0;
+  most = 0;
+  enter() {
+    this.most = Math.max(this.most, ++this.now);
+  }
+  leave() {
+    this.now--;
+  }
+}
+
+interface FakeHolder extends AsyncDisposable {
+  readonly port: number;
+  /** The requests it is answering. */
+  readonly tally: Tally;
+  /** Lets every reply held so far, and every later one, go. */
+  open(): void;
+}
+
+/**
+ * A holder speaking the peer TCP protocol from memory: it answers `GET <name>` from `fragments`,
+ * each reply waiting for `open()` when started `held`. Each request counts in its own tally and
+ * in `overall`, and its name goes on `asked`, while it is being answered.
+ */
+function startFakeHolder(
+  fragments: Map<string, Uint8Array>,
+  options: { held?: boolean; overall?: Tally; asked?: string[] } = {},
+): FakeHolder {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const tally = new Tally();
+  const gate = Promise.withResolvers<void>();
+  if (!options.held) gate.resolve();
+  const conns = new Set<Deno.Conn>();
+  const tasks = new Set<Promise<void>>();
+  const encoder = new TextEncoder();
+
+  async function serve(conn: Deno.Conn) {
+    const lines = new LineBuffer(1024);
+    const buffer = new Uint8Array(4096);
+    const write = async (bytes: Uint8Array) => {
+      for (let done = 0; done < bytes.length;) done += await conn.write(bytes.subarray(done));
+    };
+    for (let n; (n = await conn.read(buffer)) !== null;) {
+      lines.push(buffer.subarray(0, n));
+      for (let line; (line = lines.shift()) !== undefined;) {
+        const name = line.replace(/^GET /, "");
+        const bytes = fragments.get(name);
+        options.asked?.push(name);
+        tally.enter();
+        options.overall?.enter();
+        try {
+          await gate.promise;
+          if (!bytes) {
+            await write(encoder.encode(`ERR NOT_FOUND no fragment "${name}" here\n`));
+            continue;
+          }
+          const sha256 = createHash("sha256").update(bytes).digest("hex");
+          await write(encoder.encode(`OK ${bytes.length} ${sha256}\n`));
+          await write(bytes);
+        } finally {
+          tally.leave();
+          options.overall?.leave();
+        }
+      }
+    }
+  }
+
+  const accepting = (async () => {
+    for await (const conn of listener) {
+      conns.add(conn);
+      const task = serve(conn).catch((error) => {
+        // The viewer hung up, or the holder was closed under a reply.
+        if (!(error instanceof Deno.errors.BadResource || isConnectionLoss(error))) throw error;
+      }).finally(() => {
+        tasks.delete(task);
+        if (conns.delete(conn)) conn.close();
+      });
+      tasks.add(task);
+    }
+  })();
+
+  return {
+    port: listener.addr.port,
+    tally,
+    open: () => gate.resolve(),
+    async [Symbol.asyncDispose]() {
+      listener.close();
+      for (const conn of conns) conn.close();
+      conns.clear();
+      gate.resolve(); // held replies now fail on their closed connections
+      await accepting;
+      await Promise.all(tasks);
+    },
+  };
+}
+
+function isConnectionLoss(error: unknown): boolean {
+  return error instanceof Deno.errors.ConnectionReset ||
+    error instanceof Deno.errors.BrokenPipe ||
+    error instanceof Deno.errors.Interrupted ||
+    error instanceof Deno.errors.NotConnected;
+}
+
+/** The sample split into `dir`: its manifest, and each fragment's bytes. */
+async function sampleFragments(dir: string) {
+  const manifest = await splitFile(SAMPLE_VIDEO, { out: dir });
+  const bytes = new Map<string, Uint8Array>();
+  for (const f of manifest.fragments) bytes.set(f.name, await Deno.readFile(join(dir, f.name)));
+  return { manifest, bytes };
+}
+
+/** Publishes `manifest` in the directory, and registers each stand-in with what it holds. */
+async function registerFakes(
+  directory: string,
+  manifest: Manifest,
+  holders: { holder: FakeHolder; fragments: string[] }[],
+) {
+  const client = new DirectoryClient(directory);
+  await client.publishFile(manifest);
+  for (const { holder, fragments } of holders) {
+    await client.register({
+      host: "127.0.0.1",
+      port: holder.port,
+      grpcPort: 0,
+      httpPort: 0,
+      fragments,
+    });
+  }
+}
+
+/**
+ * A fetch-all from `count` stand-ins that each hold every fragment and hold back their replies
+ * until `expected` requests are in flight and the scheduler has gone round a few more times,
+ * each a chance to start more than it may. Returns the most requests in flight at once, overall
+ * and at each holder.
+ */
+async function mostInFlight(count: number, expected: number) {
+  await using dir = await tempDir();
+  const { manifest, bytes } = await sampleFragments(join(dir.path, "all"));
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1", ttl: 600 });
+  const overall = new Tally();
+  const holders = Array.from(
+    { length: count },
+    () => startFakeHolder(bytes, { held: true, overall }),
+  );
+  try {
+    const names = [...bytes.keys()];
+    await registerFakes(
+      directory.url,
+      manifest,
+      holders.map((holder) => ({ holder, fragments: names })),
+    );
+    let rounds = 0; // the scheduler reports progress once per round
+    using viewer = await startSwarm(join(dir.path, "viewer"), directory.url, {
+      progress: () => rounds++,
+    });
+    const done = viewer.swarm.fetchAll();
+    done.catch(() => {}); // awaited below
+    await poll(() => overall.now >= expected, `never ${expected} requests at once`);
+    const seen = rounds;
+    await poll(() => rounds >= seen + 4, "the scheduler stopped going round");
+    for (const holder of holders) holder.open();
+    await done;
+    assertEquals(viewer.store.list().length, 10);
+    return { overall: overall.most, perHolder: holders.map((h) => h.tally.most) };
+  } finally {
+    await Promise.all(holders.map((holder) => holder[Symbol.asyncDispose]()));
+  }
+}
+
+Deno.test("the swarm keeps at most 2 fragments in flight from one holder", async () => {
+  assertEquals(await mostInFlight(2, 4), { overall: 4, perHolder: [2, 2] });
+});
+
+Deno.test("the swarm keeps at most 6 fragments in flight overall", async () => {
+  const most = await mostInFlight(4, 6);
+  assertEquals(most.overall, 6);
+  assert(most.perHolder.every((n) => n <= 2), `per holder: ${most.perHolder}`);
+});
+
+Deno.test("the swarm asks for the rarest fragments first", async () => {
+  await using dir = await tempDir();
+  const { manifest, bytes } = await sampleFragments(join(dir.path, "all"));
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1", ttl: 600 });
+  // Fragment i has 3 holders when i % 3 is 0, one when it is 1, two when it is 2.
+  const holds = [(_i: number) => true, (i: number) => i % 3 !== 1, (i: number) => i % 3 === 0];
+  const asked: string[] = [];
+  const holders = holds.map((has) =>
+    startFakeHolder(
+      new Map([...bytes].filter((_, i) => has(i))),
+      { asked },
+    )
+  );
+  try {
+    await registerFakes(
+      directory.url,
+      manifest,
+      holders.map((holder, k) => ({
+        holder,
+        fragments: manifest.fragments.filter((f) => holds[k]!(f.index)).map((f) => f.name),
+      })),
+    );
+    // One fragment at a time, so the order asked is the order chosen.
+    using viewer = await startSwarm(join(dir.path, "viewer"), directory.url, { total: 1 });
+    await viewer.swarm.fetchAll();
+    const expected = [1, 4, 7, 2, 5, 8, 0, 3, 6, 9].map((i) => `fragment_${i}.bin`);
+    assertEquals(asked, expected);
+  } finally {
+    await Promise.all(holders.map((holder) => holder[Symbol.asyncDispose]()));
+  }
+});
