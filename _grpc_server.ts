@@ -1,0 +1,356 @@
+/**
+ * The `p2p.FileTransfer` server of peer_grpc.ts over a fragment store: one handler per RPC.
+ * Download reads each chunk from the file straight into its encoded place in a reused buffer;
+ * Upload is kept only once Store.write verified it.
+ * The peer runs this in a supervised child (see _grpc_supervisor.ts), never in its own process.
+ * @module
+ */
+import * as grpc from "@grpc/grpc-js";
+import { Buffer } from "node:buffer";
+import { UserError } from "./_cli.ts";
+import { createThrottle } from "./_throttle.ts";
+import {
+  BadNameError,
+  type FragmentInfo,
+  IntegrityError,
+  isFragmentName,
+  type Store,
+} from "./_store.ts";
+import {
+  CHUNK_SIZE,
+  DEFAULT_PORT,
+  fileTransfer,
+  type Holder,
+  MAX_MESSAGE,
+  quote,
+  statusError,
+  type UploadChunk,
+  type WireHolder,
+} from "./_grpc_wire.ts";
+
+// The largest fragment an Upload may announce (the splitter's fragments are far smaller).
+const MAX_UPLOAD_SIZE = 4 * 1024 ** 3;
+const SHA256_HEX = /^[0-9a-f]{64}$/;
+// Unacknowledged chunks one Download may have queued: bounds its memory at a few MiB.
+const DOWNLOAD_WINDOW = 4;
+const encoder = new TextEncoder();
+
+/** How {@link startGrpcServer} serves. */
+export interface GrpcServerOptions {
+  /** 0 picks a free port. @default 50051 */
+  port?: number;
+  /** @default "0.0.0.0" */
+  hostname?: string;
+  /** Who else holds a fragment (e.g. the directory's answer); Locate returns no holders without. */
+  locate?: (name: string) => Promise<Holder[]>;
+  /** Called after an Upload stored a verified fragment. */
+  onStored?: (info: FragmentInfo) => void;
+  /** Downloads served at once; more are refused with RESOURCE_EXHAUSTED. @default 64 */
+  maxDownloads?: number;
+  /** Uploads received at once; more are refused with RESOURCE_EXHAUSTED. @default 4 */
+  maxUploads?: number;
+  /** Download bytes per second, across all calls (a peer's `--max-upload`). */
+  maxUpload?: number;
+}
+
+/** A running gRPC FileTransfer server. */
+export interface GrpcServer extends AsyncDisposable {
+  readonly port: number;
+  /** Stops listening and cancels the calls in flight. */
+  close(): Promise<void>;
+}
+
+/**
+ * Serves `store` as `p2p.FileTransfer` until closed.
+ * @example
+ * ```ts
+ * await using server = await startGrpcServer(await Store.open("fragments/6001"), { port: 0 });
+ * ```
+ */
+export async function startGrpcServer(
+  store: Store,
+  options: GrpcServerOptions = {},
+): Promise<GrpcServer> {
+  const server = new grpc.Server({
+    "grpc.max_receive_message_length": MAX_MESSAGE,
+  });
+  const active = new Set<Promise<void>>();
+  server.addService(serverDefinition(), fileTransferHandlers(store, options, active));
+  const host = options.hostname ?? "0.0.0.0";
+  const address = `${host.includes(":") ? `[${host}]` : host}:${options.port ?? DEFAULT_PORT}`;
+  const port = await new Promise<number>((resolve, reject) => {
+    server.bindAsync(address, grpc.ServerCredentials.createInsecure(), (error, port) => {
+      if (error) reject(new UserError(`Cannot listen on ${quote(address)}: ${error.message}`));
+      else resolve(port);
+    });
+  });
+  let closing: Promise<void> | undefined;
+  function close() {
+    closing ??= (async () => {
+      server.forceShutdown();
+      // Let cancelled uploads remove their temporary files before the caller moves on.
+      await Promise.allSettled(active);
+    })();
+    return closing;
+  }
+  return { port, close, [Symbol.asyncDispose]: close };
+}
+
+/**
+ * The service as the server registers it: Download's chunks arrive already encoded (see
+ * {@link encodeChunk}), so protobufjs does not copy each MiB once more; other messages as usual.
+ */
+function serverDefinition(): grpc.ServiceDefinition {
+  const definition = fileTransfer().service;
+  const download = definition.Download!;
+  return {
+    ...definition,
+    Download: {
+      ...download,
+      responseSerialize: (message: unknown) =>
+        message instanceof Uint8Array
+          ? Buffer.from(message.buffer, message.byteOffset, message.length) // a view: no copy
+          : download.responseSerialize(message),
+    },
+  };
+}
+
+/** The handlers of `p2p.FileTransfer`, one named function per RPC. */
+function fileTransferHandlers(
+  store: Store,
+  options: GrpcServerOptions,
+  active: Set<Promise<void>>,
+): grpc.UntypedServiceImplementation {
+  const { maxDownloads = 64, maxUploads = 4 } = options;
+  let downloads = 0, uploads = 0;
+  const throttle = options.maxUpload ? createThrottle(options.maxUpload) : undefined;
+
+  /** Runs a streaming handler, tracked so close() can wait for its cleanup. */
+  function track(work: Promise<void>) {
+    const done = work.finally(() => active.delete(done));
+    active.add(done);
+  }
+
+  function ListFiles(
+    _call: grpc.ServerUnaryCall<unknown, unknown>,
+    callback: grpc.sendUnaryData<unknown>,
+  ) {
+    // The peer stores what it fetches in the same folder: pick that up first.
+    store.adoptAll().then(
+      () => callback(null, { fragments: store.list(), file: store.manifest?.file ?? "" }),
+      (error) => callback(statusError(grpc.status.INTERNAL, String(error))),
+    );
+  }
+
+  async function Locate(
+    call: grpc.ServerUnaryCall<{ name: string }, unknown>,
+    callback: grpc.sendUnaryData<unknown>,
+  ) {
+    const { name } = call.request;
+    if (!isFragmentName(name)) {
+      return callback(statusError(grpc.status.INVALID_ARGUMENT, `Invalid name ${quote(name)}`));
+    }
+    const fragment = store.get(name) ?? await store.adopt(name);
+    // The directory being down is no reason to fail: the answer just knows fewer holders.
+    const holders = await options.locate?.(name).catch(() => []) ?? [];
+    callback(null, { held: fragment !== undefined, fragment, holders: holders.map(toWireHolder) });
+  }
+
+  // Its messages are Chunks encoded by encodeChunk (see serverDefinition).
+  function Download(call: grpc.ServerWritableStream<{ name: string }, Uint8Array>) {
+    const { name } = call.request;
+    if (!isFragmentName(name)) {
+      call.emit("error", statusError(grpc.status.INVALID_ARGUMENT, `Invalid name ${quote(name)}`));
+      return;
+    }
+    if (downloads >= maxDownloads) {
+      call.emit("error", statusError(grpc.status.RESOURCE_EXHAUSTED, "Too many downloads"));
+      return;
+    }
+    downloads++;
+    track(sendFragment(store, name, call, throttle).finally(() => downloads--));
+  }
+
+  function Upload(
+    call: grpc.ServerReadableStream<UploadChunk, unknown>,
+    callback: grpc.sendUnaryData<unknown>,
+  ) {
+    if (uploads >= maxUploads) {
+      call.destroy(); // stop reading what it sends; the status below is the answer
+      return callback(statusError(grpc.status.RESOURCE_EXHAUSTED, "Too many uploads"));
+    }
+    uploads++;
+    track(
+      receiveFragment(store, call).then(
+        (info) => {
+          callback(null, info);
+          options.onStored?.(info);
+        },
+        (error) => callback(uploadStatus(error)),
+      ).finally(() => uploads--),
+    );
+  }
+
+  function Echo(
+    call: grpc.ServerUnaryCall<{ message: string }, unknown>,
+    callback: grpc.sendUnaryData<unknown>,
+  ) {
+    callback(null, { message: call.request.message });
+  }
+
+  return { ListFiles, Locate, Download, Upload, Echo };
+}
+
+function toWireHolder(holder: Holder): WireHolder {
+  return {
+    host: holder.host,
+    port: holder.port,
+    grpc_port: holder.grpcPort,
+    http_port: holder.httpPort,
+  };
+}
+
+/** Streams fragment `name`: the first chunk carries size and sha256, none is over 1 MiB. */
+async function sendFragment(
+  store: Store,
+  name: string,
+  call: grpc.ServerWritableStream<{ name: string }, Uint8Array>,
+  throttle?: ReturnType<typeof createThrottle>,
+): Promise<void> {
+  // A fragment the peer fetched after this process started is in the folder, not yet held here.
+  const opened = await store.open(name) ??
+    (await store.adopt(name) ? await store.open(name) : undefined);
+  if (!opened) {
+    call.emit("error", statusError(grpc.status.NOT_FOUND, `No fragment ${quote(name)} here`));
+    return;
+  }
+  using file = opened.file;
+  const { size, sha256 } = opened.info;
+  let cancelled = false;
+  // A cancelled call may never run the callbacks of its queued writes: stop waiting for them.
+  const { promise: whenCancelled, resolve: onCancelled } = Promise.withResolvers<void>();
+  call.on("cancelled", () => {
+    cancelled = true;
+    onCancelled();
+  });
+  // Each message is read from the file straight into its encoded place in one of these buffers;
+  // a buffer is used again only once grpc-js called back for the message it held (by then
+  // grpc-js has copied it into its own frame), so the download allocates nothing per chunk.
+  const spare = Array.from(
+    { length: DOWNLOAD_WINDOW + 1 },
+    () => new Uint8Array(CHUNK_HEAD_ROOM + Math.min(CHUNK_SIZE, size)),
+  );
+  // Writes complete in order; waiting on the oldest keeps at most DOWNLOAD_WINDOW queued.
+  const pending: Promise<Uint8Array<ArrayBuffer>>[] = [];
+  let sent = 0, first = true;
+  while (!cancelled && (first || sent < size)) {
+    const buffer = spare.pop()!;
+    const data = buffer.subarray(
+      CHUNK_HEAD_ROOM,
+      CHUNK_HEAD_ROOM + Math.min(CHUNK_SIZE, size - sent),
+    );
+    let filled = 0;
+    while (filled < data.length) {
+      const n = await file.read(data.subarray(filled));
+      if (n === null) break;
+      filled += n;
+    }
+    if (filled < data.length) {
+      // The file shrank behind the store's back: fail loudly rather than send short bytes.
+      call.emit("error", statusError(grpc.status.DATA_LOSS, `Fragment ${quote(name)} is short`));
+      return;
+    }
+    if (throttle) await throttle(data.length).catch(() => {});
+    const message = encodeChunk(buffer, data.length, first ? { size, sha256 } : undefined);
+    pending.push(new Promise((resolve) => call.write(message, () => resolve(buffer))));
+    if (pending.length >= DOWNLOAD_WINDOW) {
+      const done = await Promise.race([pending.shift()!, whenCancelled]);
+      if (done) spare.push(done);
+    }
+    sent += filled;
+    first = false;
+  }
+  await Promise.race([Promise.all(pending), whenCancelled]);
+  if (!cancelled) call.end();
+}
+
+// Room before a chunk's bytes for its encoded fields: the largest head is 83 bytes.
+const CHUNK_HEAD_ROOM = 96;
+
+/**
+ * Encodes a `Chunk` in place: `buffer` holds `length` data bytes from CHUNK_HEAD_ROOM on, and the
+ * fields go just before them. The same bytes protobufjs writes (fields 1, 2, 3 in order), plus
+ * `size` even when it is 0, which every decoder reads alike.
+ */
+function encodeChunk(
+  buffer: Uint8Array,
+  length: number,
+  head?: { size: number; sha256: string },
+): Uint8Array {
+  const fields: number[] = [];
+  if (head) {
+    fields.push(0x08, ...varint(head.size)); // field 1, varint
+    fields.push(0x12, ...varint(head.sha256.length), ...encoder.encode(head.sha256)); // field 2
+  }
+  if (length > 0) fields.push(0x1a, ...varint(length)); // field 3, length-delimited
+  const start = CHUNK_HEAD_ROOM - fields.length;
+  buffer.set(fields, start);
+  return buffer.subarray(start, CHUNK_HEAD_ROOM + length);
+}
+
+/** A protobuf varint; sizes go past 2^32, so by division rather than bit shifts. */
+function varint(value: number): number[] {
+  const bytes: number[] = [];
+  while (value >= 0x80) {
+    bytes.push((value % 0x80) | 0x80);
+    value = Math.floor(value / 0x80);
+  }
+  bytes.push(value);
+  return bytes;
+}
+
+/** Reads an Upload's messages into the store: verified by Store.write before it is kept. */
+async function receiveFragment(
+  store: Store,
+  call: grpc.ServerReadableStream<UploadChunk, unknown>,
+): Promise<FragmentInfo> {
+  const messages = call[Symbol.asyncIterator]() as AsyncIterator<UploadChunk>;
+  const head = await messages.next();
+  if (head.done) throw new UploadError(grpc.status.INVALID_ARGUMENT, "Empty upload");
+  const { name = "", size = -1, sha256 = "", data } = head.value;
+  if (!isFragmentName(name)) {
+    throw new UploadError(grpc.status.INVALID_ARGUMENT, `Invalid name ${quote(name)}`);
+  }
+  if (!Number.isSafeInteger(size) || size < 0 || size > MAX_UPLOAD_SIZE) {
+    throw new UploadError(grpc.status.INVALID_ARGUMENT, `Invalid size for ${quote(name)}`);
+  }
+  if (!SHA256_HEX.test(sha256)) {
+    throw new UploadError(grpc.status.INVALID_ARGUMENT, `Invalid sha256 for ${quote(name)}`);
+  }
+  async function* chunks() {
+    if (data.length > 0) yield data;
+    for (let next; !(next = await messages.next()).done;) yield next.value.data;
+  }
+  return await store.write(name, { size, sha256 }, chunks());
+}
+
+/** A refusal of an Upload with the status it deserves. */
+class UploadError extends Error {
+  constructor(readonly code: grpc.status, message: string) {
+    super(message);
+  }
+}
+
+function uploadStatus(error: unknown): Partial<grpc.ServiceError> {
+  if (error instanceof UploadError) return statusError(error.code, error.message);
+  if (error instanceof BadNameError) {
+    return statusError(grpc.status.INVALID_ARGUMENT, error.message);
+  }
+  if (error instanceof IntegrityError) return statusError(grpc.status.DATA_LOSS, error.message);
+  if ((error as { code?: unknown })?.code === grpc.status.CANCELLED) {
+    return statusError(grpc.status.CANCELLED, "Upload cancelled");
+  }
+  // A disk error: say so without leaking paths to a remote client.
+  console.error(`[gRPC] Upload failed: ${error}`);
+  return statusError(grpc.status.INTERNAL, "Could not store the fragment");
+}

@@ -1,0 +1,102 @@
+/**
+ * The `p2p.FileTransfer` service as both ends of peer_grpc.ts see it: the proto, loaded once, the
+ * shapes of its messages, the limits they keep to, and how a failed call is reported.
+ * @module
+ */
+import * as grpc from "@grpc/grpc-js";
+import * as protoLoader from "@grpc/proto-loader";
+import { fileURLToPath } from "node:url";
+import type { FragmentInfo } from "./_store.ts";
+import type { Holder as DirectoryHolder } from "./directory.ts";
+
+/** A peer that holds a fragment, as the directory names it. */
+export type Holder = Pick<DirectoryHolder, "host" | "port" | "grpcPort" | "httpPort">;
+
+/** Where the service is declared; the supervised child may read it and the store, nothing else. */
+export const PROTO_PATH = fileURLToPath(new URL("./proto/file_transfer.proto", import.meta.url));
+
+/** The largest piece of a fragment in one message. */
+export const CHUNK_SIZE = 1024 * 1024;
+/** A chunk plus room for the other fields: a bigger message is refused with RESOURCE_EXHAUSTED. */
+export const MAX_MESSAGE = CHUNK_SIZE + 64 * 1024;
+/** The port the server listens on unless told otherwise. */
+export const DEFAULT_PORT = 50051;
+
+/** `FileTransfer.ListFiles`: what a peer holds, and the file its manifest describes. */
+export interface FileList {
+  /** The manifest's file name; empty when the peer has no manifest. */
+  file: string;
+  fragments: FragmentInfo[];
+}
+
+/** `FileTransfer.Locate`: whether a peer holds a fragment, and the holders it knows of. */
+export interface Location {
+  held: boolean;
+  fragment?: FragmentInfo;
+  holders: Holder[];
+}
+
+/** A fragment arriving: its announced size and hash, and its bytes (feed them to Store.write). */
+export interface Download {
+  size: number;
+  sha256: string;
+  chunks: AsyncIterable<Uint8Array>;
+}
+
+/** A `Fragment` message as protobufjs decodes it. */
+export interface WireFragment {
+  name: string;
+  size: number;
+  sha256: string;
+}
+/** A `Holder` message, with the proto's snake_case field names. */
+export interface WireHolder {
+  host: string;
+  port: number;
+  grpc_port: number;
+  http_port: number;
+}
+/** A `Chunk` of a Download: only the first carries size and sha256. */
+export interface Chunk {
+  size?: number;
+  sha256?: string;
+  data: Uint8Array;
+}
+/** An `UploadChunk`: only the first carries name, size and sha256. */
+export interface UploadChunk extends Chunk {
+  name?: string;
+}
+
+let service: grpc.ServiceClientConstructor | undefined;
+
+/** The `p2p.FileTransfer` service, loaded from the proto on first use only. */
+export function fileTransfer(): grpc.ServiceClientConstructor {
+  if (!service) {
+    const definition = protoLoader.loadSync(PROTO_PATH, {
+      keepCase: true,
+      longs: Number, // sizes are uint64 on the wire, but a fragment fits a JS number
+      defaults: true,
+    });
+    const p2p = grpc.loadPackageDefinition(definition).p2p as grpc.GrpcObject;
+    service = p2p.FileTransfer as grpc.ServiceClientConstructor;
+  }
+  return service;
+}
+
+/** A failed call with its gRPC status name (`NOT_FOUND`, `DATA_LOSS`, `UNAVAILABLE`...). */
+export class GrpcError extends Error {
+  override name = "GrpcError";
+  constructor(readonly code: string, message: string, options?: ErrorOptions) {
+    super(message, options);
+  }
+}
+
+/** A gRPC status for a handler to answer with (or a client to fail with). */
+export function statusError(code: grpc.status, details: string): Partial<grpc.ServiceError> {
+  return { code, details, message: details };
+}
+
+/** A name shown in an error: quoted, and cut short so a 1 MB name cannot flood a log. */
+export function quote(name: string): string {
+  return JSON.stringify(name.length > 64 ? `${name.slice(0, 64)}…` : name);
+}
