@@ -28,20 +28,28 @@ export function userMessage(error: Error): string {
   return `${error.message.split(/(?<=\.)\s/)[0]!.replace(/\.$/, "")} (see --help)`;
 }
 
+// The task of each script whose task is not named after it.
+const TASKS: Record<string, string> = { peer_grpc: "grpc" };
+
+/**
+ * Exits 1 with `message` (what Deno said was missing) and the task that grants what the main
+ * script needs.
+ */
+export function exitForPermission(message: string): never {
+  const script = basename(fileURLToPath(Deno.mainModule), ".ts");
+  const task = TASKS[script] ?? script;
+  console.error(`error: ${message}; \`deno task ${task}\` runs it with the ones it needs`);
+  Deno.exit(1);
+}
+
 /** Runs `main` and exits with its code; a user mistake prints `error: <message>` and exits 1. */
 export async function runMain(main: () => Promise<number | void>): Promise<never> {
   let code;
   try {
     code = await main() ?? 0;
   } catch (error) {
-    if (error instanceof Deno.errors.NotCapable) {
-      // Run with too few permissions (a bare `deno run -P x.ts`, say): say which, no stack.
-      const task = basename(fileURLToPath(Deno.mainModule), ".ts");
-      console.error(
-        `error: ${error.message}; \`deno task ${task}\` runs it with the ones it needs`,
-      );
-      Deno.exit(1);
-    }
+    // Run with too few permissions (a bare `deno run -P x.ts`, say): say which, no stack.
+    if (error instanceof Deno.errors.NotCapable) exitForPermission(error.message);
     if (!isUserError(error)) throw error;
     console.error(`error: ${userMessage(error)}`);
     code = 1;

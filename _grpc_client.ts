@@ -3,6 +3,7 @@
  * restarted, and Download, Upload, ListFiles, Locate and Echo as promises and async iterables.
  * @module
  */
+import "./_grpc_env.ts"; // before grpc-js, which reads the environment as it loads
 import * as grpc from "@grpc/grpc-js";
 import type { FragmentInfo } from "./_store.ts";
 import {

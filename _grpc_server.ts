@@ -5,6 +5,7 @@
  * The peer runs this in a supervised child (see _grpc_supervisor.ts), never in its own process.
  * @module
  */
+import "./_grpc_env.ts"; // before grpc-js, which reads the environment as it loads
 import * as grpc from "@grpc/grpc-js";
 import { Buffer } from "node:buffer";
 import { UserError } from "./_cli.ts";

@@ -8,6 +8,7 @@
  * @module
  */
 import { fileURLToPath } from "node:url";
+import { GRPC_ENV } from "./_grpc_env.ts";
 import { UserError } from "./_cli.ts";
 import { LineBuffer } from "./_lines.ts";
 import { DEFAULT_PORT, PROTO_PATH } from "./_grpc_wire.ts";
@@ -15,27 +16,6 @@ import { DEFAULT_PORT, PROTO_PATH } from "./_grpc_wire.ts";
 // The child runs peer_grpc.ts's command line, with this project's deno.json (its import map).
 const SCRIPT_PATH = fileURLToPath(new URL("./peer_grpc.ts", import.meta.url));
 const CONFIG_PATH = fileURLToPath(new URL("./deno.json", import.meta.url));
-
-/**
- * The environment variables grpc-js reads (logging, tracing, proxies): a process that loads it
- * needs `--allow-env` for these names, as the `grpc` permission set in deno.json grants.
- */
-export const GRPC_ENV = [
-  "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",
-  "GRPC_EXPERIMENTAL_ENABLE_OUTLIER_DETECTION",
-  "GRPC_NODE_DEBUG_SEND_ERROR_DETAILS",
-  "GRPC_NODE_TRACE",
-  "GRPC_NODE_USE_ALTERNATIVE_RESOLVER",
-  "GRPC_NODE_VERBOSITY",
-  "GRPC_SSL_CIPHER_SUITES",
-  "GRPC_TRACE",
-  "GRPC_VERBOSITY",
-  "grpc_proxy",
-  "http_proxy",
-  "https_proxy",
-  "no_grpc_proxy",
-  "no_proxy",
-];
 
 /** The line the child prints once it listens on `port`. */
 export function listeningLine(port: number): string {

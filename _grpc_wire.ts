@@ -3,6 +3,7 @@
  * shapes of its messages, the limits they keep to, and how a failed call is reported.
  * @module
  */
+import "./_grpc_env.ts"; // before grpc-js, which reads the environment as it loads
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 import { fileURLToPath } from "node:url";

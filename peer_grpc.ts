@@ -37,8 +37,8 @@ export {
 } from "./_grpc_wire.ts";
 export { type GrpcServer, type GrpcServerOptions, startGrpcServer } from "./_grpc_server.ts";
 export { GrpcClient, type GrpcClientOptions } from "./_grpc_client.ts";
+export { GRPC_ENV } from "./_grpc_env.ts";
 export {
-  GRPC_ENV,
   type GrpcSupervisor,
   superviseGrpcServer,
   type SupervisorOptions,

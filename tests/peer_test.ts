@@ -8,7 +8,7 @@ import { join } from "node:path";
 import { connect, startBroker } from "../broker.ts";
 import { DirectoryClient, startDirectory } from "../directory.ts";
 import { SAMPLE_VIDEO, splitFile } from "../split.ts";
-import { type Child, runTask, startTask, tempDir } from "./_util.ts";
+import { type Child, ROOT, runTask, startTask, tempDir } from "./_util.ts";
 
 /** Polls `check` until it returns true, or fails after `timeoutMs`. */
 async function eventually(what: string, check: () => Promise<boolean>, timeoutMs = 10_000) {
@@ -178,6 +178,24 @@ Deno.test("peer CLI refuses bad command lines with one line and exit 1", async (
   const help = await runTask("peer", ["--help"]);
   assertEquals(help.code, 0);
   assertMatch(help.stdout, /--max-upload RATE/);
+});
+
+Deno.test("peer.ts and peer_grpc.ts run without their permissions say so in one line", async () => {
+  // A bare -P loads a "default" permission set, which deno.json does not have: no permissions.
+  for (const [script, task] of [["peer.ts", "peer"], ["peer_grpc.ts", "grpc"]]) {
+    const { code, stderr } = await new Deno.Command(Deno.execPath(), {
+      args: ["run", "-q", "-P", "--config", `${ROOT}deno.json`, `${ROOT}${script}`, "0"],
+      stdin: "null",
+      stderr: "piped",
+    }).output();
+    const text = new TextDecoder().decode(stderr);
+    assertEquals(code, 1, text);
+    assertMatch(
+      text,
+      new RegExp(`^error: Requires env access to "GRPC_[A-Z_]+"; \`deno task ${task}\``),
+    );
+    assertEquals(text.trim().split("\n").length, 1, text);
+  }
 });
 
 Deno.test("peer CLI says which port is taken", async () => {
