@@ -7,6 +7,7 @@
 import { LineBuffer } from "./_lines.ts";
 import {
   BrokerError,
+  describe,
   isConnectionError,
   isValidTopic,
   LAST_WORDS_MS,
@@ -50,7 +51,11 @@ export interface ClientOptions {
    * once it is back, as NATS clients do); past it publishing drops. @default 8 MiB
    */
   maxPending?: number;
-  /** Called when the connection is lost (or the first attempt failed, with `waitForBroker`). */
+  /**
+   * Called when the connection is lost (or the first attempt failed, with `waitForBroker`). Any
+   * failure of a connection, even one not expected of a socket, only ends that connection: the
+   * client reconnects until {@link BrokerClient.close}.
+   */
   onDisconnect?: (error: Error) => void;
   /** Called when connected again, once the subscriptions are restored. */
   onReconnect?: () => void;
@@ -199,7 +204,21 @@ export class BrokerClient implements AsyncDisposable {
       everConnected = true;
       failures = 0;
       first.resolve();
-      const error = await this.#session(conn, again);
+      let error: Error;
+      try {
+        error = await this.#session(conn, again);
+      } catch (cause) {
+        // Not a socket's usual ways of ending (#read turns those into a reason): still, it ends
+        // this connection only, and the loop goes on.
+        error = new BrokerError(
+          `Connection to broker at "${this.address}" failed: ${describe(cause)}`,
+          { cause },
+        );
+        this.#outbox = this.#conn = null;
+        closeQuietly(conn);
+        for (const pong of this.#pongs.splice(0)) pong.reject(error);
+        await this.#backOff(0); // a failure that repeats at once must not spin
+      }
       if (!this.#closed) this.#options.onDisconnect?.(error);
     }
   }
@@ -223,11 +242,7 @@ export class BrokerClient implements AsyncDisposable {
     }
     const error = await reading;
     this.#outbox = this.#conn = null;
-    try {
-      conn.close();
-    } catch (error) {
-      if (!(error instanceof Deno.errors.BadResource)) throw error;
-    }
+    closeQuietly(conn);
     for (const pong of this.#pongs.splice(0)) pong.reject(error);
     return error;
   }
@@ -246,8 +261,8 @@ export class BrokerClient implements AsyncDisposable {
         if (lines.overflow) return lost("sent a line that is too long");
       }
     } catch (error) {
-      if (!isConnectionError(error)) throw error;
-      return lost(`lost: ${describe(error)}`);
+      // Whatever the socket says, this connection is over; the loop reconnects.
+      return lost(`${isConnectionError(error) ? "lost" : "failed"}: ${describe(error)}`);
     }
   }
 
@@ -346,11 +361,11 @@ class Inbox implements Subscription {
   }
 }
 
-/** A connect error in a few plain words: `connection refused` rather than the OS message. */
-function describe(error: unknown): string {
-  if (error instanceof Deno.errors.ConnectionRefused) return "connection refused";
-  if (error instanceof Deno.errors.TimedOut) return "timed out";
-  if (error instanceof Deno.errors.ConnectionReset) return "connection reset";
-  const message = error instanceof Error ? error.message : String(error);
-  return message.replace(/ \(os error \d+\)$/, "").replace(/^./, (c) => c.toLowerCase());
+/** Closes `conn`, which may be closed already. */
+function closeQuietly(conn: Deno.Conn) {
+  try {
+    conn.close();
+  } catch (error) {
+    if (!(error instanceof Deno.errors.BadResource)) throw error;
+  }
 }

@@ -8,6 +8,7 @@
 import { LineBuffer } from "./_lines.ts";
 import {
   DEFAULT_PORT,
+  describe,
   isConnectionError,
   isValidTopic,
   LAST_WORDS_MS,
@@ -24,6 +25,10 @@ export const PING_INTERVAL_MS = 120_000;
 const MISSED_PINGS = 2;
 // On shutdown the last words get less time, so the broker exits well within a second.
 const SHUTDOWN_GRACE_MS = 400;
+// When accepting fails (out of file descriptors, say), wait this long before trying again,
+// doubling up to the max, as Go's net/http does: the listener stays ready, so no wait would spin.
+const ACCEPT_BACKOFF_MS = 5;
+const MAX_ACCEPT_BACKOFF_MS = 1000;
 
 /** Options for {@link startBroker}. */
 export interface BrokerOptions {
@@ -39,9 +44,15 @@ export interface BrokerOptions {
   pingIntervalMs?: number;
   /** Receives one line per connection, subscription and cut-off (the CLI's `--verbose`). */
   log?: (line: string) => void;
+  /**
+   * Receives one line per failure that is not a client leaving: a connection ended by a socket
+   * error other than the usual ones (that connection only), or accepting that fails (the broker
+   * keeps trying). @default console.error
+   */
+  warn?: (line: string) => void;
 }
 
-/** What a broker holds right now, for tests and `--verbose`. */
+/** What a broker holds right now ({@link Broker.stats}), for tests and monitoring. */
 export interface BrokerStats {
   connections: number;
   subscriptions: number;
@@ -74,6 +85,7 @@ class BrokerServer implements Broker {
   readonly maxLine: number;
   readonly maxPending: number;
   readonly log: (line: string) => void;
+  readonly warn: (line: string) => void;
   readonly #listener: Deno.TcpListener;
   readonly #sessions = new Set<Session>();
   readonly #topics = new Map<string, Set<Session>>();
@@ -81,11 +93,13 @@ class BrokerServer implements Broker {
   readonly #pinger: ReturnType<typeof setInterval>;
   #slowConsumers = 0;
   #closing: Promise<void> | null = null;
+  #wakeAccept: (() => void) | null = null;
 
   constructor(options: BrokerOptions) {
     this.maxLine = options.maxLine ?? MAX_LINE;
     this.maxPending = options.maxPending ?? MAX_PENDING;
     this.log = options.log ?? (() => {});
+    this.warn = options.warn ?? ((line) => console.error(line));
     this.#listener = Deno.listen({
       hostname: options.hostname ?? "0.0.0.0",
       port: options.port ?? DEFAULT_PORT,
@@ -110,6 +124,7 @@ class BrokerServer implements Broker {
     this.#closing ??= (async () => {
       clearInterval(this.#pinger);
       this.#listener.close();
+      this.#wakeAccept?.();
       const sessions = [...this.#sessions];
       const ends = sessions.map((session) => session.end("shutting down"));
       await within(Promise.all(ends), SHUTDOWN_GRACE_MS);
@@ -182,13 +197,41 @@ class BrokerServer implements Broker {
   }
 
   async #accept() {
-    // The iterator ends quietly when close() closes the listener.
-    for await (const conn of this.#listener) {
+    let backoff = 0;
+    while (!this.#closing) {
+      let conn: Deno.TcpConn;
+      try {
+        conn = await this.#listener.accept();
+      } catch (error) {
+        if (this.#closing) break; // close() closed the listener
+        // Out of file descriptors, say: the clients already in are served, and new ones wait in
+        // the backlog until accepting works again.
+        if (backoff === 0) {
+          this.warn(`[BROKER] Cannot accept connections: ${describe(error)}; retrying`);
+        }
+        backoff = Math.min(Math.max(backoff * 2, ACCEPT_BACKOFF_MS), MAX_ACCEPT_BACKOFF_MS);
+        await new Promise<void>((resolve) => {
+          const timer = setTimeout(resolve, backoff);
+          this.#wakeAccept = () => {
+            clearTimeout(timer);
+            resolve();
+          };
+        });
+        this.#wakeAccept = null;
+        continue;
+      }
+      if (backoff > 0) this.warn("[BROKER] Accepting connections again");
+      backoff = 0;
       if (this.#closing) {
         conn.close();
         continue;
       }
-      conn.setNoDelay(true); // the outbox already batches; Nagle would only add delay
+      try {
+        conn.setNoDelay(true); // the outbox already batches; Nagle would only add delay
+      } catch {
+        conn.close(); // it failed as it arrived: gone already
+        continue;
+      }
       const session = new Session(this, conn);
       this.#sessions.add(session);
       this.log(`[BROKER] Connected ${session.name}`);
@@ -247,7 +290,10 @@ class Session {
         if (this.#lines.overflow) await this.end("line too long");
       }
     } catch (error) {
-      if (!isConnectionError(error)) throw error;
+      // Whatever went wrong, it ends this client's connection only.
+      if (!isConnectionError(error)) {
+        this.#broker.warn(`[BROKER] Dropped ${this.name}: ${describe(error)}`);
+      }
     } finally {
       await this.end();
     }

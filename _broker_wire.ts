@@ -136,14 +136,29 @@ export class Outbox {
 // ---------------------------------------------------------------------------------------------
 // Small things both sides need
 
-/** True for the errors that just mean the other side (or our own close) ended the connection. */
+/**
+ * True for the errors that just mean the other side, the network (a keepalive that timed out)
+ * or our own close ended the connection. Any other socket error ends the connection as well,
+ * but is worth a line in the log.
+ */
 export function isConnectionError(error: unknown): boolean {
   return error instanceof Deno.errors.ConnectionReset ||
     error instanceof Deno.errors.ConnectionAborted ||
     error instanceof Deno.errors.BrokenPipe ||
     error instanceof Deno.errors.NotConnected ||
+    error instanceof Deno.errors.TimedOut ||
+    error instanceof Deno.errors.NetworkUnreachable ||
     error instanceof Deno.errors.BadResource ||
     error instanceof Deno.errors.Interrupted;
+}
+
+/** An error in a few plain words: `connection refused` rather than the OS message. */
+export function describe(error: unknown): string {
+  if (error instanceof Deno.errors.ConnectionRefused) return "connection refused";
+  if (error instanceof Deno.errors.TimedOut) return "timed out";
+  if (error instanceof Deno.errors.ConnectionReset) return "connection reset";
+  const message = error instanceof Error ? error.message : String(error);
+  return message.replace(/ \(os error \d+\)$/, "").replace(/^./, (c) => c.toLowerCase());
 }
 
 /** Resolves when `promise` settles or after `ms`, whichever comes first, leaving no timer. */

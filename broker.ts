@@ -13,7 +13,7 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { userMessage } from "./_cli.ts";
+import { isLookupError, lookupMessage, userMessage } from "./_cli.ts";
 import {
   type Broker,
   type BrokerOptions,
@@ -151,6 +151,8 @@ function main(args = Deno.args) {
       console.error(
         `error: Cannot listen on "${options.hostname}": it is not an address of this machine`,
       );
+    } else if (isLookupError(error)) {
+      console.error(`error: ${lookupMessage(options.hostname!, error)}`);
     } else throw error;
     Deno.exit(1);
   }

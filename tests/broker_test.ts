@@ -99,6 +99,24 @@ async function take(subscription: Subscription, count: number): Promise<string[]
   return messages;
 }
 
+/**
+ * Makes socket reads fail as the OS might: until disposed, each read on a socket for which
+ * `pick` returns an error rejects with it instead (once per socket: pick remembers). Deno
+ * offers no way to make a real socket fail with, say, ETIMEDOUT or EHOSTUNREACH on demand.
+ */
+function failReads(
+  sample: Deno.TcpConn,
+  pick: (conn: Deno.TcpConn) => Error | undefined,
+): Disposable {
+  const prototype = Object.getPrototypeOf(sample);
+  const read = prototype.read;
+  prototype.read = function (this: Deno.TcpConn, buffer: Uint8Array) {
+    const error = pick(this);
+    return error ? Promise.reject(error) : read.call(this, buffer);
+  };
+  return { [Symbol.dispose]: () => delete prototype.read };
+}
+
 const numbers = (count: number) => Array.from({ length: count }, (_, i) => String(i));
 const empty: BrokerStats = { connections: 0, subscriptions: 0, topics: 0, slowConsumers: 0 };
 
@@ -284,6 +302,42 @@ Deno.test("startBroker() pings an idle client and drops it after two missed PONG
   assert.equal(broker.stats().connections, 1, "the client that answers stays");
 });
 
+Deno.test("startBroker() ends only the connection whose socket fails, saying so once if unusual", async () => {
+  const warnings: string[] = [];
+  await using broker = startBroker({ port: 0, warn: (line) => warnings.push(line) });
+  await using unusual = await RawClient.open(broker.port); // EHOSTUNREACH: worth a line
+  await using timedOut = await RawClient.open(broker.port); // a dead keepalive: no news
+  await using bystander = await RawClient.open(broker.port);
+  assert.deepEqual(await bystander.ask("SUB:news\n"), ["OK:SUB:news"]);
+  const failing = new Map<number, Error>([
+    [unusual.conn.localAddr.port, new Error("No route to host (os error 113)")],
+    [timedOut.conn.localAddr.port, new Deno.errors.TimedOut("Connection timed out (os error 110)")],
+  ]);
+  {
+    // The broker's side of each socket: its next read fails.
+    using _ = failReads(unusual.conn, (conn) => {
+      if (conn.localAddr.port !== broker.port) return undefined;
+      const error = failing.get(conn.remoteAddr.port);
+      failing.delete(conn.remoteAddr.port);
+      return error;
+    });
+    await unusual.send("PING\n");
+    await timedOut.send("PING\n");
+    assert.equal(await unusual.line(), "PONG");
+    assert.equal(await unusual.line(), null, "its connection is closed");
+    assert.equal(await timedOut.line(), "PONG");
+    assert.equal(await timedOut.line(), null, "its connection is closed");
+  }
+  await eventually(() => broker.stats().connections === 1, "two clients are gone");
+  assert.deepEqual(warnings, [
+    `[BROKER] Dropped 127.0.0.1:${unusual.conn.localAddr.port}: no route to host`,
+  ]);
+  await using publisher = await connect(`127.0.0.1:${broker.port}`);
+  publisher.publish("news", "still here");
+  await publisher.flush();
+  assert.equal(await bystander.line(), "MSG:news:still here");
+});
+
 Deno.test("Broker.close() tells clients it is shutting down and finishes within a second", async () => {
   const broker = startBroker({ port: 0, maxPending: 1024 * 1024 });
   await using idle = await RawClient.open(broker.port);
@@ -322,6 +376,47 @@ Deno.test("connect() restores its subscriptions after the broker restarts on the
   await using publisher = await connect(`localhost:${port}`);
   publisher.publish("fragmentos", "fragment_5.bin");
   assert.deepEqual(await take(subscription, 1), ["fragment_5.bin"]);
+});
+
+Deno.test("BrokerClient reconnects after its socket fails in any way, and resubscribes", async () => {
+  await using broker = startBroker({ port: 0 });
+  const errors: string[] = [];
+  const reconnected = Promise.withResolvers<void>();
+  await using client = await connect(`127.0.0.1:${broker.port}`, {
+    minBackoffMs: 10,
+    onDisconnect: (error) => errors.push(error.message),
+    onReconnect: () => reconnected.resolve(),
+  });
+  const subscription = await client.subscribe("t");
+  await using sample = await RawClient.open(broker.port);
+  const failures = [
+    new Deno.errors.TimedOut("Connection timed out (os error 110)"), // a keepalive gave up
+    new Error("No route to host (os error 113)"), // EHOSTUNREACH: Deno has no class for it
+  ];
+  for (const error of failures) {
+    let fired = false;
+    const before = errors.length;
+    {
+      // The client's side of its connection: its next read fails.
+      using _ = failReads(sample.conn, (conn) => {
+        if (fired || conn === sample.conn || conn.remoteAddr.port !== broker.port) return undefined;
+        fired = true;
+        return error;
+      });
+      await client.flush().catch(() => {}); // its PONG wakes the read that then fails
+      await eventually(() => errors.length > before, "the client noticed");
+    }
+    await eventually(() => client.isConnected, "the client is back");
+    await client.flush();
+  }
+  await reconnected.promise;
+  assert.deepEqual(errors, [
+    `Connection to broker at "127.0.0.1:${broker.port}" lost: timed out`,
+    `Connection to broker at "127.0.0.1:${broker.port}" failed: no route to host`,
+  ]);
+  await using publisher = await connect(`127.0.0.1:${broker.port}`);
+  publisher.publish("t", "after");
+  assert.deepEqual(await take(subscription, 1), ["after"]);
 });
 
 Deno.test("connect() rejects with a clear error when no broker listens", async () => {

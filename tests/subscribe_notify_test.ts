@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { startBroker } from "../broker.ts";
-import { type Child, runTask, startTask } from "./_util.ts";
+import { Child, runTask, startTask, taskArgv } from "./_util.ts";
 
 /** Starts `deno task broker --port 0 ...` and reads back the port it got. */
 async function startBrokerTask(args: string[] = ["--port", "0"]): Promise<[Child, number]> {
@@ -106,6 +106,11 @@ Deno.test("the CLIs refuse user mistakes with one line on stderr and exit 1", as
     ["broker", ["--bogus"], /^error: Unknown option '--bogus' \(see --help\)$/m],
     ["broker", ["--max-pending", "-5"], /^error: Option '--max-pending' argument is ambiguous/],
     ["broker", ["--hostname", "192.0.2.1"], /^error: Cannot listen on "192\.0\.2\.1": it is not/],
+    [
+      "broker",
+      ["--hostname", "nosuchhost.invalid"],
+      /^error: Cannot listen on "nosuchhost\.invalid": the name does not resolve/,
+    ],
     ["notify", ["f.bin", "--bogus"], /^error: Unknown option '--bogus' \(see --help\)$/m],
   ];
   await Promise.all(mistakes.map(async ([task, args, error]) => {
@@ -131,4 +136,39 @@ Deno.test("notify.ts gives up on a listener that never answers, saying so", asyn
   const { code, stderr } = await runTask("notify", ["f.bin", "--broker", `127.0.0.1:${port}`]);
   assert.equal(code, 1);
   assert.equal(stderr.trim(), `error: The broker at "127.0.0.1:${port}" did not answer within 5 s`);
+});
+
+Deno.test("deno task broker keeps serving when it runs out of file descriptors, saying so once", async () => {
+  // The broker in a shell limited to 64 descriptors: accepting fails (EMFILE) for real.
+  await using broker = new Child(
+    [
+      "-c",
+      'ulimit -n 64 && exec "$@"',
+      "bash",
+      Deno.execPath(),
+      ...taskArgv("broker"),
+      "--port",
+      "0",
+    ],
+    { command: "bash" },
+  );
+  const [, port] = await broker.waitFor(/\[BROKER\] Listening on port (\d+)/, { stream: "stdout" });
+  const conns: Deno.Conn[] = [];
+  try {
+    for (let i = 0; i < 100 && !/Cannot accept/.test(broker.stderr); i++) {
+      conns.push(await Deno.connect({ hostname: "127.0.0.1", port: Number(port) }));
+      await new Promise((resolve) => setTimeout(resolve, 5));
+    }
+    await broker.waitFor(
+      /^\[BROKER\] Cannot accept connections: too many open files; retrying$/m,
+      { stream: "stderr" },
+    );
+  } finally {
+    conns.forEach((conn) => conn.close());
+  }
+  // Those clients gone, a new one is served.
+  const { code, stderr } = await runTask("notify", ["f.bin", "--broker", `127.0.0.1:${port}`]);
+  assert.equal(code, 0, stderr);
+  await broker.waitFor(/Accepting connections again/, { stream: "stderr" });
+  assert.equal(broker.stderr.match(/Cannot accept/g)?.length, 1, broker.stderr);
 });
