@@ -6,6 +6,8 @@
  * @module
  */
 import { LineBuffer } from "./_lines.ts";
+import { isLookupError, lookupMessage, UserError } from "./_cli.ts";
+import { describe, isConnectionError } from "./_broker_wire.ts";
 import { parseAddress } from "./broker.ts";
 import { type FragmentInfo, isFragmentName, type Store } from "./_store.ts";
 
@@ -13,6 +15,10 @@ import { type FragmentInfo, isFragmentName, type Store } from "./_store.ts";
 export const MAX_REQUEST_LINE = 1024;
 const CHUNK = 1024 * 1024;
 const PACED_CHUNK = 64 * 1024; // smaller writes when throttled, so the pace stays even
+// When accepting fails (out of file descriptors, say), wait before trying again, doubling up to
+// the max: the listener stays ready, so trying again at once would spin.
+const ACCEPT_BACKOFF_MS = 5;
+const MAX_ACCEPT_BACKOFF_MS = 1000;
 const encoder = new TextEncoder();
 
 export interface TcpServerOptions {
@@ -27,6 +33,12 @@ export interface TcpServerOptions {
   throttle?: (bytes: number, signal?: AbortSignal) => Promise<void>;
   onConnect?: (remote: string) => void;
   onSent?: (name: string, remote: string) => void;
+  /**
+   * Receives one line per failure that is not a client leaving: a connection that ended on an
+   * unexpected error (that connection only; a fragment that shrank on disk, a read error), or
+   * accepting that fails (the server keeps trying). @default console.error
+   */
+  onError?: (line: string) => void;
 }
 
 /** A running TCP fragment server. */
@@ -40,21 +52,66 @@ export interface TcpServer extends AsyncDisposable {
 /** Serves `store` over the peer TCP protocol until closed. */
 export function startTcpServer(store: Store, options: TcpServerOptions = {}): TcpServer {
   const { idleTimeoutMs = 60_000, maxConnections = 256 } = options;
-  const listener = Deno.listen({ port: options.port ?? 6001, hostname: options.hostname });
+  const warn = options.onError ?? ((line: string) => console.error(line));
+  let listener: Deno.TcpListener;
+  try {
+    listener = Deno.listen({ port: options.port ?? 6001, hostname: options.hostname });
+  } catch (error) {
+    if (isLookupError(error)) {
+      throw new UserError(lookupMessage(options.hostname!, error), { cause: error });
+    }
+    throw error;
+  }
   const open = new Map<Deno.Conn, AbortController>();
   const handlers = new Set<Promise<void>>();
+  let closed = false;
+  let wake = () => {};
 
   const accepting = (async () => {
-    for await (const conn of listener) {
+    let backoff = 0;
+    while (!closed) {
+      let conn: Deno.TcpConn;
+      try {
+        conn = await listener.accept();
+      } catch (error) {
+        if (closed) break; // close() closed the listener
+        if (backoff === 0) {
+          warn(`[TCP] Cannot accept connections: ${describe(error)}; retrying`);
+        }
+        backoff = Math.min(Math.max(backoff * 2, ACCEPT_BACKOFF_MS), MAX_ACCEPT_BACKOFF_MS);
+        await new Promise<void>((resolve) => {
+          const timer = setTimeout(resolve, backoff);
+          wake = () => {
+            clearTimeout(timer);
+            resolve();
+          };
+        });
+        continue;
+      }
+      if (backoff > 0) warn("[TCP] Accepting connections again");
+      backoff = 0;
       if (open.size >= maxConnections) {
         conn.write(encoder.encode("ERR BUSY too many connections\n")).catch(() => {})
           .finally(() => conn.close());
         continue;
       }
-      const closed = new AbortController();
-      open.set(conn, closed);
-      const handler = serveConnection(conn, store, { ...options, idleTimeoutMs }, closed.signal)
-        .catch(() => {}) // a client that vanished is not the server's problem
+      const gone = new AbortController();
+      open.set(conn, gone);
+      const remote = formatAddr(conn.remoteAddr);
+      const handler = serveConnection(
+        conn,
+        remote,
+        store,
+        { ...options, idleTimeoutMs },
+        gone.signal,
+      )
+        .catch((error) => {
+          // A client that vanished, the watchdog or close() is no news; anything else ends
+          // this connection only, and is worth a line.
+          if (!closed && !isConnectionError(error)) {
+            warn(`[TCP] Dropped ${remote}: ${describe(error)}`);
+          }
+        })
         .finally(() => {
           open.delete(conn);
           handlers.delete(handler);
@@ -64,14 +121,16 @@ export function startTcpServer(store: Store, options: TcpServerOptions = {}): Tc
         });
       handlers.add(handler);
     }
-  })().catch(() => {}); // the listener was closed
+  })();
 
   async function close() {
+    closed = true;
+    wake();
     try {
       listener.close();
     } catch { /* already closed */ }
-    for (const [conn, closed] of open) {
-      closed.abort();
+    for (const [conn, gone] of open) {
+      gone.abort();
       try {
         conn.close();
       } catch { /* already closed */ }
@@ -91,18 +150,22 @@ export function startTcpServer(store: Store, options: TcpServerOptions = {}): Tc
 
 async function serveConnection(
   conn: Deno.Conn,
+  remote: string,
   store: Store,
   options: TcpServerOptions & { idleTimeoutMs: number },
   closed: AbortSignal,
 ): Promise<void> {
-  const remote = formatAddr(conn.remoteAddr as Deno.NetAddr);
   options.onConnect?.(remote);
   // The watchdog closes a connection that makes no progress: an idle client, or one that
   // stopped reading what we send it. Every read and write resets it.
   let watchdog: ReturnType<typeof setTimeout> | undefined;
   const progress = () => {
     clearTimeout(watchdog);
-    watchdog = setTimeout(() => conn.close(), options.idleTimeoutMs);
+    watchdog = setTimeout(() => {
+      try {
+        conn.close();
+      } catch { /* close() got there first */ }
+    }, options.idleTimeoutMs);
   };
   const piece = options.throttle ? PACED_CHUNK : CHUNK;
   const send = async (bytes: Uint8Array) => {
@@ -181,6 +244,10 @@ export function parseRequest(line: string): Request {
   const [verb, ...args] = words;
   if (verb === "LIST" && args.length === 0) return { verb };
   if (verb === "PING" && args.length === 0) return { verb };
+  // A verb alone is not a fragment's name: a bare `GET` is a request missing its name.
+  if (verb === "GET" && args.length === 0) {
+    return { error: "GET needs a fragment name: GET <name>" };
+  }
   const name = verb === "GET" && args.length === 1 ? args[0]! : words.length === 1 ? verb! : "";
   if (name === "") return { error: `unknown request "${line.slice(0, 64)}"` };
   if (!isFragmentName(name)) return { error: `invalid fragment name "${name.slice(0, 64)}"` };

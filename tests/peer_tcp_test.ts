@@ -4,7 +4,7 @@ import { createHash } from "node:crypto";
 import { PeerError, startTcpServer, TcpPeerClient } from "../_peer_tcp.ts";
 import { IntegrityError, Store } from "../_store.ts";
 import { splitFile } from "../split.ts";
-import { tempDir } from "./_util.ts";
+import { Child, ROOT, runTask, tempDir } from "./_util.ts";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -50,7 +50,8 @@ Deno.test("TCP server answers the protocol table, and stays usable after every E
     ["PING", /^PONG$/],
     ["LIST", new RegExp(`^OK 4$`)],
     ["", /^ERR BAD_REQUEST empty request$/],
-    ["GET", /^ERR BAD_REQUEST invalid fragment name "GET"$|^ERR NOT_FOUND/],
+    ["GET", /^ERR BAD_REQUEST GET needs a fragment name: GET <name>$/],
+    ["GET ", /^ERR BAD_REQUEST GET needs a fragment name: GET <name>$/],
     ["GET nothing.bin", /^ERR NOT_FOUND no fragment "nothing\.bin" here$/],
     ["GET ../etc/passwd", /^ERR BAD_REQUEST invalid fragment name "\.\.\/etc\/passwd"$/],
     ["GET /etc/passwd", /^ERR BAD_REQUEST invalid fragment name/],
@@ -191,4 +192,101 @@ Deno.test("Store.write() refuses bytes that do not match, keeping nothing", asyn
   }
   await assertRejects(() => viewer.write(f.name, f, tooLong()), IntegrityError);
   assertEquals([...Deno.readDirSync(join(dir.path, "viewer"))].length, 0);
+});
+
+Deno.test("TCP server ends only a connection that fails unexpectedly, saying so once", async () => {
+  await using dir = await tempDir();
+  const { store, manifest } = await makeStore(dir.path);
+  const errors: string[] = [];
+  await using server = startTcpServer(store, {
+    port: 0,
+    hostname: "127.0.0.1",
+    onError: (line) => errors.push(line),
+  });
+  // Cut short on disk behind the store's back: the OK line promises more bytes than there are.
+  const f = manifest.fragments[1]!;
+  await Deno.truncate(join(dir.path, "store", f.name), 10);
+  using conn = await Deno.connect({ port: server.port });
+  await conn.write(encoder.encode(`GET ${f.name}\n`));
+  let received = "";
+  const buffer = new Uint8Array(65536);
+  for (let n; (n = await conn.read(buffer)) !== null;) {
+    received += decoder.decode(buffer.subarray(0, n));
+  }
+  assertEquals(received.split("\n")[0], `OK ${f.size} ${f.sha256}`);
+  assertEquals(errors.length, 1, errors.join("\n"));
+  assertMatch(errors[0]!, /^\[TCP\] Dropped 127\.0\.0\.1:\d+: fragment "fragment_1\.bin" shrank/);
+  // Everyone else is still served.
+  assertEquals(await exchange(server.port, "PING\n", (r) => r.endsWith("\n")), "PONG\n");
+  assertEquals(errors.length, 1);
+});
+
+/**
+ * Runs `startTcpServer()` in a child limited to `files` file descriptors, so that accepting
+ * runs out of them (EMFILE) for real; returns the child once it prints its port.
+ */
+async function startLimitedTcpServer(store: string, files: number): Promise<[Child, number]> {
+  const code = `
+    import { startTcpServer } from "${new URL("../_peer_tcp.ts", import.meta.url)}";
+    import { Store } from "${new URL("../_store.ts", import.meta.url)}";
+    const server = startTcpServer(await Store.open(${JSON.stringify(store)}), {
+      port: 0, hostname: "127.0.0.1",
+    });
+    console.log("port", server.port);
+  `;
+  const child = new Child(
+    [
+      "-c",
+      'ulimit -n "$1" && shift && exec "$@"',
+      "bash",
+      String(files),
+      Deno.execPath(),
+      "eval",
+      "--config",
+      `${ROOT}deno.json`,
+      code,
+    ],
+    { command: "bash" },
+  );
+  const [, port] = await child.waitFor(/^port (\d+)$/m, { stream: "stdout" });
+  return [child, Number(port)];
+}
+
+Deno.test("TCP server keeps accepting once it has file descriptors again", async () => {
+  await using dir = await tempDir();
+  await makeStore(dir.path);
+  const [server, port] = await startLimitedTcpServer(join(dir.path, "store"), 64);
+  await using _ = server;
+  // More clients than the child has descriptors for: accepting fails, and says so once.
+  const conns: Deno.Conn[] = [];
+  try {
+    for (let i = 0; i < 100 && !/Cannot accept/.test(server.stderr); i++) {
+      conns.push(await Deno.connect({ hostname: "127.0.0.1", port }));
+      await new Promise((resolve) => setTimeout(resolve, 5));
+    }
+    await server.waitFor(/^\[TCP\] Cannot accept connections: too many open files; retrying$/m, {
+      stream: "stderr",
+    });
+  } finally {
+    conns.forEach((conn) => conn.close());
+  }
+  assertEquals(await exchange(port, "PING\n", (r) => r.endsWith("\n")), "PONG\n");
+  await server.waitFor(/Accepting connections again/, { stream: "stderr" });
+  assertEquals(server.stderr.match(/Cannot accept/g)?.length, 1, server.stderr);
+});
+
+Deno.test("deno task peer --hostname that does not resolve is one line and exit 1", async () => {
+  await using dir = await tempDir();
+  const { code, stdout, stderr } = await runTask("peer", [
+    "0",
+    "--hostname",
+    "nosuchhost.invalid",
+    "--dir",
+    dir.path,
+    "--no-console",
+  ]);
+  assertEquals(code, 1);
+  assertEquals(stdout, "");
+  assertMatch(stderr, /^error: Cannot listen on "nosuchhost\.invalid": the name does not resolve/);
+  assertEquals(stderr.trim().split("\n").length, 1, stderr);
 });
