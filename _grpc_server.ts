@@ -23,6 +23,7 @@ import {
   fileTransfer,
   type Holder,
   MAX_MESSAGE,
+  portInUseMessage,
   quote,
   statusError,
   type UploadChunk,
@@ -81,8 +82,16 @@ export async function startGrpcServer(
   const address = `${host.includes(":") ? `[${host}]` : host}:${options.port ?? DEFAULT_PORT}`;
   const port = await new Promise<number>((resolve, reject) => {
     server.bindAsync(address, grpc.ServerCredentials.createInsecure(), (error, port) => {
-      if (error) reject(new UserError(`Cannot listen on ${quote(address)}: ${error.message}`));
-      else resolve(port);
+      if (!error) return resolve(port);
+      // grpc-js says "No address added out of total 1 resolved errors: [listen EADDRINUSE: ...]"
+      reject(
+        new UserError(
+          /\bEADDRINUSE\b/.test(error.message)
+            ? portInUseMessage(options.port ?? DEFAULT_PORT)
+            : `Cannot listen on ${quote(address)}: ${error.message}`,
+          { cause: error },
+        ),
+      );
     });
   });
   let closing: Promise<void> | undefined;
@@ -95,6 +104,20 @@ export async function startGrpcServer(
     return closing;
   }
   return { port, close, [Symbol.asyncDispose]: close };
+}
+
+/**
+ * Keeps out of grpc-js's log (stderr) the line it prints for a failed bind, which the error
+ * {@link startGrpcServer} rejects with says already: a command line's mistake is one line.
+ */
+export function quietBindFailures(): void {
+  grpc.setLogger({
+    error: (message: unknown, ...rest: unknown[]) => {
+      if (!String(message).startsWith("No address added")) console.error(`E ${message}`, ...rest);
+    },
+    info: (message: unknown, ...rest: unknown[]) => console.error(`I ${message}`, ...rest),
+    debug: (message: unknown, ...rest: unknown[]) => console.error(`D ${message}`, ...rest),
+  });
 }
 
 /**
@@ -151,7 +174,12 @@ function fileTransferHandlers(
     if (!isFragmentName(name)) {
       return callback(statusError(grpc.status.INVALID_ARGUMENT, `Invalid name ${quote(name)}`));
     }
-    const fragment = store.get(name) ?? await store.adopt(name);
+    let fragment;
+    try {
+      fragment = store.get(name) ?? await store.adopt(name);
+    } catch (error) {
+      return callback(internal(`Locate of ${quote(name)}`, error, "Could not read the fragment"));
+    }
     // The directory being down is no reason to fail: the answer just knows fewer holders.
     const holders = await options.locate?.(name).catch(() => []) ?? [];
     callback(null, { held: fragment !== undefined, fragment, holders: holders.map(toWireHolder) });
@@ -169,7 +197,17 @@ function fileTransferHandlers(
       return;
     }
     downloads++;
-    track(sendFragment(store, name, call, throttle).finally(() => downloads--));
+    track(
+      sendFragment(store, name, call, throttle)
+        .catch((error) => {
+          // A disk error: it fails this call only.
+          call.emit(
+            "error",
+            internal(`Download of ${quote(name)}`, error, "Could not read the fragment"),
+          );
+        })
+        .finally(() => downloads--),
+    );
   }
 
   function Upload(
@@ -351,7 +389,11 @@ function uploadStatus(error: unknown): Partial<grpc.ServiceError> {
   if ((error as { code?: unknown })?.code === grpc.status.CANCELLED) {
     return statusError(grpc.status.CANCELLED, "Upload cancelled");
   }
-  // A disk error: say so without leaking paths to a remote client.
-  console.error(`[gRPC] Upload failed: ${error}`);
-  return statusError(grpc.status.INTERNAL, "Could not store the fragment");
+  return internal("Upload", error, "Could not store the fragment");
+}
+
+/** A disk error, logged here and answered INTERNAL, without leaking paths to a remote client. */
+function internal(what: string, error: unknown, answer: string): Partial<grpc.ServiceError> {
+  console.error(`[gRPC] ${what} failed: ${error}`);
+  return statusError(grpc.status.INTERNAL, answer);
 }

@@ -23,6 +23,9 @@ export function listeningLine(port: number): string {
 }
 const LISTENING = /^\[gRPC\] Listening on port (\d+)$/;
 
+// What the child says, as its one `error:` line, when its port is taken (portInUseMessage).
+const PORT_IN_USE = /^Port (\d+) is already in use$/;
+
 /** The line the child prints for each fragment an Upload stored. */
 export function storedLine(name: string): string {
   return `STORED ${name}`;
@@ -123,25 +126,30 @@ class Supervisor implements GrpcSupervisor {
     let everListened = false;
     while (!this.#closed) {
       const since = Date.now();
-      const { status, stderr } = await this.#runChild(() => {
-        if (!everListened) started();
-        everListened = true;
-      });
+      let ended;
+      try {
+        ended = await this.#runChild(everListened, () => {
+          if (!everListened) started();
+          everListened = true;
+        });
+      } catch (error) {
+        // Spawning failed (out of processes or descriptors, say). The first time, starting
+        // fails; later, the loop keeps trying: only close() ends it.
+        ended = { error };
+      }
       this.#listening = false;
       if (this.#closed) break;
       if (!everListened) {
-        const reason = stderr.trim().split("\n").at(-1)?.replace(/^error: /, "") ||
-          `exited with code ${status.code}`;
-        failed(new UserError(`gRPC server did not start: ${reason}`));
+        failed(startError(ended));
         this.#closed = true;
         break;
       }
       if (Date.now() - since > HEALTHY_MS) backoff = MIN_BACKOFF_MS;
       const delay = backoff / 2 + Math.random() * backoff / 2; // jitter
-      this.#options.onLog?.(
-        `[gRPC] Server exited (${status.signal ?? `code ${status.code}`}); restarting in ` +
-          `${Math.round(delay)} ms`,
-      );
+      const why = "error" in ended
+        ? `Cannot start the server (${describe(ended.error)})`
+        : `Server exited (${ended.status.signal ?? `code ${ended.status.code}`})`;
+      this.#options.onLog?.(`[gRPC] ${why}; restarting in ${Math.round(delay)} ms`);
       await new Promise<void>((resolve) => {
         const timer = setTimeout(resolve, delay);
         this.#wake = () => {
@@ -155,8 +163,12 @@ class Supervisor implements GrpcSupervisor {
     for (const wake of this.#waiters.splice(0)) wake();
   }
 
-  /** Runs the child once, to its end; calls `onListening` when it prints its port. */
-  async #runChild(onListening: () => void) {
+  /**
+   * Runs the child once, to its end; calls `onListening` when it prints its port. Until the
+   * first child listens, its stderr is kept rather than logged: why it failed is then said once,
+   * by {@link superviseGrpcServer}'s rejection.
+   */
+  async #runChild(everListened: boolean, onListening: () => void) {
     const { dir, hostname, directory, maxUpload } = this.#options;
     const child = new Deno.Command(Deno.execPath(), {
       args: [
@@ -183,12 +195,14 @@ class Supervisor implements GrpcSupervisor {
     }).spawn();
     this.#child = child;
     let stderr = "";
+    let holding = !everListened;
     const out = readLines(child.stdout, (line) => {
       const listening = line.match(LISTENING);
       const stored = line.match(STORED);
       if (listening) {
         this.#port = Number(listening[1]);
         this.#listening = true;
+        holding = false;
         onListening();
         for (const wake of this.#waiters.splice(0)) wake();
       } else if (stored) this.#options.onStored?.(stored[1]);
@@ -196,11 +210,15 @@ class Supervisor implements GrpcSupervisor {
     });
     const err = readLines(child.stderr, (line) => {
       stderr = (stderr + line + "\n").slice(-4096);
-      this.#options.onLog?.(line);
+      if (!holding) this.#options.onLog?.(line);
     });
     const [status] = await Promise.all([child.status, out, err]);
     await child.stdin.close().catch(() => {});
     this.#child = undefined;
+    // What a child that never listened said is news after all when it ends in no clear error.
+    if (holding && clearError(stderr) === undefined) {
+      for (const line of stderr.trimEnd().split("\n")) this.#options.onLog?.(line);
+    }
     return { status, stderr };
   }
 
@@ -226,6 +244,42 @@ class Supervisor implements GrpcSupervisor {
   [Symbol.asyncDispose](): Promise<void> {
     return this.close();
   }
+}
+
+/** Why the first child did not start, as the error {@link superviseGrpcServer} rejects with. */
+function startError(
+  ended: { error: unknown } | { status: Deno.CommandStatus; stderr: string },
+): Error {
+  if ("error" in ended) {
+    // Run without --allow-run, say: runMain names the permission.
+    if (ended.error instanceof Deno.errors.NotCapable) return ended.error;
+    return new UserError(`gRPC server did not start: ${describe(ended.error)}`, {
+      cause: ended.error,
+    });
+  }
+  const { status, stderr } = ended;
+  const reason = clearError(stderr);
+  const inUse = reason?.match(PORT_IN_USE);
+  if (inUse) {
+    return new UserError(
+      `Port ${inUse[1]} is already in use (the peer's gRPC port): choose another or stop ` +
+        "what holds it",
+    );
+  }
+  return new UserError(
+    `gRPC server did not start: ${reason ?? `exited with code ${status.code}`}`,
+  );
+}
+
+/** The child's last line when it is a user mistake's `error: <message>`: the message. */
+function clearError(stderr: string): string | undefined {
+  return stderr.trimEnd().split("\n").at(-1)?.match(/^error: (.+)$/)?.[1];
+}
+
+/** An error's message without the OS's `(os error N)`, starting in lower case. */
+function describe(error: unknown): string {
+  const message = error instanceof Error ? error.message : String(error);
+  return message.replace(/ \(os error \d+\)$/, "").replace(/^./, (c) => c.toLowerCase());
 }
 
 /** Calls `onLine` for each line of `stream`. */

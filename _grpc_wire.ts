@@ -97,6 +97,11 @@ export function statusError(code: grpc.status, details: string): Partial<grpc.Se
   return { code, details, message: details };
 }
 
+/** What a server says when its port is taken; the supervisor reads it in the child's error. */
+export function portInUseMessage(port: number): string {
+  return `Port ${port} is already in use`;
+}
+
 /** A name shown in an error: quoted, and cut short so a 1 MB name cannot flood a log. */
 export function quote(name: string): string {
   return JSON.stringify(name.length > 64 ? `${name.slice(0, 64)}…` : name);

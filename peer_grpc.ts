@@ -22,7 +22,7 @@ import { runMain, UserError } from "./_cli.ts";
 import { parseRate } from "./_throttle.ts";
 import { Store } from "./_store.ts";
 import { DEFAULT_PORT, quote } from "./_grpc_wire.ts";
-import { type GrpcServerOptions, startGrpcServer } from "./_grpc_server.ts";
+import { type GrpcServerOptions, quietBindFailures, startGrpcServer } from "./_grpc_server.ts";
 import { listeningLine, storedLine } from "./_grpc_supervisor.ts";
 
 export type { FragmentInfo } from "./_store.ts";
@@ -93,6 +93,7 @@ async function main(args = Deno.args): Promise<number> {
     throw new UserError((error as Error).message);
   }
   const store = await Store.open(positionals[0]);
+  quietBindFailures();
   const server = await startGrpcServer(store, {
     port,
     hostname: values.hostname,

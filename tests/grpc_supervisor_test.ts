@@ -100,6 +100,58 @@ Deno.test("deno task grpc --help prints usage, and a mistake is one line on stde
   assertMatch(none.stderr, /^error: Expected one store folder/);
 });
 
+Deno.test("deno task grpc on a port already taken says so in one line, grpc-js's own line left out", async () => {
+  await using dir = await tempDir();
+  using taken = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = (taken.addr as Deno.NetAddr).port;
+  const { code, stdout, stderr } = await runTask("grpc", [
+    dir.path,
+    "--port",
+    String(port),
+    "--hostname",
+    "127.0.0.1",
+  ]);
+  assertEquals([code, stdout, stderr], [1, "", `error: Port ${port} is already in use\n`]);
+});
+
+Deno.test("deno task peer with its gRPC port taken says so in one line on stderr", async () => {
+  await using dir = await tempDir();
+  using taken = Deno.listen({ port: 0 });
+  const port = (taken.addr as Deno.NetAddr).port;
+  const { code, stdout, stderr } = await runTask("peer", [
+    "0",
+    "--grpc-port",
+    String(port),
+    "--http-port",
+    "0",
+    "--dir",
+    dir.path,
+    "--directory",
+    "http://127.0.0.1:9",
+    "--broker",
+    "127.0.0.1:9",
+    "--no-console",
+  ]);
+  assertEquals(code, 1);
+  assertEquals(
+    stderr,
+    `error: Port ${port} is already in use (the peer's gRPC port): choose another or stop what ` +
+      "holds it\n",
+  );
+  assert(!/No address added|Cannot listen/.test(stdout), stdout);
+});
+
+Deno.test("A path under /proc, /dev or /sys is one line saying only --allow-all opens it", async () => {
+  for (const [task, args] of [["grpc", ["/proc/x"]], ["split", ["--out", "/proc/x"]]] as const) {
+    const { code, stderr } = await runTask(task, [...args]);
+    assertEquals(
+      [code, stderr],
+      [1, 'error: Cannot use "/proc/x": Deno allows /dev, /proc and /sys only with --allow-all\n'],
+      `${task} ${args.join(" ")}`,
+    );
+  }
+});
+
 Deno.test("A supervised child exits by itself when its stdin closes (its peer was killed)", async () => {
   await using dir = await tempDir();
   await using child = startTask(
@@ -165,14 +217,81 @@ Deno.test("superviseGrpcServer() rejects when its first start fails (the port is
   await using dir = await tempDir();
   using taken = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const port = (taken.addr as Deno.NetAddr).port;
+  const logs: string[] = [];
   let error: unknown;
   try {
-    await superviseGrpcServer({ dir: dir.path, port, hostname: "127.0.0.1" });
+    await superviseGrpcServer({
+      dir: dir.path,
+      port,
+      hostname: "127.0.0.1",
+      onLog: (line) => logs.push(line),
+    });
   } catch (caught) {
     error = caught;
   }
   assert(error instanceof Error, "expected a rejection");
-  assertMatch(error.message, /gRPC server did not start/);
+  assertEquals(
+    error.message,
+    `Port ${port} is already in use (the peer's gRPC port): choose another or stop what holds it`,
+  );
+  assertEquals(logs, [], "the rejection says it all, once");
+});
+
+/** Until disposed, the next `count` spawns fail as fork() might when the system is short. */
+function failSpawns(count: number): Disposable & { readonly failed: number } {
+  const prototype = Deno.Command.prototype;
+  const spawn = prototype.spawn;
+  let failed = 0;
+  prototype.spawn = function (this: Deno.Command) {
+    if (failed === count) return spawn.call(this);
+    failed++;
+    throw new Deno.errors.WouldBlock("Resource temporarily unavailable (os error 11)");
+  };
+  return {
+    get failed() {
+      return failed;
+    },
+    [Symbol.dispose]: () => prototype.spawn = spawn,
+  };
+}
+
+Deno.test("superviseGrpcServer() rejects in one line when it cannot spawn the child at all", async () => {
+  await using dir = await tempDir();
+  using _ = failSpawns(1);
+  let error: unknown;
+  try {
+    await superviseGrpcServer({ dir: dir.path, port: 0, hostname: "127.0.0.1" });
+  } catch (caught) {
+    error = caught;
+  }
+  assert(error instanceof Error, "expected a rejection");
+  assertEquals(error.message, "gRPC server did not start: resource temporarily unavailable");
+});
+
+Deno.test("superviseGrpcServer() keeps restarting while spawning the child fails for a while", async () => {
+  await using dir = await tempDir();
+  const logs: string[] = [];
+  await using supervisor = await superviseGrpcServer({
+    dir: dir.path,
+    port: 0,
+    hostname: "127.0.0.1",
+    onLog: (line) => logs.push(line),
+  });
+  {
+    using spawns = failSpawns(2);
+    Deno.kill(supervisor.pid!, "SIGKILL");
+    await eventually(() => spawns.failed === 2);
+  }
+  await eventually(() => supervisor.pid !== undefined);
+  await supervisor.ready();
+  using client = new GrpcClient({ deadlineMs: 3000 });
+  assertEquals(await client.echo(`127.0.0.1:${supervisor.port}`, "back"), "back");
+  assertEquals(
+    logs.filter((line) => /Cannot start the server \(resource temporarily unavailable\)/.test(line))
+      .length,
+    2,
+    logs.join("\n"),
+  );
 });
 
 Deno.test(`The close storm: ${STORM_CLIENTS} clients stream a fragment and close, and the peer still serves`, async () => {
