@@ -28,14 +28,40 @@ export function userMessage(error: Error): string {
   return `${error.message.split(/(?<=\.)\s/)[0]!.replace(/\.$/, "")} (see --help)`;
 }
 
+/**
+ * True for what Deno throws when a hostname does not resolve (a plain Error: it has no class of
+ * its own), e.g. `--hostname nosuchhost.invalid`.
+ */
+export function isLookupError(error: unknown): error is Error {
+  return error instanceof Error && error.message.startsWith("failed to lookup address information");
+}
+
+/** The one line for a {@link isLookupError} on `hostname`. */
+export function lookupMessage(hostname: string, error: Error): string {
+  const reason = error.message.replace(/^failed to lookup address information: /, "");
+  return `Cannot listen on ${JSON.stringify(hostname)}: the name does not resolve (${
+    reason.replace(/^./, (c) => c.toLowerCase())
+  })`;
+}
+
+// Deno grants these only with --allow-all, whatever --allow-read or --allow-write say.
+const SPECIAL_PATH = /^Requires all access to ("(?:[^"\\]|\\.)*")/;
+
 // The task of each script whose task is not named after it.
 const TASKS: Record<string, string> = { peer_grpc: "grpc" };
 
 /**
  * Exits 1 with `message` (what Deno said was missing) and the task that grants what the main
- * script needs.
+ * script needs; or, for a path under /dev, /proc or /sys, which no task can grant, with why.
  */
 export function exitForPermission(message: string): never {
+  const special = message.match(SPECIAL_PATH);
+  if (special) {
+    console.error(
+      `error: Cannot use ${special[1]}: Deno allows /dev, /proc and /sys only with --allow-all`,
+    );
+    Deno.exit(1);
+  }
   const script = basename(fileURLToPath(Deno.mainModule), ".ts");
   const task = TASKS[script] ?? script;
   console.error(`error: ${message}; \`deno task ${task}\` runs it with the ones it needs`);

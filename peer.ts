@@ -96,6 +96,7 @@ export interface Peer extends AsyncDisposable {
 export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
   const log = options.log ?? ((line: string) => console.log(line));
   const requestedPort = options.port ?? 6001;
+  checkDerivedPorts(requestedPort, options);
   const dir = options.dir ?? join("fragments", String(requestedPort));
   const neighbours = (options.neighbours ?? []).map((address) => {
     const { hostname, port } = parseAddress(address);
@@ -116,7 +117,6 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
       onSent: (name, remote) => log(`[✓] Fragment '${name}' sent to ${remote}`),
     }));
   const port = tcp.port;
-  log(`[SERVER] Node listening on port ${port}`);
   // gRPC runs in a supervised child process: a remote client can crash Deno's http2 server
   // (denoland/deno#36788), and that must cost a restart of the child, never the peer.
   let grpc: GrpcSupervisor | undefined;
@@ -129,7 +129,9 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
         directory: options.directory ?? undefined,
         // Its own pace, in its own process: TCP and gRPC are each held to the rate.
         maxUpload: options.maxUpload,
-        onStored: (name) => void store.adopt(name),
+        onStored: (name) => {
+          store.adopt(name).catch((error) => log(`[!] Cannot read '${name}': ${error.message}`));
+        },
         onLog: (line) => log(line),
       });
     } catch (error) {
@@ -138,7 +140,6 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
     }
   }
   const grpcPort = grpc?.port ?? 0;
-  if (grpc) log(`[gRPC] Listening on port ${grpcPort}`);
   const grpcClient = new GrpcClient();
 
   const directory = options.directory === null
@@ -194,9 +195,12 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
       grpcClient.close();
       throw error;
     }
-    log(`[PLAYER] Watch at http://${options.advertise ?? "localhost"}:${player.port}/`);
   }
   const httpPort = player?.port ?? 0;
+  // Only now that every server listens: a start that fails claims nothing.
+  log(`[SERVER] Node listening on port ${port}`);
+  if (grpc) log(`[gRPC] Listening on port ${grpcPort}`);
+  if (player) log(`[PLAYER] Watch at http://${options.advertise ?? "localhost"}:${httpPort}/`);
   // Last, so the directory learns every port that is really open.
   if (directory) {
     presence = new Presence(directory, {
@@ -302,6 +306,30 @@ export class ListenError extends Error {
   override name = "ListenError";
 }
 
+/**
+ * Throws a {@link ListenError} when the gRPC or HTTP port that follows from the TCP port (port +
+ * 44050, port + 2000) was not given and would be past 65535: before anything listens.
+ */
+function checkDerivedPorts(port: number, options: PeerOptions) {
+  if (port === 0) return; // free ports are picked for both
+  const over: string[] = [];
+  const flags: string[] = [];
+  if (options.grpcPort === undefined && port + GRPC_PORT_OFFSET > 65535) {
+    over.push(`gRPC port ${port + GRPC_PORT_OFFSET} (${port} + ${GRPC_PORT_OFFSET})`);
+    flags.push("--grpc-port");
+  }
+  if (options.httpPort === undefined && port + HTTP_PORT_OFFSET > 65535) {
+    over.push(`HTTP port ${port + HTTP_PORT_OFFSET} (${port} + ${HTTP_PORT_OFFSET})`);
+    flags.push("--http-port");
+  }
+  if (over.length === 0) return;
+  throw new ListenError(
+    `The ${over.join(" and the ")} would be past 65535: choose ${
+      over.length === 1 ? "it" : "them"
+    } with ${flags.join(" and ")}`,
+  );
+}
+
 /** Runs `start`, turning "address in use" and "not an address here" into a {@link ListenError}. */
 function listening<T>(server: string, port: number, hostname: string, start: () => T): T {
   try {
@@ -366,6 +394,8 @@ export async function runConsole(
         await peer.fetchAll();
       } else if ((word === "grpc" || word === "tcp") && rest.length === 1) {
         await fetchFromConsole(peer, rest[0]!, word);
+      } else if (word === "grpc" || word === "tcp") {
+        write(`Give one fragment name: ${word} <fragment name>\n`); // not a fragment called "grpc"
       } else if (rest.length === 0) {
         await fetchFromConsole(peer, word, transport);
       } else {

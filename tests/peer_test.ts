@@ -156,6 +156,8 @@ Deno.test("a peer started before the directory registers when it appears, and ag
 });
 
 Deno.test("peer CLI refuses bad command lines with one line and exit 1", async () => {
+  await using dir = await tempDir();
+  const store = join(dir.path, "store"); // never made: the mistakes are found before
   const cases: [string[], RegExp][] = [
     [[], /^error: Missing the TCP port/],
     [["600001"], /^error: Invalid port "600001"/],
@@ -168,12 +170,21 @@ Deno.test("peer CLI refuses bad command lines with one line and exit 1", async (
     [["0", "--broker", "nope"], /^error: Invalid broker "nope": expected host:port/],
     [["0", "--advertise", "bad host!"], /^error: Invalid --advertise "bad host!"/],
     [["0", "--dir", "README.md"], /^error: The store "README.md" is a file, not a folder/],
+    [
+      ["30000", "--dir", store],
+      /^error: The gRPC port 74050 \(30000 \+ 44050\) would be past 65535: choose it with --grpc-port$/m,
+    ],
+    [
+      ["64000", "--dir", store],
+      /^error: The gRPC port 108050 .* and the HTTP port 66000 \(64000 \+ 2000\) would be past 65535: choose them with --grpc-port and --http-port$/m,
+    ],
   ];
   for (const [args, pattern] of cases) {
-    const { code, stderr } = await runTask("peer", args);
+    const { code, stdout, stderr } = await runTask("peer", args);
     assertEquals(code, 1, `${args.join(" ")}: ${stderr}`);
     assertMatch(stderr, pattern);
     assertEquals(stderr.trim().split("\n").length, 1, stderr);
+    assertEquals(stdout, "", "nothing claims to listen");
   }
   const help = await runTask("peer", ["--help"]);
   assertEquals(help.code, 0);
@@ -202,7 +213,17 @@ Deno.test("peer CLI says which port is taken", async () => {
   await using dir = await tempDir();
   using taken = Deno.listen({ port: 0 });
   const port = String((taken.addr as Deno.NetAddr).port);
-  const { code, stderr } = await runTask("peer", [port, "--dir", dir.path, "--no-console"]);
+  // Its gRPC and HTTP ports given: port + 44050 is past 65535 for an ephemeral port.
+  const { code, stderr } = await runTask("peer", [
+    port,
+    "--grpc-port",
+    "0",
+    "--http-port",
+    "0",
+    "--dir",
+    dir.path,
+    "--no-console",
+  ]);
   assertEquals(code, 1);
   assertMatch(
     stderr,
@@ -222,6 +243,7 @@ Deno.test("peer CLI says which port is taken", async () => {
   assertEquals(http.code, 1);
   assertMatch(http.stderr, new RegExp(`error: Port ${port} is already in use \\(the peer's HTTP`));
   assertEquals(http.stderr.match(/error:/g)?.length, 1, http.stderr);
+  assert(!/listening|Watch at/i.test(http.stdout), `nothing claims to listen: ${http.stdout}`);
   const nowhere = await runTask("peer", ["0", "--hostname", "192.0.2.1", "--dir", dir.path]);
   assertEquals(nowhere.code, 1);
   assertMatch(nowhere.stderr, /^error: Cannot listen on "192\.0\.2\.1": it is not an address of/);
@@ -303,4 +325,25 @@ Deno.test("a peer announces what it fetched while the broker was down once the b
   await viewer.child.write("fragment_3.bin\nexit\n");
   assertEquals(await stopped(viewer.child), 0);
   assertEquals(viewer.child.stdout.match(/Fragment 'fragment_3\.bin' received from/g)?.length, 2);
+});
+
+Deno.test("the console takes a bare 'grpc' or 'tcp' for a command missing its name", async () => {
+  await using dir = await tempDir();
+  const { code, stdout, stderr } = await runTask("peer", [
+    "0",
+    "--grpc-port",
+    "0",
+    "--http-port",
+    "0",
+    "--dir",
+    dir.path,
+    "--directory",
+    "http://127.0.0.1:9",
+    "--broker",
+    "127.0.0.1:9",
+  ], { input: "grpc\ntcp\nexit\n" });
+  assertEquals(code, 0, stderr);
+  assertMatch(stdout, /Give one fragment name: grpc <fragment name>\n/);
+  assertMatch(stdout, /Give one fragment name: tcp <fragment name>\n/);
+  assert(!/\[x\]/.test(stderr), stderr);
 });
