@@ -12,6 +12,7 @@ import type { ContentfulStatusCode } from "hono/utils/http-status";
 import { manifestProblem } from "./split.ts";
 import {
   ERROR_CODES,
+  errorCode,
   getFileRoute,
   healthRoute,
   heartbeatRoute,
@@ -24,15 +25,28 @@ import {
   type PeerState,
   publishRoute,
   registerRoute,
+  TOO_MANY_FILES,
+  TOO_MANY_PEERS,
 } from "./_directory_schemas.ts";
-import { Registry, type RegistryOptions, type Sent } from "./_directory_registry.ts";
+import {
+  type KnownPeerState,
+  Registry,
+  type RegistryOptions,
+  type Sent,
+} from "./_directory_registry.ts";
 
 // ---------------------------------------------------------------------------------------------
 // Mounting: each route as one handler
 
-/** What a route's handler is given: its path parameters and JSON body, as its schemas parse them. */
+/**
+ * What a route's handler is given: its path parameters, query and JSON body, as its schemas
+ * parse them.
+ */
 interface RouteInput<R extends RouteConfig> {
   param: R["request"] extends { params: infer P extends z.ZodType } ? z.output<P> : undefined;
+  /** The query; with none at all, undefined (not parsed: the hot paths take none). */
+  query: R["request"] extends { query: infer Q extends z.ZodType } ? z.output<Q> | undefined
+    : undefined;
   json: R["request"] extends
     { body: { content: { "application/json": { schema: infer B extends z.ZodType } } } }
     ? z.output<B>
@@ -80,14 +94,19 @@ function mount<R extends RouteConfig & { getRoutingPath(): string }>(
 ): void {
   app.openAPIRegistry.registerPath(route);
   const params = route.request?.params as z.ZodType | undefined;
+  const queries = route.request?.query as z.ZodType | undefined;
   const content = route.request?.body?.content["application/json"];
   const body = content && "schema" in content ? content.schema as z.ZodType : undefined;
   const method = route.method.toUpperCase();
   const path = route.getRoutingPath();
   const param = (c: Context<Env>) =>
     (params && valid(params, c.req.param(), "param")) as RouteInput<R>["param"];
+  const query = (c: Context<Env>) =>
+    (queries && c.req.url.includes("?")
+      ? valid(queries, c.req.query(), "query")
+      : undefined) as RouteInput<R>["query"];
   if (body === undefined) {
-    app.on(method, path, (c) => handler(c, { param: param(c) } as RouteInput<R>));
+    app.on(method, path, (c) => handler(c, { param: param(c), query: query(c) } as RouteInput<R>));
     return;
   }
   app.on(method, path, async (c) => {
@@ -105,7 +124,7 @@ function mount<R extends RouteConfig & { getRoutingPath(): string }>(
 }
 
 /** `value` as `schema` parses it, or a 400 naming the first field that broke it. */
-function valid(schema: z.ZodType, value: unknown, target: "param" | "json"): unknown {
+function valid(schema: z.ZodType, value: unknown, target: "param" | "query" | "json"): unknown {
   // Synchronous: no schema here refines asynchronously, and zod compiles sync object parsers.
   const result = schema.safeParse(value);
   if (result.success) return result.data;
@@ -143,7 +162,11 @@ function errorBody(code: string, message: string) {
   return { error: { code, message } };
 }
 
-const TARGET_NAMES: Record<string, string> = { json: "Field", param: "Path parameter" };
+const TARGET_NAMES: Record<string, string> = {
+  json: "Field",
+  param: "Path parameter",
+  query: "Query parameter",
+};
 
 /** One sentence naming the first field that broke the schema. */
 function describeIssue(issue: z.core.$ZodIssue, target: string): string {
@@ -186,21 +209,20 @@ export function createApp(options: AppOptions = {}): OpenAPIHono<Env> {
     defaultHook: (result, c) => {
       if (result.success) return undefined;
       const message = describeIssue(result.error.issues[0], result.target);
-      return c.json(errorBody("BAD_REQUEST", message), 400);
+      return c.json(errorBody(ERROR_CODES[400], message), 400);
     },
   });
 
   app.onError((error, c) => {
     if (error instanceof HTTPException) {
       const status = error.status as ContentfulStatusCode;
-      return c.json(errorBody(ERROR_CODES[status] ?? `HTTP_${status}`, error.message), status);
+      return c.json(errorBody(errorCode(status), error.message), status);
     }
     console.error(`[DIRECTORY] ${c.req.method} ${c.req.path} failed:`, error);
-    return c.json(errorBody("INTERNAL", "Internal server error"), 500);
+    return c.json(errorBody(ERROR_CODES[500], "Internal server error"), 500);
   });
-  app.notFound((c) =>
-    c.json(errorBody("NOT_FOUND", `No route for ${c.req.method} "${c.req.path}"`), 404)
-  );
+  const notFound = (message: string) => errorBody(ERROR_CODES[404], message);
+  app.notFound((c) => c.json(notFound(`No route for ${c.req.method} "${c.req.path}"`), 404));
   mount(app, healthRoute, (c) =>
     c.json({
       status: "ok" as const,
@@ -215,12 +237,18 @@ export function createApp(options: AppOptions = {}): OpenAPIHono<Env> {
     return host === undefined ? undefined : { ...state, host };
   }
   const noHost = errorBody(
-    "BAD_REQUEST",
+    ERROR_CODES[400],
     'Field "host" is required: the remote address is unknown',
   );
+  const tooManyPeers = () =>
+    errorBody(
+      TOO_MANY_PEERS,
+      `The directory lists ${registry.maxPeers} live peers, its limit; a peer that stops ` +
+        "heartbeating is dropped within a ttl",
+    );
 
   /** What the registry keeps of a request, to know a heartbeat that repeats it. */
-  const sent = (json: PeerState, state: Required<PeerState>, body: string | undefined): Sent => ({
+  const sent = (json: PeerState, state: KnownPeerState, body: string | undefined): Sent => ({
     body,
     from: json.host === undefined ? state.host : undefined,
   });
@@ -229,7 +257,9 @@ export function createApp(options: AppOptions = {}): OpenAPIHono<Env> {
     const state = withHost(json, c.env);
     if (state === undefined) return c.json(noHost, 400);
     const id = crypto.randomUUID();
-    registry.upsert(id, state, sent(json, state, text));
+    if (registry.upsert(id, state, sent(json, state, text)) === "too many peers") {
+      return c.json(tooManyPeers(), 429);
+    }
     return c.json({ id, ttl: registry.ttl }, 201);
   });
 
@@ -239,8 +269,9 @@ export function createApp(options: AppOptions = {}): OpenAPIHono<Env> {
     (c, { param: { id }, json, text }) => {
       const state = withHost(json, c.env);
       if (state === undefined) return c.json(noHost, 400);
-      const recreated = registry.upsert(id, state, sent(json, state, text));
-      return c.json({ id, ttl: registry.ttl, recreated }, 200);
+      const outcome = registry.upsert(id, state, sent(json, state, text));
+      if (outcome === "too many peers") return c.json(tooManyPeers(), 429);
+      return c.json({ id, ttl: registry.ttl, recreated: outcome === "created" }, 200);
     },
     // The usual heartbeat repeats the last one byte for byte: it needs no parsing.
     (c, { id }, text) =>
@@ -250,17 +281,23 @@ export function createApp(options: AppOptions = {}): OpenAPIHono<Env> {
   );
 
   mount(app, leaveRoute, (c, { param: { id } }) => {
-    if (!registry.remove(id)) return c.json(errorBody("NOT_FOUND", `No peer "${id}"`), 404);
+    if (!registry.remove(id)) return c.json(notFound(`No peer "${id}"`), 404);
     return c.body(null, 204);
   });
 
   mount(app, listPeersRoute, (c) => c.json({ peers: registry.peers() }, 200));
-  mount(app, listFragmentsRoute, (c) => c.json({ fragments: registry.fragments() }, 200));
+  mount(
+    app,
+    listFragmentsRoute,
+    (c, { query }) => c.json({ fragments: registry.fragments(query?.file) }, 200),
+  );
 
-  mount(app, locateRoute, (c, { param: { name } }) => {
-    const holders = registry.locateJson(name);
+  mount(app, locateRoute, (c, { param: { name }, query }) => {
+    const file = query?.file;
+    const holders = registry.locateJson(name, file);
     if (holders === undefined) {
-      return c.json(errorBody("NOT_FOUND", `No live peer holds "${name}"`), 404);
+      const of = file === undefined ? "" : ` of "${file}"`;
+      return c.json(notFound(`No live peer holds "${name}"${of}`), 404);
     }
     // What c.json({ name, holders }) would send, with the holders serialized once, not per call.
     return c.body(`{"name":${JSON.stringify(name)},"holders":${holders}}`, 200, JSON_HEADERS);
@@ -270,11 +307,11 @@ export function createApp(options: AppOptions = {}): OpenAPIHono<Env> {
     // The schema checks each field; this checks that they agree (offsets, sizes, indexes), as
     // a peer will before it trusts the manifest.
     const problem = manifestProblem(manifest);
-    if (problem) return c.json(errorBody("BAD_REQUEST", `Invalid manifest: ${problem}`), 400);
+    if (problem) return c.json(errorBody(ERROR_CODES[400], `Invalid manifest: ${problem}`), 400);
     const outcome = registry.publish(manifest);
     if (outcome === "conflict") {
       const message = `File "${manifest.file}" is already published with other contents`;
-      return c.json(errorBody("CONFLICT", message), 409);
+      return c.json(errorBody(ERROR_CODES[409], message), 409);
     }
     if (outcome === "too many files" || outcome === "too many fragments") {
       const full = outcome === "too many files"
@@ -283,7 +320,7 @@ export function createApp(options: AppOptions = {}): OpenAPIHono<Env> {
           "fragments, its limit";
       const message = `Cannot publish "${manifest.file}": ${full}; a file no live peer ` +
         "holds is dropped within a ttl";
-      return c.json(errorBody("TOO_MANY_FILES", message), 429);
+      return c.json(errorBody(TOO_MANY_FILES, message), 429);
     }
     const body = { file: manifest.file, fragments: manifest.fragments.length };
     return outcome === "created" ? c.json(body, 201) : c.json(body, 200);
@@ -293,7 +330,7 @@ export function createApp(options: AppOptions = {}): OpenAPIHono<Env> {
 
   mount(app, getFileRoute, (c, { param: { file } }) => {
     const detail = registry.file(file);
-    if (detail === undefined) return c.json(errorBody("NOT_FOUND", `No file "${file}"`), 404);
+    if (detail === undefined) return c.json(notFound(`No file "${file}"`), 404);
     return c.json(detail, 200);
   });
 
@@ -329,15 +366,25 @@ export function createApp(options: AppOptions = {}): OpenAPIHono<Env> {
 const SWAGGER_ASSETS = new Map([
   ["swagger-ui.css", {
     type: "text/css; charset=utf-8",
-    load: once(() => import("swagger-ui-dist/swagger-ui.css", { with: { type: "text" } })),
+    load: loadOnce(() => import("swagger-ui-dist/swagger-ui.css", { with: { type: "text" } })),
   }],
   ["swagger-ui-bundle.js", {
     type: "text/javascript; charset=utf-8",
-    load: once(() => import("swagger-ui-dist/swagger-ui-bundle.js", { with: { type: "text" } })),
+    load: loadOnce(() =>
+      import("swagger-ui-dist/swagger-ui-bundle.js", { with: { type: "text" } })
+    ),
   }],
 ]);
 
-function once(load: () => Promise<{ default: string }>): () => Promise<string> {
+/**
+ * `load` made to run once: its text is kept once it loaded, and a load that failed is tried
+ * again on the next call (a failed import would otherwise be an asset's answer for good).
+ */
+export function loadOnce(load: () => Promise<{ default: string }>): () => Promise<string> {
   let text: Promise<string> | undefined;
-  return () => text ??= load().then((module) => module.default);
+  return () =>
+    text ??= load().then((module) => module.default, (error) => {
+      text = undefined;
+      throw error;
+    });
 }

@@ -4,7 +4,7 @@
  * @module
  */
 import {
-  ERROR_CODES,
+  errorCode,
   type FileDetail,
   type FileSummary,
   type FragmentHolders,
@@ -22,16 +22,31 @@ const DEFAULT_CLIENT_TIMEOUT_MS = 5_000;
 /** A failed directory call: `status` is the HTTP status, 0 when there was no answer. */
 export class DirectoryError extends Error {
   override name = "DirectoryError";
+  /** What the directory said (its error's message), or why there was no usable answer. */
+  readonly detail: string;
   constructor(
     message: string,
     /** The HTTP status, or 0 when the directory was unreachable or too slow. */
     readonly status: number,
-    /** The error code from the body (e.g. `NOT_FOUND`), or `UNREACHABLE` / `TIMEOUT`. */
+    /**
+     * The error code from the body (e.g. `NOT_FOUND`), `UNREACHABLE` / `TIMEOUT` without an
+     * answer, or `BAD_RESPONSE` for a success that is not JSON (not a directory, then).
+     */
     readonly code: string,
-    options?: ErrorOptions,
+    options?: ErrorOptions & { detail?: string },
   ) {
     super(message, options);
+    this.detail = options?.detail ?? message;
   }
+}
+
+/** Options of {@link DirectoryClient.locate} and {@link DirectoryClient.listFragments}. */
+export interface LocateOptions {
+  /**
+   * Only holders whose fragments belong to this file (as their state says): fragment names are
+   * not unique across files.
+   */
+  file?: string;
 }
 
 /** Options of {@link DirectoryClient}. */
@@ -47,7 +62,7 @@ export interface DirectoryClientOptions {
  * ```ts
  * const directory = new DirectoryClient("http://localhost:5000");
  * const { id, ttl } = await directory.register({ port: 6001, grpcPort: 50051, httpPort: 8001, fragments: [] });
- * const holders = await directory.locate("fragment_5.bin");
+ * const holders = await directory.locate("fragment_5.bin", { file: "sample.webm" });
  * ```
  */
 export class DirectoryClient {
@@ -65,7 +80,10 @@ export class DirectoryClient {
     return this.#call("GET", "/health");
   }
 
-  /** Registers this peer; heartbeat every `ttl / 3` seconds with the returned id. */
+  /**
+   * Registers this peer; heartbeat every `ttl / 3` seconds with the returned id. Its `file` is
+   * the file its fragments belong to, when it knows (its store's manifest's `file`).
+   */
   register(state: PeerState): Promise<Registration> {
     return this.#call("POST", "/peers", state);
   }
@@ -80,12 +98,15 @@ export class DirectoryClient {
     await this.#call("DELETE", `/peers/${encodeURIComponent(id)}`);
   }
 
-  /** The live holders of a fragment; an empty list when no live peer holds it. */
-  async locate(name: string): Promise<Holder[]> {
+  /**
+   * The live holders of a fragment (of one file, with `file`); an empty list when no live peer
+   * holds it.
+   */
+  async locate(name: string, options: LocateOptions = {}): Promise<Holder[]> {
     try {
       const found = await this.#call<FragmentHolders>(
         "GET",
-        `/fragments/${encodeURIComponent(name)}`,
+        `/fragments/${encodeURIComponent(name)}${fileQuery(options)}`,
       );
       return found.holders;
     } catch (error) {
@@ -99,9 +120,10 @@ export class DirectoryClient {
     return (await this.#call<{ peers: PeerInfo[] }>("GET", "/peers")).peers;
   }
 
-  /** Every fragment with its live holders. */
-  async listFragments(): Promise<FragmentHolders[]> {
-    return (await this.#call<{ fragments: FragmentHolders[] }>("GET", "/fragments")).fragments;
+  /** Every fragment with its live holders (of one file, with `file`). */
+  async listFragments(options: LocateOptions = {}): Promise<FragmentHolders[]> {
+    const path = `/fragments${fileQuery(options)}`;
+    return (await this.#call<{ fragments: FragmentHolders[] }>("GET", path)).fragments;
   }
 
   /** Publishes a file's manifest (status 409 when another file has its name). */
@@ -114,7 +136,9 @@ export class DirectoryClient {
     return (await this.#call<{ files: FileSummary[] }>("GET", "/files")).files;
   }
 
-  /** A file's manifest with each fragment's live holders (status 404 when unknown). */
+  /**
+   * A file's manifest with each fragment's live holders of that file (status 404 when unknown).
+   */
   getFile(file: string): Promise<FileDetail> {
     return this.#call("GET", `/files/${encodeURIComponent(file)}`);
   }
@@ -145,9 +169,18 @@ export class DirectoryClient {
     }
     if (!response.ok) {
       const { code, message } = parseError(text, response.status);
-      throw new DirectoryError(`${method} ${path} failed: ${message}`, response.status, code);
+      throw new DirectoryError(`${method} ${path} failed: ${message}`, response.status, code, {
+        detail: message,
+      });
     }
-    return (text === "" ? undefined : JSON.parse(text)) as T;
+    if (text === "") return undefined as T;
+    try {
+      return JSON.parse(text) as T;
+    } catch (error) {
+      // Some other web server at that address, most likely.
+      const message = `${method} ${path} did not answer JSON: is "${this.url}" a directory?`;
+      throw new DirectoryError(message, response.status, "BAD_RESPONSE", { cause: error });
+    }
   }
 }
 
@@ -166,5 +199,10 @@ function parseError(text: string, status: number): { code: string; message: stri
   } catch {
     // not our error shape (a proxy in between?): fall back to the status
   }
-  return { code: ERROR_CODES[status] ?? `HTTP_${status}`, message: `HTTP ${status}` };
+  return { code: errorCode(status), message: `HTTP ${status}` };
+}
+
+/** `?file=<file>`, or nothing. */
+function fileQuery({ file }: LocateOptions): string {
+  return file === undefined ? "" : `?file=${encodeURIComponent(file)}`;
 }

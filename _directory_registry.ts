@@ -1,12 +1,13 @@
 /**
  * The directory's state: soft, in memory, and indexed for the hot paths (locate and heartbeat).
- * Peers are forgotten a ttl after their last heartbeat, and files a ttl after no live peer holds
- * any of their fragments.
+ * Peers are forgotten a ttl after their last heartbeat, and files a ttl after no live peer of
+ * theirs holds any of their fragments.
  * @module
  */
 import {
   DEFAULT_MAX_FILE_FRAGMENTS,
   DEFAULT_MAX_FILES,
+  DEFAULT_MAX_PEERS,
   DEFAULT_TTL,
   type FileDetail,
   type FileSummary,
@@ -18,12 +19,17 @@ import {
 } from "./_directory_schemas.ts";
 import type { Manifest } from "./split.ts";
 
+/** The `file` of a peer whose state names none: its fragments belong to no file it says. */
+const UNKNOWN = "";
+
 interface PeerRecord {
   id: string;
   address: string;
   holder: Holder;
   /** As last sent, without duplicates: the next heartbeat usually sends the same list. */
   fragments: string[];
+  /** The file its fragments belong to, as its state says; {@link UNKNOWN} when it says none. */
+  file: string;
   expiresAt: number;
   /** The body of its last registration or heartbeat, which {@link Registry.refresh} compares. */
   body: string | undefined;
@@ -39,9 +45,11 @@ export interface Sent {
   from?: string;
 }
 
-/** A fragment's holders, and the locate answer built from them. */
-interface FragmentRecord {
-  holders: Set<PeerRecord>;
+/** A peer's state with its host known (from the body, or the request's remote address). */
+export type KnownPeerState = Omit<PeerState, "host"> & { host: string };
+
+/** A locate answer, kept until the holders it lists change. */
+interface Answer {
   /**
    * The live holders as JSON, as {@link Registry.locateJson} last built them, or undefined once
    * they change. Locates far outnumber changes (a heartbeat that repeats its state changes
@@ -52,21 +60,43 @@ interface FragmentRecord {
   jsonUntil: number;
 }
 
-interface FileRecord {
-  manifest: Manifest;
-  /**
-   * The last moment a live peer was known to hold one of its fragments, or when it was last
-   * published: the file is dropped one ttl later unless a live holder turns up.
-   */
-  backedAt: number;
+/** Some holders, and the locate answer built from them. */
+interface Holders extends Answer {
+  peers: Set<PeerRecord>;
 }
 
-/** A fragment name that published files list: how many, and when a holder last let it go. */
-interface ListedName {
-  files: number;
-  /** The last moment a peer stopped holding it: it left, expired, or dropped it. */
+/**
+ * A fragment name's holders, grouped by the file their state names: every file split.ts makes
+ * names its fragments fragment_<i>.bin, so one name is usually held for many files. A group
+ * keeps its own locate answer, so a change in one file's holders leaves the others' answers be.
+ */
+interface FragmentRecord {
+  /** File -> its peers that hold this name; never an empty group. */
+  groups: Map<string, Holders>;
+  /** The one group, while there is only one (the usual case): what a locate answers with. */
+  only: Holders | undefined;
+  /** The answer with every group's holders, when there are several groups. */
+  all: Answer;
+}
+
+interface FileRecord {
+  manifest: Manifest;
+  /** Its fragment names, to know at once whether a name a peer lets go is one of them. */
+  names: Set<string>;
+  /**
+   * The last moment a live peer of this file was known to hold one of its fragments, or when it
+   * was last published: the file is dropped one ttl later unless a live holder turns up.
+   */
+  backedAt: number;
+  /** The last moment a peer of this file stopped holding one of its fragments. */
   releasedAt: number;
 }
+
+/** What {@link Registry.upsert} did: a new peer, a known one refreshed, or refused a new one. */
+export type UpsertOutcome = "created" | "refreshed" | "too many peers";
+
+/** Sweeps at most this often to make room for a new peer at the bound: a sweep is O(peers). */
+const FULL_SWEEP_INTERVAL_MS = 1_000;
 
 /** Options of a {@link Registry}. */
 export interface RegistryOptions {
@@ -78,6 +108,8 @@ export interface RegistryOptions {
   maxFiles?: number;
   /** Fragments all listed files' manifests hold at most, together. @default 100000 */
   maxFileFragments?: number;
+  /** Live peers listed at most; a new one is refused. @default 100000 */
+  maxPeers?: number;
 }
 
 /**
@@ -94,13 +126,18 @@ export type PublishOutcome =
   | "too many fragments";
 
 /**
- * The directory's in-memory state: peers, which of them holds which fragment, and files. Reads
- * skip expired peers, so answers hold only live ones; {@link Registry.sweep} (run on a timer by
- * `startDirectory()`) frees the memory of the dead.
+ * The directory's in-memory state: peers, which of them holds which fragment of which file, and
+ * files. Reads skip expired peers, so answers hold only live ones; {@link Registry.sweep} (run
+ * on a timer by `startDirectory()`) frees the memory of the dead.
  *
- * A file is soft state too: it stays listed while a live peer holds any of its fragments, and
- * is dropped once none has for one ttl. Publishing it (again) counts as backing it, so a peer may
- * publish before it registers its first fragment.
+ * A peer's state may name the file its fragments belong to (its store's manifest's file). A
+ * file's holders are the peers that name it: fragment names are not unique across files
+ * (split.ts names every file's fragments fragment_<i>.bin). A locate without a file lists every
+ * holder of the name.
+ *
+ * A file is soft state too: it stays listed while a live peer of that file holds any of its
+ * fragments, and is dropped once none has for one ttl. Publishing it (again) counts as backing
+ * it, so a peer may publish before it registers its first fragment.
  */
 export class Registry {
   /** Seconds a peer stays listed after its last heartbeat. */
@@ -109,6 +146,8 @@ export class Registry {
   readonly maxFiles: number;
   /** Fragments all listed files' manifests hold at most, together. */
   readonly maxFileFragments: number;
+  /** Live peers listed at most. */
+  readonly maxPeers: number;
   readonly #ttlMs: number;
   readonly #now: () => number;
   /** Every peer heard from within a ttl, and any expired since the last sweep. */
@@ -118,10 +157,9 @@ export class Registry {
   /** "host:port" -> peer id, so a peer that restarted and registered again has one entry. */
   readonly #byAddress = new Map<string, string>();
   readonly #files = new Map<string, FileRecord>();
-  /** The fragment names the files list: what {@link Registry.#unindex} stamps as released. */
-  readonly #listed = new Map<string, ListedName>();
   /** Fragments of all files' manifests, together. */
   #fileFragments = 0;
+  #sweptAt = -Infinity;
 
   constructor(options: RegistryOptions = {}) {
     this.ttl = options.ttl ?? DEFAULT_TTL;
@@ -133,6 +171,7 @@ export class Registry {
       options.maxFileFragments ?? DEFAULT_MAX_FILE_FRAGMENTS,
       "maxFileFragments",
     );
+    this.maxPeers = positive(options.maxPeers ?? DEFAULT_MAX_PEERS, "maxPeers");
     this.#ttlMs = this.ttl * 1000;
     this.#now = options.now ?? Date.now;
   }
@@ -161,6 +200,7 @@ export class Registry {
    */
   sweep(): void {
     const now = this.#now();
+    this.#sweptAt = now;
     for (const peer of this.#peers.values()) {
       if (peer.expiresAt <= now) this.#remove(peer, now);
     }
@@ -183,48 +223,57 @@ export class Registry {
   }
 
   /**
-   * Registers or refreshes peer `id` with its full state, parsed from `sent`; true when it was
-   * not known.
+   * Registers or refreshes peer `id` with its full state, parsed from `sent`. A peer the
+   * directory does not know is refused when it lists `maxPeers` live peers already (one that
+   * registers again at its own address replaces itself, and is never refused).
    */
-  upsert(id: string, state: Required<PeerState>, sent: Sent = {}): boolean {
+  upsert(id: string, state: KnownPeerState, sent: Sent = {}): UpsertOutcome {
     const now = this.#now();
     const known = this.#peers.get(id);
     const created = known === undefined || known.expiresAt <= now; // expired is forgotten
+    const file = state.file ?? UNKNOWN;
     // The usual heartbeat repeats the peer's state: only the expiry moves, and only later, so
     // no cached locate answer goes stale. (Same host and port means same address, which
     // #byAddress already maps to this id.)
     if (
-      !created && sameHolder(known.holder, state) && sameList(known.fragments, state.fragments)
+      !created && sameHolder(known.holder, state) && known.file === file &&
+      sameList(known.fragments, state.fragments)
     ) {
       known.expiresAt = now + this.#ttlMs;
       known.body = sent.body;
       known.from = sent.from;
-      return false;
+      return "refreshed";
     }
     const address = `${state.host}:${state.port}`;
     const sameAddress = this.#byAddress.get(address);
-    // Another id at the same address is this peer before a restart: keep one entry per peer.
-    if (sameAddress !== undefined && sameAddress !== id) {
-      this.#remove(this.#peers.get(sameAddress)!, now);
+    const replaces = sameAddress !== undefined && sameAddress !== id;
+    // A new entry: refused at the bound, unless it replaces the entry of its address. Only a
+    // full directory pays for a sweep (at most once a second): a peer that expired makes room.
+    if (known === undefined && !replaces && this.#peers.size >= this.maxPeers) {
+      if (now - this.#sweptAt >= FULL_SWEEP_INTERVAL_MS) this.sweep();
+      if (this.#peers.size >= this.maxPeers) return "too many peers";
     }
+    // Another id at the same address is this peer before a restart: keep one entry per peer.
+    if (replaces) this.#remove(this.#peers.get(sameAddress)!, now);
     let peer = known;
     if (peer === undefined) {
       const { body, from } = sent;
-      peer = { id, address, holder: toHolder(id, state), fragments: [], expiresAt: 0, body, from };
+      const holder = toHolder(id, state);
+      peer = { id, address, holder, fragments: [], file, expiresAt: 0, body, from };
       this.#peers.set(id, peer);
     } else {
       if (peer.address !== address) this.#byAddress.delete(peer.address);
       if (!sameHolder(peer.holder, state)) peer.holder = toHolder(id, state);
       peer.address = address;
       // Its holder may have changed, or it was expired and left out of the answers: rebuild them.
-      for (const name of peer.fragments) this.#fragments.get(name)!.json = undefined;
+      for (const name of peer.fragments) this.#changed(this.#fragments.get(name)!, peer.file);
     }
-    this.#index(peer, state.fragments, now);
+    this.#index(peer, state.fragments, file, now);
     peer.expiresAt = now + this.#ttlMs;
     peer.body = sent.body;
     peer.from = sent.from;
     this.#byAddress.set(address, id);
-    return created;
+    return created ? "created" : "refreshed";
   }
 
   /** Removes peer `id`; false when it was not known (or had already expired). */
@@ -236,36 +285,48 @@ export class Registry {
     return peer.expiresAt > now;
   }
 
-  /** The live holders of fragment `name` (empty when none). */
-  locate(name: string): Holder[] {
-    return this.#live(this.#fragments.get(name), this.#now()).holders;
+  /**
+   * The live holders of fragment `name` (empty when none): of any file, or of `file` only (the
+   * peers whose state names it).
+   */
+  locate(name: string, file?: string): Holder[] {
+    const fragment = this.#fragments.get(name);
+    if (fragment === undefined) return [];
+    return this.#live(this.#holders(fragment, file), this.#now()).holders;
   }
 
   /** {@link Registry.locate} as JSON text, kept until the holders change; undefined when none. */
-  locateJson(name: string): string | undefined {
+  locateJson(name: string, file?: string): string | undefined {
     const fragment = this.#fragments.get(name);
     if (fragment === undefined) return undefined;
+    // The answer of the one group there is, or of the file asked for, is that group's own.
+    const answer = file !== undefined ? fragment.groups.get(file) : fragment.only ?? fragment.all;
+    if (answer === undefined) return undefined;
     const now = this.#now();
-    if (fragment.json === undefined || fragment.jsonUntil <= now) {
-      const { holders, until } = this.#live(fragment, now);
-      fragment.json = holders.length === 0 ? undefined : JSON.stringify(holders);
-      fragment.jsonUntil = until;
+    if (answer.json === undefined || answer.jsonUntil <= now) {
+      const live = this.#live(this.#holders(fragment, file), now);
+      answer.json = live.holders.length === 0 ? undefined : JSON.stringify(live.holders);
+      answer.jsonUntil = live.until;
     }
-    return fragment.json;
+    return answer.json;
   }
 
-  /** Every live peer with its fragments. */
+  /** Every live peer with its fragments, and the file they belong to when it said. */
   peers(): PeerInfo[] {
     const now = this.#now();
     return [...this.#peers.values()]
       .filter((peer) => peer.expiresAt > now)
-      .map((peer) => ({ ...peer.holder, fragments: peer.fragments }));
+      .map((peer) => ({
+        ...peer.holder,
+        fragments: peer.fragments,
+        ...(peer.file === UNKNOWN ? {} : { file: peer.file }),
+      }));
   }
 
-  /** Every fragment with at least one live holder, and its holders. */
-  fragments(): FragmentHolders[] {
+  /** Every fragment with at least one live holder (of `file`, when given), and its holders. */
+  fragments(file?: string): FragmentHolders[] {
     return [...this.#fragments.keys()]
-      .map((name) => ({ name, holders: this.locate(name) }))
+      .map((name) => ({ name, holders: this.locate(name, file) }))
       .filter((fragment) => fragment.holders.length > 0);
   }
 
@@ -298,13 +359,9 @@ export class Registry {
     if (full() !== undefined) this.#sweepFiles(now);
     const refused = full();
     if (refused !== undefined) return refused;
-    this.#files.set(manifest.file, { manifest, backedAt: now });
+    const names = new Set(manifest.fragments.map((fragment) => fragment.name));
+    this.#files.set(manifest.file, { manifest, names, backedAt: now, releasedAt: -Infinity });
     this.#fileFragments += manifest.fragments.length;
-    for (const { name } of manifest.fragments) {
-      const listed = this.#listed.get(name);
-      if (listed === undefined) this.#listed.set(name, { files: 1, releasedAt: -Infinity });
-      else listed.files++;
-    }
     return "created";
   }
 
@@ -312,19 +369,22 @@ export class Registry {
   files(): FileSummary[] {
     const now = this.#now();
     this.#sweepFiles(now);
-    const held = (name: string) =>
-      [...this.#fragments.get(name)?.holders ?? []].some((peer) => peer.expiresAt > now);
     return [...this.#files.values()].map(({ manifest }) => ({
       file: manifest.file,
       mime: manifest.mime,
       size: manifest.size,
       sha256: manifest.sha256,
       fragments: manifest.fragments.length,
-      available: manifest.fragments.every((fragment) => held(fragment.name)),
+      available: manifest.fragments.every((fragment) =>
+        this.#anyLive(this.#fragments.get(fragment.name)?.groups.get(manifest.file), now)
+      ),
     }));
   }
 
-  /** The manifest of `file` with each fragment's live holders, or undefined when not listed. */
+  /**
+   * The manifest of `file` with each fragment's live holders of that file, or undefined when
+   * not listed.
+   */
   file(file: string): FileDetail | undefined {
     const record = this.#files.get(file);
     if (record === undefined) return undefined;
@@ -333,30 +393,44 @@ export class Registry {
       return undefined;
     }
     const fragments = record.manifest.fragments.map((fragment) => {
-      const holders = this.locate(fragment.name);
+      const holders = this.locate(fragment.name, file);
       return { ...fragment, holders, holderCount: holders.length };
     });
     return { ...record.manifest, fragments };
   }
 
+  /** The holders of `fragment` (of `file`, when given), whether live or not. */
+  #holders(fragment: FragmentRecord, file?: string): Iterable<PeerRecord> {
+    if (file !== undefined) return fragment.groups.get(file)?.peers ?? [];
+    if (fragment.only !== undefined) return fragment.only.peers;
+    return everyPeer(fragment.groups.values()); // a peer is in one group of a name at most
+  }
+
+  /** Drops the answers of `fragment` that list the peers of `file`: they changed. */
+  #changed(fragment: FragmentRecord, file: string): void {
+    const group = fragment.groups.get(file);
+    if (group !== undefined) group.json = undefined;
+    fragment.all.json = undefined;
+  }
+
   /**
-   * True when no live peer has held any of `file`'s fragments for a ttl; otherwise moves its
-   * `backedAt` up to the last moment one is known to have. O(its fragments) at worst, and O(1)
-   * for a file known to be backed less than a ttl ago.
+   * True when no live peer of `file` has held any of its fragments for a ttl; otherwise moves
+   * its `backedAt` up to the last moment one is known to have. O(its fragments) at worst, and
+   * O(1) for a file known to be backed less than a ttl ago.
    */
   #expired(file: FileRecord, now: number): boolean {
     if (now - file.backedAt < this.#ttlMs) return false;
-    let backedAt = file.backedAt;
+    // A peer swept (or that moved to another file) held it until releasedAt.
+    let backedAt = Math.max(file.backedAt, file.releasedAt);
     for (const { name } of file.manifest.fragments) {
-      // A peer expired but not swept yet held it until its expiry; one swept, until releasedAt.
-      for (const peer of this.#fragments.get(name)?.holders ?? []) {
+      // A peer expired but not swept yet held it until its expiry.
+      for (const peer of this.#fragments.get(name)?.groups.get(file.manifest.file)?.peers ?? []) {
         if (peer.expiresAt > now) {
           file.backedAt = now;
           return false;
         }
         backedAt = Math.max(backedAt, peer.expiresAt);
       }
-      backedAt = Math.max(backedAt, this.#listed.get(name)!.releasedAt);
     }
     file.backedAt = backedAt;
     return now - backedAt >= this.#ttlMs;
@@ -371,50 +445,66 @@ export class Registry {
   #drop(file: FileRecord): void {
     this.#files.delete(file.manifest.file);
     this.#fileFragments -= file.manifest.fragments.length;
-    for (const { name } of file.manifest.fragments) {
-      const listed = this.#listed.get(name)!;
-      if (--listed.files === 0) this.#listed.delete(name);
-    }
   }
 
-  /** Brings the fragment index in step with `peer`'s new list, touching only what changed. */
-  #index(peer: PeerRecord, names: string[], now: number): void {
-    if (sameList(peer.fragments, names)) return; // the usual heartbeat: nothing changed
+  /**
+   * Brings the fragment index in step with `peer`'s new list and file, touching only what
+   * changed.
+   */
+  #index(peer: PeerRecord, names: string[], file: string, now: number): void {
+    if (peer.file === file && sameList(peer.fragments, names)) return; // nothing changed
     const next = new Set(names);
     for (const name of peer.fragments) {
-      if (!next.has(name)) this.#unindex(name, peer, now);
+      // A peer whose store now holds another file lets go of all it held for the old one.
+      if (peer.file !== file || !next.has(name)) this.#unindex(name, peer, now);
     }
+    peer.file = file;
     for (const name of next) {
       let fragment = this.#fragments.get(name);
       if (fragment === undefined) {
-        fragment = { holders: new Set(), json: undefined, jsonUntil: 0 };
+        fragment = { groups: new Map(), only: undefined, all: { json: undefined, jsonUntil: 0 } };
         this.#fragments.set(name, fragment);
       }
-      if (fragment.holders.has(peer)) continue;
-      fragment.holders.add(peer);
-      fragment.json = undefined;
+      let group = fragment.groups.get(file);
+      if (group === undefined) {
+        group = holders();
+        fragment.groups.set(file, group);
+        fragment.only = fragment.groups.size === 1 ? group : undefined;
+      } else if (group.peers.has(peer)) continue;
+      group.peers.add(peer);
+      this.#changed(fragment, file);
     }
     peer.fragments = [...next];
   }
 
-  /** Takes `peer` out of fragment `name`'s holders, noting until when it held it. */
+  /** Takes `peer` out of fragment `name`'s holders, noting until when it held it for its file. */
   #unindex(name: string, peer: PeerRecord, now: number): void {
-    const listed = this.#listed.get(name);
-    if (listed !== undefined) {
-      listed.releasedAt = Math.max(listed.releasedAt, Math.min(now, peer.expiresAt));
+    const file = this.#files.get(peer.file);
+    if (file !== undefined && file.names.has(name)) {
+      file.releasedAt = Math.max(file.releasedAt, Math.min(now, peer.expiresAt));
     }
     const fragment = this.#fragments.get(name);
-    if (fragment === undefined) return;
-    fragment.holders.delete(peer);
-    fragment.json = undefined;
-    if (fragment.holders.size === 0) this.#fragments.delete(name); // no empty sets left behind
+    const group = fragment?.groups.get(peer.file);
+    if (fragment === undefined || group === undefined) return;
+    group.peers.delete(peer);
+    this.#changed(fragment, peer.file);
+    if (group.peers.size > 0) return;
+    fragment.groups.delete(peer.file); // no empty groups or records left behind
+    if (fragment.groups.size === 0) this.#fragments.delete(name);
+    else if (fragment.groups.size === 1) fragment.only = fragment.groups.values().next().value;
   }
 
-  /** The live holders of `fragment`, and when the first of them expires. */
-  #live(fragment: FragmentRecord | undefined, now: number): { holders: Holder[]; until: number } {
+  /** True when one of `holders` is live. */
+  #anyLive(holders: Holders | undefined, now: number): boolean {
+    for (const peer of holders?.peers ?? []) if (peer.expiresAt > now) return true;
+    return false;
+  }
+
+  /** The live ones of `peers` as holders, and when the first of them expires. */
+  #live(peers: Iterable<PeerRecord>, now: number): { holders: Holder[]; until: number } {
     const holders: Holder[] = [];
     let until = Infinity;
-    for (const peer of fragment?.holders ?? []) {
+    for (const peer of peers) {
       if (peer.expiresAt <= now) continue;
       holders.push(peer.holder);
       until = Math.min(until, peer.expiresAt);
@@ -429,6 +519,14 @@ export class Registry {
   }
 }
 
+function holders(): Holders {
+  return { peers: new Set(), json: undefined, jsonUntil: 0 };
+}
+
+function* everyPeer(groups: Iterable<Holders>): Iterable<PeerRecord> {
+  for (const group of groups) yield* group.peers;
+}
+
 /** `value` when it is a whole number of at least 1; a RangeError naming `option` otherwise. */
 function positive(value: number, option: string): number {
   if (Number.isInteger(value) && value >= 1) return value;
@@ -441,12 +539,12 @@ function sameList(a: string[], b: string[]): boolean {
   return true;
 }
 
-function toHolder(id: string, state: Required<PeerState>): Holder {
+function toHolder(id: string, state: KnownPeerState): Holder {
   const { host, port, grpcPort, httpPort } = state;
   return { id, host, port, grpcPort, httpPort };
 }
 
-function sameHolder(holder: Holder, state: Required<PeerState>): boolean {
+function sameHolder(holder: Holder, state: KnownPeerState): boolean {
   return holder.host === state.host && holder.port === state.port &&
     holder.grpcPort === state.grpcPort && holder.httpPort === state.httpPort;
 }

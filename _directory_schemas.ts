@@ -19,6 +19,13 @@ export const DEFAULT_MAX_FILES = 1_000;
  * takes about 1.4 MiB of heap).
  */
 export const DEFAULT_MAX_FILE_FRAGMENTS = 100_000;
+/** Live peers the directory lists at most, unless told otherwise. */
+export const DEFAULT_MAX_PEERS = 100_000;
+/**
+ * Fragments one peer's state names at most: a store holds one file, of at most 5,000 fragments
+ * (split.ts), and room is left for loose ones fetched by name.
+ */
+export const MAX_PEER_FRAGMENTS = 10_000;
 /** Request bodies larger than this get a 413. */
 export const MAX_BODY_BYTES = 1024 * 1024;
 
@@ -45,7 +52,15 @@ const PeerStateSchema = z.object({
   port: Port.openapi({ description: "TCP fragment server", example: 6001 }),
   grpcPort: ServicePort.openapi({ example: 50051 }),
   httpPort: ServicePort.openapi({ example: 8001 }),
-  fragments: z.array(Name).openapi({ example: ["fragment_0.bin", "fragment_3.bin"] }),
+  fragments: z.array(Name).max(MAX_PEER_FRAGMENTS).openapi({
+    example: ["fragment_0.bin", "fragment_3.bin"],
+  }),
+  file: Name.optional().openapi({
+    description: "The file these fragments belong to (the `file` of the store's manifest); " +
+      "absent when unknown, e.g. loose fragments fetched by name. Split files all name their " +
+      "fragments fragment_<i>.bin: a file's holders are only the peers that name it",
+    example: "sample.webm",
+  }),
 }).openapi("PeerState");
 
 const HolderSchema = z.object({
@@ -56,7 +71,12 @@ const HolderSchema = z.object({
   httpPort: ServicePort,
 }).openapi("Holder");
 
-const PeerSchema = HolderSchema.extend({ fragments: z.array(z.string()) }).openapi("Peer");
+const PeerSchema = HolderSchema.extend({
+  fragments: z.array(z.string()),
+  file: z.string().optional().openapi({
+    description: "The file its fragments belong to, if known",
+  }),
+}).openapi("Peer");
 const RegistrationSchema = z.object({
   id: z.string(),
   ttl: z.number().openapi({ description: "Seconds; heartbeat every ttl/3" }),
@@ -129,7 +149,14 @@ const HealthSchema = z.object({
   files: Count,
 }).openapi("Health");
 const ErrorSchema = z.object({
-  error: z.object({ code: z.string().openapi({ example: "NOT_FOUND" }), message: z.string() }),
+  error: z.object({
+    code: z.string().openapi({
+      description: "BAD_REQUEST (400), NOT_FOUND (404), CONFLICT (409), PAYLOAD_TOO_LARGE (413), " +
+        "UNSUPPORTED_MEDIA_TYPE (415), TOO_MANY_FILES or TOO_MANY_PEERS (429), INTERNAL (500)",
+      example: "NOT_FOUND",
+    }),
+    message: z.string(),
+  }),
 }).openapi("Error");
 
 /** What a peer tells the directory about itself (`host` defaults to its remote address). */
@@ -168,10 +195,20 @@ const ERROR_DESCRIPTIONS = {
   409: "Conflicts with what the directory holds",
   413: `Body larger than ${MAX_BODY_BYTES} bytes`,
   415: 'A body without a Content-Type, or one other than "application/json" (or "+json")',
-  429: `The directory lists as many files as it may (${DEFAULT_MAX_FILES} by default), or ` +
-    `their manifests as many fragments (${DEFAULT_MAX_FILE_FRAGMENTS} by default); a file no ` +
-    "live peer holds goes within a ttl, and makes room",
+  429: `TOO_MANY_FILES: the directory lists as many files as it may (${DEFAULT_MAX_FILES} by ` +
+    `default), or their manifests as many fragments (${DEFAULT_MAX_FILE_FRAGMENTS} by ` +
+    "default); a file no live peer holds goes within a ttl, and makes room",
 } as const;
+
+/** The 429 of the routes that add a peer. */
+const TOO_MANY_PEERS_RESPONSE = {
+  429: json(
+    ErrorSchema,
+    `TOO_MANY_PEERS: the directory lists as many live peers as it may (${DEFAULT_MAX_PEERS} by ` +
+      "default); a peer that stops heartbeating goes within a ttl, and makes room. Peers it " +
+      "lists still heartbeat",
+  ),
+};
 type ErrorStatus = keyof typeof ERROR_DESCRIPTIONS;
 
 /** The declared error responses of a route, all with the error shape. */
@@ -186,10 +223,19 @@ function jsonBody<T extends z.ZodType>(schema: T) {
 }
 
 const pathParam = (name: string) => Name.openapi({ param: { name, in: "path" } });
+/** `?file=`: only the holders whose fragments belong to that file. */
+const fileQuery = z.object({
+  file: Name.optional().openapi({
+    param: { name: "file", in: "query" },
+    description: "Only holders whose fragments belong to this file (as their state says)",
+    example: "sample.webm",
+  }),
+});
 
-const FILE_LIFETIME = "A file stays listed while a live peer holds any of its fragments, and " +
-  "is dropped once none has for one ttl; a new publication has one ttl to be backed, so a peer " +
-  "may publish before it registers its first fragment.";
+const FILE_LIFETIME = "A file stays listed while a live peer of that file (one whose state " +
+  "names it) holds any of its fragments, and is dropped once none has for one ttl; a new " +
+  "publication has one ttl to be backed, so a peer may publish before it registers its first " +
+  "fragment.";
 
 export const healthRoute = createRoute({
   method: "get",
@@ -204,7 +250,11 @@ export const registerRoute = createRoute({
   tags: TAG_PEERS,
   summary: "Register a peer with its state",
   request: jsonBody(PeerStateSchema),
-  responses: { 201: json(RegistrationSchema, "Registered"), ...errors(400, 413, 415) },
+  responses: {
+    201: json(RegistrationSchema, "Registered"),
+    ...errors(400, 413, 415),
+    ...TOO_MANY_PEERS_RESPONSE,
+  },
 });
 
 export const heartbeatRoute = createRoute({
@@ -213,7 +263,11 @@ export const heartbeatRoute = createRoute({
   tags: TAG_PEERS,
   summary: "Heartbeat with the peer's full state (idempotent; recreates a forgotten peer)",
   request: { params: z.object({ id: pathParam("id") }), ...jsonBody(PeerStateSchema) },
-  responses: { 200: json(HeartbeatSchema, "Refreshed"), ...errors(400, 413, 415) },
+  responses: {
+    200: json(HeartbeatSchema, "Refreshed"),
+    ...errors(400, 413, 415),
+    ...TOO_MANY_PEERS_RESPONSE,
+  },
 });
 
 export const leaveRoute = createRoute({
@@ -237,9 +291,11 @@ export const listFragmentsRoute = createRoute({
   method: "get",
   path: "/fragments",
   tags: TAG_FRAGMENTS,
-  summary: "Every fragment with its live holders",
+  summary: "Every fragment with its live holders (of one file, with ?file=)",
+  request: { query: fileQuery },
   responses: {
     200: json(z.object({ fragments: z.array(FragmentHoldersSchema) }), "Fragments"),
+    ...errors(400),
   },
 });
 
@@ -247,8 +303,10 @@ export const locateRoute = createRoute({
   method: "get",
   path: "/fragments/{name}",
   tags: TAG_FRAGMENTS,
-  summary: "Locate a fragment: its live holders",
-  request: { params: z.object({ name: pathParam("name") }) },
+  summary: "Locate a fragment: its live holders (of one file, with ?file=)",
+  description: "Every file split.ts makes names its fragments fragment_<i>.bin: without ?file= " +
+    "this lists the holders of that name in any file.",
+  request: { params: z.object({ name: pathParam("name") }), query: fileQuery },
   responses: { 200: json(FragmentHoldersSchema, "Its holders"), ...errors(400, 404) },
 });
 
@@ -279,18 +337,30 @@ export const getFileRoute = createRoute({
   method: "get",
   path: "/files/{file}",
   tags: TAG_FILES,
-  summary: "A file's manifest with each fragment's live holders and their count",
+  summary: "A file's manifest with each fragment's live holders of that file and their count",
   request: { params: z.object({ file: pathParam("file") }) },
   responses: { 200: json(FileDetailSchema, "The manifest with holders"), ...errors(400, 404) },
 });
 
-/** The `code` of the error shape for each status the directory answers with. */
-export const ERROR_CODES: Record<number, string> = {
+/**
+ * The `code` of the error shape for each status that has one code: what the app answers with
+ * (and the client assumes of a body not in the error shape). A 429 says which bound was met:
+ * {@link TOO_MANY_FILES} or {@link TOO_MANY_PEERS}.
+ */
+export const ERROR_CODES = {
   400: "BAD_REQUEST",
   404: "NOT_FOUND",
   409: "CONFLICT",
   413: "PAYLOAD_TOO_LARGE",
   415: "UNSUPPORTED_MEDIA_TYPE",
-  429: "TOO_MANY_REQUESTS",
   500: "INTERNAL",
-};
+} as const;
+/** The code of a 429 to a publication: the directory lists as many files as it may. */
+export const TOO_MANY_FILES = "TOO_MANY_FILES";
+/** The code of a 429 to a new peer: the directory lists as many live peers as it may. */
+export const TOO_MANY_PEERS = "TOO_MANY_PEERS";
+
+/** The code for an error status: the one {@link ERROR_CODES} names, or `HTTP_<status>`. */
+export function errorCode(status: number): string {
+  return (ERROR_CODES as Record<number, string>)[status] ?? `HTTP_${status}`;
+}

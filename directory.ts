@@ -4,8 +4,10 @@
  * manifests of the files the swarm shares. State is soft, as in a tracker: peers register,
  * heartbeat with their full state every ttl/3 and are forgotten `--ttl` seconds after the last
  * one, so a restarted directory is whole again within one ttl; a file goes one ttl after no live
- * peer holds any of its fragments. The routes and their zod schemas are the validation and the
- * OpenAPI document at once (`/openapi.json`, Swagger UI at `/apidocs`).
+ * peer of that file holds any of its fragments. A peer's state names the file its fragments
+ * belong to, since every split file names them fragment_<i>.bin. The routes and their zod
+ * schemas are the validation and the OpenAPI document at once (`/openapi.json`, Swagger UI at
+ * `/apidocs`).
  *
  * This file is the command line and {@link startDirectory}, and exports the whole API; the rest
  * lives beside it: `_directory_schemas.ts` (schemas, routes, limits), `_directory_registry.ts`
@@ -26,7 +28,9 @@ const MIN_TTL = 1;
 export {
   DEFAULT_MAX_FILE_FRAGMENTS,
   DEFAULT_MAX_FILES,
+  DEFAULT_MAX_PEERS,
   DEFAULT_TTL,
+  ERROR_CODES,
   type FileDetail,
   type FileSummary,
   type FragmentHolders,
@@ -35,22 +39,28 @@ export {
   type Holder,
   HOST_PATTERN,
   MAX_BODY_BYTES,
+  MAX_PEER_FRAGMENTS,
   MAX_TTL,
   type PeerInfo,
   type PeerState,
   type Registration,
+  TOO_MANY_FILES,
+  TOO_MANY_PEERS,
 } from "./_directory_schemas.ts";
 export {
+  type KnownPeerState,
   type PublishOutcome,
   Registry,
   type RegistryOptions,
   type Sent,
+  type UpsertOutcome,
 } from "./_directory_registry.ts";
 export { type AppOptions, createApp } from "./_directory_app.ts";
 export {
   DirectoryClient,
   type DirectoryClientOptions,
   DirectoryError,
+  type LocateOptions,
 } from "./_directory_client.ts";
 
 /** The port the directory listens on unless told otherwise. */
@@ -166,6 +176,15 @@ async function main(args = Deno.args): Promise<void> {
   } catch (error) {
     if (error instanceof Deno.errors.AddrInUse) {
       throw new UserError(`Cannot listen on port ${options.port}: address already in use`);
+    }
+    if (error instanceof Deno.errors.AddrNotAvailable) {
+      throw new UserError(
+        `Cannot listen on "${options.hostname}": it is not an address of this machine`,
+      );
+    }
+    // Deno says a name it cannot resolve with a plain Error, and this sentence.
+    if (error instanceof Error && /failed to lookup address/i.test(error.message)) {
+      throw new UserError(`Cannot listen on "${options.hostname}": no such host`);
     }
     throw error;
   }

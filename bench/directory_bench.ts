@@ -1,8 +1,9 @@
 /**
  * `deno task bench directory`: the directory with 10,000 peers holding 10 fragments each and the
- * 1,000 files they seed, under locate (`GET /fragments/{name}`) and heartbeat (`PUT /peers/{id}`)
- * load, beside bare Hono routes doing the same JSON work without validation or state, in the
- * same run.
+ * 1,000 files they seed, under locate (`GET /fragments/{name}?file=`) and heartbeat
+ * (`PUT /peers/{id}`) load, beside bare Hono routes doing the same JSON work without validation
+ * or state, in the same run. Fragments are named as split.ts names them, `fragment_<i>.bin` in
+ * every file: each name has 10,000 holders, 10 of each file, and a locate asks for one file's.
  *
  * Both servers run as child processes: the directory exactly as its task runs it, the bare app as
  * this file with `--bare`. The load generator (keep-alive fetch, a few concurrent workers) shares
@@ -30,16 +31,18 @@ const CLOCK_TICKS_PER_SECOND = 100;
 const LISTENING = /Listening on (http:\/\/\S+)/;
 const JSON_HEADERS = { "content-type": "application/json" };
 
-const fragmentName = (file: number, index: number) => `file${file}_${index}.bin`;
+/** As split.ts names them: the same names in every file. */
+const fragmentName = (index: number) => `fragment_${index}.bin`;
+const fileName = (file: number) => `file${file}.webm`;
 
 function peerState(i: number) {
-  const file = i % FILES;
   return {
     host: `10.${i >> 16}.${(i >> 8) & 255}.${i & 255}`, // one address per peer: no dedupe
     port: 6001,
     grpcPort: 50051,
     httpPort: 8001,
-    fragments: Array.from({ length: FRAGMENTS_PER_PEER }, (_, j) => fragmentName(file, j)),
+    fragments: Array.from({ length: FRAGMENTS_PER_PEER }, (_, j) => fragmentName(j)),
+    file: fileName(i % FILES),
   };
 }
 
@@ -50,13 +53,13 @@ const FRAGMENT_SIZE = 1_000;
 function manifest(file: number) {
   return {
     version: 1,
-    file: `file${file}.webm`,
+    file: fileName(file),
     mime: "video/webm",
     size: FRAGMENTS_PER_PEER * FRAGMENT_SIZE,
     sha256: SHA256,
     fragments: Array.from({ length: FRAGMENTS_PER_PEER }, (_, index) => ({
       index,
-      name: fragmentName(file, index),
+      name: fragmentName(index),
       offset: index * FRAGMENT_SIZE,
       size: FRAGMENT_SIZE,
       sha256: SHA256,
@@ -71,7 +74,10 @@ function bareApp(): Hono {
     const { host, port, grpcPort, httpPort } = peerState(i);
     return { id: crypto.randomUUID(), host, port, grpcPort, httpPort };
   });
-  app.get("/fragments/:name", (c) => c.json({ name: c.req.param("name"), holders }, 200));
+  app.get("/fragments/:name", (c) => {
+    c.req.query("file"); // read, as the directory does
+    return c.json({ name: c.req.param("name"), holders }, 200);
+  });
   app.put("/peers/:id", async (c) => {
     await c.req.json();
     return c.json({ id: c.req.param("id"), ttl: 600, recreated: false }, 200);
@@ -214,7 +220,9 @@ async function main(): Promise<boolean> {
   const ids = Array.from({ length: PEERS }, (_, i) => idByHost.get(peerState(i).host) ?? "");
 
   const randomFragment = () =>
-    fragmentName(Math.floor(Math.random() * FILES), Math.floor(Math.random() * FRAGMENTS_PER_PEER));
+    `${fragmentName(Math.floor(Math.random() * FRAGMENTS_PER_PEER))}?file=${
+      fileName(Math.floor(Math.random() * FILES))
+    }`;
   const [bareLocate, locate] = await compare(
     { pid: barePid, request: () => [`${bareUrl}/fragments/${randomFragment()}`] },
     { pid: ourPid, request: () => [`${directoryUrl}/fragments/${randomFragment()}`] },
@@ -245,7 +253,7 @@ async function main(): Promise<boolean> {
   const rows: Row[] = [
     {
       name: `register ${PEERS} peers x ${FRAGMENTS_PER_PEER} fragments`,
-      value: `${peers} peers, ${fragments} fragments, ${
+      value: `${peers} peers, ${fragments} fragment names, ${
         Math.round(registration.requests / registration.seconds)
       } req/s`,
       target: `${PEERS} peers`,
@@ -271,7 +279,7 @@ async function main(): Promise<boolean> {
     },
     { name: "bare Hono GET /fragments/:name", value: show(bareLocate) },
     {
-      name: `GET /fragments/{name}, ${PEERS / FILES} holders`,
+      name: `GET /fragments/{name}?file=, ${PEERS / FILES} holders of ${PEERS}`,
       value: show(locate),
       pass: locate.failures === 0,
     },

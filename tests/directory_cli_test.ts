@@ -79,6 +79,21 @@ Deno.test("deno task directory says so in one line when its port is taken", asyn
   assert.equal(stderr.trimEnd(), `error: Cannot listen on port ${port}: address already in use`);
 });
 
+Deno.test("deno task directory says so in one line when --hostname is not an address of this machine", async () => {
+  const cases: [string, string][] = [
+    ["10.9.9.9", 'error: Cannot listen on "10.9.9.9": it is not an address of this machine'],
+    ["nosuchhost.invalid", 'error: Cannot listen on "nosuchhost.invalid": no such host'],
+  ];
+  const results = await Promise.all(
+    cases.map(([hostname]) => runTask("directory", ["--port", "0", "--hostname", hostname])),
+  );
+  results.forEach(({ code, stdout, stderr }, i) => {
+    assert.equal(code, 1, stderr);
+    assert.equal(stdout, "");
+    assert.equal(stderr.trimEnd(), cases[i][1]);
+  });
+});
+
 Deno.test("deno task directory --ttl 86400 takes the longest ttl there is", async () => {
   await using child = startTask("directory", ["--port", "0", "--ttl", "86400"]);
   const [, url] = await child.waitFor(LISTENING, { stream: "stdout" });
@@ -101,6 +116,7 @@ Deno.test("deno task directory --ttl 1 forgets a peer that stops heartbeating, t
     grpcPort: 50051,
     httpPort: 8001,
     fragments: ["x.bin"],
+    file: "x.webm",
   });
   await client.publishFile(MANIFEST);
   assert.equal(ttl, 1);

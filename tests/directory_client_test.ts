@@ -21,8 +21,14 @@ const MANIFEST: Manifest = {
   ],
 };
 
-function state(port: number, fragments: string[]) {
-  return { port, grpcPort: port + 44050, httpPort: port + 2000, fragments };
+function state(port: number, fragments: string[], file?: string) {
+  return {
+    port,
+    grpcPort: port + 44050,
+    httpPort: port + 2000,
+    fragments,
+    ...(file ? { file } : {}),
+  };
 }
 
 /** Runs `work` and returns the DirectoryError it must throw. */
@@ -42,17 +48,23 @@ Deno.test("DirectoryClient registers, heartbeats, locates, publishes and leaves 
   const client = new DirectoryClient(`${directory.url}/`);
   assert.deepEqual(await client.health(), { status: "ok", peers: 0, fragments: 0, files: 0 });
 
-  const { id, ttl } = await client.register(state(6001, ["clip_0.bin"]));
+  const { id, ttl } = await client.register(state(6001, ["clip_0.bin"], "clip.webm"));
   assert.equal(ttl, 30);
-  const other = await client.register({ ...state(6002, ["clip_1.bin"]), host: "seed.example" });
+  const other = await client.register({
+    ...state(6002, ["clip_1.bin"], "clip.webm"),
+    host: "seed.example",
+  });
   assert.deepEqual(await client.locate("clip_0.bin"), [
     { id, host: "127.0.0.1", port: 6001, grpcPort: 50051, httpPort: 8001 },
   ]);
-  assert.deepEqual(await client.heartbeat(id, state(6001, ["clip_0.bin", "clip_1.bin"])), {
-    id,
-    ttl: 30,
-    recreated: false,
-  });
+  assert.deepEqual(
+    await client.heartbeat(id, state(6001, ["clip_0.bin", "clip_1.bin"], "clip.webm")),
+    {
+      id,
+      ttl: 30,
+      recreated: false,
+    },
+  );
   assert.deepEqual((await client.locate("clip_1.bin")).map((holder) => holder.id), [other.id, id]);
   assert.deepEqual(await client.locate("nobody.bin"), []);
 
@@ -232,4 +244,253 @@ Deno.test("startDirectory() close() is idempotent and frees the port", async () 
   await directory.finished;
   // the port is free again: binding it right now succeeds
   Deno.listen({ hostname: "127.0.0.1", port: directory.port }).close();
+});
+
+Deno.test("DirectoryClient registers a peer's file, and locate() and listFragments() narrow to one file", async () => {
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
+  const client = new DirectoryClient(directory.url);
+  const a = await client.register({ ...state(6001, ["fragment_0.bin"]), file: "a.webm" });
+  const b = await client.register(state(6002, ["fragment_0.bin"]));
+  assert.deepEqual(
+    await client.heartbeat(b.id, { ...state(6002, ["fragment_0.bin"]), file: "b.webm" }),
+    { id: b.id, ttl: 30, recreated: false },
+  );
+  const ids = (holders: { id: string }[]) => holders.map((holder) => holder.id);
+  assert.deepEqual(ids(await client.locate("fragment_0.bin")), [a.id, b.id]);
+  assert.deepEqual(ids(await client.locate("fragment_0.bin", { file: "a.webm" })), [a.id]);
+  assert.deepEqual(await client.locate("fragment_0.bin", { file: "c.webm" }), []);
+  assert.deepEqual(
+    (await client.listFragments({ file: "b.webm" })).map((f) => [f.name, ids(f.holders)]),
+    [["fragment_0.bin", [b.id]]],
+  );
+  assert.deepEqual((await client.listPeers()).map((peer) => peer.file), ["a.webm", "b.webm"]);
+});
+
+Deno.test("DirectoryClient gets a TOO_MANY_PEERS error from a directory at its bound", async () => {
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1", maxPeers: 1 });
+  const client = new DirectoryClient(directory.url);
+  await client.register(state(6001, []));
+  const full = await rejection(() => client.register(state(6002, [])));
+  assert.deepEqual([full.status, full.code], [429, "TOO_MANY_PEERS"]);
+  assert.match(full.detail, /^The directory lists 1 live peers, its limit/);
+});
+
+/** A web server that is not a directory: it answers 200 and a page to everything. */
+function notADirectory() {
+  let requests = 0;
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, () => {
+    requests++;
+    return new Response("<html><body>It works!</body></html>", {
+      headers: { "content-type": "text/html" },
+    });
+  });
+  return {
+    url: `http://127.0.0.1:${server.addr.port}`,
+    get requests() {
+      return requests;
+    },
+    [Symbol.asyncDispose]: () => server.shutdown(),
+  };
+}
+
+Deno.test("DirectoryClient turns a 2xx that is not JSON into a DirectoryError asking whether it is a directory", async () => {
+  await using other = notADirectory();
+  const client = new DirectoryClient(other.url);
+  for (const call of [() => client.health(), () => client.register(state(6001, []))]) {
+    const error = await rejection(call);
+    assert.deepEqual([error.status, error.code], [200, "BAD_RESPONSE"]);
+    assert.match(
+      error.message,
+      new RegExp(`did not answer JSON: is "${other.url}" a directory\\?`),
+    );
+  }
+});
+
+/** A presence's log, line by line. */
+function logged() {
+  const lines: string[] = [];
+  return { lines, log: (line: string) => lines.push(line) };
+}
+
+/** Resolves after `ms`: for tests that must show that something does NOT happen meanwhile. */
+const idle = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+Deno.test("Presence keeps retrying, and says so once, when the directory URL is some other web server", async () => {
+  await using other = notADirectory();
+  const { lines, log } = logged();
+  const presence = new Presence(new DirectoryClient(other.url), {
+    state: () => state(6001, []),
+    manifest: () => undefined,
+    log,
+    retryMs: 20,
+  });
+  try {
+    await eventually(() => Promise.resolve(other.requests >= 3));
+    assert.equal(presence.reachable, false);
+  } finally {
+    await presence.close();
+  }
+  assert.equal(lines.length, 1, lines.join("\n"));
+  assert.match(lines[0], /^\[DIRECTORY\] .*did not answer JSON: is ".*" a directory\?; retrying/);
+});
+
+Deno.test("Presence survives an unexpected error, says so once, and registers once it passes", async () => {
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
+  const client = new DirectoryClient(directory.url);
+  const { lines, log } = logged();
+  let failures = 3;
+  const presence = new Presence(client, {
+    state: () => {
+      if (failures-- > 0) throw new TypeError("the store is not open yet");
+      return state(6001, ["clip_0.bin"]);
+    },
+    manifest: () => undefined,
+    log,
+    retryMs: 20,
+  });
+  try {
+    await eventually(async () => (await client.locate("clip_0.bin")).length === 1);
+    assert.equal(presence.reachable, true);
+  } finally {
+    await presence.close();
+  }
+  assert.equal(lines.filter((line) => /not open yet/.test(line)).length, 1, lines.join("\n"));
+  assert.match(lines[0], /^\[DIRECTORY\] Unexpected error: TypeError: the store is not open yet/);
+});
+
+/** A client whose calls are counted, and whose heartbeats can be held back. */
+function counted(url: string) {
+  const client = new DirectoryClient(url);
+  const calls = { register: 0, heartbeat: 0, publish: 0 };
+  let hold: Promise<void> | undefined;
+  let started: (() => void) | undefined;
+  const { register, heartbeat, publishFile } = client;
+  client.register = (s) => (calls.register++, register.call(client, s));
+  client.heartbeat = async (id, s) => {
+    calls.heartbeat++;
+    started?.();
+    if (hold) await hold;
+    return heartbeat.call(client, id, s);
+  };
+  client.publishFile = (m) => (calls.publish++, publishFile.call(client, m));
+  return {
+    client,
+    calls,
+    /** Holds the next heartbeats until the returned release is called; resolves once one is sent. */
+    holdHeartbeats() {
+      const gate = Promise.withResolvers<void>();
+      const sent = Promise.withResolvers<void>();
+      hold = gate.promise;
+      started = () => sent.resolve();
+      return {
+        sent: sent.promise,
+        release: () => {
+          hold = undefined;
+          started = undefined;
+          gate.resolve();
+        },
+      };
+    },
+  };
+}
+
+for (const refusal of ["conflict", "full"] as const) {
+  Deno.test(`Presence says once that the directory refused its file (${refusal}), heartbeats at ttl/3, and does not retry every second`, async () => {
+    await using directory = startDirectory({ port: 0, hostname: "127.0.0.1", ttl: 3, maxFiles: 1 });
+    // The directory already lists a file: another under our name, or one that fills it.
+    const other = refusal === "conflict" ? { ...MANIFEST, sha256: "1".repeat(64) } : {
+      ...MANIFEST,
+      file: "other.webm",
+    };
+    await new DirectoryClient(directory.url).publishFile(other);
+    const { client, calls } = counted(directory.url);
+    const { lines, log } = logged();
+    const presence = new Presence(client, {
+      state: () => state(6001, ["clip_0.bin"]),
+      manifest: () => MANIFEST,
+      log,
+      retryMs: 50,
+    });
+    try {
+      await eventually(() => Promise.resolve(calls.publish === 1));
+      await idle(1_500); // 30 retries before the fix; one heartbeat (every ttl/3 = 1 s) after it
+      assert.equal(presence.reachable, true);
+      assert.equal(calls.register, 1);
+      assert.ok(calls.heartbeat >= 1 && calls.heartbeat <= 2, `${calls.heartbeat} heartbeats`);
+      assert.equal(calls.publish, 1, "published again within 1.5 s");
+    } finally {
+      await presence.close();
+    }
+    assert.equal(lines.length, 1, lines.join("\n"));
+    const why = refusal === "conflict"
+      ? "another file is published under that name"
+      : "the directory lists as many files as it may";
+    assert.match(lines[0], new RegExp(`^\\[DIRECTORY\\] Cannot publish "clip\\.webm": ${why}`));
+  });
+}
+
+Deno.test("Presence publishes a refused file again later, once the directory has room", async () => {
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1", ttl: 1, maxFiles: 1 });
+  const client = new DirectoryClient(directory.url);
+  await client.publishFile({ ...MANIFEST, file: "other.webm" }); // unbacked: gone within a ttl
+  const { lines, log } = logged();
+  const presence = new Presence(client, {
+    state: () => state(6001, ["clip_0.bin"]),
+    manifest: () => MANIFEST,
+    log,
+  });
+  try {
+    await eventually(async () =>
+      (await client.listFiles()).map((file) => file.file).join() === "clip.webm"
+    );
+  } finally {
+    await presence.close();
+  }
+  assert.match(lines[0], /^\[DIRECTORY\] Cannot publish "clip\.webm"/);
+  assert.match(lines.at(-1)!, /^\[DIRECTORY\] Published "clip\.webm"$/);
+});
+
+Deno.test("Presence sends a change poked during a heartbeat in flight right after it", async () => {
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1", ttl: 30 });
+  const { client, calls, holdHeartbeats } = counted(directory.url);
+  const fragments: string[] = [];
+  const presence = new Presence(client, {
+    state: () => state(6001, [...fragments]),
+    manifest: () => undefined,
+    log: () => {},
+  });
+  try {
+    await eventually(async () => (await client.health()).peers === 1);
+    fragments.push("clip_0.bin");
+    const { sent, release } = holdHeartbeats();
+    presence.poke(); // a heartbeat with clip_0.bin starts, and is held in flight
+    await sent;
+    fragments.push("clip_1.bin"); // stored while it is in flight
+    presence.poke();
+    release();
+    // The next tick is ttl/3 = 10 s away: the change must not wait for it.
+    await eventually(async () => (await client.locate("clip_1.bin")).length === 1, 3_000);
+    assert.equal(calls.heartbeat, 2);
+  } finally {
+    await presence.close();
+  }
+});
+
+Deno.test("Presence tells the directory the file of the manifest it publishes, so it is listed as its holder", async () => {
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
+  const client = new DirectoryClient(directory.url);
+  const presence = new Presence(client, {
+    state: () => state(6001, ["clip_0.bin"]),
+    manifest: () => MANIFEST,
+    log: () => {},
+  });
+  try {
+    await eventually(async () => (await client.listFiles()).length === 1);
+    await eventually(async () =>
+      (await client.getFile("clip.webm")).fragments[0].holderCount === 1
+    );
+    assert.deepEqual((await client.listPeers()).map((peer) => peer.file), ["clip.webm"]);
+  } finally {
+    await presence.close();
+  }
 });

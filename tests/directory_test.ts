@@ -5,7 +5,15 @@
  */
 import SwaggerParser from "@apidevtools/swagger-parser";
 import assert from "node:assert/strict";
-import { createApp, type PeerState, Registry, type RegistryOptions } from "../directory.ts";
+import {
+  createApp,
+  ERROR_CODES,
+  MAX_PEER_FRAGMENTS,
+  type PeerState,
+  Registry,
+  type RegistryOptions,
+} from "../directory.ts";
+import { loadOnce } from "../_directory_app.ts";
 import type { Manifest } from "../split.ts";
 
 const REMOTE = {
@@ -39,6 +47,11 @@ function peer(port: number, fragments: string[], host?: string): PeerState {
     httpPort: port + 2000,
     fragments,
   };
+}
+
+/** A peer that says which file its fragments belong to, as a peer with a manifest does. */
+function seeder(port: number, file: string, fragments: string[]): PeerState {
+  return { ...peer(port, fragments), file };
 }
 
 function manifest(file = "movie.webm", names = ["movie_0.bin", "movie_1.bin"]): Manifest {
@@ -375,12 +388,12 @@ Deno.test("POST /files refuses a manifest with a bad name, hash, index or duplic
 Deno.test("GET /files lists files and says whether every fragment has a live holder", async () => {
   const { call } = fixture();
   await call("POST", "/files", manifest());
-  await call("POST", "/peers", peer(6001, ["movie_0.bin"]));
+  await call("POST", "/peers", seeder(6001, "movie.webm", ["movie_0.bin"]));
   const summary = { file: "movie.webm", mime: "video/webm", size: 200, sha256: SHA, fragments: 2 };
   assert.deepEqual((await call("GET", "/files")).body, {
     files: [{ ...summary, available: false }],
   });
-  await call("POST", "/peers", peer(6002, ["movie_1.bin"]));
+  await call("POST", "/peers", seeder(6002, "movie.webm", ["movie_1.bin"]));
   assert.deepEqual((await call("GET", "/files")).body, {
     files: [{ ...summary, available: true }],
   });
@@ -389,8 +402,10 @@ Deno.test("GET /files lists files and says whether every fragment has a live hol
 Deno.test("GET /files/{file} gives each fragment's live holders and their count", async () => {
   const { call } = fixture();
   await call("POST", "/files", manifest());
-  const a = (await call("POST", "/peers", peer(6001, ["movie_0.bin", "movie_1.bin"]))).body.id;
-  await call("POST", "/peers", peer(6002, ["movie_1.bin"]));
+  const a =
+    (await call("POST", "/peers", seeder(6001, "movie.webm", ["movie_0.bin", "movie_1.bin"]))).body
+      .id;
+  await call("POST", "/peers", seeder(6002, "movie.webm", ["movie_1.bin"]));
   const { status, body } = await call("GET", "/files/movie.webm");
   assert.deepEqual(status, 200);
   assert.deepEqual(body.sha256, SHA);
@@ -448,7 +463,11 @@ Deno.test("GET /openapi.json is an OpenAPI 3 document that a real validator acce
   ]);
   const peers = body.paths["/peers/{id}"];
   assert.deepEqual(Object.keys(peers).sort(), ["delete", "put"]);
-  assert.deepEqual(Object.keys(peers.put.responses).sort(), ["200", "400", "413", "415"]);
+  assert.deepEqual(Object.keys(peers.put.responses).sort(), ["200", "400", "413", "415", "429"]);
+  assert.deepEqual(
+    Object.keys(body.paths["/peers"].post.responses).sort(),
+    ["201", "400", "413", "415", "429"],
+  );
   assert.deepEqual(
     Object.keys(body.paths["/files"].post.responses).sort(),
     ["200", "201", "400", "409", "413", "415", "429"],
@@ -492,14 +511,18 @@ Deno.test("a published file stays while a live peer holds any of its fragments, 
   const listed = async () =>
     (await call("GET", "/files")).body.files.map((f: { file: string }) => f.file);
   assert.deepEqual((await call("POST", "/files", manifest())).status, 201);
-  const { body: { id } } = await call("POST", "/peers", peer(6001, ["movie_0.bin"]));
+  const { body: { id } } = await call(
+    "POST",
+    "/peers",
+    seeder(6001, "movie.webm", ["movie_0.bin"]),
+  );
   for (let beat = 0; beat < 5; beat++) { // five ttls, held all along
     clock.now += 20_000;
-    await call("PUT", `/peers/${id}`, peer(6001, ["movie_0.bin"]));
+    await call("PUT", `/peers/${id}`, seeder(6001, "movie.webm", ["movie_0.bin"]));
     assert.deepEqual(await listed(), ["movie.webm"]);
   }
   // The peer drops the fragment: the file is no longer backed from now on.
-  await call("PUT", `/peers/${id}`, peer(6001, ["other.bin"]));
+  await call("PUT", `/peers/${id}`, seeder(6001, "movie.webm", ["other.bin"]));
   clock.now += 29_999;
   assert.deepEqual((await call("GET", "/files/movie.webm")).status, 200);
   clock.now += 1;
@@ -514,9 +537,9 @@ Deno.test("a file goes one ttl after its last holder expires, whether or not the
   for (const sweep of [false, true]) {
     const { clock, registry, call } = fixture(30);
     await call("POST", "/files", manifest());
-    await call("POST", "/peers", peer(6001, ["movie_0.bin", "movie_1.bin"]));
+    await call("POST", "/peers", seeder(6001, "movie.webm", ["movie_0.bin", "movie_1.bin"]));
     clock.now += 20_000;
-    await call("POST", "/peers", peer(6002, ["movie_1.bin"])); // the last holder: expires at 50 s
+    await call("POST", "/peers", seeder(6002, "movie.webm", ["movie_1.bin"])); // the last holder: expires at 50 s
     clock.now += 15_000; // 6001 is gone
     if (sweep) registry.sweep();
     assert.deepEqual((await call("GET", "/files")).body.files[0].available, false);
@@ -539,14 +562,14 @@ Deno.test("a file goes one ttl after its last holder expires, whether or not the
 Deno.test("a file published before its first fragment is registered has one ttl to be backed", async () => {
   const { clock, call } = fixture(30);
   // A peer's presence registers first (with what it holds: nothing yet), then publishes.
-  const { body: { id } } = await call("POST", "/peers", peer(6004, []));
+  const { body: { id } } = await call("POST", "/peers", seeder(6004, "movie.webm", []));
   await call("POST", "/files", manifest());
   await call("POST", "/files", single("lonely.webm", "lonely_0.bin"));
   clock.now += 29_999;
-  await call("PUT", `/peers/${id}`, peer(6004, ["movie_1.bin"])); // its first fragment
+  await call("PUT", `/peers/${id}`, seeder(6004, "movie.webm", ["movie_1.bin"])); // its first fragment
   for (let beat = 0; beat < 3; beat++) {
     clock.now += 20_000;
-    await call("PUT", `/peers/${id}`, peer(6004, ["movie_1.bin"]));
+    await call("PUT", `/peers/${id}`, seeder(6004, "movie.webm", ["movie_1.bin"]));
   }
   const { body: { files } } = await call("GET", "/files");
   assert.deepEqual(files.map((f: { file: string }) => f.file), ["movie.webm"]);
@@ -567,7 +590,7 @@ Deno.test("POST /files refuses a file past the bound with 429, and takes it once
   const { clock, call } = fixture(30, { maxFiles: 2 });
   await call("POST", "/files", single("a.webm", "a_0.bin"));
   await call("POST", "/files", single("b.webm", "b_0.bin"));
-  await call("POST", "/peers", peer(6001, ["a_0.bin"]));
+  await call("POST", "/peers", seeder(6001, "a.webm", ["a_0.bin"]));
   assertError(
     await call("POST", "/files", single("c.webm", "c_0.bin")),
     429,
@@ -612,11 +635,25 @@ const VALID_BODIES: Record<string, (n: number) => unknown> = {
   Manifest: (n) => single(`walk${n}.webm`, `walk${n}_0.bin`),
 };
 
-Deno.test("every status a route answers is one its OpenAPI document lists", async () => {
-  // One file at most, so that publishing a second answers what a full directory answers.
-  const { app, call } = fixture(30, { maxFiles: 1 });
+/** One answer of the walk: the request, its status, and the error code when it failed. */
+interface Walked {
+  request: string;
+  status: number;
+  code: string | undefined;
+  documented: number[];
+  operation: OpenApiOperation;
+}
+
+/**
+ * Sends every route of the OpenAPI document good and bad requests (bad paths, bodies, media
+ * types, sizes), on a directory that lists one file and one peer at most, so that publishing or
+ * registering a second answers what a full directory answers.
+ */
+async function walkRoutes(): Promise<Walked[]> {
+  const { app, call } = fixture(30, { maxFiles: 1, maxPeers: 1 });
   const { body: api } = await call("GET", "/openapi.json");
   const big = JSON.stringify({ padding: "x".repeat(1024 * 1024) });
+  const walked: Walked[] = [];
   let n = 0;
   for (const [path, operations] of Object.entries<Record<string, OpenApiOperation>>(api.paths)) {
     for (const [method, operation] of Object.entries(operations)) {
@@ -629,6 +666,10 @@ Deno.test("every status a route answers is one its OpenAPI document lists", asyn
       const probes: [string, RequestInit][] = [];
       for (const url of urls) {
         probes.push([url, { method }]);
+        for (const query of operation.parameters?.filter((p) => p.in === "query") ?? []) {
+          probes.push([`${url}?${query.name}=probe.webm`, { method }]);
+          probes.push([`${url}?${query.name}=..%2Fx`, { method }]);
+        }
         if (bodySchema === undefined) continue;
         const valid = VALID_BODIES[bodySchema];
         assert.ok(valid, `no valid ${bodySchema} body to probe ${method} ${path} with`);
@@ -646,25 +687,289 @@ Deno.test("every status a route answers is one its OpenAPI document lists", asyn
           [url, { method, headers: type, body: big }],
         );
       }
-      const seen = new Set<number>();
       for (const [url, init] of probes) {
         const response = await app.request(url, { ...init, method: method.toUpperCase() }, REMOTE);
-        await response.body?.cancel();
-        seen.add(response.status);
-        assert.ok(
-          documented.includes(response.status),
-          `${method.toUpperCase()} ${url} answered ${response.status}, not in ${documented}`,
-        );
+        const text = await response.text();
+        const code = response.ok || text === "" ? undefined : JSON.parse(text).error?.code;
+        const request = `${method.toUpperCase()} ${url}`;
+        walked.push({ request, status: response.status, code, documented, operation });
       }
-      if (bodySchema !== undefined) {
-        assert.ok(seen.has(415), `${method} ${path} never answered 415`);
-        assert.ok(seen.has(413), `${method} ${path} never answered 413`);
-      }
+    }
+  }
+  return walked;
+}
+
+Deno.test("every status a route answers is one its OpenAPI document lists", async () => {
+  const walked = await walkRoutes();
+  for (const { request, status, documented } of walked) {
+    assert.ok(documented.includes(status), `${request} answered ${status}, not in ${documented}`);
+  }
+  for (const route of new Set(walked.map((w) => w.operation))) {
+    if (route.requestBody === undefined) continue;
+    const seen = walked.filter((w) => w.operation === route).map((w) => w.status);
+    for (const status of [413, 415, 429]) {
+      assert.ok(
+        seen.includes(status),
+        `${walked.find((w) => w.operation === route)!.request} never answered ${status}`,
+      );
     }
   }
 });
 
+Deno.test("every error code the directory answers is the one ERROR_CODES or its OpenAPI response names", async () => {
+  const walked = await walkRoutes();
+  const codes = new Set<string>();
+  for (const { request, status, code, operation } of walked) {
+    if (code === undefined) continue;
+    codes.add(code);
+    // A status with one code answers that code; a 429 has one per bound, each one documented.
+    const declared = ERROR_CODES[status as keyof typeof ERROR_CODES];
+    if (declared !== undefined) {
+      assert.deepEqual(code, declared, `${request} answered ${status} ${code}`);
+    } else {
+      const description = (operation.responses[status] as { description: string }).description;
+      assert.ok(description.includes(code), `${request}: ${code} not in "${description}"`);
+    }
+  }
+  assert.ok(codes.has("TOO_MANY_FILES") && codes.has("TOO_MANY_PEERS"), [...codes].join());
+});
+
 interface OpenApiOperation {
   responses: Record<string, unknown>;
+  parameters?: { name: string; in: string }[];
   requestBody?: { content: Record<string, { schema: { $ref?: string } }> };
 }
+
+// ---------------------------------------------------------------------------------------------
+// Files that share fragment names: split.ts names every file's fragments fragment_<i>.bin
+
+/** Two published files whose fragments have the same names, as split.ts names them. */
+async function twoFiles(call: ReturnType<typeof fixture>["call"]) {
+  const names = ["fragment_0.bin", "fragment_1.bin"];
+  assert.deepEqual((await call("POST", "/files", manifest("a.webm", names))).status, 201);
+  const b = { ...manifest("b.webm", names), sha256: "b".repeat(64) };
+  assert.deepEqual((await call("POST", "/files", b)).status, 201);
+}
+
+const ids = (holders: { id: string }[]) => holders.map((holder) => holder.id);
+
+Deno.test("GET /files/{file} lists as holders only peers of that file when files share fragment names", async () => {
+  const { call } = fixture();
+  await twoFiles(call);
+  const a =
+    (await call("POST", "/peers", seeder(6001, "a.webm", ["fragment_0.bin", "fragment_1.bin"])))
+      .body.id;
+  const b = (await call("POST", "/peers", seeder(6002, "b.webm", ["fragment_0.bin"]))).body.id;
+  await call("POST", "/peers", peer(6003, ["fragment_0.bin"])); // loose: its file is unknown
+  const fileA = (await call("GET", "/files/a.webm")).body;
+  assert.deepEqual(fileA.fragments.map((f: { holders: { id: string }[] }) => ids(f.holders)), [
+    [a],
+    [a],
+  ]);
+  assert.deepEqual(fileA.fragments.map((f: { holderCount: number }) => f.holderCount), [1, 1]);
+  const fileB = (await call("GET", "/files/b.webm")).body;
+  assert.deepEqual(fileB.fragments.map((f: { holders: { id: string }[] }) => ids(f.holders)), [
+    [b],
+    [],
+  ]);
+  const { body: { files } } = await call("GET", "/files");
+  assert.deepEqual(files.map((f: { file: string; available: boolean }) => [f.file, f.available]), [
+    ["a.webm", true],
+    ["b.webm", false],
+  ]);
+});
+
+Deno.test("GET /fragments/{name} lists every holder of the name, and ?file= narrows it to one file's", async () => {
+  const { call } = fixture();
+  await twoFiles(call);
+  const a = (await call("POST", "/peers", seeder(6001, "a.webm", ["fragment_0.bin"]))).body.id;
+  const b = (await call("POST", "/peers", seeder(6002, "b.webm", ["fragment_0.bin"]))).body.id;
+  const c = (await call("POST", "/peers", peer(6003, ["fragment_0.bin"]))).body.id;
+  const located = async (query = "") =>
+    ids((await call("GET", `/fragments/fragment_0.bin${query}`)).body.holders);
+  assert.deepEqual(await located(), [a, b, c]);
+  for (let again = 0; again < 2; again++) { // the second time from the answers it keeps
+    assert.deepEqual(await located("?file=a.webm"), [a]);
+    assert.deepEqual(await located("?file=b.webm"), [b]);
+    assert.deepEqual(await located(), [a, b, c]);
+  }
+  assertError(
+    await call("GET", "/fragments/fragment_0.bin?file=c.webm"),
+    404,
+    "NOT_FOUND",
+    /"fragment_0\.bin" of "c\.webm"/,
+  );
+  assertError(
+    await call("GET", "/fragments/fragment_0.bin?file=..%2Fx"),
+    400,
+    "BAD_REQUEST",
+    /Query parameter "file"/,
+  );
+  // and the answers follow a change of holders
+  await call("DELETE", `/peers/${a}`);
+  assertError(await call("GET", "/fragments/fragment_0.bin?file=a.webm"), 404, "NOT_FOUND");
+  assert.deepEqual(await located(), [b, c]);
+  await call("DELETE", `/peers/${b}`); // one file's holders left, then none
+  assert.deepEqual(await located(), [c]);
+  assertError(await call("GET", "/fragments/fragment_0.bin?file=b.webm"), 404, "NOT_FOUND");
+  await call("DELETE", `/peers/${c}`);
+  assertError(await call("GET", "/fragments/fragment_0.bin"), 404, "NOT_FOUND");
+  const d = (await call("POST", "/peers", seeder(6004, "b.webm", ["fragment_0.bin"]))).body.id;
+  assert.deepEqual(await located(), [d]);
+  assert.deepEqual(await located("?file=b.webm"), [d]);
+});
+
+Deno.test("GET /fragments lists every fragment with its holders, and ?file= only that file's", async () => {
+  const { call } = fixture();
+  await twoFiles(call);
+  const a =
+    (await call("POST", "/peers", seeder(6001, "a.webm", ["fragment_0.bin", "fragment_1.bin"])))
+      .body.id;
+  const b = (await call("POST", "/peers", seeder(6002, "b.webm", ["fragment_0.bin"]))).body.id;
+  const listed = async (query = "") =>
+    (await call("GET", `/fragments${query}`)).body.fragments.map((
+      f: { name: string; holders: { id: string }[] },
+    ) => [f.name, ids(f.holders)]);
+  assert.deepEqual(await listed(), [["fragment_0.bin", [a, b]], ["fragment_1.bin", [a]]]);
+  assert.deepEqual(await listed("?file=b.webm"), [["fragment_0.bin", [b]]]);
+  assert.deepEqual(await listed("?file=c.webm"), []);
+  assertError(await call("GET", "/fragments?file=.x"), 400, "BAD_REQUEST", /"file"/);
+});
+
+Deno.test("a file stays listed only while a live peer of that file holds its fragments", async () => {
+  const { clock, call } = fixture(30);
+  await twoFiles(call);
+  // Only b.webm has a seeder; it holds fragments whose names a.webm lists too.
+  const { body: { id } } = await call("POST", "/peers", seeder(6002, "b.webm", ["fragment_0.bin"]));
+  for (let beat = 0; beat < 3; beat++) {
+    clock.now += 20_000;
+    await call("PUT", `/peers/${id}`, seeder(6002, "b.webm", ["fragment_0.bin"]));
+  }
+  const { body: { files } } = await call("GET", "/files");
+  assert.deepEqual(files.map((f: { file: string }) => f.file), ["b.webm"]);
+  assertError(await call("GET", "/files/a.webm"), 404, "NOT_FOUND");
+});
+
+Deno.test("a peer whose fragments stop belonging to a file backs it until then, and the other file from then", async () => {
+  const { clock, call } = fixture(30);
+  await twoFiles(call);
+  const state = (file: string) => seeder(6001, file, ["fragment_0.bin", "fragment_1.bin"]);
+  const { body: { id } } = await call("POST", "/peers", state("a.webm"));
+  clock.now += 20_000;
+  await call("PUT", `/peers/${id}`, state("a.webm"));
+  clock.now += 20_000; // b.webm was never backed: gone
+  await call("PUT", `/peers/${id}`, state("b.webm")); // its store now holds b.webm
+  await call("POST", "/files", {
+    ...manifest("b.webm", ["fragment_0.bin", "fragment_1.bin"]),
+    sha256: "b".repeat(64),
+  });
+  assertError(await call("GET", "/fragments/fragment_0.bin?file=a.webm"), 404, "NOT_FOUND");
+  const held = async (file: string) =>
+    ((await call("GET", `/files/${file}`)).body?.fragments ?? []).map((
+      f: { holderCount: number },
+    ) => f.holderCount);
+  assert.deepEqual(await held("a.webm"), [0, 0]);
+  assert.deepEqual(await held("b.webm"), [1, 1]);
+  clock.now += 29_999; // a.webm was backed until the move
+  assert.deepEqual((await call("GET", "/files/a.webm")).status, 200);
+  await call("PUT", `/peers/${id}`, state("b.webm"));
+  clock.now += 1;
+  assert.deepEqual((await call("GET", "/files/a.webm")).status, 404);
+  assert.deepEqual(await held("b.webm"), [1, 1]);
+});
+
+Deno.test("GET /peers shows the file a peer's fragments belong to, and POST /peers refuses a bad one", async () => {
+  const { call } = fixture();
+  await call("POST", "/peers", seeder(6001, "a.webm", ["fragment_0.bin"]));
+  await call("POST", "/peers", peer(6002, ["fragment_0.bin"]));
+  const { body: { peers } } = await call("GET", "/peers");
+  assert.deepEqual(peers.map((p: { port: number; file?: string }) => [p.port, p.file]), [
+    [6001, "a.webm"],
+    [6002, undefined],
+  ]);
+  for (const bad of ["../a.webm", "", 7]) {
+    assertError(
+      await call("POST", "/peers", { ...peer(6003, []), file: bad }),
+      400,
+      "BAD_REQUEST",
+      /"file"/,
+    );
+  }
+});
+
+Deno.test("GET /openapi.json describes the file of a peer's state and the file query of locate", async () => {
+  const { call } = fixture();
+  const { body } = await call("GET", "/openapi.json");
+  const state = body.components.schemas.PeerState;
+  assert.ok(state.properties.file, "PeerState has no file");
+  assert.ok(!state.required.includes("file"), "file should be optional");
+  for (const path of ["/fragments/{name}", "/fragments"]) {
+    const parameters: { name: string; in: string; required?: boolean }[] =
+      body.paths[path].get.parameters;
+    const query = parameters.find((p) => p.in === "query");
+    assert.deepEqual([query?.name, query?.required ?? false], ["file", false], path);
+  }
+  assert.ok(body.paths["/fragments"].get.responses["400"], "GET /fragments documents no 400");
+});
+
+// ---------------------------------------------------------------------------------------------
+// Bounds on peers
+
+Deno.test("POST /peers and PUT /peers/{id} refuse a new peer past maxPeers with 429, and take one once another goes", async () => {
+  const { clock, call } = fixture(30, { maxPeers: 2 });
+  const a = (await call("POST", "/peers", peer(6001, ["x.bin"]))).body.id;
+  await call("POST", "/peers", peer(6002, ["x.bin"]));
+  assertError(
+    await call("POST", "/peers", peer(6003, ["x.bin"])),
+    429,
+    "TOO_MANY_PEERS",
+    /^The directory lists 2 live peers, its limit/,
+  );
+  assertError(await call("PUT", "/peers/p3", peer(6003, ["x.bin"])), 429, "TOO_MANY_PEERS");
+  // Known peers still heartbeat and change, and a peer that restarted at its address replaces
+  // itself.
+  assert.deepEqual((await call("PUT", `/peers/${a}`, peer(6001, ["y.bin"]))).status, 200);
+  const again = await call("POST", "/peers", peer(6001, ["y.bin"]));
+  assert.deepEqual(again.status, 201);
+  assert.deepEqual((await call("GET", "/health")).body.peers, 2);
+  assert.deepEqual((await call("GET", "/fragments/x.bin")).body.holders.length, 1);
+  clock.now += 30_000; // both expire: room again, sweep or not
+  assert.deepEqual((await call("PUT", "/peers/p3", peer(6003, ["x.bin"]))).status, 200);
+  assert.deepEqual((await call("POST", "/peers", peer(6004, ["x.bin"]))).status, 201);
+  assertError(await call("POST", "/peers", peer(6005, ["x.bin"])), 429, "TOO_MANY_PEERS");
+});
+
+Deno.test(`POST /peers refuses a state of more than ${MAX_PEER_FRAGMENTS} fragments`, async () => {
+  const { call } = fixture();
+  const names = (count: number) => Array.from({ length: count }, (_, i) => `f_${i}.bin`);
+  assert.deepEqual(
+    (await call("POST", "/peers", peer(6001, names(MAX_PEER_FRAGMENTS)))).status,
+    201,
+  );
+  const many = JSON.stringify(peer(6002, names(MAX_PEER_FRAGMENTS + 1)));
+  assert.ok(many.length < 1024 * 1024, "the body limit would refuse it anyway");
+  assertError(await call("POST", "/peers", many), 400, "BAD_REQUEST", /"fragments" is invalid/);
+  assertError(await call("PUT", "/peers/p2", many), 400, "BAD_REQUEST", /"fragments" is invalid/);
+  assert.deepEqual((await call("GET", "/health")).body.peers, 1);
+});
+
+Deno.test("new Registry() refuses a bound on peers that is not positive", () => {
+  for (const maxPeers of [0, -1, 1.5]) assert.throws(() => new Registry({ maxPeers }), RangeError);
+});
+
+// ---------------------------------------------------------------------------------------------
+// Swagger UI's assets
+
+Deno.test("loadOnce() loads once on success, and again after a failure", async () => {
+  let calls = 0;
+  const load = loadOnce(() => {
+    calls++;
+    return calls === 1
+      ? Promise.reject(new Error("not yet"))
+      : Promise.resolve({ default: `text ${calls}` });
+  });
+  await assert.rejects(load(), /not yet/);
+  assert.deepEqual(await load(), "text 2");
+  assert.deepEqual(await load(), "text 2");
+  assert.deepEqual(calls, 2);
+});
