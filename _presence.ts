@@ -1,7 +1,9 @@
 /**
- * A peer's presence in the directory: it registers, heartbeats with its full state every ttl/3,
- * republishes its manifest when the directory had forgotten it (after a restart), and leaves on
- * close. When the directory is unreachable it says so once and keeps trying in the background.
+ * A peer's presence in the directory: it registers, heartbeats with its full state every ttl/3
+ * (saying which file its fragments belong to), publishes its manifest and again when the
+ * directory had forgotten it (after a restart), and leaves on close. When the directory is
+ * unreachable it says so once and keeps trying in the background; when it refuses the manifest
+ * it says so once, keeps heartbeating, and tries the manifest again from time to time.
  * @module
  */
 import { type DirectoryClient, DirectoryError, type PeerState } from "./directory.ts";
@@ -10,11 +12,28 @@ import type { Manifest } from "./split.ts";
 export interface PresenceOptions {
   /** The peer's state as the directory should see it now. */
   state: () => PeerState;
-  /** The manifest to publish, when the peer has one. */
+  /**
+   * The manifest to publish, when the peer has one. Its `file` is what the state says the
+   * fragments belong to, unless the state names one itself.
+   */
   manifest: () => Manifest | undefined;
   log: (line: string) => void;
-  /** Retry delay while the directory is unreachable. @default 1000 */
+  /**
+   * Retry delay while the directory is unreachable; the first of the delays, doubling up to
+   * ttl/3, while it answers with a refusal (or something that is not a directory). @default 1000
+   */
   retryMs?: number;
+}
+
+/** The longest wait between two tries of a publication the directory refused. */
+const MAX_PUBLISH_RETRY_MS = 10 * 60_000;
+
+/** A manifest the directory refused to list, and when to try it again. */
+interface Refusal {
+  sha256: string;
+  status: number;
+  delayMs: number;
+  retryAt: number;
 }
 
 /** Keeps a peer registered in a directory until closed. */
@@ -28,6 +47,12 @@ export class Presence implements AsyncDisposable {
   // Whether the peer held fragments when it last published: the directory drops a file no live
   // peer has backed for a ttl, so one published from an empty store is published again later.
   #publishedBacked = false;
+  #refusal: Refusal | undefined;
+  /** Tries in a row that the directory answered with a refusal, or that failed unexpectedly. */
+  #failures = 0;
+  #saidUnexpected = false;
+  /** Set by poke(): the state changed since the last heartbeat began. */
+  #dirty = false;
   #closed = false;
   #wake: (() => void) | undefined;
   readonly #loop: Promise<void>;
@@ -49,33 +74,21 @@ export class Presence implements AsyncDisposable {
     return this.#reachable === true;
   }
 
-  /** Sends a heartbeat now (the peer's fragments changed) instead of at the next tick. */
+  /**
+   * Sends a heartbeat now (the peer's fragments changed) instead of at the next tick; during
+   * one in flight, right after it. While the directory refuses the peer, at the next try.
+   */
   poke(): void {
-    this.#wake?.();
+    this.#dirty = true;
+    if (this.#failures === 0) this.#wake?.();
   }
 
   async #run(): Promise<void> {
     while (!this.#closed) {
-      let delay = this.#options.retryMs ?? 1_000;
-      try {
-        await this.#beat();
-        if (this.#reachable === false) {
-          this.#options.log(`[DIRECTORY] Connected to ${this.client.url}`);
-        }
-        this.#reachable = true;
-        delay = (this.#ttl * 1000) / 3;
-      } catch (error) {
-        if (!(error instanceof DirectoryError)) throw error;
-        if (error.status === 404) this.#id = undefined; // forgotten and not recreated: register
-        if (this.#reachable !== false) {
-          const retrying = error.status === 0
-            ? "working with neighbours only, retrying in the background"
-            : "retrying";
-          this.#options.log(`[DIRECTORY] ${error.message}; ${retrying}`);
-          this.#reachable = false;
-        }
-      }
+      this.#dirty = false;
+      const { ok, delay } = await this.#try();
       if (this.#closed) break;
+      if (ok && this.#dirty) continue; // poked while the heartbeat was in flight
       await new Promise<void>((resolve) => {
         const timer = setTimeout(resolve, delay);
         this.#wake = () => {
@@ -87,8 +100,50 @@ export class Presence implements AsyncDisposable {
     }
   }
 
+  /** One heartbeat (or registration) and publication; never throws: the loop must go on. */
+  async #try(): Promise<{ ok: boolean; delay: number }> {
+    const retryMs = this.#options.retryMs ?? 1_000;
+    try {
+      await this.#beat();
+      if (this.#reachable === false) {
+        this.#options.log(`[DIRECTORY] Connected to ${this.client.url}`);
+      }
+      this.#reachable = true;
+      this.#failures = 0;
+      this.#saidUnexpected = false;
+      return { ok: true, delay: (this.#ttl * 1000) / 3 };
+    } catch (error) {
+      if (error instanceof DirectoryError) {
+        if (this.#reachable !== false) {
+          const retrying = error.status === 0
+            ? "working with neighbours only, retrying in the background"
+            : "retrying";
+          this.#options.log(`[DIRECTORY] ${error.message}; ${retrying}`);
+          this.#reachable = false;
+        }
+        // Unreachable: try again soon, it costs a refused connection. An answer that refuses
+        // (or is not a directory's) will not change at once: back off.
+        if (error.status === 0) {
+          this.#failures = 0;
+          return { ok: false, delay: retryMs };
+        }
+      } else if (!this.#saidUnexpected) {
+        // A bug, not the directory: say so (once), and keep the peer in the directory anyway.
+        const what = error instanceof Error ? error.stack ?? String(error) : String(error);
+        this.#options.log(`[DIRECTORY] Unexpected error: ${what}; retrying`);
+        this.#saidUnexpected = true;
+      }
+      this.#failures++;
+      const most = Math.max(retryMs, (this.#ttl * 1000) / 3);
+      return { ok: false, delay: jitter(Math.min(most, retryMs * 2 ** (this.#failures - 1))) };
+    }
+  }
+
   async #beat(): Promise<void> {
-    const state = this.#options.state();
+    const manifest = this.#options.manifest();
+    const given = this.#options.state();
+    // The file the fragments belong to: split files all name theirs fragment_<i>.bin.
+    const state = given.file === undefined && manifest ? { ...given, file: manifest.file } : given;
     if (this.#id === undefined) {
       const registration = await this.client.register(state);
       this.#id = registration.id;
@@ -97,15 +152,52 @@ export class Presence implements AsyncDisposable {
     } else {
       const heartbeat = await this.client.heartbeat(this.#id, state);
       this.#ttl = heartbeat.ttl;
-      if (heartbeat.recreated) this.#published = undefined; // a new directory knows no files
+      if (heartbeat.recreated) { // a new directory knows no files, and may have room
+        this.#published = undefined;
+        this.#refusal = undefined;
+      }
     }
-    const manifest = this.#options.manifest();
     const backed = (state.fragments?.length ?? 0) > 0;
     if (manifest && (this.#published !== manifest.sha256 || (backed && !this.#publishedBacked))) {
-      await this.client.publishFile(manifest);
-      this.#published = manifest.sha256;
-      this.#publishedBacked = backed;
+      await this.#publish(manifest, backed);
     }
+  }
+
+  /**
+   * Publishes `manifest`, unless the directory refused it lately. A refusal is said once and
+   * tried again after one ttl, then twice as long each time: a full directory makes room
+   * within a ttl of a file losing its last holder, and a file of the same name goes that way.
+   */
+  async #publish(manifest: Manifest, backed: boolean): Promise<void> {
+    const now = Date.now();
+    const refused = this.#refusal?.sha256 === manifest.sha256 ? this.#refusal : undefined;
+    if (refused && now < refused.retryAt) return;
+    try {
+      await this.client.publishFile(manifest);
+    } catch (error) {
+      // No answer: the directory is down, and the heartbeat's retry covers it.
+      if (!(error instanceof DirectoryError) || error.status === 0) throw error;
+      const delayMs = refused
+        ? Math.min(refused.delayMs * 2, MAX_PUBLISH_RETRY_MS)
+        : Math.min(this.#ttl * 1000, MAX_PUBLISH_RETRY_MS);
+      if (refused?.status !== error.status) {
+        this.#options.log(
+          `[DIRECTORY] Cannot publish "${manifest.file}": ${refusalMeaning(error)}; ` +
+            "heartbeats go on, and it is tried again from time to time",
+        );
+      }
+      this.#refusal = {
+        sha256: manifest.sha256,
+        status: error.status,
+        delayMs,
+        retryAt: now + jitter(delayMs),
+      };
+      return;
+    }
+    if (refused) this.#options.log(`[DIRECTORY] Published "${manifest.file}"`);
+    this.#refusal = undefined;
+    this.#published = manifest.sha256;
+    this.#publishedBacked = backed;
   }
 
   /** Stops heartbeating and leaves the directory (best effort: it may be gone). */
@@ -120,4 +212,19 @@ export class Presence implements AsyncDisposable {
   [Symbol.asyncDispose](): Promise<void> {
     return this.close();
   }
+}
+
+/** What a refused publication means for the peer, in words. */
+function refusalMeaning(error: DirectoryError): string {
+  if (error.status === 409) {
+    return "another file is published under that name, with other contents or split another way";
+  }
+  if (error.status === 429) return "the directory lists as many files as it may";
+  if (error.status >= 500) return `the directory failed: ${error.detail}`;
+  return `the directory refused it: ${error.detail}`;
+}
+
+/** `ms` give or take a fifth, so that peers refused together do not all come back together. */
+function jitter(ms: number): number {
+  return ms * (0.8 + 0.4 * Math.random());
 }
