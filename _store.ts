@@ -163,6 +163,24 @@ export class Store {
   }
 
   /**
+   * Forgets every held fragment whose file has gone from the folder, or changed size, behind the
+   * store's back (a stat each, no hashing); resolves with their names, in manifest order.
+   */
+  async prune(): Promise<string[]> {
+    const lost = [];
+    for (const info of this.list()) {
+      const stat = await Deno.stat(join(this.dir, info.name)).catch((error) => {
+        if (error instanceof Deno.errors.NotFound) return undefined;
+        throw error;
+      });
+      if (stat?.isFile && stat.size === info.size) continue;
+      this.#held.delete(info.name);
+      lost.push(info.name);
+    }
+    return lost;
+  }
+
+  /**
    * Writes `chunks` as fragment `name` if they are exactly `expected.size` bytes hashing to
    * `expected.sha256`; otherwise throws {@link IntegrityError} and keeps nothing. The manifest's
    * hash, when the manifest lists the name, overrides what the sender claimed.

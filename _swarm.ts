@@ -12,7 +12,7 @@ import { AsyncLocalStorage } from "node:async_hooks";
 import { join } from "node:path";
 import { type Fetcher, FetchError, type Holder, holderAddress, StoreWriteError } from "./_fetch.ts";
 import type { Store } from "./_store.ts";
-import type { DirectoryClient } from "./directory.ts";
+import { type DirectoryClient, DirectoryError } from "./directory.ts";
 import { type FragmentEntry, joinFragments, type Manifest } from "./split.ts";
 
 /** A change on the fragment map: held, in flight (and from whom), missing, or failed. */
@@ -32,8 +32,13 @@ export interface SwarmOptions {
   lateMs?: number;
   /** How long a holder that failed (down, cut) is left alone. @default 2000 */
   downMs?: number;
-  /** Give up when nothing could be fetched for this long. @default 60000 */
+  /** Give up when nothing could be fetched (or no manifest found) for this long. @default 60000 */
   stallMs?: number;
+  /**
+   * The file to fetch when the store has no manifest yet (a store that has one holds its file,
+   * and no other). Without it the directory must list exactly one file.
+   */
+  file?: string;
   /** Where progress lines go; `progress` gets the live state for a progress bar. */
   log?: (line: string) => void;
   progress?: (state: Progress) => void;
@@ -54,6 +59,9 @@ interface Attempt {
   controller: AbortController;
 }
 
+// How long #settle waits before restarting a scheduler that stopped with work left.
+const RESTART_MS = 250;
+
 // The attempt whose fetch is running. The store tells of an arrival from inside the write that
 // stored it, so this says which attempt (and holder) the fragment came from.
 const currentAttempt = new AsyncLocalStorage<Attempt>();
@@ -65,11 +73,11 @@ export class Swarm implements Disposable {
   readonly #directory: DirectoryClient | undefined;
   readonly #neighbours: () => Holder[];
   readonly #isSelf: (holder: Holder) => boolean;
-  readonly #options: Required<Omit<SwarmOptions, "log" | "progress">> & SwarmOptions;
+  readonly #options: Required<Omit<SwarmOptions, "log" | "progress" | "file">> & SwarmOptions;
   #holders = new Map<string, Holder[]>(); // fragment -> holders, from the directory
   #refreshed = 0;
   #urgent: string[] = []; // fragments the player waits for, in the order asked
-  #wanted = new Set<string>(); // fragments a fetch-all wants
+  #fetchingAll = 0; // fetch-alls running: while any is, every fragment the store lacks is wanted
   #inflight = new Map<string, Attempt[]>();
   #load = new Map<string, number>(); // holder -> fragments in flight from it
   #downUntil = new Map<string, number>();
@@ -144,13 +152,26 @@ export class Swarm implements Disposable {
   }
 
   /**
-   * Fetches every missing fragment of the store's file (adopting the directory's manifest when
-   * the store has none), then joins and verifies the whole file. Resolves with its manifest.
+   * Fetches every fragment of the store's file that the store lacks (adopting a manifest from
+   * the directory when it has none, see {@link Swarm.manifest}), asking the store afresh on each
+   * pass, so a fragment that leaves it meanwhile is fetched again; then joins and verifies the
+   * whole file. Resolves with its manifest.
    */
   async fetchAll(): Promise<Manifest> {
     const manifest = await this.manifest();
-    for (const f of manifest.fragments) if (!this.#store.get(f.name)) this.#wanted.add(f.name);
-    await this.#settle(() => manifest.fragments.every((f) => this.#store.get(f.name)));
+    this.#fetchingAll++;
+    try {
+      while (true) {
+        await this.#settle(() => manifest.fragments.every((f) => this.#store.get(f.name)));
+        // A file deleted behind the store's back since it was stored would fail the join: the
+        // store forgets it, and it is fetched again.
+        const lost = await this.#store.prune();
+        if (lost.length === 0) break;
+        for (const name of lost) this.#emit(name, "missing");
+      }
+    } finally {
+      this.#fetchingAll--;
+    }
     const output = join(this.#store.dir, manifest.file);
     await joinFragments(this.#store.dir, output);
     this.#options.log?.(
@@ -166,15 +187,48 @@ export class Swarm implements Disposable {
     await this.#settle(() => this.#store.get(name) !== undefined, signal);
   }
 
-  // Runs the scheduler until `done()` holds; rejects if the swarm stalls or the disk fails.
+  // Runs the scheduler until `done()` holds; rejects if the swarm stalls or the disk fails, and
+  // when it is closed or `signal` aborts.
   async #settle(done: () => boolean, signal?: AbortSignal): Promise<void> {
-    while (!done()) {
-      if (signal?.aborted || this.#closed.signal.aborted) throw new FetchError("Cancelled");
-      this.#running ??= this.#run().finally(() => this.#running = undefined);
-      this.#wake?.();
-      const changed = this.#changed.promise;
-      const error = await Promise.race([this.#running, changed]);
-      if (error) throw error;
+    const cancelled = Promise.withResolvers<"cancelled">();
+    const cancel = () => cancelled.resolve("cancelled");
+    const signals = signal ? [this.#closed.signal, signal] : [this.#closed.signal];
+    for (const s of signals) s.addEventListener("abort", cancel);
+    try {
+      while (!done()) {
+        if (signal?.aborted || this.#closed.signal.aborted) throw new FetchError("Cancelled");
+        const running = this.#running ??= this.#run().finally(() => this.#running = undefined);
+        this.#wake?.();
+        const outcome = await Promise.race([
+          running.then((error) => ({ error })),
+          this.#changed.promise,
+          cancelled.promise,
+        ]);
+        if (typeof outcome !== "object") continue; // a change, or cancelled: checked above
+        if (outcome.error) throw outcome.error;
+        // The run found nothing to do, yet `done()` does not hold: restarting it at once would
+        // spin without ever yielding to timers, I/O or signals. Wait for a change first.
+        if (!done()) await this.#pause(RESTART_MS, signal);
+      }
+    } finally {
+      for (const s of signals) s.removeEventListener("abort", cancel);
+    }
+  }
+
+  // Resolves after `ms`, on a change, or once the swarm is closed or `signal` aborts.
+  async #pause(ms: number, signal?: AbortSignal): Promise<void> {
+    const { promise, resolve } = Promise.withResolvers<void>();
+    const wake = () => resolve();
+    const timer = setTimeout(wake, ms);
+    const signals = signal ? [this.#closed.signal, signal] : [this.#closed.signal];
+    for (const s of signals) s.addEventListener("abort", wake);
+    if (signals.some((s) => s.aborted)) wake();
+    this.#changed.promise.then(wake);
+    try {
+      await promise;
+    } finally {
+      clearTimeout(timer);
+      for (const s of signals) s.removeEventListener("abort", wake);
     }
   }
 
@@ -221,18 +275,19 @@ export class Swarm implements Disposable {
     }
   }
 
-  /** Missing fragments in the order to fetch them: urgent first, then rarest first. */
+  /**
+   * Missing fragments in the order to fetch them: urgent first, then (during a fetch-all) the
+   * rest, rarest first. Asked of the store on each pass, so a fragment that left it is missing.
+   */
   #pending(): string[] {
     this.#urgent = this.#urgent.filter((name) => !this.#store.get(name));
-    const index = new Map(this.#store.manifest?.fragments.map((f) => [f.name, f.index]));
-    const rest = [...this.#wanted].filter((name) =>
-      !this.#store.get(name) && !this.#urgent.includes(name)
-    )
+    const fragments = this.#fetchingAll > 0 ? this.#store.manifest?.fragments ?? [] : [];
+    const rest = fragments.filter((f) => !this.#store.get(f.name) && !this.#urgent.includes(f.name))
       .sort((a, b) =>
-        (this.#holders.get(a)?.length ?? 0) - (this.#holders.get(b)?.length ?? 0) ||
-        (index.get(a) ?? 0) - (index.get(b) ?? 0)
+        (this.#holders.get(a.name)?.length ?? 0) - (this.#holders.get(b.name)?.length ?? 0) ||
+        a.index - b.index
       );
-    return [...this.#urgent, ...rest];
+    return [...this.#urgent, ...rest.map((f) => f.name)];
   }
 
   /** Holders worth asking for `name` now, least loaded first; holders that lied, last resort. */
@@ -350,47 +405,76 @@ export class Swarm implements Disposable {
     }
   }
 
-  /** The store's manifest; when it has none, the first file the directory lists, adopted. */
+  /**
+   * The store's manifest; when it has none, the manifest of the file the `file` option names (or
+   * of the directory's only file), adopted. Rejects when the store holds another file than the
+   * one named, and when the directory lists several files and none is named.
+   */
   manifest(): Promise<Manifest> {
-    if (this.#store.manifest) return Promise.resolve(this.#store.manifest);
+    const held = this.#store.manifest;
+    const wanted = this.#options.file;
+    if (held && wanted !== undefined && held.file !== wanted) {
+      return Promise.reject(
+        new FetchError(
+          `The store "${this.#store.dir}" holds fragments of "${held.file}", not "${wanted}": use another store for it`,
+        ),
+      );
+    }
+    if (held) return Promise.resolve(held);
     // One search at a time: the player and a fetch-all may both ask.
     return this.#finding ??= this.#findManifest().finally(() => this.#finding = undefined);
   }
 
   async #findManifest(): Promise<Manifest> {
-    if (!this.#directory) throw new FetchError("No manifest here and no directory to ask for one");
+    const directory = this.#directory;
+    if (!directory) throw new FetchError("No manifest here and no directory to ask for one");
+    const wanted = this.#options.file;
     const deadline = Date.now() + this.#options.stallMs;
     while (true) {
-      let reached = true;
-      const files = await this.#directory.listFiles().catch(() => {
-        reached = false;
-        return [];
-      });
-      if (files.length > 0) {
-        const detail = await this.#directory.getFile(files[0]!.file);
-        const { version, file, mime, size, sha256 } = detail;
-        const fragments: FragmentEntry[] = detail.fragments.map((
-          { index, name, offset, size, sha256 },
-        ) => ({
-          index,
-          name,
-          offset,
-          size,
-          sha256,
-        }));
-        await this.#store.setManifest({ version, file, mime, size, sha256, fragments } as Manifest);
-        for (const f of fragments) this.#emit(f.name, "missing");
-        return this.#store.manifest!;
+      if (this.#closed.signal.aborted) throw new FetchError("Cancelled");
+      let problem;
+      try {
+        const file = wanted ?? await this.#onlyFile(directory);
+        if (file !== undefined) {
+          const detail = await directory.getFile(file);
+          const { version, mime, size, sha256 } = detail;
+          const fragments: FragmentEntry[] = detail.fragments.map((
+            { index, name, offset, size, sha256 },
+          ) => ({ index, name, offset, size, sha256 }));
+          await this.#store.setManifest(
+            { version, file: detail.file, mime, size, sha256, fragments } as Manifest,
+          );
+          for (const f of fragments) this.#emit(f.name, "missing");
+          return this.#store.manifest!;
+        }
+        problem = `The directory at "${directory.url}" knows no file to fetch`;
+      } catch (error) {
+        if (!(error instanceof DirectoryError)) throw error;
+        problem = error.status === 404
+          ? `The directory at "${directory.url}" does not list "${wanted}"`
+          : error.status === 0
+          ? `Cannot reach the directory at "${directory.url}" to find a file to fetch`
+          : error.message;
       }
       if (Date.now() > deadline) {
-        throw new FetchError(
-          reached
-            ? `The directory at "${this.#directory.url}" knows no file to fetch`
-            : `Cannot reach the directory at "${this.#directory.url}" to find a file to fetch`,
-        );
+        const others = wanted === undefined ? [] : await directory.listFiles().catch(() => []);
+        const listed = others.map((f) => f.file).sort().join(", ");
+        throw new FetchError(problem + (listed ? ` (it lists ${listed})` : ""));
       }
-      await new Promise((resolve) => setTimeout(resolve, 500));
+      // The seeders may not have published yet, or the directory may be restarting.
+      await this.#pause(500);
     }
+  }
+
+  // The directory's only file, undefined when it lists none; several are not guessed between.
+  async #onlyFile(directory: DirectoryClient): Promise<string | undefined> {
+    const files = (await directory.listFiles()).map((f) => f.file).sort();
+    if (files.length > 1) {
+      throw new FetchError(
+        `The directory lists ${files.length} files (${files.join(", ")}): choose one with --file`,
+      );
+    }
+    return files[0];
   }
 
   #emit(name: string, state: FragmentEvent["state"], from?: string): void {

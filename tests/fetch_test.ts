@@ -150,3 +150,13 @@ Deno.test("Fetcher reports a failed disk write clearly and leaves no partial fil
   assertEquals(await Deno.readTextFile(viewerDir), "a file where the store was");
   assertEquals([...Deno.readDirSync(dir.path)].map((e) => e.name).sort(), ["seeder", "viewer"]);
 });
+
+Deno.test("Store.prune() forgets the fragments whose files went or changed size, and only those", async () => {
+  await using dir = await tempDir();
+  const { seeder } = await seed(dir.path); // four fragments
+  await Deno.remove(join(seeder.dir, "fragment_1.bin"));
+  await Deno.writeTextFile(join(seeder.dir, "fragment_2.bin"), "shorter");
+  assertEquals(await seeder.prune(), ["fragment_1.bin", "fragment_2.bin"]);
+  assertEquals(seeder.list().map((f) => f.name), ["fragment_0.bin", "fragment_3.bin"]);
+  assertEquals(await seeder.prune(), []);
+});

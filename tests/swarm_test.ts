@@ -11,6 +11,7 @@ import { join } from "node:path";
 import { DirectoryClient, startDirectory } from "../directory.ts";
 import { Fetcher, FetchError } from "../_fetch.ts";
 import { LineBuffer } from "../_lines.ts";
+import { PeerError, TcpPeerClient } from "../_peer_tcp.ts";
 import { Store } from "../_store.ts";
 import { Swarm, type SwarmOptions } from "../_swarm.ts";
 import { type Peer, startPeer } from "../peer.ts";
@@ -430,6 +431,89 @@ Deno.test("the swarm completes from the others when a seeder is killed mid-fragm
 });
 
 // ---------------------------------------------------------------------------------------------
+// A fragment that leaves the store
+
+/** The child's exit status, or undefined when it is still running after `ms`. */
+async function exited(child: Child, ms: number): Promise<Deno.CommandStatus | undefined> {
+  let timer;
+  try {
+    return await Promise.race([
+      child.status(),
+      new Promise<undefined>((resolve) => timer = setTimeout(() => resolve(undefined), ms)),
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+Deno.test("a --fetch-all viewer fetches again a fragment that left its store mid-download", async () => {
+  await using dir = await tempDir();
+  const root = join(dir.path, "f");
+  await splitFile(SAMPLE_VIDEO, { out: root, peers: ["a", "b", "c"] });
+  // The viewer starts with the manifest and fragment 0: it wants the other nine.
+  const viewerDir = join(dir.path, "viewer");
+  await Deno.mkdir(viewerDir);
+  for (const name of ["manifest.json", "fragment_0.bin"]) {
+    await Deno.copyFile(join(root, "a", name), join(viewerDir, name));
+  }
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
+  // Slow, so that the download is still going when fragment 0 leaves the viewer's store.
+  const seeders = await startSeeders(root, directory.url, ["a", "b", "c"], {
+    maxUpload: 150_000,
+  });
+  try {
+    await registered(directory.url, 3);
+    await using viewer = startTask("peer", [
+      "0",
+      "--no-console",
+      "--fetch-all",
+      "--exit-when-done",
+      "--dir",
+      viewerDir,
+      "--directory",
+      directory.url,
+      "--broker",
+      "127.0.0.1:1",
+      "--hostname",
+      "127.0.0.1",
+      "--grpc-port",
+      "0",
+      "--http-port",
+      "0",
+    ]);
+    const port = await listeningPort(viewer);
+    await viewer.waitFor(/\[swarm\] fragment_\d+\.bin from/, {
+      stream: "stdout",
+      timeoutMs: 30_000,
+    });
+    // Fragment 0's file goes; the viewer's store forgets it once a holder-to-be asks for it.
+    await Deno.remove(join(viewerDir, "fragment_0.bin"));
+    using client = await TcpPeerClient.connect(`127.0.0.1:${port}`);
+    const error = await client.get("fragment_0.bin").then(() => undefined, (error) => error);
+    assert(error instanceof PeerError && error.code === "NOT_FOUND", `GET answered ${error}`);
+
+    const status = await exited(viewer, 30_000);
+    if (!status) {
+      viewer.kill("SIGTERM");
+      const stopped = await exited(viewer, 5_000);
+      throw new Error(
+        `the viewer never finished, and ${stopped ? "stopped" : "ignored"} SIGTERM\n` +
+          viewer.stdout + viewer.stderr,
+      );
+    }
+    assertEquals(status.code, 0, viewer.stderr);
+    assertMatch(viewer.stdout, /\[swarm\] fragment_0\.bin from 127\.0\.0\.1:\d+/);
+    assertMatch(viewer.stdout, /\[✓\] 'sample\.webm' complete: 10\/10 fragments, sha256 verified/);
+    assertEquals(
+      await Deno.readFile(join(viewerDir, "sample.webm")),
+      await Deno.readFile(SAMPLE_VIDEO),
+    );
+  } finally {
+    await closeAll(seeders);
+  }
+});
+
+// ---------------------------------------------------------------------------------------------
 // Stand-in holders: the scheduler's limits and order
 
 /** Requests being answered: now, and the most at once. */
@@ -544,7 +628,7 @@ async function sampleFragments(dir: string) {
   return { manifest, bytes };
 }
 
-/** Publishes `manifest` in the directory, and registers each stand-in with what it holds. */
+/** Publishes `manifest` in the directory, and registers each stand-in with what it holds of it. */
 async function registerFakes(
   directory: string,
   manifest: Manifest,
@@ -559,6 +643,7 @@ async function registerFakes(
       grpcPort: 0,
       httpPort: 0,
       fragments,
+      file: manifest.file,
     });
   }
 }
@@ -643,4 +728,198 @@ Deno.test("the swarm asks for the rarest fragments first", async () => {
   } finally {
     await Promise.all(holders.map((holder) => holder[Symbol.asyncDispose]()));
   }
+});
+
+Deno.test("a fetch-all fetches again a fragment deleted behind the store's back before the join", async () => {
+  await using dir = await tempDir();
+  const { manifest, bytes } = await sampleFragments(join(dir.path, "all"));
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1", ttl: 600 });
+  const asked: string[] = [];
+  const holder = startFakeHolder(bytes, { held: true, asked });
+  try {
+    await registerFakes(directory.url, manifest, [{ holder, fragments: [...bytes.keys()] }]);
+    const viewerDir = join(dir.path, "viewer");
+    await Deno.mkdir(viewerDir);
+    for (const name of ["manifest.json", "fragment_0.bin"]) {
+      await Deno.copyFile(join(dir.path, "all", name), join(viewerDir, name));
+    }
+    using viewer = await startSwarm(viewerDir, directory.url);
+    const done = viewer.swarm.fetchAll();
+    done.catch(() => {}); // awaited below
+    await poll(() => holder.tally.now > 0, "nothing was asked for");
+    // Gone while the rest is on its way, and nobody reads it: the store still lists it.
+    await Deno.remove(join(viewerDir, "fragment_0.bin"));
+    holder.open();
+    await done;
+    assertEquals(asked.filter((name) => name === "fragment_0.bin").length, 1);
+    assertEquals(
+      await Deno.readFile(join(viewerDir, "sample.webm")),
+      await Deno.readFile(SAMPLE_VIDEO),
+    );
+  } finally {
+    await holder[Symbol.asyncDispose]();
+  }
+});
+
+Deno.test("the swarm never restarts its scheduler without waiting, whatever the store says", async () => {
+  await using dir = await tempDir();
+  const { manifest, bytes } = await sampleFragments(join(dir.path, "all"));
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1", ttl: 600 });
+  const holder = startFakeHolder(bytes);
+  try {
+    await registerFakes(directory.url, manifest, [{ holder, fragments: [...bytes.keys()] }]);
+    using viewer = await startSwarm(join(dir.path, "viewer"), directory.url);
+    // Once the fetch-all has its manifest, the store's own hides fragment 0: the fetch-all
+    // waits for a fragment the scheduler never sees missing. A scheduler restarted at once would
+    // spin without yielding to timers, so the count of asks, not a clock, stops a spin.
+    let asks = 0;
+    let hide = false;
+    const hidden = { ...manifest, fragments: manifest.fragments.slice(1) };
+    Object.defineProperty(viewer.store, "manifest", {
+      get: () => {
+        if (++asks > 100_000) throw new Error("the scheduler is spinning");
+        return hide ? hidden : manifest;
+      },
+    });
+    const done = viewer.swarm.fetchAll().then(() => undefined, (error) => error);
+    hide = true; // fetchAll() took its manifest before its first await
+    await poll(() => viewer.store.list().length === 9, "the other fragments never arrived");
+    const before = asks;
+    await new Promise((resolve) => setTimeout(resolve, 1000)); // the time the scheduler is given
+    assert(asks - before < 1000, `${asks - before} asks of the manifest in a second`);
+    viewer.swarm[Symbol.dispose]();
+    const error = await done;
+    assert(error instanceof FetchError && error.message === "Cancelled", String(error));
+  } finally {
+    await holder[Symbol.asyncDispose]();
+  }
+});
+
+Deno.test("closing the swarm ends its search for a manifest at once", async () => {
+  await using dir = await tempDir();
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" }); // no file in it
+  using viewer = await startSwarm(join(dir.path, "viewer"), directory.url);
+  const done = viewer.swarm.fetchAll().then(() => undefined, (error) => error);
+  viewer.swarm[Symbol.dispose]();
+  let timer;
+  const error = await Promise.race([
+    done,
+    new Promise((resolve) => timer = setTimeout(() => resolve("still searching after 5 s"), 5000)),
+  ]);
+  clearTimeout(timer);
+  assert(error instanceof FetchError && error.message === "Cancelled", String(error));
+});
+
+// ---------------------------------------------------------------------------------------------
+// Which file
+
+/**
+ * Two files split into `root`: a.webm (the sample) and b.webm (its first 300,000 bytes, in three
+ * fragments), each with its manifest and fragment bytes. Their fragment names are the same.
+ */
+async function twoFiles(root: string) {
+  const sample = await Deno.readFile(SAMPLE_VIDEO);
+  await Deno.mkdir(root);
+  await Deno.writeFile(join(root, "a.webm"), sample);
+  await Deno.writeFile(join(root, "b.webm"), sample.subarray(0, 300_000));
+  const split = async (file: string, fragments: number) => {
+    const manifest = await splitFile(join(root, file), {
+      out: join(root, file + ".parts"),
+      fragments,
+    });
+    const bytes = new Map<string, Uint8Array>();
+    for (const f of manifest.fragments) {
+      bytes.set(f.name, await Deno.readFile(join(root, file + ".parts", f.name)));
+    }
+    return { manifest, bytes };
+  };
+  return { a: await split("a.webm", 10), b: await split("b.webm", 3) };
+}
+
+Deno.test("the swarm refuses to guess between the directory's files, and names them", async () => {
+  await using dir = await tempDir();
+  const { a, b } = await twoFiles(join(dir.path, "src"));
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1", ttl: 600 });
+  const client = new DirectoryClient(directory.url);
+  await client.publishFile(a.manifest);
+  await client.publishFile(b.manifest);
+  using viewer = await startSwarm(join(dir.path, "viewer"), directory.url, { stallMs: 2000 });
+  const error = await viewer.swarm.fetchAll().then(() => undefined, (error) => error);
+  assert(error instanceof FetchError, String(error));
+  assertEquals(
+    error.message,
+    "The directory lists 2 files (a.webm, b.webm): choose one with --file",
+  );
+  assertEquals(viewer.store.manifest, undefined, "no manifest adopted");
+});
+
+Deno.test("the swarm fetches the file it is told to, among several", async () => {
+  await using dir = await tempDir();
+  const { a, b } = await twoFiles(join(dir.path, "src"));
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1", ttl: 600 });
+  const holder = startFakeHolder(b.bytes);
+  try {
+    await new DirectoryClient(directory.url).publishFile(a.manifest); // listed first, unbacked
+    await registerFakes(directory.url, b.manifest, [{ holder, fragments: [...b.bytes.keys()] }]);
+    const viewerDir = join(dir.path, "viewer");
+    using viewer = await startSwarm(viewerDir, directory.url, { file: "b.webm", stallMs: 2000 });
+    const manifest = await viewer.swarm.fetchAll();
+    assertEquals(manifest.file, "b.webm");
+    assertEquals(
+      await Deno.readFile(join(viewerDir, "b.webm")),
+      await Deno.readFile(join(dir.path, "src", "b.webm")),
+    );
+  } finally {
+    await holder[Symbol.asyncDispose]();
+  }
+});
+
+Deno.test("the swarm keeps to the file its store holds, and refuses another", async () => {
+  await using dir = await tempDir();
+  const { a, b } = await twoFiles(join(dir.path, "src"));
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1", ttl: 600 });
+  const holder = startFakeHolder(b.bytes);
+  try {
+    await new DirectoryClient(directory.url).publishFile(a.manifest);
+    await registerFakes(directory.url, b.manifest, [{ holder, fragments: [...b.bytes.keys()] }]);
+    const viewerDir = join(dir.path, "viewer");
+    await Deno.mkdir(viewerDir);
+    await Deno.copyFile(
+      join(dir.path, "src", "b.webm.parts", "manifest.json"),
+      join(viewerDir, "manifest.json"),
+    );
+    {
+      using viewer = await startSwarm(viewerDir, directory.url, { file: "a.webm", stallMs: 2000 });
+      const error = await viewer.swarm.fetchAll().then(() => undefined, (error) => error);
+      assert(error instanceof FetchError, String(error));
+      assertEquals(
+        error.message,
+        `The store "${viewerDir}" holds fragments of "b.webm", not "a.webm": use another store for it`,
+      );
+      assertEquals(viewer.store.list(), [], "nothing fetched");
+    }
+    using viewer = await startSwarm(viewerDir, directory.url, { stallMs: 2000 });
+    assertEquals((await viewer.swarm.fetchAll()).file, "b.webm");
+  } finally {
+    await holder[Symbol.asyncDispose]();
+  }
+});
+
+Deno.test("the swarm names the directory's files when the one it is told to fetch is not there", async () => {
+  await using dir = await tempDir();
+  const { a, b } = await twoFiles(join(dir.path, "src"));
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1", ttl: 600 });
+  const client = new DirectoryClient(directory.url);
+  await client.publishFile(a.manifest);
+  await client.publishFile(b.manifest);
+  using viewer = await startSwarm(join(dir.path, "viewer"), directory.url, {
+    file: "c.webm",
+    stallMs: 1000,
+  });
+  const error = await viewer.swarm.fetchAll().then(() => undefined, (error) => error);
+  assert(error instanceof FetchError, String(error));
+  assertEquals(
+    error.message,
+    `The directory at "${directory.url}" does not list "c.webm" (it lists a.webm, b.webm)`,
+  );
 });
