@@ -10,7 +10,7 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { type Manifest, SplitError } from "./split.ts";
+import { isValidName, type Manifest, SplitError } from "./split.ts";
 import { join } from "node:path";
 import { isUserError, runMain, UserError } from "./_cli.ts";
 import {
@@ -71,6 +71,11 @@ export interface PeerOptions {
   log?: (line: string) => void;
   /** Live swarm progress, for a progress bar; without it each arrival is a line. */
   progress?: (state: Progress) => void;
+  /**
+   * The file to fetch (`--fetch-all`, or the player of an empty store) when the store has no
+   * manifest yet; needed when the directory lists several.
+   */
+  file?: string;
 }
 
 /** A running peer; close it (or dispose it) to leave the directory and stop serving. */
@@ -176,7 +181,7 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
     directory,
     neighbours: () => neighbours,
     isSelf: (holder) => isSelf(holder),
-  }, { log, progress: options.progress });
+  }, { log, progress: options.progress, file: options.file });
   let player: PlayerServer | undefined;
   if (options.httpPort !== null) {
     const httpPort = options.httpPort ?? (requestedPort === 0 ? 0 : port + HTTP_PORT_OFFSET);
@@ -228,7 +233,10 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
     holder.port === port && (holder.host === options.advertise || LOOPBACK.has(holder.host));
 
   async function holders(name: string): Promise<Holder[]> {
-    const located = directory ? await directory.locate(name).catch(() => []) : [];
+    // Every split names its fragments fragment_<i>.bin: ask for the holders of this store's file.
+    const located = directory
+      ? await directory.locate(name, { file: store.manifest?.file }).catch(() => [])
+      : [];
     // Neighbours first; the directory knows a neighbour's real gRPC port, the command line only
     // the conventional one.
     const byAddress = new Map<string, Holder>();
@@ -467,6 +475,8 @@ Options:
   --max-upload RATE      upload limit, e.g. 20MB/s or 512KiB/s
   --fetch-all            fetch the whole video from the swarm, join and verify it, keep seeding
   --exit-when-done       with --fetch-all: exit 0 once the video is complete instead of seeding
+  --file NAME            the file to fetch when the store has none yet and the directory lists
+                         several (default: the directory's only file)
   --grpc                 fetch over gRPC instead of TCP at the console
   --no-console           no prompt: serve until SIGINT or SIGTERM (for containers)
   -h, --help             show this help
@@ -495,6 +505,7 @@ async function main(args = Deno.args): Promise<number> {
       grpc: { type: "boolean" },
       "fetch-all": { type: "boolean" },
       "exit-when-done": { type: "boolean" },
+      file: { type: "string" },
       "no-console": { type: "boolean" },
       help: { type: "boolean", short: "h" },
     },
@@ -524,6 +535,11 @@ async function main(args = Deno.args): Promise<number> {
   }
   if (values["exit-when-done"] && !values["fetch-all"]) {
     throw new UserError("--exit-when-done goes with --fetch-all");
+  }
+  if (values.file !== undefined && !isValidName(values.file)) {
+    throw new UserError(
+      `Invalid --file "${values.file}": expected a file name such as sample.webm`,
+    );
   }
   const directory = values.directory ?? Deno.env.get("DIRECTORY_URL") ?? "http://localhost:5000";
   if (!/^https?:$/.test(URL.parse(directory)?.protocol ?? "")) {
@@ -567,6 +583,7 @@ async function main(args = Deno.args): Promise<number> {
         ? undefined
         : parsePort(values["http-port"], "HTTP port"),
       maxUpload,
+      file: values.file,
       progress: showProgress ? (state) => (drawProgress(state), barShown = true) : undefined,
       // A line logged while the bar is drawn goes below it, not glued to it.
       log: (line) => {
