@@ -49,7 +49,10 @@ async function downloadOnce(
   expected: string,
   { cut = false } = {},
 ): Promise<void> {
-  for (let attempt = 1;; attempt++) {
+  // A crashed child takes a moment to be noticed (ready() still says yes until its pipes close),
+  // then a restart: retry until a deadline, not a count, so that moment cannot use them all up.
+  const deadline = Date.now() + 20_000;
+  for (;;) {
     const client = new GrpcClient({ deadlineMs: 5000 });
     try {
       const { sha256: announced, chunks } = await client.download(
@@ -64,8 +67,9 @@ async function downloadOnce(
       assertEquals([announced, cut ? expected : hash.digest("hex")], [expected, expected]);
       return;
     } catch (error) {
-      if (!(error instanceof GrpcError) || attempt === 5) throw error;
+      if (!(error instanceof GrpcError) || Date.now() > deadline) throw error;
       await supervisor.ready();
+      await new Promise((resolve) => setTimeout(resolve, 50)); // polling, not waiting for a line
     } finally {
       client.close(); // the close that can trip nghttp2 in the server (denoland/deno#36788)
     }
