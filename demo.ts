@@ -21,6 +21,8 @@ const VIEWER = 6004;
 /** Each seeder's upload limit: slow enough to watch the map fill, fast enough to play. */
 const SEED_RATE = "250KB/s";
 const CHECK_TIMEOUT_MS = 90_000;
+// Linux keeps a closed connection's local port in TIME_WAIT for 60 s.
+const TIME_WAIT_MS = 65_000;
 
 /** What the demo needs free, with who needs it. */
 function neededPorts(): [number, string][] {
@@ -34,15 +36,45 @@ function neededPorts(): [number, string][] {
   return ports;
 }
 
-/** Fails with the first port something else holds. */
-function checkPorts(): void {
+/**
+ * Fails with the first port something listens on. A port that only a recent outgoing connection
+ * holds (its local end, up to a minute in TIME_WAIT; 50051-50054 are in Linux's ephemeral range)
+ * frees itself, so that one is waited for.
+ */
+async function checkPorts(): Promise<void> {
   for (const [port, who] of neededPorts()) {
-    try {
-      Deno.listen({ port }).close();
-    } catch (error) {
-      if (!(error instanceof Deno.errors.AddrInUse)) throw error;
-      throw new UserError(`Port ${port} is taken (${who} needs it): stop what holds it and retry`);
+    const deadline = Date.now() + TIME_WAIT_MS;
+    for (let said = false; !canListen(port); said = true) {
+      if (await listenedOn(port) || Date.now() > deadline) {
+        throw new UserError(
+          `Port ${port} is taken (${who} needs it): stop what holds it and retry`,
+        );
+      }
+      if (!said) {
+        console.error(`[DEMO] Port ${port} is held by a recent connection; waiting for it`);
+      }
+      await new Promise((resolve) => setTimeout(resolve, 500));
     }
+  }
+}
+
+function canListen(port: number): boolean {
+  try {
+    Deno.listen({ port }).close();
+    return true;
+  } catch (error) {
+    if (error instanceof Deno.errors.AddrInUse) return false;
+    throw error;
+  }
+}
+
+/** Whether a server accepts connections on `port` here. */
+async function listenedOn(port: number): Promise<boolean> {
+  try {
+    (await Deno.connect({ hostname: "127.0.0.1", port })).close();
+    return true;
+  } catch {
+    return false;
   }
 }
 
@@ -110,7 +142,7 @@ arrive from the swarm. Ctrl-C stops everything.
   --check   headless: exit 0 once the viewer holds the whole verified video (1 if it does not)`);
     return 0;
   }
-  checkPorts();
+  await checkPorts();
   const fragments = join(ROOT, "fragments");
   await Deno.remove(join(fragments, String(VIEWER)), { recursive: true }).catch(() => {});
   await splitFile(SAMPLE_VIDEO, { out: fragments, peers: SEEDERS.map(String) });
