@@ -148,6 +148,14 @@ export class Fetcher implements Disposable {
         }
         return { address, kind: "down", text: `${address} failed (${message(error)})` };
       }
+      // Every split names its fragments fragment_<i>.bin: a holder that announces other bytes
+      // under the name holds another file's fragment. It told the truth, so it is not avoided.
+      const want = this.#store.expected(name);
+      if (want && (want.size !== download.size || want.sha256 !== download.sha256)) {
+        client?.close(); // the bytes will not be read
+        download.cancel?.();
+        return { address, kind: "missing", text: `${address} holds another file's '${name}'` };
+      }
       try {
         await this.#store.write(name, download, fromSource(download.chunks));
       } catch (error) {

@@ -158,7 +158,7 @@ export class GrpcClient implements Disposable {
         stop(); // a consumer that stopped early (a hash mismatch) ends the stream
       }
     }
-    return { size, sha256, chunks: chunks() };
+    return { size, sha256, chunks: chunks(), cancel: stop };
   }
 
   /**

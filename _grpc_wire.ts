@@ -42,6 +42,8 @@ export interface Download {
   size: number;
   sha256: string;
   chunks: AsyncIterable<Uint8Array>;
+  /** Ends the stream without reading it (a consumer that will not read `chunks` at all). */
+  cancel?: () => void;
 }
 
 /** A `Fragment` message as protobufjs decodes it. */

@@ -270,6 +270,8 @@ export interface Download {
   size: number;
   sha256: string;
   chunks: AsyncIterable<Uint8Array>;
+  /** Ends the stream without reading it (gRPC; over TCP, close the connection instead). */
+  cancel?: () => void;
 }
 
 /**

@@ -3,7 +3,7 @@ import { join } from "node:path";
 import { Fetcher, FetchError, type Holder, StoreWriteError } from "../_fetch.ts";
 import { startTcpServer } from "../_peer_tcp.ts";
 import { Store } from "../_store.ts";
-import { type Manifest, SAMPLE_VIDEO, splitFile } from "../split.ts";
+import { type Manifest, MANIFEST_NAME as MANIFEST, SAMPLE_VIDEO, splitFile } from "../split.ts";
 import { tempDir } from "./_util.ts";
 
 const encoder = new TextEncoder();
@@ -159,4 +159,34 @@ Deno.test("Store.prune() forgets the fragments whose files went or changed size,
   assertEquals(await seeder.prune(), ["fragment_1.bin", "fragment_2.bin"]);
   assertEquals(seeder.list().map((f) => f.name), ["fragment_0.bin", "fragment_3.bin"]);
   assertEquals(await seeder.prune(), []);
+});
+
+Deno.test("Fetcher passes over a holder of another file's fragment of the same name, without avoiding it", async () => {
+  await using dir = await tempDir();
+  const { seeder, manifest } = await seed(dir.path);
+  // Another file, split the same way: its fragment_1.bin is other bytes under the same name.
+  const otherFile = join(dir.path, "other.bin");
+  await Deno.writeFile(otherFile, crypto.getRandomValues(new Uint8Array(64 * 1024)));
+  await splitFile(otherFile, { out: join(dir.path, "other"), fragments: 4 });
+  const other = await Store.open(join(dir.path, "other"));
+  await using good = startTcpServer(seeder, { port: 0, hostname: "127.0.0.1" });
+  await using elsewhere = startTcpServer(other, { port: 0, hostname: "127.0.0.1" });
+  // The viewer's store knows which file it is after: it has the seeder's manifest.
+  await Deno.mkdir(join(dir.path, "viewer"));
+  await Deno.copyFile(join(dir.path, "seeder", MANIFEST), join(dir.path, "viewer", MANIFEST));
+  const viewer = await Store.open(join(dir.path, "viewer"));
+  const logs: string[] = [];
+  using fetcher = new Fetcher(viewer, { log: (line) => logs.push(line) });
+  const name = manifest.fragments[1]!.name;
+  const from = await fetcher.fetch(name, [local(elsewhere.port), local(good.port)]);
+  assertEquals(from, `127.0.0.1:${good.port}`);
+  assertEquals(viewer.get(name)?.sha256, manifest.fragments[1]!.sha256);
+  assert(!fetcher.isAvoided(local(elsewhere.port)));
+  assertEquals(logs.filter((line) => /failed verification/.test(line)), []);
+  // With it alone, the error says what it holds.
+  const error = await assertRejects(
+    () => fetcher.fetch(manifest.fragments[2]!.name, [local(elsewhere.port)]),
+    FetchError,
+  );
+  assertMatch(error.message, new RegExp(`holds another file's '${manifest.fragments[2]!.name}'`));
 });
