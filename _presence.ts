@@ -142,8 +142,13 @@ export class Presence implements AsyncDisposable {
   async #beat(): Promise<void> {
     const manifest = this.#options.manifest();
     const given = this.#options.state();
-    // The file the fragments belong to: split files all name theirs fragment_<i>.bin.
-    const state = given.file === undefined && manifest ? { ...given, file: manifest.file } : given;
+    // The file the fragments belong to (split files all name theirs fragment_<i>.bin), unless
+    // the directory lists another file under that name: these fragments are not its.
+    const claim = () =>
+      given.file === undefined && manifest && !this.#conflicts(manifest)
+        ? { ...given, file: manifest.file }
+        : given;
+    const state = claim();
     if (this.#id === undefined) {
       const registration = await this.client.register(state);
       this.#id = registration.id;
@@ -160,7 +165,16 @@ export class Presence implements AsyncDisposable {
     const backed = (state.fragments?.length ?? 0) > 0;
     if (manifest && (this.#published !== manifest.sha256 || (backed && !this.#publishedBacked))) {
       await this.#publish(manifest, backed);
+      // Refused as another file of that name just now: take back the claim at once.
+      if (state.file !== undefined && this.#conflicts(manifest)) {
+        await this.client.heartbeat(this.#id!, claim());
+      }
     }
+  }
+
+  /** Whether the directory refused `manifest` because another file has its name. */
+  #conflicts(manifest: Manifest): boolean {
+    return this.#refusal?.status === 409 && this.#refusal.sha256 === manifest.sha256;
   }
 
   /**

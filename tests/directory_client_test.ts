@@ -429,6 +429,29 @@ for (const refusal of ["conflict", "full"] as const) {
   });
 }
 
+Deno.test("a peer refused as another file of the same name is not listed as that file's holder", async () => {
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
+  const client = new DirectoryClient(directory.url);
+  await client.publishFile({ ...MANIFEST, sha256: "1".repeat(64) }); // the clip.webm listed
+  const { lines, log } = logged();
+  const presence = new Presence(new DirectoryClient(directory.url), {
+    state: () => state(6001, ["clip_0.bin"]),
+    manifest: () => MANIFEST, // another clip.webm
+    log,
+  });
+  try {
+    await eventually(() => Promise.resolve(lines.length === 1));
+    await eventually(async () => {
+      const peers = await client.listPeers();
+      return peers.length === 1 && peers[0]!.file === undefined;
+    });
+    const file = await client.getFile("clip.webm");
+    assert.deepEqual(file.fragments.map((f) => f.holders.length), [0, 0]);
+  } finally {
+    await presence.close();
+  }
+});
+
 Deno.test("Presence publishes a refused file again later, once the directory has room", async () => {
   await using directory = startDirectory({ port: 0, hostname: "127.0.0.1", ttl: 1, maxFiles: 1 });
   const client = new DirectoryClient(directory.url);
