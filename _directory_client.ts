@@ -168,7 +168,7 @@ export class DirectoryClient {
       clearTimeout(timer);
     }
     if (!response.ok) {
-      const { code, message } = parseError(text, response.status);
+      const { code, message } = parseError(text, response.status, this.url);
       throw new DirectoryError(`${method} ${path} failed: ${message}`, response.status, code, {
         detail: message,
       });
@@ -191,15 +191,18 @@ function fetchFailure(error: unknown): string {
   return /connection refused/i.test(text) ? "connection refused" : text;
 }
 
-/** The code and message of an error body, or the status when the body is not one. */
-function parseError(text: string, status: number): { code: string; message: string } {
+/**
+ * The code and message of an error body; when the body is not one, the status and a hint: a
+ * directory always answers its errors in that shape.
+ */
+function parseError(text: string, status: number, url: string): { code: string; message: string } {
   try {
     const { error } = JSON.parse(text);
     if (typeof error?.code === "string" && typeof error?.message === "string") return error;
   } catch {
-    // not our error shape (a proxy in between?): fall back to the status
+    // not our error shape: another web server at that address, or a proxy in between
   }
-  return { code: errorCode(status), message: `HTTP ${status}` };
+  return { code: errorCode(status), message: `HTTP ${status}: is "${url}" a directory?` };
 }
 
 /** `?file=<file>`, or nothing. */

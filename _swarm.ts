@@ -430,6 +430,7 @@ export class Swarm implements Disposable {
     if (!directory) throw new FetchError("No manifest here and no directory to ask for one");
     const wanted = this.#options.file;
     const deadline = Date.now() + this.#options.stallMs;
+    let said = false; // that it waits, once
     while (true) {
       if (this.#closed.signal.aborted) throw new FetchError("Cancelled");
       let problem;
@@ -450,11 +451,16 @@ export class Swarm implements Disposable {
         problem = `The directory at "${directory.url}" knows no file to fetch`;
       } catch (error) {
         if (!(error instanceof DirectoryError)) throw error;
-        problem = error.status === 404
+        problem = error.status === 404 && wanted !== undefined
           ? `The directory at "${directory.url}" does not list "${wanted}"`
           : error.status === 0
           ? `Cannot reach the directory at "${directory.url}" to find a file to fetch`
           : error.message;
+      }
+      if (!said) {
+        const seconds = Math.round(this.#options.stallMs / 1000);
+        this.#options.log?.(`[swarm] ${problem}; waiting up to ${seconds} s`);
+        said = true;
       }
       if (Date.now() > deadline) {
         const others = wanted === undefined ? [] : await directory.listFiles().catch(() => []);

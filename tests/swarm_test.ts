@@ -912,9 +912,11 @@ Deno.test("the swarm names the directory's files when the one it is told to fetc
   const client = new DirectoryClient(directory.url);
   await client.publishFile(a.manifest);
   await client.publishFile(b.manifest);
+  const lines: string[] = [];
   using viewer = await startSwarm(join(dir.path, "viewer"), directory.url, {
     file: "c.webm",
     stallMs: 1000,
+    log: (line) => lines.push(line),
   });
   const error = await viewer.swarm.fetchAll().then(() => undefined, (error) => error);
   assert(error instanceof FetchError, String(error));
@@ -922,4 +924,8 @@ Deno.test("the swarm names the directory's files when the one it is told to fetc
     error.message,
     `The directory at "${directory.url}" does not list "c.webm" (it lists a.webm, b.webm)`,
   );
+  // It said at once that it waits, and only once.
+  assertEquals(lines, [
+    `[swarm] The directory at "${directory.url}" does not list "c.webm"; waiting up to 1 s`,
+  ]);
 });
