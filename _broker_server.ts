@@ -12,6 +12,7 @@ import {
   isConnectionError,
   isValidTopic,
   LAST_WORDS_MS,
+  LineEncoder,
   MAX_LINE,
   MAX_PENDING,
   Outbox,
@@ -90,6 +91,7 @@ class BrokerServer implements Broker {
   readonly #sessions = new Set<Session>();
   readonly #topics = new Map<string, Set<Session>>();
   readonly #tasks = new Set<Promise<void>>();
+  readonly #encoder = new LineEncoder();
   readonly #pinger: ReturnType<typeof setInterval>;
   #slowConsumers = 0;
   #closing: Promise<void> | null = null;
@@ -154,9 +156,11 @@ class BrokerServer implements Broker {
       }
       const topic = rest.slice(0, split);
       if (!isValidTopic(topic)) return session.send(`ERR:invalid topic ${quote(topic)}`);
-      // The message is `MSG:` followed by the same topic and text: one string for everyone.
-      const message = `MSG:${rest}`;
-      for (const subscriber of this.#topics.get(topic) ?? []) subscriber.send(message);
+      const subscribers = this.#topics.get(topic);
+      if (!subscribers) return;
+      // The message is `MSG:` followed by the same topic and text, encoded once for everyone.
+      const message = this.#encoder.encode(rest, "MSG:");
+      for (const subscriber of subscribers) subscriber.sendBytes(message);
       return;
     }
     if (verb !== "SUB" && verb !== "UNSUB") {
@@ -302,6 +306,11 @@ class Session {
   /** Sends a line to this client; one that has let too much pile up is cut off instead. */
   send(line: string): void {
     if (!this.#ending && !this.#outbox.send(line)) this.#cutOff();
+  }
+
+  /** Sends an encoded line (its `\n` included) to this client, or cuts it off, as {@link send}. */
+  sendBytes(line: Uint8Array): void {
+    if (!this.#ending && !this.#outbox.sendBytes(line)) this.#cutOff();
   }
 
   /** Called every ping interval: pings a client that said nothing, drops one that stays silent. */

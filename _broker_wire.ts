@@ -37,24 +37,58 @@ export class BrokerError extends Error {
 // ---------------------------------------------------------------------------------------------
 // One writer per socket
 
+const NEWLINE = 0x0a;
+
+/**
+ * Encodes lines into one buffer that it reuses, so encoding leaves nothing on the heap: the bytes
+ * it returns are good until its next call (pass them straight on to {@link Outbox.sendBytes}).
+ */
+export class LineEncoder {
+  #buffer = new Uint8Array(WRITE_SIZE);
+
+  /** `prefix` (ASCII), then `line` and a `\n`, as UTF-8. */
+  encode(line: string, prefix = ""): Uint8Array {
+    // UTF-8 needs at most 3 bytes per UTF-16 code unit.
+    const most = (prefix.length + line.length) * 3 + 1;
+    if (this.#buffer.length < most) this.#buffer = new Uint8Array(most);
+    const buffer = this.#buffer;
+    let at = 0;
+    for (; at < prefix.length; at++) buffer[at] = prefix.charCodeAt(at);
+    at += encoder.encodeInto(line, buffer.subarray(at)).written;
+    buffer[at++] = NEWLINE;
+    return buffer.subarray(0, at);
+  }
+}
+
+const outboxEncoder = new LineEncoder();
+// Written-out chunks, shared by every outbox of the process, so a flood reuses the same few
+// buffers instead of leaving a fresh one per write to collect. At most this many wait here.
+const SPARE_CHUNKS = 64;
+const spares: Uint8Array[] = [];
+
+/** Bytes waiting to be written: those of `bytes` in `[start, end)`. */
+interface Chunk {
+  bytes: Uint8Array;
+  start: number;
+  end: number;
+}
+
 /**
  * Lines wait here and go out together, up to `WRITE_SIZE` per write, so a burst of small messages
- * costs one syscall, and nothing else ever writes to the socket. What waits is bounded by `limit`,
- * counted in UTF-16 code units (what the queued strings occupy; bytes, for ASCII).
+ * costs one syscall, and nothing else ever writes to the socket. What waits is bounded by `limit`
+ * bytes. It waits encoded, in chunks of `WRITE_SIZE` outside the JavaScript heap: a backlog of
+ * many small messages is not many small objects for the garbage collector to keep copying (which
+ * made V8 grow its young generation, and the process, by tens of MiB during a flood).
  */
 export class Outbox {
   readonly #conn: Deno.Conn;
   readonly #limit: number;
   readonly #onError: (error: unknown) => void;
-  // Lines and their "\n"s, as separate entries: one published string is shared by every
-  // subscriber's queue instead of being copied into each. The queue starts at #head.
-  #lines: string[] = [];
-  #head = 0;
+  // The first chunk is the one written from, the last the one filled.
+  #chunks: Chunk[] = [];
   #queued = 0;
   #inFlight = 0;
   #writing: Promise<void> | null = null;
-  // Reused for every write, so a flood does not leave a fresh buffer per write to collect.
-  #scratch = new Uint8Array(0);
 
   constructor(conn: Deno.Conn, limit: number, onError: (error: unknown) => void) {
     this.#conn = conn;
@@ -62,24 +96,42 @@ export class Outbox {
     this.#onError = onError;
   }
 
-  /** What waits to be written, including a write under way. */
+  /** What waits to be written, in bytes, including a write under way. */
   get pending(): number {
     return this.#queued + this.#inFlight;
   }
 
   /** Queues `line` (without its `\n`); false, and nothing queued, when that would pass the limit. */
   send(line: string): boolean {
-    if (this.pending + line.length + 1 > this.#limit) return false;
-    this.#lines.push(line, "\n");
-    this.#queued += line.length + 1;
+    return this.sendBytes(outboxEncoder.encode(line));
+  }
+
+  /**
+   * Queues a copy of `bytes`, whole lines with their `\n` (as {@link LineEncoder} gives them), so
+   * one encoding serves every subscriber; false, and nothing queued, when that would pass the
+   * limit.
+   */
+  sendBytes(bytes: Uint8Array): boolean {
+    if (this.pending + bytes.length > this.#limit) return false;
+    let tail = this.#chunks.at(-1);
+    if (!tail || tail.bytes.length - tail.end < bytes.length) {
+      tail = { bytes: takeChunk(bytes.length), start: 0, end: 0 };
+      this.#chunks.push(tail);
+    }
+    tail.bytes.set(bytes, tail.end);
+    tail.end += bytes.length;
+    this.#queued += bytes.length;
     this.#writing ??= this.#writeAll();
     return true;
   }
 
   /** Drops whatever has not been handed to the socket yet. */
   clear(): void {
-    this.#lines = [];
-    this.#head = 0;
+    // A chunk being written stays until its write is done; what follows in it is dropped.
+    const keep = this.#writing && this.#inFlight > 0 ? this.#chunks.slice(0, 1) : [];
+    for (const chunk of this.#chunks.slice(keep.length)) giveChunk(chunk.bytes);
+    if (keep[0]) keep[0].end = keep[0].start;
+    this.#chunks = keep;
     this.#queued = 0;
   }
 
@@ -92,45 +144,47 @@ export class Outbox {
     // Yield once, so that all the lines queued by the code running now share the first write.
     await Promise.resolve();
     try {
-      while (this.#head < this.#lines.length) {
-        const text = this.#take();
-        this.#inFlight = text.length;
-        this.#queued -= text.length;
-        // UTF-8 needs at most 3 bytes per UTF-16 code unit.
-        if (this.#scratch.length < text.length * 3) this.#scratch = new Uint8Array(text.length * 3);
-        const { written } = encoder.encodeInto(text, this.#scratch);
-        const bytes = this.#scratch.subarray(0, written);
-        for (let done = 0; done < bytes.length;) {
-          done += await this.#conn.write(bytes.subarray(done));
+      while (this.#queued > 0) {
+        const chunk = this.#chunks[0];
+        const { bytes, start, end } = chunk;
+        if (start === end) { // written out, and lines went on in the next chunk
+          giveChunk(this.#chunks.shift()!.bytes);
+          continue;
         }
-        this.#inFlight = 0;
+        // Lines queued meanwhile go after `end`: the bytes being written never change.
+        chunk.start = end;
+        this.#queued -= end - start;
+        this.#inFlight = end - start;
+        for (let done = start; done < end;) {
+          const written = await this.#conn.write(bytes.subarray(done, end));
+          done += written;
+          this.#inFlight -= written;
+        }
+        // Written out with nothing after it: fill it again from the start.
+        if (chunk.start === chunk.end && this.#chunks.length === 1) chunk.start = chunk.end = 0;
       }
     } catch (error) {
+      this.#inFlight = 0;
       this.clear();
       this.#onError(error);
     } finally {
       this.#inFlight = 0;
       this.#writing = null;
+      // Nothing waits: an idle outbox holds no buffer.
+      if (this.#queued === 0) {
+        for (const chunk of this.#chunks.splice(0)) giveChunk(chunk.bytes);
+      }
     }
   }
+}
 
-  // Takes the next lines, at least one and about WRITE_SIZE code units, as one string.
-  #take(): string {
-    let end = this.#head;
-    for (let size = 0; end < this.#lines.length && (size === 0 || size < WRITE_SIZE); end++) {
-      size += this.#lines[end].length;
-    }
-    const text = this.#lines.slice(this.#head, end).join("");
-    this.#head = end;
-    if (this.#head === this.#lines.length) {
-      this.#lines = [];
-      this.#head = 0;
-    } else if (this.#head > 4096 && this.#head * 2 > this.#lines.length) {
-      this.#lines = this.#lines.slice(this.#head); // keep the array from growing without end
-      this.#head = 0;
-    }
-    return text;
-  }
+function takeChunk(size: number): Uint8Array {
+  if (size > WRITE_SIZE) return new Uint8Array(size); // a long line gets a chunk of its own
+  return spares.pop() ?? new Uint8Array(WRITE_SIZE);
+}
+
+function giveChunk(bytes: Uint8Array) {
+  if (bytes.length === WRITE_SIZE && spares.length < SPARE_CHUNKS) spares.push(bytes);
 }
 
 // ---------------------------------------------------------------------------------------------
