@@ -17,7 +17,7 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { runMain, UserError } from "./_cli.ts";
+import { isLookupError, lookupMessage, runMain, UserError } from "./_cli.ts";
 import { type AppOptions, createApp } from "./_directory_app.ts";
 import { Registry } from "./_directory_registry.ts";
 import { DEFAULT_TTL, MAX_TTL } from "./_directory_schemas.ts";
@@ -182,10 +182,7 @@ async function main(args = Deno.args): Promise<void> {
         `Cannot listen on "${options.hostname}": it is not an address of this machine`,
       );
     }
-    // Deno says a name it cannot resolve with a plain Error, and this sentence.
-    if (error instanceof Error && /failed to lookup address/i.test(error.message)) {
-      throw new UserError(`Cannot listen on "${options.hostname}": no such host`);
-    }
+    if (isLookupError(error)) throw new UserError(lookupMessage(options.hostname!, error));
     throw error;
   }
   console.log(`[DIRECTORY] Listening on ${directory.url} (Swagger UI: ${directory.url}/apidocs)`);

@@ -485,7 +485,9 @@ At the prompt, type a fragment name to fetch it, or 'help' for the other command
 
 function parsePort(text: string, what: string): number {
   const port = Number(text);
-  if (!/^\d+$/.test(text) || port > 65535) throw new UserError(`Invalid ${what} "${text}"`);
+  if (!/^\d+$/.test(text) || port > 65535) {
+    throw new UserError(`Invalid ${what} "${text}": expected a number from 0 to 65535`);
+  }
   return port;
 }
 

@@ -80,9 +80,12 @@ Deno.test("deno task directory says so in one line when its port is taken", asyn
 });
 
 Deno.test("deno task directory says so in one line when --hostname is not an address of this machine", async () => {
-  const cases: [string, string][] = [
-    ["10.9.9.9", 'error: Cannot listen on "10.9.9.9": it is not an address of this machine'],
-    ["nosuchhost.invalid", 'error: Cannot listen on "nosuchhost.invalid": no such host'],
+  const cases: [string, RegExp][] = [
+    ["10.9.9.9", /^error: Cannot listen on "10\.9\.9\.9": it is not an address of this machine$/],
+    [
+      "nosuchhost.invalid",
+      /^error: Cannot listen on "nosuchhost\.invalid": the name does not resolve \(.+\)$/,
+    ],
   ];
   const results = await Promise.all(
     cases.map(([hostname]) => runTask("directory", ["--port", "0", "--hostname", hostname])),
@@ -90,7 +93,7 @@ Deno.test("deno task directory says so in one line when --hostname is not an add
   results.forEach(({ code, stdout, stderr }, i) => {
     assert.equal(code, 1, stderr);
     assert.equal(stdout, "");
-    assert.equal(stderr.trimEnd(), cases[i][1]);
+    assert.match(stderr.trimEnd(), cases[i][1]);
   });
 });
 
