@@ -160,7 +160,7 @@ Deno.test("peer CLI refuses bad command lines with one line and exit 1", async (
   const store = join(dir.path, "store"); // never made: the mistakes are found before
   const cases: [string[], RegExp][] = [
     [[], /^error: Missing the TCP port/],
-    [["600001"], /^error: Invalid port "600001": expected a number from 0 to 65535$/],
+    [["600001"], /^error: Invalid port "600001": expected a number from 0 to 65535\n$/],
     [["0", "nohost"], /^error: Invalid neighbour "nohost": expected host:port/],
     [["0", "--max-upload", "fast"], /^error: Invalid rate "fast"/],
     [["0", "--bogus"], /^error: Unknown option '--bogus'/],
