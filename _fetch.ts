@@ -55,6 +55,16 @@ export function holderAddress(host: string, port: number): string {
   return host.includes(":") ? `[${host}]:${port}` : `${host}:${port}`;
 }
 
+const LOOPBACK_NAMES = new Set(["localhost", "127.0.0.1", "::1"]);
+
+/**
+ * A holder's address with every loopback name as one, so that a neighbour typed as
+ * `localhost:6001` and the directory's `127.0.0.1:6001` are known to be the same peer.
+ */
+export function holderKey(holder: Pick<Holder, "host" | "port">): string {
+  return holderAddress(LOOPBACK_NAMES.has(holder.host) ? "loopback" : holder.host, holder.port);
+}
+
 /** Fetches fragments into a store; close it to drop its pooled connections. */
 export class Fetcher implements Disposable {
   readonly #store: Store;

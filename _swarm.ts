@@ -10,7 +10,14 @@
  */
 import { AsyncLocalStorage } from "node:async_hooks";
 import { join } from "node:path";
-import { type Fetcher, FetchError, type Holder, holderAddress, StoreWriteError } from "./_fetch.ts";
+import {
+  type Fetcher,
+  FetchError,
+  type Holder,
+  holderAddress,
+  holderKey,
+  StoreWriteError,
+} from "./_fetch.ts";
 import type { Store } from "./_store.ts";
 import { type DirectoryClient, DirectoryError } from "./directory.ts";
 import { type FragmentEntry, joinFragments, type Manifest } from "./split.ts";
@@ -75,6 +82,8 @@ export class Swarm implements Disposable {
   readonly #isSelf: (holder: Holder) => boolean;
   readonly #options: Required<Omit<SwarmOptions, "log" | "progress" | "file">> & SwarmOptions;
   #holders = new Map<string, Holder[]>(); // fragment -> holders, from the directory
+  // Every peer the directory lists for the file (holderKey): for these, it says what they hold.
+  #listed = new Set<string>();
   #refreshed = 0;
   #urgent: string[] = []; // fragments the player waits for, in the order asked
   #fetchingAll = 0; // fetch-alls running: while any is, every fragment the store lacks is wanted
@@ -296,10 +305,12 @@ export class Swarm implements Disposable {
     const lied = this.#lied.get(name);
     const now = Date.now();
     const seen = new Set<string>();
-    const holders = [...(this.#holders.get(name) ?? []), ...this.#neighbours()].filter((holder) => {
+    // A neighbour the directory lists is asked only for what the directory says it holds.
+    const neighbours = this.#neighbours().filter((h) => !this.#listed.has(holderKey(h)));
+    const holders = [...(this.#holders.get(name) ?? []), ...neighbours].filter((holder) => {
       const address = holderAddress(holder.host, holder.port);
-      if (seen.has(address) || this.#isSelf(holder) || lied?.has(address)) return false;
-      seen.add(address);
+      if (seen.has(holderKey(holder)) || this.#isSelf(holder) || lied?.has(address)) return false;
+      seen.add(holderKey(holder));
       return !this.#fetcher.isAvoided(holder) && !tried?.has(address) &&
         (this.#downUntil.get(address) ?? 0) <= now;
     }).sort((a, b) => this.#loadOf(a) - this.#loadOf(b));
@@ -392,6 +403,7 @@ export class Swarm implements Disposable {
     if (!this.#directory || !file) return;
     try {
       const detail = await this.#directory.getFile(file);
+      this.#listed = new Set(detail.fragments.flatMap((f) => f.holders.map(holderKey)));
       for (const f of detail.fragments) {
         this.#holders.set(
           f.name,

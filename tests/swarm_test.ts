@@ -929,3 +929,40 @@ Deno.test("the swarm names the directory's files when the one it is told to fetc
     `[swarm] The directory at "${directory.url}" does not list "c.webm"; waiting up to 1 s`,
   ]);
 });
+
+Deno.test("a neighbour the directory lists is asked only for what it holds, whatever its name", async () => {
+  await using dir = await tempDir();
+  await splitFile(SAMPLE_VIDEO, { out: join(dir.path, "f"), peers: ["a", "b"] });
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
+  const seeders = await startSeeders(join(dir.path, "f"), directory.url, ["a", "b"]);
+  try {
+    await registered(directory.url, 2);
+    // Typed as localhost; the directory lists the same peer as 127.0.0.1.
+    await using child = startTask("peer", [
+      "0",
+      `localhost:${seeders[0]!.port}`,
+      "--dir",
+      join(dir.path, "viewer"),
+      "--directory",
+      directory.url,
+      "--broker",
+      "127.0.0.1:1",
+      "--grpc-port",
+      "0",
+      "--http-port",
+      "0",
+      "--fetch-all",
+      "--exit-when-done",
+    ]);
+    assertEquals((await child.status()).code, 0, child.stderr);
+    assertMatch(child.stdout, /complete: 10\/10 fragments, sha256 verified/);
+    // It holds only the even fragments: asking it for an odd one would be a NOT_FOUND.
+    assertEquals(
+      (child.stdout + child.stderr).match(/NOT_FOUND|Could not fetch/g),
+      null,
+      child.stdout + child.stderr,
+    );
+  } finally {
+    await closeAll(seeders);
+  }
+});
