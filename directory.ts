@@ -182,7 +182,7 @@ async function main(args = Deno.args): Promise<void> {
         `Cannot listen on "${options.hostname}": it is not an address of this machine`,
       );
     }
-    if (isLookupError(error)) throw new UserError(lookupMessage(options.hostname!, error));
+    if (isLookupError(error)) throw new UserError(lookupMessage(options.hostname, error));
     throw error;
   }
   console.log(`[DIRECTORY] Listening on ${directory.url} (Swagger UI: ${directory.url}/apidocs)`);

@@ -124,16 +124,21 @@ async function eventually(check: () => Promise<boolean>, timeoutMs = 10_000): Pr
   }
 }
 
+/** A quiet Presence of peer 6001 with MANIFEST, whose state lists `fragments` as they are now. */
+function seeding(client: DirectoryClient, fragments: string[]): Presence {
+  return new Presence(client, {
+    state: () => state(6001, fragments),
+    manifest: () => MANIFEST,
+    log: () => {},
+  });
+}
+
 Deno.test("a peer's presence keeps its file published while it heartbeats, and the file goes a ttl after it leaves", async () => {
   await using directory = startDirectory({ port: 0, hostname: "127.0.0.1", ttl: 1 });
   const client = new DirectoryClient(directory.url);
   // As peer.ts has it: the presence registers with what the store holds, then publishes.
   const fragments: string[] = [];
-  const presence = new Presence(client, {
-    state: () => state(6001, fragments),
-    manifest: () => MANIFEST,
-    log: () => {},
-  });
+  const presence = seeding(client, fragments);
   try {
     await eventually(async () => (await client.listFiles()).length === 1);
     fragments.push("clip_0.bin"); // the first fragment arrives after the publication
@@ -158,11 +163,7 @@ Deno.test("Presence publishes again a file the directory dropped while the peer 
   await using directory = startDirectory({ port: 0, hostname: "127.0.0.1", ttl: 1 });
   const client = new DirectoryClient(directory.url);
   const fragments: string[] = [];
-  const presence = new Presence(client, {
-    state: () => state(6001, fragments),
-    manifest: () => MANIFEST,
-    log: () => {},
-  });
+  const presence = seeding(client, fragments);
   try {
     await eventually(async () => (await client.listFiles()).length === 1);
     // Nobody holds a fragment of it for a ttl: the directory drops it.

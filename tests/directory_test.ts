@@ -36,7 +36,10 @@ function fixture(ttl = 30, options: RegistryOptions = {}) {
     const text = await response.text();
     return { status: response.status, body: text === "" ? undefined : JSON.parse(text) };
   };
-  return { clock, registry, app, call };
+  /** Registers a peer and returns its id. */
+  const register = async (state: PeerState): Promise<string> =>
+    (await call("POST", "/peers", state)).body.id;
+  return { clock, registry, app, call, register };
 }
 
 function peer(port: number, fragments: string[], host?: string): PeerState {
@@ -240,9 +243,9 @@ Deno.test("DELETE /peers/{id} forgets the peer and answers 404 for an unknown id
 });
 
 Deno.test("GET /peers and GET /fragments list every live peer and fragment", async () => {
-  const { call } = fixture();
-  const a = (await call("POST", "/peers", peer(6001, ["x.bin", "y.bin"]))).body.id;
-  const b = (await call("POST", "/peers", peer(6002, ["y.bin"]))).body.id;
+  const { call, register } = fixture();
+  const a = await register(peer(6001, ["x.bin", "y.bin"]));
+  const b = await register(peer(6002, ["y.bin"]));
   const { body: { peers } } = await call("GET", "/peers");
   assert.deepEqual(peers.map((p: { id: string; fragments: string[] }) => [p.id, p.fragments]), [
     [a, ["x.bin", "y.bin"]],
@@ -289,14 +292,14 @@ Deno.test("a peer expires ttl seconds after its last heartbeat and the sweep fre
 });
 
 Deno.test("GET /fragments/{name} answers again after a holder joins, moves, leaves or expires", async () => {
-  const { clock, call } = fixture(30);
+  const { clock, call, register } = fixture(30);
   const holders = async () =>
     ((await call("GET", "/fragments/a.bin")).body?.holders ?? []).map((
       h: { id: string; host: string; port: number },
     ) => `${h.id} ${h.host}:${h.port}`);
-  const a = (await call("POST", "/peers", peer(6001, ["a.bin"], "one"))).body.id;
+  const a = await register(peer(6001, ["a.bin"], "one"));
   assert.deepEqual(await holders(), [`${a} one:6001`]);
-  const b = (await call("POST", "/peers", peer(6002, ["a.bin"], "two"))).body.id;
+  const b = await register(peer(6002, ["a.bin"], "two"));
   assert.deepEqual(await holders(), [`${a} one:6001`, `${b} two:6002`]);
   await call("PUT", `/peers/${a}`, peer(6003, ["a.bin"], "one")); // moved to another port
   assert.deepEqual(await holders(), [`${a} one:6003`, `${b} two:6002`]);
@@ -400,11 +403,9 @@ Deno.test("GET /files lists files and says whether every fragment has a live hol
 });
 
 Deno.test("GET /files/{file} gives each fragment's live holders and their count", async () => {
-  const { call } = fixture();
+  const { call, register } = fixture();
   await call("POST", "/files", manifest());
-  const a =
-    (await call("POST", "/peers", seeder(6001, "movie.webm", ["movie_0.bin", "movie_1.bin"]))).body
-      .id;
+  const a = await register(seeder(6001, "movie.webm", ["movie_0.bin", "movie_1.bin"]));
   await call("POST", "/peers", seeder(6002, "movie.webm", ["movie_1.bin"]));
   const { status, body } = await call("GET", "/files/movie.webm");
   assert.deepEqual(status, 200);
@@ -754,12 +755,10 @@ async function twoFiles(call: ReturnType<typeof fixture>["call"]) {
 const ids = (holders: { id: string }[]) => holders.map((holder) => holder.id);
 
 Deno.test("GET /files/{file} lists as holders only peers of that file when files share fragment names", async () => {
-  const { call } = fixture();
+  const { call, register } = fixture();
   await twoFiles(call);
-  const a =
-    (await call("POST", "/peers", seeder(6001, "a.webm", ["fragment_0.bin", "fragment_1.bin"])))
-      .body.id;
-  const b = (await call("POST", "/peers", seeder(6002, "b.webm", ["fragment_0.bin"]))).body.id;
+  const a = await register(seeder(6001, "a.webm", ["fragment_0.bin", "fragment_1.bin"]));
+  const b = await register(seeder(6002, "b.webm", ["fragment_0.bin"]));
   await call("POST", "/peers", peer(6003, ["fragment_0.bin"])); // loose: its file is unknown
   const fileA = (await call("GET", "/files/a.webm")).body;
   assert.deepEqual(fileA.fragments.map((f: { holders: { id: string }[] }) => ids(f.holders)), [
@@ -780,11 +779,11 @@ Deno.test("GET /files/{file} lists as holders only peers of that file when files
 });
 
 Deno.test("GET /fragments/{name} lists every holder of the name, and ?file= narrows it to one file's", async () => {
-  const { call } = fixture();
+  const { call, register } = fixture();
   await twoFiles(call);
-  const a = (await call("POST", "/peers", seeder(6001, "a.webm", ["fragment_0.bin"]))).body.id;
-  const b = (await call("POST", "/peers", seeder(6002, "b.webm", ["fragment_0.bin"]))).body.id;
-  const c = (await call("POST", "/peers", peer(6003, ["fragment_0.bin"]))).body.id;
+  const a = await register(seeder(6001, "a.webm", ["fragment_0.bin"]));
+  const b = await register(seeder(6002, "b.webm", ["fragment_0.bin"]));
+  const c = await register(peer(6003, ["fragment_0.bin"]));
   const located = async (query = "") =>
     ids((await call("GET", `/fragments/fragment_0.bin${query}`)).body.holders);
   assert.deepEqual(await located(), [a, b, c]);
@@ -814,18 +813,16 @@ Deno.test("GET /fragments/{name} lists every holder of the name, and ?file= narr
   assertError(await call("GET", "/fragments/fragment_0.bin?file=b.webm"), 404, "NOT_FOUND");
   await call("DELETE", `/peers/${c}`);
   assertError(await call("GET", "/fragments/fragment_0.bin"), 404, "NOT_FOUND");
-  const d = (await call("POST", "/peers", seeder(6004, "b.webm", ["fragment_0.bin"]))).body.id;
+  const d = await register(seeder(6004, "b.webm", ["fragment_0.bin"]));
   assert.deepEqual(await located(), [d]);
   assert.deepEqual(await located("?file=b.webm"), [d]);
 });
 
 Deno.test("GET /fragments lists every fragment with its holders, and ?file= only that file's", async () => {
-  const { call } = fixture();
+  const { call, register } = fixture();
   await twoFiles(call);
-  const a =
-    (await call("POST", "/peers", seeder(6001, "a.webm", ["fragment_0.bin", "fragment_1.bin"])))
-      .body.id;
-  const b = (await call("POST", "/peers", seeder(6002, "b.webm", ["fragment_0.bin"]))).body.id;
+  const a = await register(seeder(6001, "a.webm", ["fragment_0.bin", "fragment_1.bin"]));
+  const b = await register(seeder(6002, "b.webm", ["fragment_0.bin"]));
   const listed = async (query = "") =>
     (await call("GET", `/fragments${query}`)).body.fragments.map((
       f: { name: string; holders: { id: string }[] },
@@ -916,8 +913,8 @@ Deno.test("GET /openapi.json describes the file of a peer's state and the file q
 // Bounds on peers
 
 Deno.test("POST /peers and PUT /peers/{id} refuse a new peer past maxPeers with 429, and take one once another goes", async () => {
-  const { clock, call } = fixture(30, { maxPeers: 2 });
-  const a = (await call("POST", "/peers", peer(6001, ["x.bin"]))).body.id;
+  const { clock, call, register } = fixture(30, { maxPeers: 2 });
+  const a = await register(peer(6001, ["x.bin"]));
   await call("POST", "/peers", peer(6002, ["x.bin"]));
   assertError(
     await call("POST", "/peers", peer(6003, ["x.bin"])),
