@@ -4,10 +4,10 @@
  * sends what was published while it was down; each subscription is an {@link Inbox} to iterate.
  * @module
  */
+import { describe } from "./_cli.ts";
 import { LineBuffer } from "./_lines.ts";
 import {
   BrokerError,
-  describe,
   isConnectionError,
   isValidTopic,
   LAST_WORDS_MS,

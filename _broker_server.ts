@@ -5,10 +5,11 @@
  * pinged and dropped when they stay silent.
  * @module
  */
+import { describe } from "./_cli.ts";
 import { LineBuffer } from "./_lines.ts";
 import {
+  acceptLoop,
   DEFAULT_PORT,
-  describe,
   isConnectionError,
   isValidTopic,
   LAST_WORDS_MS,
@@ -26,10 +27,6 @@ export const PING_INTERVAL_MS = 120_000;
 const MISSED_PINGS = 2;
 // On shutdown the last words get less time, so the broker exits well within a second.
 const SHUTDOWN_GRACE_MS = 400;
-// When accepting fails (out of file descriptors, say), wait this long before trying again,
-// doubling up to the max, as Go's net/http does: the listener stays ready, so no wait would spin.
-const ACCEPT_BACKOFF_MS = 5;
-const MAX_ACCEPT_BACKOFF_MS = 1000;
 
 /** Options for {@link startBroker}. */
 export interface BrokerOptions {
@@ -95,7 +92,7 @@ class BrokerServer implements Broker {
   readonly #pinger: ReturnType<typeof setInterval>;
   #slowConsumers = 0;
   #closing: Promise<void> | null = null;
-  #wakeAccept: (() => void) | null = null;
+  readonly #stopAccepting = new AbortController();
 
   constructor(options: BrokerOptions) {
     this.maxLine = options.maxLine ?? MAX_LINE;
@@ -108,7 +105,13 @@ class BrokerServer implements Broker {
     });
     this.port = this.#listener.addr.port;
     this.#pinger = setInterval(() => this.#pingIdle(), options.pingIntervalMs ?? PING_INTERVAL_MS);
-    this.#track(this.#accept());
+    this.#track(
+      acceptLoop(
+        this.#listener,
+        { tag: "[BROKER]", warn: this.warn, stop: this.#stopAccepting.signal },
+        (conn) => this.#serve(conn),
+      ),
+    );
   }
 
   stats(): BrokerStats {
@@ -125,8 +128,8 @@ class BrokerServer implements Broker {
   close(): Promise<void> {
     this.#closing ??= (async () => {
       clearInterval(this.#pinger);
+      this.#stopAccepting.abort();
       this.#listener.close();
-      this.#wakeAccept?.();
       const sessions = [...this.#sessions];
       const ends = sessions.map((session) => session.end("shutting down"));
       await within(Promise.all(ends), SHUTDOWN_GRACE_MS);
@@ -200,52 +203,22 @@ class BrokerServer implements Broker {
     this.log(`[BROKER] ${session.name} unsubscribed from '${topic}'`);
   }
 
-  async #accept() {
-    let backoff = 0;
-    while (!this.#closing) {
-      let conn: Deno.TcpConn;
-      try {
-        conn = await this.#listener.accept();
-      } catch (error) {
-        if (this.#closing) break; // close() closed the listener
-        // Out of file descriptors, say: the clients already in are served, and new ones wait in
-        // the backlog until accepting works again.
-        if (backoff === 0) {
-          this.warn(`[BROKER] Cannot accept connections: ${describe(error)}; retrying`);
-        }
-        backoff = Math.min(Math.max(backoff * 2, ACCEPT_BACKOFF_MS), MAX_ACCEPT_BACKOFF_MS);
-        await new Promise<void>((resolve) => {
-          const timer = setTimeout(resolve, backoff);
-          this.#wakeAccept = () => {
-            clearTimeout(timer);
-            resolve();
-          };
-        });
-        this.#wakeAccept = null;
-        continue;
-      }
-      if (backoff > 0) this.warn("[BROKER] Accepting connections again");
-      backoff = 0;
-      if (this.#closing) {
-        conn.close();
-        continue;
-      }
-      try {
-        conn.setNoDelay(true); // the outbox already batches; Nagle would only add delay
-      } catch {
-        conn.close(); // it failed as it arrived: gone already
-        continue;
-      }
-      const session = new Session(this, conn);
-      this.#sessions.add(session);
-      this.log(`[BROKER] Connected ${session.name}`);
-      this.#track(
-        session.run().finally(() => {
-          this.#sessions.delete(session);
-          this.log(`[BROKER] Disconnected ${session.name}`);
-        }),
-      );
+  #serve(conn: Deno.TcpConn) {
+    try {
+      conn.setNoDelay(true); // the outbox already batches; Nagle would only add delay
+    } catch {
+      conn.close(); // it failed as it arrived: gone already
+      return;
     }
+    const session = new Session(this, conn);
+    this.#sessions.add(session);
+    this.log(`[BROKER] Connected ${session.name}`);
+    this.#track(
+      session.run().finally(() => {
+        this.#sessions.delete(session);
+        this.log(`[BROKER] Disconnected ${session.name}`);
+      }),
+    );
   }
 
   #pingIdle() {

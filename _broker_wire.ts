@@ -1,9 +1,10 @@
 /**
  * What the broker and its client share (broker.ts re-exports the public part): the default
  * address, the limits both sides hold to, the topic rule, `host:port` parsing, and the one writer
- * each socket has ({@link Outbox}).
+ * each socket has ({@link Outbox}); the peer's TCP server uses its accept loop and error test.
  * @module
  */
+import { describe } from "./_cli.ts";
 
 /** Where the broker listens unless told otherwise. */
 export const DEFAULT_PORT = 5555;
@@ -206,13 +207,52 @@ export function isConnectionError(error: unknown): boolean {
     error instanceof Deno.errors.Interrupted;
 }
 
-/** An error in a few plain words: `connection refused` rather than the OS message. */
-export function describe(error: unknown): string {
-  if (error instanceof Deno.errors.ConnectionRefused) return "connection refused";
-  if (error instanceof Deno.errors.TimedOut) return "timed out";
-  if (error instanceof Deno.errors.ConnectionReset) return "connection reset";
-  const message = error instanceof Error ? error.message : String(error);
-  return message.replace(/ \(os error \d+\)$/, "").replace(/^./, (c) => c.toLowerCase());
+// When accepting fails (out of file descriptors, say), wait this long before trying again,
+// doubling up to the max, as Go's net/http does: the listener stays ready, so no wait would spin.
+const ACCEPT_BACKOFF_MS = 5;
+const MAX_ACCEPT_BACKOFF_MS = 1000;
+
+/**
+ * Accepts connections on `listener` and hands each to `onConn` until `stop` is aborted (abort it
+ * before closing the listener). When accepting fails, the clients already in are served, new ones
+ * wait in the backlog, and `warn` gets one line each for giving up (`<tag> Cannot accept
+ * connections: ...; retrying`) and for accepting again, however many retries come between.
+ * Shared by the broker and the peer's TCP server.
+ */
+export async function acceptLoop(
+  listener: Deno.TcpListener,
+  options: { tag: string; warn: (line: string) => void; stop: AbortSignal },
+  onConn: (conn: Deno.TcpConn) => void,
+): Promise<void> {
+  const { tag, warn, stop } = options;
+  let backoff = 0;
+  while (!stop.aborted) {
+    let conn: Deno.TcpConn;
+    try {
+      conn = await listener.accept();
+    } catch (error) {
+      if (stop.aborted) break; // the listener was closed
+      if (backoff === 0) warn(`${tag} Cannot accept connections: ${describe(error)}; retrying`);
+      backoff = Math.min(Math.max(backoff * 2, ACCEPT_BACKOFF_MS), MAX_ACCEPT_BACKOFF_MS);
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(wake, backoff);
+        stop.addEventListener("abort", wake, { once: true });
+        function wake() {
+          clearTimeout(timer);
+          stop.removeEventListener("abort", wake);
+          resolve();
+        }
+      });
+      continue;
+    }
+    if (backoff > 0) warn(`${tag} Accepting connections again`);
+    backoff = 0;
+    if (stop.aborted) {
+      conn.close();
+      break;
+    }
+    onConn(conn);
+  }
 }
 
 /** Resolves when `promise` settles or after `ms`, whichever comes first, leaving no timer. */

@@ -29,6 +29,18 @@ export function userMessage(error: Error): string {
 }
 
 /**
+ * An error in a few plain words, for a one-line error or log line: `connection refused` rather
+ * than the OS message.
+ */
+export function describe(error: unknown): string {
+  if (error instanceof Deno.errors.ConnectionRefused) return "connection refused";
+  if (error instanceof Deno.errors.TimedOut) return "timed out";
+  if (error instanceof Deno.errors.ConnectionReset) return "connection reset";
+  const message = error instanceof Error ? error.message : String(error);
+  return message.replace(/ \(os error \d+\)$/, "").replace(/^./, (c) => c.toLowerCase());
+}
+
+/**
  * True for what Deno throws when a hostname does not resolve (a plain Error: it has no class of
  * its own), e.g. `--hostname nosuchhost.invalid`.
  */

@@ -9,7 +9,7 @@
  */
 import { fileURLToPath } from "node:url";
 import { GRPC_ENV } from "./_grpc_env.ts";
-import { UserError } from "./_cli.ts";
+import { describe, UserError } from "./_cli.ts";
 import { LineBuffer } from "./_lines.ts";
 import { DEFAULT_PORT, PROTO_PATH } from "./_grpc_wire.ts";
 
@@ -274,12 +274,6 @@ function startError(
 /** The child's last line when it is a user mistake's `error: <message>`: the message. */
 function clearError(stderr: string): string | undefined {
   return stderr.trimEnd().split("\n").at(-1)?.match(/^error: (.+)$/)?.[1];
-}
-
-/** An error's message without the OS's `(os error N)`, starting in lower case. */
-function describe(error: unknown): string {
-  const message = error instanceof Error ? error.message : String(error);
-  return message.replace(/ \(os error \d+\)$/, "").replace(/^./, (c) => c.toLowerCase());
 }
 
 /** Calls `onLine` for each line of `stream`. */

@@ -37,14 +37,8 @@ export interface Location {
   holders: Holder[];
 }
 
-/** A fragment arriving: its announced size and hash, and its bytes (feed them to Store.write). */
-export interface Download {
-  size: number;
-  sha256: string;
-  chunks: AsyncIterable<Uint8Array>;
-  /** Ends the stream without reading it (a consumer that will not read `chunks` at all). */
-  cancel?: () => void;
-}
+/** A fragment arriving, over gRPC as over TCP: the TCP protocol's type, so `_fetch.ts` takes either. */
+export type { Download } from "./_peer_tcp.ts";
 
 /** A `Fragment` message as protobufjs decodes it. */
 export interface WireFragment {

@@ -6,8 +6,8 @@
  * @module
  */
 import { LineBuffer } from "./_lines.ts";
-import { isLookupError, lookupMessage, UserError } from "./_cli.ts";
-import { describe, isConnectionError } from "./_broker_wire.ts";
+import { describe, isLookupError, lookupMessage, UserError } from "./_cli.ts";
+import { acceptLoop, isConnectionError } from "./_broker_wire.ts";
 import { parseAddress } from "./broker.ts";
 import { type FragmentInfo, isFragmentName, type Store } from "./_store.ts";
 
@@ -15,10 +15,6 @@ import { type FragmentInfo, isFragmentName, type Store } from "./_store.ts";
 export const MAX_REQUEST_LINE = 1024;
 const CHUNK = 1024 * 1024;
 const PACED_CHUNK = 64 * 1024; // smaller writes when throttled, so the pace stays even
-// When accepting fails (out of file descriptors, say), wait before trying again, doubling up to
-// the max: the listener stays ready, so trying again at once would spin.
-const ACCEPT_BACKOFF_MS = 5;
-const MAX_ACCEPT_BACKOFF_MS = 1000;
 const encoder = new TextEncoder();
 
 export interface TcpServerOptions {
@@ -64,68 +60,43 @@ export function startTcpServer(store: Store, options: TcpServerOptions = {}): Tc
   }
   const open = new Map<Deno.Conn, AbortController>();
   const handlers = new Set<Promise<void>>();
-  let closed = false;
-  let wake = () => {};
+  const stop = new AbortController();
 
-  const accepting = (async () => {
-    let backoff = 0;
-    while (!closed) {
-      let conn: Deno.TcpConn;
-      try {
-        conn = await listener.accept();
-      } catch (error) {
-        if (closed) break; // close() closed the listener
-        if (backoff === 0) {
-          warn(`[TCP] Cannot accept connections: ${describe(error)}; retrying`);
-        }
-        backoff = Math.min(Math.max(backoff * 2, ACCEPT_BACKOFF_MS), MAX_ACCEPT_BACKOFF_MS);
-        await new Promise<void>((resolve) => {
-          const timer = setTimeout(resolve, backoff);
-          wake = () => {
-            clearTimeout(timer);
-            resolve();
-          };
-        });
-        continue;
-      }
-      if (backoff > 0) warn("[TCP] Accepting connections again");
-      backoff = 0;
-      if (open.size >= maxConnections) {
-        conn.write(encoder.encode("ERR BUSY too many connections\n")).catch(() => {})
-          .finally(() => conn.close());
-        continue;
-      }
-      const gone = new AbortController();
-      open.set(conn, gone);
-      const remote = formatAddr(conn.remoteAddr);
-      const handler = serveConnection(
-        conn,
-        remote,
-        store,
-        { ...options, idleTimeoutMs },
-        gone.signal,
-      )
-        .catch((error) => {
-          // A client that vanished, the watchdog or close() is no news; anything else ends
-          // this connection only, and is worth a line.
-          if (!closed && !isConnectionError(error)) {
-            warn(`[TCP] Dropped ${remote}: ${describe(error)}`);
-          }
-        })
-        .finally(() => {
-          open.delete(conn);
-          handlers.delete(handler);
-          try {
-            conn.close();
-          } catch { /* already closed */ }
-        });
-      handlers.add(handler);
+  const accepting = acceptLoop(listener, { tag: "[TCP]", warn, stop: stop.signal }, (conn) => {
+    if (open.size >= maxConnections) {
+      conn.write(encoder.encode("ERR BUSY too many connections\n")).catch(() => {})
+        .finally(() => conn.close());
+      return;
     }
-  })();
+    const gone = new AbortController();
+    open.set(conn, gone);
+    const remote = formatAddr(conn.remoteAddr);
+    const handler = serveConnection(
+      conn,
+      remote,
+      store,
+      { ...options, idleTimeoutMs },
+      gone.signal,
+    )
+      .catch((error) => {
+        // A client that vanished, the watchdog or close() is no news; anything else ends
+        // this connection only, and is worth a line.
+        if (!stop.signal.aborted && !isConnectionError(error)) {
+          warn(`[TCP] Dropped ${remote}: ${describe(error)}`);
+        }
+      })
+      .finally(() => {
+        open.delete(conn);
+        handlers.delete(handler);
+        try {
+          conn.close();
+        } catch { /* already closed */ }
+      });
+    handlers.add(handler);
+  });
 
   async function close() {
-    closed = true;
-    wake();
+    stop.abort();
     try {
       listener.close();
     } catch { /* already closed */ }

@@ -33,6 +33,16 @@ async function eventually(check: () => Promise<boolean> | boolean, timeoutMs = 1
   }
 }
 
+/** Supervises the store in `dir` on a free port of 127.0.0.1, its log lines going to `logs`. */
+function supervise(dir: string, logs: string[]): Promise<GrpcSupervisor> {
+  return superviseGrpcServer({
+    dir,
+    port: 0,
+    hostname: "127.0.0.1",
+    onLog: (line) => logs.push(line),
+  });
+}
+
 /** True while a process with this id exists (signal 0 probes without killing). */
 function alive(pid: number): boolean {
   const { code } = new Deno.Command("kill", { args: ["-0", String(pid)], stderr: "null" })
@@ -197,12 +207,7 @@ Deno.test("superviseGrpcServer() restarts a killed child on the same port, and a
   await using dir = await tempDir();
   await makeStoreDir(dir.path);
   const logs: string[] = [];
-  await using supervisor = await superviseGrpcServer({
-    dir: dir.path,
-    port: 0,
-    hostname: "127.0.0.1",
-    onLog: (line) => logs.push(line),
-  });
+  await using supervisor = await supervise(dir.path, logs);
   using client = new GrpcClient({ deadlineMs: 3000 });
   const address = `127.0.0.1:${supervisor.port}`;
   const port = supervisor.port;
@@ -275,12 +280,7 @@ Deno.test("superviseGrpcServer() rejects in one line when it cannot spawn the ch
 Deno.test("superviseGrpcServer() keeps restarting while spawning the child fails for a while", async () => {
   await using dir = await tempDir();
   const logs: string[] = [];
-  await using supervisor = await superviseGrpcServer({
-    dir: dir.path,
-    port: 0,
-    hostname: "127.0.0.1",
-    onLog: (line) => logs.push(line),
-  });
+  await using supervisor = await supervise(dir.path, logs);
   {
     using spawns = failSpawns(2);
     Deno.kill(supervisor.pid!, "SIGKILL");
@@ -304,12 +304,7 @@ Deno.test(`The close storm: ${STORM_CLIENTS} clients stream a fragment and close
   // queued): the mix that tripped nghttp2 here in about two runs of five, often several times.
   const bytes = await makeStoreDir(dir.path, 8 * 1024 * 1024);
   const logs: string[] = [];
-  await using supervisor = await superviseGrpcServer({
-    dir: dir.path,
-    port: 0,
-    hostname: "127.0.0.1",
-    onLog: (line) => logs.push(line),
-  });
+  await using supervisor = await supervise(dir.path, logs);
   const expected = sha256(bytes);
   let next = 0;
   const worker = async () => {
