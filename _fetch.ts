@@ -55,14 +55,21 @@ export function holderAddress(host: string, port: number): string {
   return host.includes(":") ? `[${host}]:${port}` : `${host}:${port}`;
 }
 
-const LOOPBACK_NAMES = new Set(["localhost", "127.0.0.1", "::1"]);
+/** Hosts that reach this machine: the loopback names, and the wildcards a peer listens on. */
+export const LOOPBACK: ReadonlySet<string> = new Set([
+  "localhost",
+  "127.0.0.1",
+  "::1",
+  "0.0.0.0",
+  "::",
+]);
 
 /**
- * A holder's address with every loopback name as one, so that a neighbour typed as
+ * A holder's address with every {@link LOOPBACK} name as one, so that a neighbour typed as
  * `localhost:6001` and the directory's `127.0.0.1:6001` are known to be the same peer.
  */
 export function holderKey(holder: Pick<Holder, "host" | "port">): string {
-  return holderAddress(LOOPBACK_NAMES.has(holder.host) ? "loopback" : holder.host, holder.port);
+  return holderAddress(LOOPBACK.has(holder.host) ? "loopback" : holder.host, holder.port);
 }
 
 /** Fetches fragments into a store; close it to drop its pooled connections. */

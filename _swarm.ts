@@ -83,7 +83,7 @@ export class Swarm implements Disposable {
   readonly #options: Required<Omit<SwarmOptions, "log" | "progress" | "file">> & SwarmOptions;
   #holders = new Map<string, Holder[]>(); // fragment -> holders, from the directory
   // Every peer the directory lists for the file (holderKey): for these, it says what they hold.
-  #listed = new Set<string>();
+  readonly #listed = new Set<string>();
   #refreshed = 0;
   #urgent: string[] = []; // fragments the player waits for, in the order asked
   #fetchingAll = 0; // fetch-alls running: while any is, every fragment the store lacks is wanted
@@ -168,21 +168,26 @@ export class Swarm implements Disposable {
    */
   async fetchAll(): Promise<Manifest> {
     const manifest = await this.manifest();
-    this.#fetchingAll++;
-    try {
-      while (true) {
+    const output = join(this.#store.dir, manifest.file);
+    while (true) {
+      this.#fetchingAll++;
+      try {
         await this.#settle(() => manifest.fragments.every((f) => this.#store.get(f.name)));
-        // A file deleted behind the store's back since it was stored would fail the join: the
-        // store forgets it, and it is fetched again.
+      } finally {
+        this.#fetchingAll--;
+      }
+      try {
+        await joinFragments(this.#store.dir, output);
+        break;
+      } catch (error) {
+        // A file deleted (or cut short) behind the store's back since it was stored fails the
+        // join: the store forgets it, and it is fetched again. The join stats every file anyway,
+        // so the store looks for such files only once it has failed.
         const lost = await this.#store.prune();
-        if (lost.length === 0) break;
+        if (lost.length === 0) throw error;
         for (const name of lost) this.#emit(name, "missing");
       }
-    } finally {
-      this.#fetchingAll--;
     }
-    const output = join(this.#store.dir, manifest.file);
-    await joinFragments(this.#store.dir, output);
     this.#options.log?.(
       `[✓] '${manifest.file}' complete: ${manifest.fragments.length}/${manifest.fragments.length} fragments, sha256 verified`,
     );
@@ -200,9 +205,7 @@ export class Swarm implements Disposable {
   // when it is closed or `signal` aborts.
   async #settle(done: () => boolean, signal?: AbortSignal): Promise<void> {
     const cancelled = Promise.withResolvers<"cancelled">();
-    const cancel = () => cancelled.resolve("cancelled");
-    const signals = signal ? [this.#closed.signal, signal] : [this.#closed.signal];
-    for (const s of signals) s.addEventListener("abort", cancel);
+    const forget = this.#onCancel(() => cancelled.resolve("cancelled"), signal);
     try {
       while (!done()) {
         if (signal?.aborted || this.#closed.signal.aborted) throw new FetchError("Cancelled");
@@ -220,7 +223,7 @@ export class Swarm implements Disposable {
         if (!done()) await this.#pause(RESTART_MS, signal);
       }
     } finally {
-      for (const s of signals) s.removeEventListener("abort", cancel);
+      forget();
     }
   }
 
@@ -229,16 +232,24 @@ export class Swarm implements Disposable {
     const { promise, resolve } = Promise.withResolvers<void>();
     const wake = () => resolve();
     const timer = setTimeout(wake, ms);
-    const signals = signal ? [this.#closed.signal, signal] : [this.#closed.signal];
-    for (const s of signals) s.addEventListener("abort", wake);
-    if (signals.some((s) => s.aborted)) wake();
+    const forget = this.#onCancel(wake, signal);
+    if (this.#closed.signal.aborted || signal?.aborted) wake();
     this.#changed.promise.then(wake);
     try {
       await promise;
     } finally {
       clearTimeout(timer);
-      for (const s of signals) s.removeEventListener("abort", wake);
+      forget();
     }
+  }
+
+  // Calls `listener` once the swarm is closed or `signal` aborts; returns what undoes that.
+  #onCancel(listener: () => void, signal?: AbortSignal): () => void {
+    const signals = signal ? [this.#closed.signal, signal] : [this.#closed.signal];
+    for (const s of signals) s.addEventListener("abort", listener);
+    return () => {
+      for (const s of signals) s.removeEventListener("abort", listener);
+    };
   }
 
   // Wakes whoever waits in #settle: a fragment arrived or the scheduler stopped.
@@ -309,8 +320,9 @@ export class Swarm implements Disposable {
     const neighbours = this.#neighbours().filter((h) => !this.#listed.has(holderKey(h)));
     const holders = [...(this.#holders.get(name) ?? []), ...neighbours].filter((holder) => {
       const address = holderAddress(holder.host, holder.port);
-      if (seen.has(holderKey(holder)) || this.#isSelf(holder) || lied?.has(address)) return false;
-      seen.add(holderKey(holder));
+      const key = holderKey(holder);
+      if (seen.has(key) || this.#isSelf(holder) || lied?.has(address)) return false;
+      seen.add(key);
       return !this.#fetcher.isAvoided(holder) && !tried?.has(address) &&
         (this.#downUntil.get(address) ?? 0) <= now;
     }).sort((a, b) => this.#loadOf(a) - this.#loadOf(b));
@@ -403,12 +415,15 @@ export class Swarm implements Disposable {
     if (!this.#directory || !file) return;
     try {
       const detail = await this.#directory.getFile(file);
-      this.#listed = new Set(detail.fragments.flatMap((f) => f.holders.map(holderKey)));
+      this.#listed.clear();
       for (const f of detail.fragments) {
-        this.#holders.set(
-          f.name,
-          f.holders.map((h) => ({ host: h.host, port: h.port, grpcPort: h.grpcPort })),
-        );
+        const holders = f.holders.map((h) => ({
+          host: h.host,
+          port: h.port,
+          grpcPort: h.grpcPort,
+        }));
+        for (const holder of holders) this.#listed.add(holderKey(holder));
+        this.#holders.set(f.name, holders);
       }
       // Holders that failed a fragment may have it again later (a restarted seeder).
       this.#tried.clear();

@@ -18,6 +18,8 @@ import {
   FetchError,
   type Holder,
   holderAddress,
+  holderKey,
+  LOOPBACK,
   StoreWriteError,
   type Transport,
 } from "./_fetch.ts";
@@ -44,7 +46,6 @@ export { FetchError, type Holder, StoreWriteError, type Transport } from "./_fet
 /** gRPC listens on the TCP port plus this (6001 -> 50051), HTTP on the TCP port plus 2000. */
 export const GRPC_PORT_OFFSET = 44050;
 export const HTTP_PORT_OFFSET = 2000;
-const LOOPBACK = new Set(["localhost", "127.0.0.1", "::1", "0.0.0.0", "::"]);
 
 export interface PeerOptions {
   /** TCP port; 0 picks a free one. @default 6001 */
@@ -240,12 +241,12 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
     // Neighbours first; the directory knows a neighbour's real gRPC port, the command line only
     // the conventional one.
     const byAddress = new Map<string, Holder>();
-    const key = (h: Holder) => holderAddress(LOOPBACK.has(h.host) ? "loopback" : h.host, h.port);
     for (const holder of [...neighbours, ...located]) {
-      const known = byAddress.get(key(holder));
+      const key = holderKey(holder);
+      const known = byAddress.get(key);
       if (known) known.grpcPort = holder.grpcPort;
       else if (!isSelf(holder)) {
-        byAddress.set(key(holder), {
+        byAddress.set(key, {
           host: holder.host,
           port: holder.port,
           grpcPort: holder.grpcPort,
@@ -352,9 +353,7 @@ function listening<T>(server: string, port: number, hostname: string, start: () 
     if (error instanceof Deno.errors.AddrNotAvailable) {
       throw new ListenError(
         `Cannot listen on "${hostname}": it is not an address of this machine`,
-        {
-          cause: error,
-        },
+        { cause: error },
       );
     }
     throw error;
