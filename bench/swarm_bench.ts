@@ -18,7 +18,7 @@
  */
 import { join } from "node:path";
 import { splitFile } from "../split.ts";
-import { type Child, startTask } from "../tests/_util.ts";
+import { type Child, peerArgs, startTask } from "../tests/_util.ts";
 import { printTable, ratio, type Row } from "./_report.ts";
 
 const SIZE = 8 * 1024 * 1024;
@@ -26,8 +26,6 @@ const FRAGMENTS = 30;
 const RATE = "1MB/s";
 const ROUNDS = 3;
 const FILE = "swarm-bench.bin";
-/** A broker address nothing listens on: peers work without a broker. */
-const NO_BROKER = "127.0.0.1:1";
 /** Longest a viewer may take: a lone seeder needs about 8.4 s at 1MB/s. */
 const VIEWER_TIMEOUT_MS = 60_000;
 const LISTENING = /\[DIRECTORY\] Listening on (http:\/\/\S+) /;
@@ -59,24 +57,8 @@ async function startSetup(
   children.push(directory);
   const url = (await directory.waitFor(LISTENING, { stream: "stdout" }))[1]!;
   for (const store of stores) {
-    const seeder = startTask("peer", [
-      "0",
-      "--no-console",
-      "--max-upload",
-      RATE,
-      "--dir",
-      store,
-      "--directory",
-      url,
-      "--broker",
-      NO_BROKER,
-      "--hostname",
-      "127.0.0.1",
-      "--grpc-port",
-      "0",
-      "--http-port",
-      "0",
-    ]);
+    const own = ["--no-console", "--max-upload", RATE, "--hostname", "127.0.0.1"];
+    const seeder = startTask("peer", ["0", ...own, ...peerArgs(store, url)]);
     children.push(seeder);
     await seeder.waitFor(/Node listening on port \d+/, { stream: "stdout" });
   }
@@ -111,18 +93,9 @@ async function view(setup: Setup, dir: string): Promise<number> {
   await Deno.remove(dir, { recursive: true }).catch(() => {});
   await using viewer = startTask("peer", [
     "0",
-    "--dir",
-    dir,
-    "--directory",
-    setup.url,
-    "--broker",
-    NO_BROKER,
     "--hostname",
     "127.0.0.1",
-    "--grpc-port",
-    "0",
-    "--http-port",
-    "0",
+    ...peerArgs(dir, setup.url),
     "--fetch-all",
     "--exit-when-done",
   ]);

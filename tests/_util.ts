@@ -139,6 +139,15 @@ export function startTask(name: string, args: string[] = [], options?: ChildOpti
   return new Child([...taskArgv(name), ...args], options);
 }
 
+/**
+ * The flags every test peer shares: store `dir`, directory `directory`, a broker that is never
+ * there, and free gRPC and HTTP ports. A seeder or viewer adds its own after them.
+ */
+export function peerArgs(dir: string, directory: string): string[] {
+  const ports = ["--grpc-port", "0", "--http-port", "0"];
+  return ["--dir", dir, "--directory", directory, "--broker", "127.0.0.1:1", ...ports];
+}
+
 /** Runs a task to its end and returns its exit code and output. */
 export async function runTask(
   name: string,

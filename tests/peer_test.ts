@@ -26,6 +26,12 @@ async function startPeerTask(args: string[], options: { stdin?: boolean } = {}) 
   return { child, port };
 }
 
+/** Splits the sample into the store `fragments/seed` under `dir` and seeds it, with no console. */
+async function startSeedTask(dir: string, args: string[]) {
+  await splitFile(SAMPLE_VIDEO, { out: join(dir, "fragments"), peers: ["seed"] });
+  return await startPeerTask([...args, "--dir", join(dir, "fragments", "seed"), "--no-console"]);
+}
+
 async function stopped(child: Child): Promise<number> {
   return (await child.status()).code;
 }
@@ -94,15 +100,9 @@ Deno.test("two peers fetch from each other at the console, announce it, and leav
 
 Deno.test("a peer fetches from a holder only the directory knows", async () => {
   await using dir = await tempDir();
-  await splitFile(SAMPLE_VIDEO, { out: join(dir.path, "fragments"), peers: ["seed"] });
   await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
   const common = ["--directory", directory.url, "--broker", "127.0.0.1:1"];
-  const seed = await startPeerTask([
-    ...common,
-    "--dir",
-    join(dir.path, "fragments", "seed"),
-    "--no-console",
-  ]);
+  const seed = await startSeedTask(dir.path, common);
   await using _seed = seed.child;
   const client = new DirectoryClient(directory.url);
   await eventually(
@@ -251,18 +251,10 @@ Deno.test("peer CLI says which port is taken", async () => {
 
 Deno.test("Ctrl-C during --fetch-all leaves the directory", async () => {
   await using dir = await tempDir();
-  await splitFile(SAMPLE_VIDEO, { out: join(dir.path, "fragments"), peers: ["seed"] });
   await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
   const common = ["--directory", directory.url, "--broker", "127.0.0.1:1"];
   // 20 KB/s: the fetch-all takes minutes, so it is surely still going when interrupted.
-  const seed = await startPeerTask([
-    ...common,
-    "--dir",
-    join(dir.path, "fragments", "seed"),
-    "--max-upload",
-    "20KB/s",
-    "--no-console",
-  ]);
+  const seed = await startSeedTask(dir.path, [...common, "--max-upload", "20KB/s"]);
   await using _seed = seed.child;
   const client = new DirectoryClient(directory.url);
   await eventually("the seeder registered", async () => (await client.listPeers()).length === 1);

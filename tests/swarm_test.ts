@@ -14,9 +14,22 @@ import { LineBuffer } from "../_lines.ts";
 import { PeerError, TcpPeerClient } from "../_peer_tcp.ts";
 import { Store } from "../_store.ts";
 import { Swarm, type SwarmOptions } from "../_swarm.ts";
-import { type Peer, startPeer } from "../peer.ts";
+import { type Peer, type PeerOptions, startPeer } from "../peer.ts";
 import { type Manifest, SAMPLE_VIDEO, splitFile } from "../split.ts";
-import { type Child, startTask, tempDir } from "./_util.ts";
+import { type Child, peerArgs, startTask, tempDir } from "./_util.ts";
+
+/** A peer in-process on the store `dir`, registered in `directory`; silent but for `log`. */
+function startLocalPeer(dir: string, directory: string, options: PeerOptions = {}): Promise<Peer> {
+  return startPeer({
+    port: 0,
+    hostname: "127.0.0.1",
+    dir,
+    directory,
+    broker: null,
+    log: () => {},
+    ...options,
+  });
+}
 
 /** Seeders in-process, each on its own store under `root`, registered in `directory`. */
 async function startSeeders(
@@ -25,17 +38,9 @@ async function startSeeders(
   stores: string[],
   options: { maxUpload?: number } = {},
 ): Promise<Peer[]> {
-  return await Promise.all(stores.map((store) =>
-    startPeer({
-      port: 0,
-      hostname: "127.0.0.1",
-      dir: join(root, store),
-      directory,
-      broker: null,
-      log: () => {},
-      ...options,
-    })
-  ));
+  return await Promise.all(
+    stores.map((store) => startLocalPeer(join(root, store), directory, options)),
+  );
 }
 
 async function registered(directory: string, count: number) {
@@ -46,6 +51,15 @@ async function registered(directory: string, count: number) {
     assert(Date.now() < deadline, "seeders never registered");
     await new Promise((resolve) => setTimeout(resolve, 50));
   }
+}
+
+/**
+ * A `peer --fetch-all --exit-when-done` viewer as a child process, with its task's flags;
+ * `extra` (neighbours, flags) goes right after the port.
+ */
+function startViewerTask(dir: string, directory: string, extra: string[] = []): Child {
+  const args = ["0", ...extra, ...peerArgs(dir, directory), "--fetch-all", "--exit-when-done"];
+  return startTask("peer", args);
 }
 
 async function closeAll(peers: Peer[]) {
@@ -60,21 +74,7 @@ Deno.test("peer --fetch-all gets the video from three seeders at once, joins it 
   try {
     await registered(directory.url, 3);
     const viewer = join(dir.path, "viewer");
-    await using child = startTask("peer", [
-      "0",
-      "--dir",
-      viewer,
-      "--directory",
-      directory.url,
-      "--broker",
-      "127.0.0.1:1",
-      "--grpc-port",
-      "0",
-      "--http-port",
-      "0",
-      "--fetch-all",
-      "--exit-when-done",
-    ]);
+    await using child = startViewerTask(viewer, directory.url);
     assertEquals((await child.status()).code, 0, child.stderr);
     assertMatch(child.stdout, /\[✓\] 'sample\.webm' complete: 10\/10 fragments, sha256 verified/);
     // Plain progress lines when not on a terminal, and fragments from every seeder.
@@ -104,14 +104,7 @@ Deno.test("the swarm completes when a seeder dies mid-download", async () => {
   });
   try {
     await registered(directory.url, 4);
-    await using viewer = await startPeer({
-      port: 0,
-      hostname: "127.0.0.1",
-      dir: join(dir.path, "viewer"),
-      directory: directory.url,
-      broker: null,
-      log: () => {},
-    });
+    await using viewer = await startLocalPeer(join(dir.path, "viewer"), directory.url);
     const done = viewer.fetchAll();
     done.catch(() => {}); // awaited below; a failed assertion before must not leave it unhandled
     await waitForHeld(viewer, 2);
@@ -133,14 +126,7 @@ Deno.test("the swarm completes when the directory restarts mid-download", async 
   let second;
   try {
     await registered(url, 2);
-    await using viewer = await startPeer({
-      port: 0,
-      hostname: "127.0.0.1",
-      dir: join(dir.path, "viewer"),
-      directory: url,
-      broker: null,
-      log: () => {},
-    });
+    await using viewer = await startLocalPeer(join(dir.path, "viewer"), url);
     const done = viewer.fetchAll();
     done.catch(() => {}); // awaited below; a failed assertion before must not leave it unhandled
     await waitForHeld(viewer, 2);
@@ -166,12 +152,7 @@ Deno.test("the swarm asks a second holder when the first is clearly late", async
   try {
     await registered(directory.url, 2);
     const lines: string[] = [];
-    await using viewer = await startPeer({
-      port: 0,
-      hostname: "127.0.0.1",
-      dir: join(dir.path, "viewer"),
-      directory: directory.url,
-      broker: null,
+    await using viewer = await startLocalPeer(join(dir.path, "viewer"), directory.url, {
       log: (line) => lines.push(line),
     });
     const arrivals: string[] = [];
@@ -305,12 +286,7 @@ Deno.test("each [swarm] line counts one fragment more than the line before", asy
   try {
     await registered(directory.url, 3);
     const lines: string[] = [];
-    await using viewer = await startPeer({
-      port: 0,
-      hostname: "127.0.0.1",
-      dir: join(dir.path, "viewer"),
-      directory: directory.url,
-      broker: null,
+    await using viewer = await startLocalPeer(join(dir.path, "viewer"), directory.url, {
       log: (line) => lines.push(line),
     });
     // Two fragments land before the first one's fetch is over, as when both arrive in one turn
@@ -338,24 +314,8 @@ Deno.test("each [swarm] line counts one fragment more than the line before", asy
 
 /** A seeder as a child process, with its task's flags, uploading at `rate`. */
 function startSeederTask(dir: string, directory: string, rate: string): Child {
-  return startTask("peer", [
-    "0",
-    "--no-console",
-    "--max-upload",
-    rate,
-    "--dir",
-    dir,
-    "--directory",
-    directory,
-    "--broker",
-    "127.0.0.1:1",
-    "--hostname",
-    "127.0.0.1",
-    "--grpc-port",
-    "0",
-    "--http-port",
-    "0",
-  ]);
+  const own = ["--no-console", "--max-upload", rate, "--hostname", "127.0.0.1"];
+  return startTask("peer", ["0", ...own, ...peerArgs(dir, directory)]);
 }
 
 async function listeningPort(child: Child): Promise<number> {
@@ -463,23 +423,10 @@ Deno.test("a --fetch-all viewer fetches again a fragment that left its store mid
   });
   try {
     await registered(directory.url, 3);
-    await using viewer = startTask("peer", [
-      "0",
+    await using viewer = startViewerTask(viewerDir, directory.url, [
       "--no-console",
-      "--fetch-all",
-      "--exit-when-done",
-      "--dir",
-      viewerDir,
-      "--directory",
-      directory.url,
-      "--broker",
-      "127.0.0.1:1",
       "--hostname",
       "127.0.0.1",
-      "--grpc-port",
-      "0",
-      "--http-port",
-      "0",
     ]);
     const port = await listeningPort(viewer);
     await viewer.waitFor(/\[swarm\] fragment_\d+\.bin from/, {
@@ -938,21 +885,8 @@ Deno.test("a neighbour the directory lists is asked only for what it holds, what
   try {
     await registered(directory.url, 2);
     // Typed as localhost; the directory lists the same peer as 127.0.0.1.
-    await using child = startTask("peer", [
-      "0",
+    await using child = startViewerTask(join(dir.path, "viewer"), directory.url, [
       `localhost:${seeders[0]!.port}`,
-      "--dir",
-      join(dir.path, "viewer"),
-      "--directory",
-      directory.url,
-      "--broker",
-      "127.0.0.1:1",
-      "--grpc-port",
-      "0",
-      "--http-port",
-      "0",
-      "--fetch-all",
-      "--exit-when-done",
     ]);
     assertEquals((await child.status()).code, 0, child.stderr);
     assertMatch(child.stdout, /complete: 10\/10 fragments, sha256 verified/);
