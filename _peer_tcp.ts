@@ -6,7 +6,7 @@
  * @module
  */
 import { LineBuffer } from "./_lines.ts";
-import { describe, isLookupError, lookupMessage, UserError } from "./_cli.ts";
+import { describe } from "./_cli.ts";
 import { acceptLoop, isConnectionError } from "./_broker_wire.ts";
 import { parseAddress } from "./broker.ts";
 import { type FragmentInfo, isFragmentName, type Store } from "./_store.ts";
@@ -49,15 +49,7 @@ export interface TcpServer extends AsyncDisposable {
 export function startTcpServer(store: Store, options: TcpServerOptions = {}): TcpServer {
   const { idleTimeoutMs = 60_000, maxConnections = 256 } = options;
   const warn = options.onError ?? ((line: string) => console.error(line));
-  let listener: Deno.TcpListener;
-  try {
-    listener = Deno.listen({ port: options.port ?? 6001, hostname: options.hostname });
-  } catch (error) {
-    if (isLookupError(error)) {
-      throw new UserError(lookupMessage(options.hostname!, error), { cause: error });
-    }
-    throw error;
-  }
+  const listener = Deno.listen({ port: options.port ?? 6001, hostname: options.hostname });
   const open = new Map<Deno.Conn, AbortController>();
   const handlers = new Set<Promise<void>>();
   const stop = new AbortController();

@@ -12,7 +12,7 @@
 import { parseArgs } from "node:util";
 import { isValidName, type Manifest, SplitError } from "./split.ts";
 import { join } from "node:path";
-import { isUserError, runMain, UserError } from "./_cli.ts";
+import { isLookupError, isUserError, lookupMessage, runMain, UserError } from "./_cli.ts";
 import {
   Fetcher,
   FetchError,
@@ -355,6 +355,9 @@ function listening<T>(server: string, port: number, hostname: string, start: () 
         `Cannot listen on "${hostname}": it is not an address of this machine`,
         { cause: error },
       );
+    }
+    if (isLookupError(error)) {
+      throw new ListenError(lookupMessage(hostname, error), { cause: error });
     }
     throw error;
   }
