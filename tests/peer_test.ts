@@ -8,7 +8,7 @@ import { join } from "node:path";
 import { connect, startBroker } from "../broker.ts";
 import { DirectoryClient, startDirectory } from "../directory.ts";
 import { SAMPLE_VIDEO, splitFile } from "../split.ts";
-import { type Child, ROOT, runTask, startTask, tempDir } from "./_util.ts";
+import { type Child, peerArgs, ROOT, runTask, startTask, tempDir } from "./_util.ts";
 
 /** Polls `check` until it returns true, or fails after `timeoutMs`. */
 async function eventually(what: string, check: () => Promise<boolean>, timeoutMs = 10_000) {
@@ -321,19 +321,11 @@ Deno.test("a peer announces what it fetched while the broker was down once the b
 
 Deno.test("the console takes a bare 'grpc' or 'tcp' for a command missing its name", async () => {
   await using dir = await tempDir();
-  const { code, stdout, stderr } = await runTask("peer", [
-    "0",
-    "--grpc-port",
-    "0",
-    "--http-port",
-    "0",
-    "--dir",
-    dir.path,
-    "--directory",
-    "http://127.0.0.1:9",
-    "--broker",
-    "127.0.0.1:9",
-  ], { input: "grpc\ntcp\nexit\n" });
+  const { code, stdout, stderr } = await runTask(
+    "peer",
+    ["0", ...peerArgs(dir.path, "http://127.0.0.1:9")],
+    { input: "grpc\ntcp\nexit\n" },
+  );
   assertEquals(code, 0, stderr);
   assertMatch(stdout, /Give one fragment name: grpc <fragment name>\n/);
   assertMatch(stdout, /Give one fragment name: tcp <fragment name>\n/);
