@@ -7,20 +7,15 @@
  * its subscriptions.
  *
  * This file is the command line, the fragment announcements, and the public API; the server is in
- * `_broker_server.ts`, the client in `_broker_client.ts`, and what both share in `_broker_wire.ts`.
+ * `broker/server.ts`, the client in `broker/client.ts`, and what both share in `broker/wire.ts`.
  *
  * Usage: `deno run broker.ts [--port 5555] [--max-pending BYTES] [--max-line BYTES]`
  * @module
  */
 import { parseArgs } from "node:util";
-import { isLookupError, lookupMessage, userMessage } from "./_cli.ts";
-import {
-  type Broker,
-  type BrokerOptions,
-  PING_INTERVAL_MS,
-  startBroker,
-} from "./_broker_server.ts";
-import { DEFAULT_PORT, MAX_LINE, MAX_PENDING, parseAddress, quote } from "./_broker_wire.ts";
+import { isLookupError, lookupMessage, userMessage } from "./common/cli.ts";
+import { type Broker, type BrokerOptions, PING_INTERVAL_MS, startBroker } from "./broker/server.ts";
+import { DEFAULT_PORT, MAX_LINE, MAX_PENDING, parseAddress, quote } from "./broker/wire.ts";
 import { isValidName } from "./split.ts";
 
 export {
@@ -29,20 +24,15 @@ export {
   DEFAULT_PORT,
   isValidTopic,
   parseAddress,
-} from "./_broker_wire.ts";
-export {
-  type Broker,
-  type BrokerOptions,
-  type BrokerStats,
-  startBroker,
-} from "./_broker_server.ts";
+} from "./broker/wire.ts";
+export { type Broker, type BrokerOptions, type BrokerStats, startBroker } from "./broker/server.ts";
 export {
   BrokerClient,
   type ClientOptions,
   connect,
   type Message,
   type Subscription,
-} from "./_broker_client.ts";
+} from "./broker/client.ts";
 
 /** The topic on which peers announce the fragments they hold. */
 export const ANNOUNCE_TOPIC = "fragmentos";

@@ -12,7 +12,7 @@
 import { parseArgs } from "node:util";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { runMain, UserError } from "./_cli.ts";
+import { runMain, UserError } from "./common/cli.ts";
 import { SAMPLE_VIDEO, splitFile } from "./split.ts";
 
 const ROOT = fileURLToPath(new URL("./", import.meta.url));

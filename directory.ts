@@ -10,17 +10,17 @@
  * `/apidocs`).
  *
  * This file is the command line and {@link startDirectory}, and exports the whole API; the rest
- * lives beside it: `_directory_schemas.ts` (schemas, routes, limits), `_directory_registry.ts`
- * (the state), `_directory_app.ts` (the Hono app) and `_directory_client.ts` (the client).
+ * lives beside it: `directory/schemas.ts` (schemas, routes, limits), `directory/registry.ts`
+ * (the state), `directory/app.ts` (the Hono app) and `directory/client.ts` (the client).
  *
  * Usage: `deno task directory [--port 5000] [--ttl 30]`
  * @module
  */
 import { parseArgs } from "node:util";
-import { isLookupError, lookupMessage, runMain, UserError } from "./_cli.ts";
-import { type AppOptions, createApp } from "./_directory_app.ts";
-import { Registry } from "./_directory_registry.ts";
-import { DEFAULT_TTL, MAX_TTL } from "./_directory_schemas.ts";
+import { isLookupError, lookupMessage, runMain, UserError } from "./common/cli.ts";
+import { type AppOptions, createApp } from "./directory/app.ts";
+import { Registry } from "./directory/registry.ts";
+import { DEFAULT_TTL, MAX_TTL } from "./directory/schemas.ts";
 
 /** The shortest --ttl: peers heartbeat every ttl/3, so less than a second is a flood. */
 const MIN_TTL = 1;
@@ -46,7 +46,7 @@ export {
   type Registration,
   TOO_MANY_FILES,
   TOO_MANY_PEERS,
-} from "./_directory_schemas.ts";
+} from "./directory/schemas.ts";
 export {
   type KnownPeerState,
   type PublishOutcome,
@@ -54,14 +54,14 @@ export {
   type RegistryOptions,
   type Sent,
   type UpsertOutcome,
-} from "./_directory_registry.ts";
-export { type AppOptions, createApp } from "./_directory_app.ts";
+} from "./directory/registry.ts";
+export { type AppOptions, createApp } from "./directory/app.ts";
 export {
   DirectoryClient,
   type DirectoryClientOptions,
   DirectoryError,
   type LocateOptions,
-} from "./_directory_client.ts";
+} from "./directory/client.ts";
 
 /** The port the directory listens on unless told otherwise. */
 export const DEFAULT_PORT = 5000;

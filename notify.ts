@@ -7,7 +7,7 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { userMessage } from "./_cli.ts";
+import { userMessage } from "./common/cli.ts";
 import {
   ANNOUNCE_TOPIC,
   BrokerError,

@@ -12,7 +12,7 @@
 import { parseArgs } from "node:util";
 import { isValidName, type Manifest, SplitError } from "./split.ts";
 import { join } from "node:path";
-import { isLookupError, isUserError, lookupMessage, runMain, UserError } from "./_cli.ts";
+import { isLookupError, isUserError, lookupMessage, runMain, UserError } from "./common/cli.ts";
 import {
   Fetcher,
   FetchError,
@@ -22,15 +22,15 @@ import {
   LOOPBACK,
   StoreWriteError,
   type Transport,
-} from "./_fetch.ts";
+} from "./peer/fetch.ts";
 import { DirectoryClient, HOST_PATTERN } from "./directory.ts";
-import { startTcpServer, type TcpServer } from "./_peer_tcp.ts";
-import { Presence } from "./_presence.ts";
-import { type FragmentEvent, type Progress, Swarm } from "./_swarm.ts";
-import { isFragmentName, Store } from "./_store.ts";
-import { createThrottle, parseRate } from "./_throttle.ts";
+import { startTcpServer, type TcpServer } from "./peer/tcp.ts";
+import { Presence } from "./peer/presence.ts";
+import { type FragmentEvent, type Progress, Swarm } from "./peer/swarm.ts";
+import { isFragmentName, Store } from "./peer/store.ts";
+import { createThrottle, parseRate } from "./common/throttle.ts";
 import { GrpcClient, type GrpcSupervisor, superviseGrpcServer } from "./peer_grpc.ts";
-import { type PlayerServer, startPlayer } from "./_player.ts";
+import { type PlayerServer, startPlayer } from "./peer/player.ts";
 import {
   ANNOUNCE_TOPIC,
   type BrokerClient,
@@ -39,9 +39,9 @@ import {
   parseAddress,
 } from "./broker.ts";
 
-export { PeerError, TcpPeerClient } from "./_peer_tcp.ts";
-export type { Download } from "./_peer_tcp.ts";
-export { FetchError, type Holder, StoreWriteError, type Transport } from "./_fetch.ts";
+export { PeerError, TcpPeerClient } from "./peer/tcp.ts";
+export type { Download } from "./peer/tcp.ts";
+export { FetchError, type Holder, StoreWriteError, type Transport } from "./peer/fetch.ts";
 
 /** gRPC listens on the TCP port plus this (6001 -> 50051), HTTP on the TCP port plus 2000. */
 export const GRPC_PORT_OFFSET = 44050;

@@ -9,23 +9,23 @@
  * This file is that child's command line and the API the rest of the project imports; the work
  * is in four modules beside it:
  *
- * - `_grpc_wire.ts`: what both ends share: the proto, the message shapes and limits, GrpcError;
- * - `_grpc_server.ts`: startGrpcServer and one handler per RPC;
- * - `_grpc_client.ts`: GrpcClient, one channel per peer;
- * - `_grpc_supervisor.ts`: superviseGrpcServer, which runs this file as a child and restarts it.
+ * - `peer/grpc_wire.ts`: what both ends share: the proto, the message shapes and limits, GrpcError;
+ * - `peer/grpc_server.ts`: startGrpcServer and one handler per RPC;
+ * - `peer/grpc_client.ts`: GrpcClient, one channel per peer;
+ * - `peer/grpc_supervisor.ts`: superviseGrpcServer, which runs this file as a child and restarts it.
  *
  * Usage: `deno task grpc fragments/6001 --port 50051 [--hostname 0.0.0.0] [--directory URL]`
  * @module
  */
 import { parseArgs } from "node:util";
-import { runMain, UserError } from "./_cli.ts";
-import { parseRate } from "./_throttle.ts";
-import { Store } from "./_store.ts";
-import { DEFAULT_PORT, quote } from "./_grpc_wire.ts";
-import { type GrpcServerOptions, quietBindFailures, startGrpcServer } from "./_grpc_server.ts";
-import { listeningLine, storedLine } from "./_grpc_supervisor.ts";
+import { runMain, UserError } from "./common/cli.ts";
+import { parseRate } from "./common/throttle.ts";
+import { Store } from "./peer/store.ts";
+import { DEFAULT_PORT, quote } from "./peer/grpc_wire.ts";
+import { type GrpcServerOptions, quietBindFailures, startGrpcServer } from "./peer/grpc_server.ts";
+import { listeningLine, storedLine } from "./peer/grpc_supervisor.ts";
 
-export type { FragmentInfo } from "./_store.ts";
+export type { FragmentInfo } from "./peer/store.ts";
 export {
   CHUNK_SIZE,
   type Download,
@@ -34,15 +34,15 @@ export {
   type Holder,
   type Location,
   PROTO_PATH,
-} from "./_grpc_wire.ts";
-export { type GrpcServer, type GrpcServerOptions, startGrpcServer } from "./_grpc_server.ts";
-export { GrpcClient, type GrpcClientOptions } from "./_grpc_client.ts";
-export { GRPC_ENV } from "./_grpc_env.ts";
+} from "./peer/grpc_wire.ts";
+export { type GrpcServer, type GrpcServerOptions, startGrpcServer } from "./peer/grpc_server.ts";
+export { GrpcClient, type GrpcClientOptions } from "./peer/grpc_client.ts";
+export { GRPC_ENV } from "./peer/grpc_env.ts";
 export {
   type GrpcSupervisor,
   superviseGrpcServer,
   type SupervisorOptions,
-} from "./_grpc_supervisor.ts";
+} from "./peer/grpc_supervisor.ts";
 
 const USAGE = `Usage: deno task grpc <store dir> [options]
 

@@ -19,8 +19,8 @@ import { createHash } from "node:crypto";
 import { parseArgs } from "node:util";
 import { basename, dirname, extname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { runMain, UserError } from "./_cli.ts";
-import { WorkerHash } from "./_hash_worker.ts";
+import { runMain, UserError } from "./common/cli.ts";
+import { WorkerHash } from "./common/hash_worker.ts";
 
 /** What a fragment or peer folder may be called: this rule keeps `../` out of every store. */
 export const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$/;

@@ -7,8 +7,8 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { userMessage } from "./_cli.ts";
-import { LineBuffer } from "./_lines.ts";
+import { userMessage } from "./common/cli.ts";
+import { LineBuffer } from "./common/lines.ts";
 import { BrokerError, connect, DEFAULT_ADDRESS, isValidTopic } from "./broker.ts";
 
 const USAGE = `Usage: deno run subscribe.ts [TOPIC...] [--broker HOST:PORT]

@@ -10,8 +10,8 @@
  *   loop that sends FILE to each connection and closes it.
  * @module
  */
-import { startTcpServer } from "../_peer_tcp.ts";
-import { Store } from "../_store.ts";
+import { startTcpServer } from "../peer/tcp.ts";
+import { Store } from "../peer/store.ts";
 
 const CHUNK = 1024 * 1024;
 

@@ -20,7 +20,7 @@ import http2 from "node:http2";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { GrpcClient, superviseGrpcServer } from "../peer_grpc.ts";
-import { Store } from "../_store.ts";
+import { Store } from "../peer/store.ts";
 import { peakRssMiB, printTable, ratio } from "./_report.ts";
 
 const SIZE = 100 * 1024 * 1024;

@@ -22,8 +22,8 @@
 import { createHash } from "node:crypto";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { Fetcher } from "../_fetch.ts";
-import { Store } from "../_store.ts";
+import { Fetcher } from "../peer/fetch.ts";
+import { Store } from "../peer/store.ts";
 import { peakRssMiB, printTable, ratio, type Row } from "./_report.ts";
 
 const BIG = 100 * 1024 * 1024;

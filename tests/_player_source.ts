@@ -3,9 +3,9 @@
  * so a test controls exactly what arrives when.
  * @module
  */
-import { type Fetcher, type Holder, holderAddress } from "../_fetch.ts";
-import type { FragmentEvent, PlayerSource } from "../_player.ts";
-import type { Store } from "../_store.ts";
+import { type Fetcher, type Holder, holderAddress } from "../peer/fetch.ts";
+import type { FragmentEvent, PlayerSource } from "../peer/player.ts";
+import type { Store } from "../peer/store.ts";
 
 /** A {@link PlayerSource} that also lists the `need()` calls made for missing fragments. */
 export interface FetchingSource extends PlayerSource {

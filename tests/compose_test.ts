@@ -42,7 +42,7 @@ const services = Object.keys(compose.services);
 const config = JSON.parse(read("deno.json"));
 const dockerfile = instructions(read("Dockerfile"));
 const ignored = ignoreMatcher(read(".dockerignore"));
-/** The variables ../shared/DESIGN.md gives the containers ("env in containers"). */
+/** The variables docs/DESIGN.md gives the containers ("env in containers"). */
 const CONTAINER_ENV = ["DIRECTORY_URL", "BROKER_ADDR"];
 /** `  -n, --fragments N   text` in a usage: a metavar (capitals) after a flag means a value. */
 const OPTION_LINE = /^\s*(?:-(\w), )?--([a-z][a-z-]*)( [A-Z][A-Z:_]*)?(?=\s|$)/gm;
@@ -514,7 +514,7 @@ Deno.test(".dockerignore leaves in every file the services load", async () => {
       }
     }
   }
-  assert(files.has("peer.ts") && files.has("player.html"), [...files].join(", "));
+  assert(files.has("peer.ts") && files.has("peer/player.html"), [...files].join(", "));
   for (const file of files) {
     await Deno.stat(ROOT + file).catch(() => assert(false, `${file}: no such file`));
     assert(!ignored(file), `${file} is needed in the image, but .dockerignore leaves it out`);

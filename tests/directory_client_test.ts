@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { DirectoryClient, DirectoryError, startDirectory } from "../directory.ts";
 import type { Manifest } from "../split.ts";
-import { Presence } from "../_presence.ts";
+import { Presence } from "../peer/presence.ts";
 
 const SHA = "0".repeat(64);
 const MANIFEST: Manifest = {

@@ -13,7 +13,7 @@ import {
   Registry,
   type RegistryOptions,
 } from "../directory.ts";
-import { loadOnce } from "../_directory_app.ts";
+import { loadOnce } from "../directory/app.ts";
 import type { Manifest } from "../split.ts";
 
 const REMOTE = {

@@ -1,8 +1,8 @@
 import { assert, assertEquals, assertMatch, assertRejects } from "./_assert.ts";
 import { join } from "node:path";
-import { Fetcher, FetchError, type Holder, StoreWriteError } from "../_fetch.ts";
-import { startTcpServer } from "../_peer_tcp.ts";
-import { Store } from "../_store.ts";
+import { Fetcher, FetchError, type Holder, StoreWriteError } from "../peer/fetch.ts";
+import { startTcpServer } from "../peer/tcp.ts";
+import { Store } from "../peer/store.ts";
 import { type Manifest, MANIFEST_NAME as MANIFEST, SAMPLE_VIDEO, splitFile } from "../split.ts";
 import { tempDir } from "./_util.ts";
 

@@ -2,7 +2,7 @@ import { assert, assertEquals, assertMatch } from "./_assert.ts";
 import { createHash } from "node:crypto";
 import { join } from "node:path";
 import { GrpcClient, GrpcError, type GrpcSupervisor, superviseGrpcServer } from "../peer_grpc.ts";
-import { Store } from "../_store.ts";
+import { Store } from "../peer/store.ts";
 import { runTask, startTask, tempDir } from "./_util.ts";
 
 const FRAGMENT = "fragment_0.bin";

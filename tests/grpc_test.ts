@@ -2,7 +2,7 @@ import { assert, assertEquals, assertRejects } from "./_assert.ts";
 import { createHash } from "node:crypto";
 import { join } from "node:path";
 import { CHUNK_SIZE, type Download, GrpcClient, GrpcError, startGrpcServer } from "../peer_grpc.ts";
-import { type FragmentInfo, IntegrityError, Store } from "../_store.ts";
+import { type FragmentInfo, IntegrityError, Store } from "../peer/store.ts";
 import { splitFile } from "../split.ts";
 import { tempDir } from "./_util.ts";
 

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { LineBuffer } from "../_lines.ts";
+import { LineBuffer } from "../common/lines.ts";
 
 const encoder = new TextEncoder();
 

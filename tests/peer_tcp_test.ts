@@ -1,8 +1,8 @@
 import { assert, assertEquals, assertMatch, assertRejects } from "./_assert.ts";
 import { join } from "node:path";
 import { createHash } from "node:crypto";
-import { PeerError, startTcpServer, TcpPeerClient } from "../_peer_tcp.ts";
-import { IntegrityError, Store } from "../_store.ts";
+import { PeerError, startTcpServer, TcpPeerClient } from "../peer/tcp.ts";
+import { IntegrityError, Store } from "../peer/store.ts";
 import { splitFile } from "../split.ts";
 import { Child, ROOT, runTask, tempDir } from "./_util.ts";
 
@@ -227,8 +227,8 @@ Deno.test("TCP server ends only a connection that fails unexpectedly, saying so 
  */
 async function startLimitedTcpServer(store: string, files: number): Promise<[Child, number]> {
   const code = `
-    import { startTcpServer } from "${new URL("../_peer_tcp.ts", import.meta.url)}";
-    import { Store } from "${new URL("../_store.ts", import.meta.url)}";
+    import { startTcpServer } from "${new URL("../peer/tcp.ts", import.meta.url)}";
+    import { Store } from "${new URL("../peer/store.ts", import.meta.url)}";
     const server = startTcpServer(await Store.open(${JSON.stringify(store)}), {
       port: 0, hostname: "127.0.0.1",
     });

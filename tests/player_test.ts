@@ -5,8 +5,8 @@
  */
 import { assert, assertEquals, assertMatch } from "./_assert.ts";
 import { join } from "node:path";
-import { Fetcher } from "../_fetch.ts";
-import { startTcpServer } from "../_peer_tcp.ts";
+import { Fetcher } from "../peer/fetch.ts";
+import { startTcpServer } from "../peer/tcp.ts";
 import {
   type FragmentEvent,
   MAX_OPEN_RANGE,
@@ -14,8 +14,8 @@ import {
   type PlayerServer,
   type PlayerSource,
   startPlayer,
-} from "../_player.ts";
-import { Store } from "../_store.ts";
+} from "../peer/player.ts";
+import { Store } from "../peer/store.ts";
 import { type Manifest, MANIFEST_NAME, SAMPLE_VIDEO, splitFile } from "../split.ts";
 import { type FetchingSource, fetchingSource } from "./_player_source.ts";
 import { tempDir } from "./_util.ts";

@@ -5,11 +5,11 @@
  * connection stays usable; a line over 1 KiB closes it. peer.ts re-exports the server and client.
  * @module
  */
-import { LineBuffer } from "./_lines.ts";
-import { describe } from "./_cli.ts";
-import { acceptLoop, isConnectionError } from "./_broker_wire.ts";
-import { parseAddress } from "./broker.ts";
-import { type FragmentInfo, isFragmentName, type Store } from "./_store.ts";
+import { LineBuffer } from "../common/lines.ts";
+import { describe } from "../common/cli.ts";
+import { acceptLoop, isConnectionError } from "../broker/wire.ts";
+import { parseAddress } from "../broker.ts";
+import { type FragmentInfo, isFragmentName, type Store } from "./store.ts";
 
 /** The longest request line; anything longer closes the connection. */
 export const MAX_REQUEST_LINE = 1024;

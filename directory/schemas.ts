@@ -5,7 +5,7 @@
  * @module
  */
 import { createRoute, z } from "@hono/zod-openapi";
-import { type Manifest, NAME_PATTERN } from "./split.ts";
+import { type Manifest, NAME_PATTERN } from "../split.ts";
 
 /** Seconds a peer stays listed after its last heartbeat. */
 export const DEFAULT_TTL = 30;

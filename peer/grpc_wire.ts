@@ -3,18 +3,18 @@
  * shapes of its messages, the limits they keep to, and how a failed call is reported.
  * @module
  */
-import "./_grpc_env.ts"; // before grpc-js, which reads the environment as it loads
+import "./grpc_env.ts"; // before grpc-js, which reads the environment as it loads
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 import { fileURLToPath } from "node:url";
-import type { FragmentInfo } from "./_store.ts";
-import type { Holder as DirectoryHolder } from "./directory.ts";
+import type { FragmentInfo } from "./store.ts";
+import type { Holder as DirectoryHolder } from "../directory.ts";
 
 /** A peer that holds a fragment, as the directory names it. */
 export type Holder = Pick<DirectoryHolder, "host" | "port" | "grpcPort" | "httpPort">;
 
 /** Where the service is declared; the supervised child may read it and the store, nothing else. */
-export const PROTO_PATH = fileURLToPath(new URL("./proto/file_transfer.proto", import.meta.url));
+export const PROTO_PATH = fileURLToPath(new URL("../proto/file_transfer.proto", import.meta.url));
 
 /** The largest piece of a fragment in one message. */
 export const CHUNK_SIZE = 1024 * 1024;
@@ -37,8 +37,8 @@ export interface Location {
   holders: Holder[];
 }
 
-/** A fragment arriving, over gRPC as over TCP: the TCP protocol's type, so `_fetch.ts` takes either. */
-export type { Download } from "./_peer_tcp.ts";
+/** A fragment arriving, over gRPC as over TCP: the TCP protocol's type, so `fetch.ts` takes either. */
+export type { Download } from "./tcp.ts";
 
 /** A `Fragment` message as protobufjs decodes it. */
 export interface WireFragment {

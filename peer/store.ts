@@ -15,7 +15,7 @@ import {
   manifestProblem,
   readManifest,
   SplitError,
-} from "./split.ts";
+} from "../split.ts";
 
 /** What a store knows of a fragment it holds. */
 export interface FragmentInfo {

@@ -17,10 +17,10 @@ import {
   holderAddress,
   holderKey,
   StoreWriteError,
-} from "./_fetch.ts";
-import type { Store } from "./_store.ts";
-import { type DirectoryClient, DirectoryError } from "./directory.ts";
-import { type FragmentEntry, joinFragments, type Manifest } from "./split.ts";
+} from "./fetch.ts";
+import type { Store } from "./store.ts";
+import { type DirectoryClient, DirectoryError } from "../directory.ts";
+import { type FragmentEntry, joinFragments, type Manifest } from "../split.ts";
 
 /** A change on the fragment map: held, in flight (and from whom), missing, or failed. */
 export interface FragmentEvent {

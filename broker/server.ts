@@ -5,8 +5,8 @@
  * pinged and dropped when they stay silent.
  * @module
  */
-import { describe } from "./_cli.ts";
-import { LineBuffer } from "./_lines.ts";
+import { describe } from "../common/cli.ts";
+import { LineBuffer } from "../common/lines.ts";
 import {
   acceptLoop,
   DEFAULT_PORT,
@@ -20,7 +20,7 @@ import {
   quote,
   READ_SIZE,
   within,
-} from "./_broker_wire.ts";
+} from "./wire.ts";
 
 /** How often idle clients are pinged unless told otherwise (NATS's: a line every 2 minutes). */
 export const PING_INTERVAL_MS = 120_000;

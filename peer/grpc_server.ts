@@ -2,21 +2,21 @@
  * The `p2p.FileTransfer` server of peer_grpc.ts over a fragment store: one handler per RPC.
  * Download reads each chunk from the file straight into its encoded place in a reused buffer;
  * Upload is kept only once Store.write verified it.
- * The peer runs this in a supervised child (see _grpc_supervisor.ts), never in its own process.
+ * The peer runs this in a supervised child (see grpc_supervisor.ts), never in its own process.
  * @module
  */
-import "./_grpc_env.ts"; // before grpc-js, which reads the environment as it loads
+import "./grpc_env.ts"; // before grpc-js, which reads the environment as it loads
 import * as grpc from "@grpc/grpc-js";
 import { Buffer } from "node:buffer";
-import { UserError } from "./_cli.ts";
-import { createThrottle } from "./_throttle.ts";
+import { UserError } from "../common/cli.ts";
+import { createThrottle } from "../common/throttle.ts";
 import {
   BadNameError,
   type FragmentInfo,
   IntegrityError,
   isFragmentName,
   type Store,
-} from "./_store.ts";
+} from "./store.ts";
 import {
   CHUNK_SIZE,
   DEFAULT_PORT,
@@ -28,7 +28,7 @@ import {
   statusError,
   type UploadChunk,
   type WireHolder,
-} from "./_grpc_wire.ts";
+} from "./grpc_wire.ts";
 
 // The largest fragment an Upload may announce (the splitter's fragments are far smaller).
 const MAX_UPLOAD_SIZE = 4 * 1024 ** 3;

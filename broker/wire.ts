@@ -4,7 +4,7 @@
  * each socket has ({@link Outbox}); the peer's TCP server uses its accept loop and error test.
  * @module
  */
-import { describe } from "./_cli.ts";
+import { describe } from "../common/cli.ts";
 
 /** Where the broker listens unless told otherwise. */
 export const DEFAULT_PORT = 5555;

@@ -8,14 +8,14 @@
  * @module
  */
 import { fileURLToPath } from "node:url";
-import { GRPC_ENV } from "./_grpc_env.ts";
-import { describe, UserError } from "./_cli.ts";
-import { LineBuffer } from "./_lines.ts";
-import { DEFAULT_PORT, PROTO_PATH } from "./_grpc_wire.ts";
+import { GRPC_ENV } from "./grpc_env.ts";
+import { describe, UserError } from "../common/cli.ts";
+import { LineBuffer } from "../common/lines.ts";
+import { DEFAULT_PORT, PROTO_PATH } from "./grpc_wire.ts";
 
 // The child runs peer_grpc.ts's command line, with this project's deno.json (its import map).
-const SCRIPT_PATH = fileURLToPath(new URL("./peer_grpc.ts", import.meta.url));
-const CONFIG_PATH = fileURLToPath(new URL("./deno.json", import.meta.url));
+const SCRIPT_PATH = fileURLToPath(new URL("../peer_grpc.ts", import.meta.url));
+const CONFIG_PATH = fileURLToPath(new URL("../deno.json", import.meta.url));
 
 /** The line the child prints once it listens on `port`. */
 export function listeningLine(port: number): string {

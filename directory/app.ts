@@ -1,5 +1,5 @@
 /**
- * The directory's Hono app: every route of `_directory_schemas.ts` mounted as one handler over
+ * The directory's Hono app: every route of `directory/schemas.ts` mounted as one handler over
  * the {@link Registry}, the error shape, `/openapi.json` and the Swagger UI at `/apidocs`.
  * @module
  */
@@ -9,7 +9,7 @@ import { bodyLimit } from "hono/body-limit";
 import type { Context } from "hono";
 import { HTTPException } from "hono/http-exception";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
-import { manifestProblem } from "./split.ts";
+import { manifestProblem } from "../split.ts";
 import {
   ERROR_CODES,
   errorCode,
@@ -27,13 +27,8 @@ import {
   registerRoute,
   TOO_MANY_FILES,
   TOO_MANY_PEERS,
-} from "./_directory_schemas.ts";
-import {
-  type KnownPeerState,
-  Registry,
-  type RegistryOptions,
-  type Sent,
-} from "./_directory_registry.ts";
+} from "./schemas.ts";
+import { type KnownPeerState, Registry, type RegistryOptions, type Sent } from "./registry.ts";
 
 // ---------------------------------------------------------------------------------------------
 // Mounting: each route as one handler

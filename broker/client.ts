@@ -4,8 +4,8 @@
  * sends what was published while it was down; each subscription is an {@link Inbox} to iterate.
  * @module
  */
-import { describe } from "./_cli.ts";
-import { LineBuffer } from "./_lines.ts";
+import { describe } from "../common/cli.ts";
+import { LineBuffer } from "../common/lines.ts";
 import {
   BrokerError,
   isConnectionError,
@@ -18,7 +18,7 @@ import {
   quote,
   READ_SIZE,
   within,
-} from "./_broker_wire.ts";
+} from "./wire.ts";
 
 /** A message as a subscriber receives it. */
 export interface Message {

@@ -6,8 +6,8 @@
  * it says so once, keeps heartbeating, and tries the manifest again from time to time.
  * @module
  */
-import { type DirectoryClient, DirectoryError, type PeerState } from "./directory.ts";
-import type { Manifest } from "./split.ts";
+import { type DirectoryClient, DirectoryError, type PeerState } from "../directory.ts";
+import type { Manifest } from "../split.ts";
 
 export interface PresenceOptions {
   /** The peer's state as the directory should see it now. */

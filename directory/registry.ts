@@ -16,8 +16,8 @@ import {
   MAX_TTL,
   type PeerInfo,
   type PeerState,
-} from "./_directory_schemas.ts";
-import type { Manifest } from "./split.ts";
+} from "./schemas.ts";
+import type { Manifest } from "../split.ts";
 
 /** The `file` of a peer whose state names none: its fragments belong to no file it says. */
 const UNKNOWN = "";

@@ -4,8 +4,8 @@
  * holder that is down is skipped, and one that sent wrong bytes is avoided for a while.
  * @module
  */
-import { type Download, PeerError, TcpPeerClient } from "./_peer_tcp.ts";
-import { IntegrityError, type Store } from "./_store.ts";
+import { type Download, PeerError, TcpPeerClient } from "./tcp.ts";
+import { IntegrityError, type Store } from "./store.ts";
 
 /** A peer that may hold a fragment: its host, TCP port and gRPC port. */
 export interface Holder {

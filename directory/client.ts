@@ -14,8 +14,8 @@ import {
   type PeerInfo,
   type PeerState,
   type Registration,
-} from "./_directory_schemas.ts";
-import type { Manifest } from "./split.ts";
+} from "./schemas.ts";
+import type { Manifest } from "../split.ts";
 
 const DEFAULT_CLIENT_TIMEOUT_MS = 5_000;
 

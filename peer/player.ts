@@ -18,8 +18,8 @@
  * ```
  * @module
  */
-import type { Store } from "./_store.ts";
-import type { FragmentEntry, Manifest } from "./split.ts";
+import type { Store } from "./store.ts";
+import type { FragmentEntry, Manifest } from "../split.ts";
 
 /** What the player needs from a peer. */
 export interface PlayerSource {

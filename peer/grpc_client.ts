@@ -3,9 +3,9 @@
  * restarted, and Download, Upload, ListFiles, Locate and Echo as promises and async iterables.
  * @module
  */
-import "./_grpc_env.ts"; // before grpc-js, which reads the environment as it loads
+import "./grpc_env.ts"; // before grpc-js, which reads the environment as it loads
 import * as grpc from "@grpc/grpc-js";
-import type { FragmentInfo } from "./_store.ts";
+import type { FragmentInfo } from "./store.ts";
 import {
   type Chunk,
   CHUNK_SIZE,
@@ -20,7 +20,7 @@ import {
   type UploadChunk,
   type WireFragment,
   type WireHolder,
-} from "./_grpc_wire.ts";
+} from "./grpc_wire.ts";
 
 const DEFAULT_DEADLINE_MS = 10_000;
 const DEFAULT_IDLE_MS = 30_000;

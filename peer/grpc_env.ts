@@ -4,7 +4,7 @@
  * deep inside grpc-js. Every module that imports grpc-js imports this first.
  * @module
  */
-import { exitForPermission } from "./_cli.ts";
+import { exitForPermission } from "../common/cli.ts";
 
 /**
  * The environment variables grpc-js reads (logging, tracing, proxies): a process that loads it
