@@ -37,7 +37,9 @@ import {
   connect as connectBroker,
   formatAnnouncement,
   parseAddress,
+  parseAnnouncement,
 } from "./broker.ts";
+import { Steering } from "./peer/steering.ts";
 
 export { PeerError, TcpPeerClient } from "./peer/tcp.ts";
 export type { Download } from "./peer/tcp.ts";
@@ -95,7 +97,11 @@ export interface Peer extends AsyncDisposable {
   fetchAll(): Promise<Manifest>;
   /** The swarm: what the player asks for fragments and watches the map through. */
   readonly swarm: Swarm;
-  close(): Promise<void>;
+  /**
+   * Leaves the directory and stops. With `drainMs`, it first finishes, for at most that long,
+   * the uploads it has begun or queued: peers that were counting on it are not cut off.
+   */
+  close(options?: { drainMs?: number }): Promise<void>;
 }
 
 /** Starts a peer: its store, TCP server, directory presence and broker connection. */
@@ -114,11 +120,13 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
   );
   const throttle = options.maxUpload ? createThrottle(options.maxUpload) : undefined;
   const hostname = options.hostname ?? "0.0.0.0";
+  const steering = new Steering(store);
   const tcp: TcpServer = listening("TCP", requestedPort, hostname, () =>
     startTcpServer(store, {
       port: requestedPort,
       hostname,
       throttle,
+      steering,
       onConnect: (remote) => log(`[+] Connected from ${remote}`),
       onSent: (name, remote) => log(`[✓] Fragment '${name}' sent to ${remote}`),
     }));
@@ -172,10 +180,14 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
   let presence: Presence | undefined;
   store.onFragment((info) => {
     presence?.poke();
-    broker?.publish(ANNOUNCE_TOPIC, formatAnnouncement(info.name, { hostname: self.host, port }));
+    broker?.publish(
+      ANNOUNCE_TOPIC,
+      formatAnnouncement(info.name, { hostname: self.host, port }, store.manifest?.file),
+    );
   });
   const fetcher = new Fetcher(store, {
     log,
+    self: holderAddress(self.host, port),
     grpcDownload: (address, name, signal) => grpcClient.download(address, name, { signal }),
   });
   const swarm = new Swarm(store, fetcher, {
@@ -183,6 +195,18 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
     neighbours: () => neighbours,
     isSelf: (holder) => isSelf(holder),
   }, { log, progress: options.progress, file: options.file });
+  // HAVE messages: what other peers announce they now hold, learnt within milliseconds.
+  const announcements = broker
+    ? listenForHaves(broker, { store, swarm, steering, isSelf: (holder) => isSelf(holder) })
+    : undefined;
+  // A player that watches fetches the rest of the video too, its own fragments first: a crowd
+  // of watchers then holds different fragments to trade, not all the same one at once.
+  let watching: Promise<void> | undefined;
+  const watchInBackground = () =>
+    swarm.fetchAll().then(() => {}, (error) => {
+      if (!isFetchFailure(error)) throw error;
+      if (!closing) log(`[!] ${error.message}`);
+    });
   let player: PlayerServer | undefined;
   if (options.httpPort !== null) {
     const httpPort = options.httpPort ?? (requestedPort === 0 ? 0 : port + HTTP_PORT_OFFSET);
@@ -190,7 +214,10 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
       player = listening("HTTP player", httpPort, hostname, () =>
         startPlayer({
           store,
-          need: (name, signal) => swarm.need(name, signal),
+          need: (name, signal) => {
+            watching ??= watchInBackground();
+            return swarm.need(name, signal);
+          },
           onEvent: (listener) => swarm.onEvent(listener),
           snapshot: () => swarm.snapshot(),
           findManifest: () => swarm.manifest(),
@@ -258,7 +285,7 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
 
   async function fetch(name: string, transport: Transport = "tcp"): Promise<string> {
     if (!isFragmentName(name)) throw new FetchError(`Invalid fragment name "${name}"`);
-    const from = await fetcher.fetch(name, await holders(name), transport);
+    const from = await fetcher.fetch(name, await holders(name), { transport });
     log(`[✓] Fragment '${name}' received from ${from}`);
     return from;
   }
@@ -283,10 +310,15 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
   }
 
   let closing: Promise<void> | undefined;
-  function close(): Promise<void> {
+  function close({ drainMs = 0 } = {}): Promise<void> {
     closing ??= (async () => {
       await presence?.close();
+      const deadline = Date.now() + drainMs;
+      while (tcp.uploads > 0 && Date.now() < deadline) {
+        await new Promise((resolve) => setTimeout(resolve, 50));
+      }
       await broker?.close();
+      await announcements;
       swarm[Symbol.dispose]();
       fetcher[Symbol.dispose]();
       grpcClient.close();
@@ -308,6 +340,32 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
     close,
     [Symbol.asyncDispose]: close,
   };
+}
+
+/**
+ * Feeds the peers' announcements on `fragmentos` to the swarm (who to ask) and to the steering
+ * (whom to point requesters at); runs until the broker client closes.
+ */
+async function listenForHaves(
+  broker: BrokerClient,
+  { store, swarm, steering, isSelf }: {
+    store: Store;
+    swarm: Swarm;
+    steering: Steering;
+    isSelf: (holder: Holder) => boolean;
+  },
+): Promise<void> {
+  const subscription = await broker.subscribe(ANNOUNCE_TOPIC).catch(() => undefined);
+  if (!subscription) return; // closed before it began
+  for await (const { message } of subscription) {
+    const announcement = parseAnnouncement(message);
+    if (!announcement?.holder || announcement.file === undefined) continue;
+    const { name, holder: { hostname, port }, file } = announcement;
+    const holder = { host: hostname, port, grpcPort: 0 };
+    if (isSelf(holder)) continue; // our own, back from the broker
+    swarm.have(name, holder, file);
+    if (file === store.manifest?.file) steering.have(name, holderAddress(hostname, port));
+  }
 }
 
 /** One of the peer's servers could not listen; the message says which, and why. */
@@ -364,6 +422,8 @@ function listening<T>(server: string, port: number, hostname: string, start: () 
 }
 
 const PROMPT = "Fragment to request (or 'exit'): ";
+/** How long an `--exit-when-done` peer goes on with the uploads it has begun or queued. */
+const EXIT_DRAIN_MS = 5_000;
 const CONSOLE_HELP = `Commands:
   <fragment name>        fetch it (over TCP, or gRPC with --grpc) from a neighbour or any
                          holder the directory knows
@@ -618,7 +678,8 @@ async function main(args = Deno.args): Promise<number> {
       throw new UserError(error.message);
     }
     if (values["exit-when-done"]) {
-      await peer.close();
+      // Leaving in the middle of uploads would cut off the crowd that counts on them.
+      await peer.close({ drainMs: EXIT_DRAIN_MS });
       return 0;
     }
   }

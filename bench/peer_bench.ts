@@ -149,7 +149,7 @@ async function peerCopies(
   const start = performance.now();
   try {
     await Promise.all(
-      clients.map(({ name, fetcher }) => fetcher.fetch(name, [holder], "tcp", signal)),
+      clients.map(({ name, fetcher }) => fetcher.fetch(name, [holder], { signal })),
     );
   } finally {
     clients.forEach(({ fetcher }) => fetcher[Symbol.dispose]());

@@ -4,7 +4,8 @@
  * holder that is down is skipped, and one that sent wrong bytes is avoided for a while.
  * @module
  */
-import { type Download, PeerError, TcpPeerClient } from "./tcp.ts";
+import { type Download, formatHostPort, PeerError, TcpPeerClient } from "./tcp.ts";
+import { parseAddress } from "../broker.ts";
 import { IntegrityError, type Store } from "./store.ts";
 
 /** A peer that may hold a fragment: its host, TCP port and gRPC port. */
@@ -17,6 +18,14 @@ export interface Holder {
 /** How fragments travel: the TCP protocol or gRPC `Download`. */
 export type Transport = "tcp" | "grpc";
 
+export interface FetchOptions {
+  /** @default "tcp" */
+  transport?: Transport;
+  signal?: AbortSignal;
+  /** Try the holders an `ERR ELSEWHERE` names. @default true */
+  follow?: boolean;
+}
+
 /** Downloads `name` from a gRPC address; supplied by peer_grpc.ts. */
 export type GrpcDownload = (
   address: string,
@@ -26,6 +35,11 @@ export type GrpcDownload = (
 
 export interface FetcherOptions {
   grpcDownload?: GrpcDownload;
+  /**
+   * This peer's own `host:port`, as it announces itself: said (`HELLO`) on each new connection,
+   * so holders share their upload fairly between peers and can point others at it.
+   */
+  self?: string;
   /** How long a holder that sent bad bytes is left alone. @default 60_000 */
   avoidMs?: number;
   /** Diagnostics, one line each (a holder down, bad bytes). */
@@ -51,9 +65,7 @@ class SourceError extends Error {
 }
 
 /** `host:port` of a holder, bracketing IPv6 hosts. */
-export function holderAddress(host: string, port: number): string {
-  return host.includes(":") ? `[${host}]:${port}` : `${host}:${port}`;
-}
+export const holderAddress: (host: string, port: number) => string = formatHostPort;
 
 /** Hosts that reach this machine: the loopback names, and the wildcards a peer listens on. */
 export const LOOPBACK: ReadonlySet<string> = new Set([
@@ -94,17 +106,18 @@ export class Fetcher implements Disposable {
 
   /**
    * Tries `holders` in order until one provides `name` with the right bytes; resolves with the
-   * address it came from. Throws {@link FetchError} when none could (or `signal` aborted), and
+   * address it came from. A holder that points elsewhere (`ERR ELSEWHERE`) has the peers it names
+   * tried next, and is asked once more after them, unless `follow` is false (the swarm weighs
+   * pointers itself). Throws {@link FetchError} when none could (or `signal` aborted), and
    * {@link StoreWriteError} when the disk failed (trying elsewhere would not help).
    */
-  async fetch(
-    name: string,
-    holders: Holder[],
-    transport: Transport = "tcp",
-    signal?: AbortSignal,
-  ): Promise<string> {
+  async fetch(name: string, holders: Holder[], options: FetchOptions = {}): Promise<string> {
+    const { transport = "tcp", signal, follow = true } = options;
     const failures: Failure[] = [];
-    for (const holder of holders) {
+    const queue = [...holders];
+    const queued = new Set(queue.map(holderKey));
+    for (let i = 0; i < queue.length; i++) {
+      const holder = queue[i]!;
       if (signal?.aborted) break;
       const address = holderAddress(
         holder.host,
@@ -128,6 +141,18 @@ export class Fetcher implements Disposable {
       failures.push(failure);
       if (failure.kind === "bad" || failure.kind === "down") {
         this.#options.log?.(`[!] ${failure.text}; trying the next holder`);
+      }
+      if (failure.kind === "elsewhere" && follow) {
+        // The peers it names first; then itself again, as it serves a requester it pointed
+        // away once the others failed it.
+        for (const pointed of failure.elsewhere ?? []) {
+          const { hostname, port } = parseAddress(pointed);
+          const next = { host: hostname, port, grpcPort: 0 };
+          if (queued.has(holderKey(next))) continue;
+          queue.push(next);
+          queued.add(holderKey(next));
+        }
+        if (!queue.slice(i + 1).includes(holder)) queue.push(holder);
       }
     }
     const why = signal?.aborted
@@ -160,6 +185,10 @@ export class Fetcher implements Disposable {
         }
       } catch (error) {
         if (error instanceof Deno.errors.NotCapable) throw error;
+        if (error instanceof PeerError && error.code === "ELSEWHERE") {
+          const text = `${address} points elsewhere (${error.elsewhere.join(", ")})`;
+          return { address, kind: "elsewhere", text, elsewhere: error.elsewhere };
+        }
         if (error instanceof PeerError) {
           return { address, kind: "missing", text: `${address} answered ${error.code}` };
         }
@@ -231,6 +260,7 @@ export class Fetcher implements Disposable {
     const client = await TcpPeerClient.connect(address);
     this.#leased.add(client);
     try {
+      if (this.#options.self) await client.hello(this.#options.self);
       return { client, download: await client.get(name) };
     } catch (error) {
       this.#release(address, client);
@@ -253,11 +283,15 @@ export class Fetcher implements Disposable {
   }
 }
 
-/** What went wrong with one holder: it was down, sent bad bytes, lacked the fragment, or was avoided. */
+/**
+ * What went wrong with one holder: it was down, sent bad bytes, lacked the fragment, was avoided,
+ * or pointed at other holders (`elsewhere`, their `host:port`) to spare its upload.
+ */
 export interface Failure {
   address: string;
-  kind: "down" | "bad" | "missing" | "avoided";
+  kind: "down" | "bad" | "missing" | "avoided" | "elsewhere";
   text: string;
+  elsewhere?: string[];
 }
 
 async function* fromSource(chunks: AsyncIterable<Uint8Array>): AsyncGenerator<Uint8Array> {

@@ -80,6 +80,8 @@ export const MAX_OPEN_RANGE = 4 * 1024 * 1024;
 const CHUNK = 64 * 1024;
 const HEARTBEAT_MS = 15_000;
 const MANIFEST_POLL_MS = 250;
+/** Fragments past the one being read that a stream asks for ahead of everything else. */
+const READAHEAD = 2;
 /** Events queued for a page that stopped reading; past this it is cut off (it reconnects). */
 const MAX_QUEUED_EVENTS = 1000;
 const PAGE_URL = new URL("./player.html", import.meta.url);
@@ -175,13 +177,16 @@ async function serveFile(
   waitMs: number,
   signal: AbortSignal,
 ): Promise<Response> {
-  const manifest = source.store.manifest;
   let name;
   try {
     name = decodeURIComponent(encodedName);
   } catch {
     return text(404, "Not found");
   }
+  // An empty peer finds the file in the directory first: a media player opens the URL with no
+  // page to do it (mpv, ffplay, ffprobe).
+  if (!source.store.manifest && source.findManifest) await within(source.findManifest(), waitMs);
+  const manifest = source.store.manifest;
   // Only the manifest's own file is served, so no name can reach anything else on disk.
   if (!manifest || name !== manifest.file) {
     return text(404, `Unknown file "${name.slice(0, 100)}"`);
@@ -241,10 +246,22 @@ async function serveFile(
   return new Response(body, { status, headers });
 }
 
+/** Waits for `work` at most `ms`; what it resolves or rejects with is not needed. */
+async function within(work: Promise<unknown>, ms: number): Promise<void> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const late = new Promise<void>((resolve) => timer = setTimeout(resolve, ms));
+  try {
+    await Promise.race([work.then(() => {}, () => {}), late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 /**
- * Yields bytes `start..end` of the file from the held fragments, in order. Every missing
- * fragment of the range is asked for at once, in playback order, so the source queues them ahead
- * of the rest; then each is awaited (at most `waitMs`) when the stream reaches it.
+ * Yields bytes `start..end` of the file from the held fragments, in order. The missing fragments
+ * the stream reaches next (READAHEAD of them) are asked for ahead of the rest, in playback order;
+ * each is awaited (at most `waitMs`) when the stream reaches it. The rest of the file is the
+ * swarm's to fetch rarest first, so a crowd watching together does not all want one fragment.
  */
 async function* readRange(
   source: PlayerSource,
@@ -255,11 +272,14 @@ async function* readRange(
 ): AsyncGenerator<Uint8Array> {
   const { store } = source;
   const covered = manifest.fragments.filter((f) => f.offset + f.size > start && f.offset <= end);
-  for (const fragment of covered) {
-    // Only a head start: the wait below asks again, so an early failure gets a second chance.
-    if (!store.get(fragment.name)) source.need(fragment.name, signal).catch(() => {});
-  }
-  for (const fragment of covered) {
+  // Only a head start: the wait below asks again, so an early failure gets a second chance.
+  const ask = (i: number) => {
+    const fragment = covered[i];
+    if (fragment && !store.get(fragment.name)) source.need(fragment.name, signal).catch(() => {});
+  };
+  for (let i = 0; i < READAHEAD; i++) ask(i);
+  for (const [i, fragment] of covered.entries()) {
+    ask(i + READAHEAD);
     using file = await openFragment(source, fragment, waitMs, signal);
     const from = Math.max(start, fragment.offset) - fragment.offset;
     let left = Math.min(end + 1, fragment.offset + fragment.size) - fragment.offset - from;

@@ -1,11 +1,18 @@
 /**
  * The swarm download: every missing fragment of a file, from many holders at once. Fragments the
  * player needs next go first, in playback order; the rest go rarest first, from the directory's
- * holder counts. In flight at once: at most `perHolder` per holder and `total` overall. A failed
- * fragment is retried elsewhere; a holder that sent bad bytes of a fragment is never asked for it
- * again, and for other fragments only when no one else has them; one that is down is left alone
- * for a moment; and a fragment that is clearly late is asked of a second holder too, so a
- * download never sits at 99% behind one slow peer.
+ * holder counts and the peers' HAVE announcements ({@link Swarm.have}), with ties broken at
+ * random (each peer its own order), and the first fragments wholly at random, so a crowd that
+ * starts together spreads over the file instead of all asking for the same fragment.
+ *
+ * Seeders' upload is scarce: a fragment another viewer holds is asked of a viewer, and a seeder
+ * only for what no viewer holds; a holder that points elsewhere (`ERR ELSEWHERE`) is not asked for
+ * that fragment again for a while, and the peers it names are. In flight at once: at most
+ * `perHolder` per holder and `total` overall. A failed fragment is retried elsewhere; a holder
+ * that sent bad bytes of a fragment is never asked for it again, and for other fragments only
+ * when no one else has them; one that is down is left alone for a moment. Only in the endgame,
+ * when every missing fragment is in flight, is one that is clearly late asked of a second,
+ * idle holder too, so a download never sits at 99% behind one slow peer.
  * @module
  */
 import { AsyncLocalStorage } from "node:async_hooks";
@@ -19,6 +26,7 @@ import {
   StoreWriteError,
 } from "./fetch.ts";
 import type { Store } from "./store.ts";
+import { parseAddress } from "../broker.ts";
 import { type DirectoryClient, DirectoryError } from "../directory.ts";
 import { type FragmentEntry, joinFragments, type Manifest } from "../split.ts";
 
@@ -33,10 +41,23 @@ export interface FragmentEvent {
 export interface SwarmOptions {
   /** Most fragments in flight from one holder. @default 2 */
   perHolder?: number;
+  /**
+   * Most in flight from one seeder (a holder of the whole file): each viewer asks a seeder for
+   * one fragment at a time, so its queue stays short and its upload is shared round the crowd.
+   * @default 1
+   */
+  perSeed?: number;
   /** Most fragments in flight overall. @default 6 */
   total?: number;
-  /** A fragment in flight longer than this is asked of a second holder. @default 4000 */
+  /**
+   * In the endgame, a fragment in flight longer than this is asked of a second, idle holder.
+   * @default 4000
+   */
   lateMs?: number;
+  /** Fragments fetched in random order before rarest-first begins. @default 2 */
+  randomFirst?: number;
+  /** How long a holder that pointed elsewhere is not asked for that fragment. @default 10000 */
+  pointedMs?: number;
   /** How long a holder that failed (down, cut) is left alone. @default 2000 */
   downMs?: number;
   /** Give up when nothing could be fetched (or no manifest found) for this long. @default 60000 */
@@ -68,6 +89,8 @@ interface Attempt {
 
 // How long #settle waits before restarting a scheduler that stopped with work left.
 const RESTART_MS = 250;
+// How long a holder heard of through HAVE counts without the directory confirming it.
+const HEARD_MS = 10_000;
 
 // The attempt whose fetch is running. The store tells of an arrival from inside the write that
 // stored it, so this says which attempt (and holder) the fragment came from.
@@ -82,6 +105,11 @@ export class Swarm implements Disposable {
   readonly #isSelf: (holder: Holder) => boolean;
   readonly #options: Required<Omit<SwarmOptions, "log" | "progress" | "file">> & SwarmOptions;
   #holders = new Map<string, Holder[]>(); // fragment -> holders, from the directory
+  // fragment -> holders announced through HAVE (holderKey -> holder, when heard)
+  #heard = new Map<string, Map<string, { holder: Holder; at: number }>>();
+  #seeds = new Set<string>(); // holderKey of peers known to hold every fragment
+  #rank = new Map<string, number>(); // fragment -> this peer's random tie-break
+  #pointedAway = new Map<string, Map<string, number>>(); // fragment -> holder -> until
   // Every peer the directory lists for the file (holderKey): for these, it says what they hold.
   readonly #listed = new Set<string>();
   #refreshed = 0;
@@ -104,6 +132,7 @@ export class Swarm implements Disposable {
   #received = 0;
   #started = performance.now();
   #finding: Promise<Manifest> | undefined;
+  #fetchingAllNow: Promise<Manifest> | undefined;
 
   constructor(
     store: Store,
@@ -122,8 +151,11 @@ export class Swarm implements Disposable {
     this.#isSelf = parts.isSelf ?? (() => false);
     this.#options = {
       perHolder: 2,
+      perSeed: 1,
       total: 6,
       lateMs: 4000,
+      randomFirst: 2,
+      pointedMs: 10_000,
       downMs: 2000,
       stallMs: 60_000,
       ...options,
@@ -166,7 +198,14 @@ export class Swarm implements Disposable {
    * pass, so a fragment that leaves it meanwhile is fetched again; then joins and verifies the
    * whole file. Resolves with its manifest.
    */
-  async fetchAll(): Promise<Manifest> {
+  fetchAll(): Promise<Manifest> {
+    // One at a time: the console's `all`, --fetch-all and a watching player may all ask.
+    return this.#fetchingAllNow ??= this.#fetchAll().finally(() =>
+      this.#fetchingAllNow = undefined
+    );
+  }
+
+  async #fetchAll(): Promise<Manifest> {
     const manifest = await this.manifest();
     const output = join(this.#store.dir, manifest.file);
     while (true) {
@@ -192,6 +231,25 @@ export class Swarm implements Disposable {
       `[✓] '${manifest.file}' complete: ${manifest.fragments.length}/${manifest.fragments.length} fragments, sha256 verified`,
     );
     return manifest;
+  }
+
+  /**
+   * A HAVE message: `holder` now holds fragment `name` of `file` (a peer's announcement on the
+   * broker). It is asked for the fragment from now on, without waiting for the directory, which
+   * stays the source of truth: a holder it does not confirm within a few seconds is forgotten.
+   */
+  have(name: string, holder: Holder, file: string | undefined): void {
+    const manifest = this.#store.manifest;
+    if (!manifest || file !== manifest.file || this.#isSelf(holder)) return;
+    if (!manifest.fragments.some((f) => f.name === name)) return;
+    const key = holderKey(holder);
+    const heard = this.#heard.get(name) ?? new Map();
+    heard.set(key, { holder, at: Date.now() });
+    this.#heard.set(name, heard);
+    // It may have said NOT_FOUND while the fragment was on its way to it.
+    this.#tried.get(name)?.delete(holderAddress(holder.host, holder.port));
+    this.#updateSeed(key);
+    this.#wake?.();
   }
 
   /** Makes sure `name` is held, fetching it ahead of everything else; rejects if it cannot. */
@@ -273,10 +331,10 @@ export class Swarm implements Disposable {
           pending = this.#pending(); // in the order the new holder counts give
         }
         for (const name of pending) this.#start(name);
-        this.#chaseLate();
+        this.#chaseLate(pending);
         this.#report();
         if (this.#inflight.size === 0 && Date.now() - this.#lastProgress > this.#options.stallMs) {
-          return new FetchError(`No holder could provide ${pending.slice(0, 5).join(", ")}`);
+          return new FetchError(`No holder could provide ${this.#nameList(pending)}`);
         }
         await new Promise<void>((resolve) => {
           const timer = setTimeout(resolve, 250);
@@ -303,11 +361,49 @@ export class Swarm implements Disposable {
     this.#urgent = this.#urgent.filter((name) => !this.#store.get(name));
     const fragments = this.#fetchingAll > 0 ? this.#store.manifest?.fragments ?? [] : [];
     const rest = fragments.filter((f) => !this.#store.get(f.name) && !this.#urgent.includes(f.name))
-      .sort((a, b) =>
-        (this.#holders.get(a.name)?.length ?? 0) - (this.#holders.get(b.name)?.length ?? 0) ||
-        a.index - b.index
-      );
-    return [...this.#urgent, ...rest.map((f) => f.name)];
+      .map((f) => f.name);
+    const held = fragments.length - rest.length;
+    // The first few at random: something to trade soon, and no two viewers on the same one.
+    if (held < this.#options.randomFirst) rest.sort((a, b) => this.#rankOf(a) - this.#rankOf(b));
+    else {
+      const counts = new Map(rest.map((name) => [name, this.#holdersOf(name).length]));
+      rest.sort((a, b) => counts.get(a)! - counts.get(b)! || this.#rankOf(a) - this.#rankOf(b));
+    }
+    return [...this.#urgent, ...rest];
+  }
+
+  // This peer's random place for `name` among equals, drawn once.
+  #rankOf(name: string): number {
+    let rank = this.#rank.get(name);
+    if (rank === undefined) this.#rank.set(name, rank = Math.random());
+    return rank;
+  }
+
+  /** Every holder known of `name`: the directory's, and those heard of through HAVE. */
+  #holdersOf(name: string): Holder[] {
+    const listed = this.#holders.get(name) ?? [];
+    const heard = this.#heard.get(name);
+    if (!heard || heard.size === 0) return listed;
+    const keys = new Set(listed.map(holderKey));
+    return [...listed, ...[...heard].filter(([key]) => !keys.has(key)).map(([, h]) => h.holder)];
+  }
+
+  // Marks `key` a seed when it is known to hold every fragment of the file.
+  #updateSeed(key: string): void {
+    const fragments = this.#store.manifest?.fragments ?? [];
+    const holdsAll = fragments.length > 0 &&
+      fragments.every((f) => this.#holdersOf(f.name).some((h) => holderKey(h) === key));
+    if (holdsAll) this.#seeds.add(key);
+    else this.#seeds.delete(key);
+  }
+
+  // Fragment names in the file's order, at most five, then how many more.
+  #nameList(names: string[]): string {
+    const index = (name: string) =>
+      this.#store.manifest?.fragments.find((f) => f.name === name)?.index ?? Infinity;
+    const sorted = [...names].sort((a, b) => index(a) - index(b));
+    const more = sorted.length > 5 ? ` and ${sorted.length - 5} more` : "";
+    return sorted.slice(0, 5).join(", ") + more;
   }
 
   /** Holders worth asking for `name` now, least loaded first; holders that lied, last resort. */
@@ -318,16 +414,26 @@ export class Swarm implements Disposable {
     const seen = new Set<string>();
     // A neighbour the directory lists is asked only for what the directory says it holds.
     const neighbours = this.#neighbours().filter((h) => !this.#listed.has(holderKey(h)));
-    const holders = [...(this.#holders.get(name) ?? []), ...neighbours].filter((holder) => {
+    const pointed = this.#pointedAway.get(name);
+    const holders = [...this.#holdersOf(name), ...neighbours].filter((holder) => {
       const address = holderAddress(holder.host, holder.port);
       const key = holderKey(holder);
       if (seen.has(key) || this.#isSelf(holder) || lied?.has(address)) return false;
       seen.add(key);
       return !this.#fetcher.isAvoided(holder) && !tried?.has(address) &&
-        (this.#downUntil.get(address) ?? 0) <= now;
-    }).sort((a, b) => this.#loadOf(a) - this.#loadOf(b));
+        (this.#downUntil.get(address) ?? 0) <= now && (pointed?.get(address) ?? 0) <= now;
+    }).sort((a, b) =>
+      // Viewers before seeders, whose upload goes to what nobody else holds; then the least
+      // loaded; then at random, so a crowd's requests spread over equal holders.
+      Number(this.#isSeed(a)) - Number(this.#isSeed(b)) ||
+      this.#loadOf(a) - this.#loadOf(b) || Math.random() - 0.5
+    );
     const honest = holders.filter((h) => !this.#liars.has(holderAddress(h.host, h.port)));
     return honest.length > 0 ? honest : holders;
+  }
+
+  #isSeed(holder: Holder): boolean {
+    return this.#seeds.has(holderKey(holder));
   }
 
   #loadOf(holder: Holder): number {
@@ -339,8 +445,15 @@ export class Swarm implements Disposable {
     const attempts = this.#inflight.get(name) ?? [];
     if (attempts.length > 0 && !duplicate) return;
     const busy = new Set(attempts.map((a) => a.holder));
-    const holder = this.#candidates(name).find((h) =>
-      this.#loadOf(h) < this.#options.perHolder && !busy.has(holderAddress(h.host, h.port))
+    const candidates = this.#candidates(name);
+    // A fragment a viewer holds waits for that viewer rather than take a seeder's upload.
+    const viewerHas = candidates.some((h) => !this.#isSeed(h));
+    const holder = candidates.find((h) =>
+      duplicate
+        ? this.#loadOf(h) === 0 && !busy.has(holderAddress(h.host, h.port))
+        : this.#isSeed(h)
+        ? !viewerHas && this.#loadOf(h) < this.#options.perSeed
+        : this.#loadOf(h) < this.#options.perHolder
     );
     if (!holder) return;
     const address = holderAddress(holder.host, holder.port);
@@ -351,7 +464,8 @@ export class Swarm implements Disposable {
     this.#emit(name, "inflight", address);
     currentAttempt.run(
       attempt,
-      () => this.#fetcher.fetch(name, [holder], "tcp", attempt.controller.signal),
+      () =>
+        this.#fetcher.fetch(name, [holder], { signal: attempt.controller.signal, follow: false }),
     ).then(
       () => {
         this.#lastProgress = Date.now();
@@ -379,6 +493,20 @@ export class Swarm implements Disposable {
       return;
     }
     if (this.#store.get(name)) return; // cancelled because another copy arrived
+    const pointer = error.failures.find((f) => f.kind === "elsewhere");
+    if (pointer) {
+      // Not a failure: the holder spares its upload. Ask the peers it names, and not it for a
+      // while; it serves this peer if asked again after that.
+      const pointed = this.#pointedAway.get(name) ?? new Map();
+      this.#pointedAway.set(name, pointed.set(address, Date.now() + this.#options.pointedMs));
+      for (const peer of pointer.elsewhere ?? []) {
+        try {
+          const { hostname, port } = parseAddress(peer);
+          this.have(name, { host: hostname, port, grpcPort: 0 }, this.#store.manifest?.file);
+        } catch { /* not an address: ignored */ }
+      }
+      return;
+    }
     const tried = this.#tried.get(name) ?? new Set();
     tried.add(address);
     this.#tried.set(name, tried);
@@ -392,8 +520,13 @@ export class Swarm implements Disposable {
     this.#options.log?.(`[!] ${error.message}`);
   }
 
-  /** Asks a second holder for fragments in flight for longer than `lateMs`. */
-  #chaseLate(): void {
+  /**
+   * The endgame: once every missing fragment is in flight, asks a second, idle holder for those
+   * in flight for longer than `lateMs`. Before that, a second request would only take upload
+   * that another fragment needs.
+   */
+  #chaseLate(pending: string[]): void {
+    if (pending.some((name) => !this.#inflight.has(name))) return;
     const now = Date.now();
     for (const [name, attempts] of this.#inflight) {
       if (this.#store.get(name)) continue; // arrived; its other attempts are being cancelled
@@ -424,7 +557,15 @@ export class Swarm implements Disposable {
         }));
         for (const holder of holders) this.#listed.add(holderKey(holder));
         this.#holders.set(f.name, holders);
+        // What the directory now confirms needs no HAVE; what it never confirms is forgotten.
+        const heard = this.#heard.get(f.name);
+        const keys = new Set(holders.map(holderKey));
+        for (const [key, { at }] of heard ?? []) {
+          if (keys.has(key) || Date.now() - at > HEARD_MS) heard!.delete(key);
+        }
       }
+      this.#seeds.clear();
+      for (const key of this.#listed) this.#updateSeed(key);
       // Holders that failed a fragment may have it again later (a restarted seeder).
       this.#tried.clear();
     } catch {

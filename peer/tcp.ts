@@ -1,8 +1,10 @@
 /**
  * The peer's TCP protocol (DESIGN.md "Peer TCP protocol"): one persistent connection, requests
- * one after another, each a line. `GET <name>` answers `OK <size> <sha256>` and the bytes,
- * `LIST` the fragments held, `PING` `PONG`; a bad line gets `ERR <CODE> <text>` and the
- * connection stays usable; a line over 1 KiB closes it. peer.ts re-exports the server and client.
+ * one after another, each a line. `GET <name>` answers `OK <size> <sha256>` and the bytes, or
+ * `ERR ELSEWHERE <host:port> ...` when the peer's upload is better spent on what only it holds
+ * (see steering.ts); `HELLO <host:port>` says which peer the client is; `LIST` the fragments
+ * held, `PING` `PONG`; a bad line gets `ERR <CODE> <text>` and the connection stays usable; a
+ * line over 1 KiB closes it. peer.ts re-exports the server and client.
  * @module
  */
 import { LineBuffer } from "../common/lines.ts";
@@ -10,6 +12,8 @@ import { describe } from "../common/cli.ts";
 import { acceptLoop, isConnectionError } from "../broker/wire.ts";
 import { parseAddress } from "../broker.ts";
 import { type FragmentInfo, isFragmentName, type Store } from "./store.ts";
+import type { Steering } from "./steering.ts";
+import { UploadSlots } from "./upload_slots.ts";
 
 /** The longest request line; anything longer closes the connection. */
 export const MAX_REQUEST_LINE = 1024;
@@ -27,6 +31,10 @@ export interface TcpServerOptions {
   maxConnections?: number;
   /** Paces every byte sent, across all connections (the peer's --max-upload). */
   throttle?: (bytes: number, signal?: AbortSignal) => Promise<void>;
+  /** Fragments sent at once; more requests wait their turn, fairly between peers. @default 4 */
+  uploadSlots?: number;
+  /** Decides when a request is pointed at other holders instead of sent (super-seeding). */
+  steering?: Steering;
   onConnect?: (remote: string) => void;
   onSent?: (name: string, remote: string) => void;
   /**
@@ -42,12 +50,15 @@ export interface TcpServer extends AsyncDisposable {
   readonly port: number;
   /** How many connections are open now. */
   readonly connections: number;
+  /** Fragments being sent now or waiting for an upload slot. */
+  readonly uploads: number;
   close(): Promise<void>;
 }
 
 /** Serves `store` over the peer TCP protocol until closed. */
 export function startTcpServer(store: Store, options: TcpServerOptions = {}): TcpServer {
   const { idleTimeoutMs = 60_000, maxConnections = 256 } = options;
+  const slots = new UploadSlots(options.uploadSlots ?? 4);
   const warn = options.onError ?? ((line: string) => console.error(line));
   const listener = Deno.listen({ port: options.port ?? 6001, hostname: options.hostname });
   const open = new Map<Deno.Conn, AbortController>();
@@ -67,7 +78,7 @@ export function startTcpServer(store: Store, options: TcpServerOptions = {}): Tc
       conn,
       remote,
       store,
-      { ...options, idleTimeoutMs },
+      { ...options, idleTimeoutMs, slots },
       gone.signal,
     )
       .catch((error) => {
@@ -106,6 +117,9 @@ export function startTcpServer(store: Store, options: TcpServerOptions = {}): Tc
     get connections() {
       return open.size;
     },
+    get uploads() {
+      return slots.active + slots.waiting;
+    },
     close,
     [Symbol.asyncDispose]: close,
   };
@@ -115,7 +129,7 @@ async function serveConnection(
   conn: Deno.Conn,
   remote: string,
   store: Store,
-  options: TcpServerOptions & { idleTimeoutMs: number },
+  options: TcpServerOptions & { idleTimeoutMs: number; slots: UploadSlots },
   closed: AbortSignal,
 ): Promise<void> {
   options.onConnect?.(remote);
@@ -131,15 +145,17 @@ async function serveConnection(
     }, options.idleTimeoutMs);
   };
   const piece = options.throttle ? PACED_CHUNK : CHUNK;
-  const send = async (bytes: Uint8Array) => {
+  // Only fragment bodies are paced: a reply line never waits behind another client's bytes.
+  const send = async (bytes: Uint8Array, paced = false) => {
     for (let sent = 0; sent < bytes.length;) {
-      await options.throttle?.(Math.min(bytes.length - sent, piece), closed);
+      if (paced) await options.throttle?.(Math.min(bytes.length - sent, piece), closed);
       sent += await conn.write(bytes.subarray(sent, sent + piece));
       progress();
     }
   };
   const lines = new LineBuffer(MAX_REQUEST_LINE);
   const buffer = new Uint8Array(16 * 1024);
+  const client: Client = { remote, closed };
   progress();
   try {
     while (true) {
@@ -148,7 +164,7 @@ async function serveConnection(
       progress();
       lines.push(buffer.subarray(0, n));
       for (let line; (line = lines.shift()) !== undefined;) {
-        await answer(line, store, send, (name) => options.onSent?.(name, remote));
+        await answer(line, store, send, client, options);
       }
       if (lines.overflow) {
         await send(encoder.encode("ERR BAD_REQUEST line too long\n"));
@@ -160,16 +176,28 @@ async function serveConnection(
   }
 }
 
+/** Who is at the other end of a connection: its address, and the peer it said it is. */
+interface Client {
+  remote: string;
+  peer?: string;
+  closed: AbortSignal;
+}
+
 async function answer(
   line: string,
   store: Store,
-  send: (bytes: Uint8Array) => Promise<void>,
-  onSent: (name: string) => void,
+  send: (bytes: Uint8Array, paced?: boolean) => Promise<void>,
+  client: Client,
+  options: TcpServerOptions & { slots: UploadSlots },
 ): Promise<void> {
   const reply = (text: string) => send(encoder.encode(text + "\n"));
   const request = parseRequest(line);
   if ("error" in request) return reply(`ERR BAD_REQUEST ${request.error}`);
   if (request.verb === "PING") return reply("PONG");
+  if (request.verb === "HELLO") {
+    client.peer = request.peer;
+    return reply("OK");
+  }
   if (request.verb === "LIST") {
     const held = store.list();
     return reply(
@@ -180,17 +208,44 @@ async function answer(
     (await store.adopt(request.name) && await store.open(request.name));
   if (!opened) return reply(`ERR NOT_FOUND no fragment "${request.name}" here`);
   using file = opened.file;
-  await reply(`OK ${opened.info.size} ${opened.info.sha256}`);
-  const chunk = new Uint8Array(Math.min(CHUNK, Math.max(opened.info.size, 1)));
-  let left = opened.info.size;
+  const { slots, steering } = options;
+  const { name } = request;
+  // Pointed elsewhere at once, without waiting for a slot, when other uploads are under way.
+  const pointer = steering?.redirect(name, client.peer, slots.active + slots.waiting > 0);
+  if (pointer) return reply(`ERR ELSEWHERE ${pointer.join(" ")}`);
+  // In flight counts toward its receiver from the moment it is asked for, waiting included:
+  // others asking for it meanwhile are pointed there.
+  if (client.peer) steering?.have(name, client.peer);
+  try {
+    const release = await slots.acquire(client.peer ?? client.remote, client.closed);
+    try {
+      await reply(`OK ${opened.info.size} ${opened.info.sha256}`);
+      await sendBody(file, opened.info.size, name, (bytes) => send(bytes, true));
+    } finally {
+      release();
+    }
+  } catch (error) {
+    if (client.peer) steering?.lost(name, client.peer);
+    throw error;
+  }
+  options.onSent?.(name, client.remote);
+}
+
+async function sendBody(
+  file: Deno.FsFile,
+  size: number,
+  name: string,
+  send: (bytes: Uint8Array) => Promise<void>,
+): Promise<void> {
+  const chunk = new Uint8Array(Math.min(CHUNK, Math.max(size, 1)));
+  let left = size;
   while (left > 0) {
     const n = await file.read(chunk.subarray(0, Math.min(chunk.length, left)));
     // The size is promised in the OK line: a file that shrank leaves the stream unusable.
-    if (n === null) throw new Error(`Fragment "${request.name}" shrank while being sent`);
+    if (n === null) throw new Error(`Fragment "${name}" shrank while being sent`);
     await send(chunk.subarray(0, n));
     left -= n;
   }
-  onSent(request.name);
 }
 
 /** A parsed request line, or why it is not one. */
@@ -198,15 +253,25 @@ export type Request =
   | { verb: "GET"; name: string }
   | { verb: "LIST" }
   | { verb: "PING" }
+  | { verb: "HELLO"; peer: string }
   | { error: string };
 
-/** Parses one request line: `GET <name>`, a bare `<name>`, `LIST` or `PING`. */
+/** Parses one request line: `GET <name>`, a bare `<name>`, `HELLO <host:port>`, `LIST` or `PING`. */
 export function parseRequest(line: string): Request {
   const words = line.trim().split(/\s+/);
   if (words.length === 1 && words[0] === "") return { error: "empty request" };
   const [verb, ...args] = words;
   if (verb === "LIST" && args.length === 0) return { verb };
   if (verb === "PING" && args.length === 0) return { verb };
+  if (verb === "HELLO") {
+    try {
+      if (args.length !== 1) throw new TypeError("one address");
+      const { hostname, port } = parseAddress(args[0]!);
+      return { verb, peer: formatHostPort(hostname, port) };
+    } catch {
+      return { error: "HELLO needs the peer's own address: HELLO <host:port>" };
+    }
+  }
   // A verb alone is not a fragment's name: a bare `GET` is a request missing its name.
   if (verb === "GET" && args.length === 0) {
     return { error: "GET needs a fragment name: GET <name>" };
@@ -217,11 +282,25 @@ export function parseRequest(line: string): Request {
   return { verb: "GET", name };
 }
 
-/** An `ERR` reply from a peer: `code` is NOT_FOUND, BAD_REQUEST, BUSY or INTERNAL. */
+/**
+ * An `ERR` reply from a peer: `code` is NOT_FOUND, BAD_REQUEST, BUSY, INTERNAL or ELSEWHERE; for
+ * ELSEWHERE, `elsewhere` holds the `host:port` of the peers to ask instead.
+ */
 export class PeerError extends Error {
   override name = "PeerError";
+  readonly elsewhere: string[];
   constructor(readonly code: string, message: string) {
-    super(message);
+    super(code === "ELSEWHERE" ? `held elsewhere: ${message}` : message);
+    this.elsewhere = code === "ELSEWHERE" ? message.split(" ").filter(isAddress) : [];
+  }
+}
+
+function isAddress(text: string): boolean {
+  try {
+    parseAddress(text);
+    return true;
+  } catch {
+    return false;
   }
 }
 
@@ -288,6 +367,21 @@ export class TcpPeerClient implements Disposable {
       await this.#send("PING");
       const line = await this.#readLine();
       if (line !== "PONG") this.#fail(`Unexpected answer to PING: "${line}"`);
+    });
+  }
+
+  /**
+   * Tells the peer which peer this is (the `host:port` it announces), so it can share its upload
+   * fairly between peers and point others at what it sends here. A peer too old for `HELLO`
+   * answers `ERR BAD_REQUEST`, which is no failure: it serves anyway.
+   */
+  hello(self: string): Promise<void> {
+    return this.#exclusive(async () => {
+      await this.#send(`HELLO ${self}`);
+      const line = await this.#readLine();
+      if (line !== "OK" && !line.startsWith("ERR ")) {
+        this.#fail(`Unexpected answer to HELLO: "${line.slice(0, 80)}"`);
+      }
     });
   }
 
@@ -432,7 +526,10 @@ export class TcpPeerClient implements Disposable {
 
 /** `host:port` of a socket address. */
 export function formatAddr(addr: Deno.NetAddr): string {
-  return addr.hostname.includes(":")
-    ? `[${addr.hostname}]:${addr.port}`
-    : `${addr.hostname}:${addr.port}`;
+  return formatHostPort(addr.hostname, addr.port);
+}
+
+/** `host:port`, bracketing IPv6 hosts. */
+export function formatHostPort(host: string, port: number): string {
+  return host.includes(":") ? `[${host}]:${port}` : `${host}:${port}`;
 }

@@ -60,7 +60,9 @@ Deno.test("TCP server answers the protocol table, and stays usable after every E
     ["GET manifest.json", /^ERR BAD_REQUEST invalid fragment name "manifest\.json"$/],
     [`GET ${"a".repeat(201)}`, /^ERR BAD_REQUEST invalid fragment name/],
     ["GET a b", /^ERR BAD_REQUEST unknown request "GET a b"$/],
-    ["HELLO WORLD", /^ERR BAD_REQUEST unknown request/],
+    ["HELLO WORLD", /^ERR BAD_REQUEST HELLO needs the peer's own address: HELLO <host:port>$/],
+    ["HELLO 127.0.0.1:6009", /^OK$/],
+    ["HELLO", /^ERR BAD_REQUEST HELLO needs the peer's own address/],
     ["PING extra", /^ERR BAD_REQUEST unknown request/],
     ["\0", /^ERR BAD_REQUEST invalid fragment name/],
   ];

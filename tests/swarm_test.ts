@@ -645,7 +645,7 @@ Deno.test("the swarm keeps at most 6 fragments in flight overall", async () => {
   assert(most.perHolder.every((n) => n <= 2), `per holder: ${most.perHolder}`);
 });
 
-Deno.test("the swarm asks for the rarest fragments first", async () => {
+Deno.test("the swarm asks for the rarest fragments first, ties in random order", async () => {
   await using dir = await tempDir();
   const { manifest, bytes } = await sampleFragments(join(dir.path, "all"));
   await using directory = startDirectory({ port: 0, hostname: "127.0.0.1", ttl: 600 });
@@ -667,11 +667,14 @@ Deno.test("the swarm asks for the rarest fragments first", async () => {
         fragments: manifest.fragments.filter((f) => holds[k]!(f.index)).map((f) => f.name),
       })),
     );
-    // One fragment at a time, so the order asked is the order chosen.
-    using viewer = await startSwarm(join(dir.path, "viewer"), directory.url, { total: 1 });
+    // One fragment at a time, so the order asked is the order chosen; rarest first from the
+    // start, without the random first fragments.
+    const options = { total: 1, randomFirst: 0 };
+    using viewer = await startSwarm(join(dir.path, "viewer"), directory.url, options);
     await viewer.swarm.fetchAll();
-    const expected = [1, 4, 7, 2, 5, 8, 0, 3, 6, 9].map((i) => `fragment_${i}.bin`);
-    assertEquals(asked, expected);
+    const rarity = (name: string) => [3, 1, 2][Number(name.match(/\d+/)![0]) % 3]!;
+    assertEquals(asked.map(rarity), [1, 1, 1, 2, 2, 2, 3, 3, 3, 3], asked.join(", "));
+    assertEquals(new Set(asked).size, 10);
   } finally {
     await Promise.all(holders.map((holder) => holder[Symbol.asyncDispose]()));
   }

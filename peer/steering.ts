@@ -1,0 +1,99 @@
+/**
+ * Super-seeding for a pull protocol (after BitTorrent's BEP 16). A peer's upload is scarce while
+ * some fragment it holds is held by nobody else: every byte spent on a fragment that another peer
+ * could give is a byte not spent on one that only it can. So while its upload is busy, a request
+ * for a fragment that another peer holds, or is being sent, is answered with a pointer to those
+ * peers (`ERR ELSEWHERE <host:port> ...` over TCP) instead of the bytes.
+ *
+ * It learns who holds what from the peers' HAVE announcements (the broker's `fragmentos`) and
+ * from its own uploads: a fragment it is sending counts toward its receiver at once, so two
+ * viewers asking for the same rare fragment get it once from the seeder and once from each other.
+ * A requester is pointed elsewhere at most once per fragment within `onceMs`: if it comes back,
+ * the others failed it, and it is served.
+ * @module
+ */
+import type { Store } from "./store.ts";
+
+export interface SteeringOptions {
+  /** How long a requester pointed elsewhere for a fragment is served the next time. @default 30000 */
+  onceMs?: number;
+  /** Most holders a pointer names. @default 4 */
+  pointTo?: number;
+}
+
+// Bounds on what hostile announcements can make it remember.
+const MAX_HOLDERS_PER_FRAGMENT = 256;
+const MAX_REDIRECTS_REMEMBERED = 10_000;
+
+/** Decides when this peer points a requester at other holders instead of sending. */
+export class Steering {
+  readonly #store: Store;
+  readonly #onceMs: number;
+  readonly #pointTo: number;
+  readonly #holders = new Map<string, Set<string>>(); // fragment -> peers that hold or get it
+  readonly #redirected = new Map<string, number>(); // "<requester> <fragment>" -> when
+
+  constructor(store: Store, options: SteeringOptions = {}) {
+    this.#store = store;
+    this.#onceMs = options.onceMs ?? 30_000;
+    this.#pointTo = options.pointTo ?? 4;
+  }
+
+  /** `peer` (its `host:port`) holds `name`, or is being sent it. */
+  have(name: string, peer: string): void {
+    const holders = this.#holders.get(name) ?? new Set();
+    if (holders.size >= MAX_HOLDERS_PER_FRAGMENT) return;
+    this.#holders.set(name, holders.add(peer));
+  }
+
+  /** A send of `name` to `peer` failed: it does not hold it after all. */
+  lost(name: string, peer: string): void {
+    this.#holders.get(name)?.delete(peer);
+  }
+
+  /**
+   * The peers to point `requester` at instead of sending it `name`, or undefined to send.
+   * Points elsewhere only when `busy` (other uploads want this peer's upload), while some
+   * fragment of the file is held here alone, and once per requester and fragment.
+   */
+  redirect(name: string, requester: string | undefined, busy: boolean): string[] | undefined {
+    if (requester === undefined || !busy) return undefined;
+    const others = [...this.#holders.get(name) ?? []].filter((peer) => peer !== requester);
+    if (others.length === 0 || !this.#holdsUnique()) return undefined;
+    const key = `${requester} ${name}`;
+    const now = Date.now();
+    if (now - (this.#redirected.get(key) ?? -Infinity) < this.#onceMs) return undefined;
+    if (this.#redirected.size >= MAX_REDIRECTS_REMEMBERED) this.#forgetOld(now);
+    this.#redirected.set(key, now);
+    return shuffle(others).slice(0, this.#pointTo);
+  }
+
+  // True while this peer seeds the whole file and some fragment of it is held (or being got)
+  // by no other peer known. A viewer's upload goes wherever it is asked: it has no such duty.
+  #holdsUnique(): boolean {
+    const fragments = this.#store.manifest?.fragments ?? [];
+    if (fragments.length === 0 || fragments.some((f) => !this.#store.get(f.name))) return false;
+    return fragments.some((f) => (this.#holders.get(f.name)?.size ?? 0) === 0);
+  }
+
+  #forgetOld(now: number): void {
+    for (const [key, when] of this.#redirected) {
+      if (now - when >= this.#onceMs) this.#redirected.delete(key);
+    }
+    // Still full: a flood of requesters; forget the oldest half rather than grow.
+    if (this.#redirected.size >= MAX_REDIRECTS_REMEMBERED) {
+      const keys = [...this.#redirected.keys()].slice(0, MAX_REDIRECTS_REMEMBERED / 2);
+      for (const key of keys) this.#redirected.delete(key);
+    }
+  }
+}
+
+/** A new array with `items` in random order (Fisher-Yates). */
+export function shuffle<T>(items: readonly T[]): T[] {
+  const out = [...items];
+  for (let i = out.length - 1; i > 0; i--) {
+    const j = Math.floor(Math.random() * (i + 1));
+    [out[i], out[j]] = [out[j]!, out[i]!];
+  }
+  return out;
+}

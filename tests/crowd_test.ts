@@ -1,0 +1,296 @@
+/**
+ * A crowd of viewers served peer to peer: HAVE messages from the broker, random tie-breaks, a
+ * busy seeder pointing requesters at the peers it already sent a fragment to, upload slots shared
+ * fairly between peers, and a crowd that survives one of its viewers dying. Viewers and seeders
+ * are child processes started with the peer task's flags; the directory and the broker run in
+ * this process, on port 0.
+ * @module
+ */
+import { assert, assertEquals, assertMatch } from "./_assert.ts";
+import { join } from "node:path";
+import { startDirectory } from "../directory.ts";
+import { startBroker } from "../broker.ts";
+import { Fetcher } from "../peer/fetch.ts";
+import { Steering } from "../peer/steering.ts";
+import { Store } from "../peer/store.ts";
+import { PeerError, startTcpServer, TcpPeerClient } from "../peer/tcp.ts";
+import { UploadSlots } from "../peer/upload_slots.ts";
+import { createThrottle } from "../common/throttle.ts";
+import { type Manifest, splitFile } from "../split.ts";
+import { type Child, peerArgs, startTask, tempDir } from "./_util.ts";
+
+const FILE = "crowd.bin";
+const SENT = /^\[✓\] Fragment '(\S+)' sent to \S+$/gm;
+const ARRIVAL = /^\[swarm\] (\S+) from (\S+) \(\d+\/\d+\)$/gm;
+const COMPLETE = (fragments: number) =>
+  new RegExp(`\\[✓\\] '${FILE}' complete: ${fragments}/${fragments} fragments, sha256 verified`);
+
+/** A file of `size` random bytes split into `fragments` in `dir`. */
+async function makeStore(dir: string, size: number, fragments: number): Promise<Manifest> {
+  await Deno.mkdir(dir, { recursive: true });
+  const input = join(dir, "..", FILE);
+  const bytes = new Uint8Array(size);
+  for (let at = 0; at < size; at += 65536) crypto.getRandomValues(bytes.subarray(at, at + 65536));
+  await Deno.writeFile(input, bytes);
+  return await splitFile(input, { out: dir, fragments });
+}
+
+/** Flags of a crowd peer: its store, the directory, the broker, an upload limit. */
+function crowdArgs(dir: string, directory: string, broker: string, rate: string): string[] {
+  return [...peerArgs(dir, directory), "--broker", broker, "--max-upload", rate];
+}
+
+/** The `[swarm] <fragment> from <host:port>` lines of a viewer: fragment and source, in order. */
+function arrivals(viewer: Child): { name: string; from: string }[] {
+  return [...viewer.stdout.matchAll(ARRIVAL)].map(([, name, from]) => ({
+    name: name!,
+    from: from!,
+  }));
+}
+
+async function listed(url: string, count: number): Promise<void> {
+  const deadline = Date.now() + 15_000;
+  while (true) {
+    const { peers } = await (await fetch(`${url}/peers`)).json() as { peers: unknown[] };
+    const { files } = await (await fetch(`${url}/files`)).json() as { files: unknown[] };
+    if (peers.length >= count && files.length > 0) return;
+    assert(Date.now() < deadline, `the directory never listed ${count} peer(s) and a file`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+Deno.test("UploadSlots gives a freed slot to the peer served least recently", async () => {
+  const slots = new UploadSlots(1);
+  const order: string[] = [];
+  const first = await slots.acquire("a");
+  // Peer a asks three times, b once, c once: they take turns, a's extra asks wait behind.
+  const asks = ["a", "a", "a", "b", "c"].map((peer) =>
+    slots.acquire(peer).then((release) => {
+      order.push(peer);
+      release();
+    })
+  );
+  assertEquals([slots.active, slots.waiting], [1, 5]);
+  first();
+  await Promise.all(asks);
+  assertEquals(order, ["a", "b", "c", "a", "a"]);
+  assertEquals([slots.active, slots.waiting], [0, 0]);
+  // A wait that is given up leaves no trace.
+  const held = await slots.acquire("x");
+  const gone = new AbortController();
+  const waiting = slots.acquire("y", gone.signal);
+  gone.abort();
+  await waiting.then(() => assert(false, "should reject"), () => {});
+  assertEquals(slots.waiting, 0);
+  held();
+});
+
+Deno.test("a busy peer points a second requester at the peer it is sending to, only once", async () => {
+  await using dir = await tempDir();
+  const manifest = await makeStore(join(dir.path, "seeder"), 400_000, 4);
+  const store = await Store.open(join(dir.path, "seeder"));
+  const steering = new Steering(store);
+  // 100 KB/s: a fragment takes a second, so the first send is still going when B asks.
+  await using server = startTcpServer(store, {
+    port: 0,
+    hostname: "127.0.0.1",
+    throttle: createThrottle(100_000),
+    steering,
+  });
+  const address = `127.0.0.1:${server.port}`;
+  const [first, second] = manifest.fragments;
+  using a = await TcpPeerClient.connect(address);
+  using b = await TcpPeerClient.connect(address);
+  using anonymous = await TcpPeerClient.connect(address);
+  await a.hello("10.0.0.1:6001");
+  await b.hello("10.0.0.2:6002");
+  const sending = await a.get(first!.name);
+  const reading = (async () => {
+    for await (const _ of sending.chunks); // A reads its fragment to the end
+  })();
+  // B asks for the fragment on its way to A: pointed at A, while the seeder alone holds others.
+  const error = await b.get(first!.name).then(() => undefined, (e) => e);
+  assert(error instanceof PeerError, String(error));
+  assertEquals([error.code, error.elsewhere], ["ELSEWHERE", ["10.0.0.1:6001"]]);
+  assertMatch(error.message, /held elsewhere: 10\.0\.0\.1:6001/);
+  // A client that does not say who it is is served, and so is B when it comes back.
+  const served = await anonymous.get(first!.name);
+  for await (const _ of served.chunks);
+  const again = await b.get(first!.name);
+  for await (const _ of again.chunks);
+  await reading;
+  // A HAVE names another holder; an idle seeder serves anyway.
+  steering.have(second!.name, "10.0.0.3:6003");
+  const idle = await b.get(second!.name);
+  assertEquals(idle.size, second!.size);
+  for await (const _ of idle.chunks);
+});
+
+Deno.test("Fetcher follows ERR ELSEWHERE to the peer named, and asks the pointer again after", async () => {
+  await using dir = await tempDir();
+  const manifest = await makeStore(join(dir.path, "seeder"), 400_000, 4);
+  const seeder = await Store.open(join(dir.path, "seeder"));
+  const steering = new Steering(seeder);
+  // 20 KB/s: the send that keeps it busy lasts seconds.
+  await using busy = startTcpServer(seeder, {
+    port: 0,
+    hostname: "127.0.0.1",
+    throttle: createThrottle(20_000),
+    steering,
+  });
+  // The peer pointed at holds the fragment; a second one pointed at is down.
+  const other = await Store.open(join(dir.path, "other"));
+  await other.setManifest(manifest);
+  const [first, second] = manifest.fragments;
+  const bytes = await Deno.readFile(join(dir.path, "seeder", first!.name));
+  await other.write(
+    first!.name,
+    first!,
+    (async function* () {
+      yield bytes;
+    })(),
+  );
+  await using holder = startTcpServer(other, { port: 0, hostname: "127.0.0.1" });
+  steering.have(first!.name, `127.0.0.1:${holder.port}`);
+  steering.have(second!.name, "127.0.0.1:1");
+  // Keep the seeder busy with a slow send.
+  using keeper = await TcpPeerClient.connect(`127.0.0.1:${busy.port}`);
+  await keeper.hello("10.9.9.9:1");
+  const slow = await keeper.get(manifest.fragments[3]!.name);
+  const draining = (async () => {
+    for await (const _ of slow.chunks);
+  })();
+  const viewer = await Store.open(join(dir.path, "viewer"));
+  await viewer.setManifest(manifest);
+  using fetcher = new Fetcher(viewer, { self: "127.0.0.1:7777" });
+  const seed = { host: "127.0.0.1", port: busy.port, grpcPort: 0 };
+  assertEquals(await fetcher.fetch(first!.name, [seed]), `127.0.0.1:${holder.port}`);
+  // Pointed at a peer that is down: back to the pointer, which serves this time.
+  assertEquals(await fetcher.fetch(second!.name, [seed]), `127.0.0.1:${busy.port}`);
+  await draining;
+});
+
+/**
+ * A directory, a broker and a seeder child holding a file of `size` bytes in `fragments`;
+ * `prepare` may change the seeder's store before it starts.
+ */
+async function startCrowdSeed(
+  root: string,
+  size: number,
+  fragments: number,
+  rate: string,
+  prepare?: (manifest: Manifest) => Promise<void>,
+) {
+  const manifest = await makeStore(join(root, "seeder"), size, fragments);
+  await prepare?.(manifest);
+  const directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
+  const broker = startBroker({ port: 0, hostname: "127.0.0.1" });
+  const brokerAddress = `127.0.0.1:${broker.port}`;
+  const seeder = startTask("peer", [
+    "0",
+    "--no-console",
+    ...crowdArgs(join(root, "seeder"), directory.url, brokerAddress, rate),
+  ]);
+  const port = (await seeder.waitFor(/Node listening on port (\d+)/, { stream: "stdout" }))[1]!;
+  await listed(directory.url, 1);
+  return {
+    manifest,
+    url: directory.url,
+    broker: brokerAddress,
+    seeder,
+    seederPort: Number(port),
+    viewer(name: string, extra: string[] = []): Child {
+      return startTask("peer", [
+        "0",
+        ...crowdArgs(join(root, name), directory.url, brokerAddress, rate),
+        "--fetch-all",
+        "--exit-when-done",
+        ...extra,
+      ]);
+    },
+    async [Symbol.asyncDispose]() {
+      await seeder[Symbol.asyncDispose]();
+      await broker.close();
+      await directory.close();
+    },
+  };
+}
+
+Deno.test("a crowd shares: viewers start on different fragments and fetch from each other", async () => {
+  await using dir = await tempDir();
+  await using crowd = await startCrowdSeed(dir.path, 2_000_000, 10, "500KB/s");
+  const viewers = ["v1", "v2", "v3", "v4"].map((name) => crowd.viewer(name));
+  try {
+    for (const viewer of viewers) {
+      assertEquals((await viewer.status()).code, 0, viewer.stderr);
+      assertMatch(viewer.stdout, COMPLETE(10));
+    }
+    const original = await Deno.readFile(join(dir.path, FILE));
+    for (const name of ["v1", "v2", "v3", "v4"]) {
+      assertEquals(await Deno.readFile(join(dir.path, name, FILE)), original);
+    }
+    const seederSuffix = `:${crowd.seederPort}`;
+    const got = viewers.map(arrivals);
+    // Random tie-breaks: the viewers did not all start on the same fragment.
+    assert(new Set(got.map((a) => a[0]?.name)).size > 1, JSON.stringify(got.map((a) => a[0])));
+    const fromViewers = got.flat().filter((a) => !a.from.endsWith(seederSuffix)).length;
+    assert(fromViewers > 0, "no viewer fetched from another viewer");
+    // Client-server would have the seeder send the file four times.
+    const sent = [...crowd.seeder.stdout.matchAll(SENT)].length;
+    assert(sent < 4 * 10, `the seeder sent ${sent} fragments for 4 viewers of 10`);
+    console.log(`seeder sent ${sent} fragments; ${fromViewers}/40 came from other viewers`);
+  } finally {
+    await Promise.all(viewers.map((viewer) => viewer[Symbol.asyncDispose]()));
+  }
+});
+
+Deno.test("a crowd completes when one of its viewers dies mid-download", async () => {
+  await using dir = await tempDir();
+  await using crowd = await startCrowdSeed(dir.path, 2_000_000, 10, "400KB/s");
+  const viewers = ["v1", "v2", "v3"].map((name) => crowd.viewer(name));
+  try {
+    await viewers[0]!.waitFor(ARRIVAL, { stream: "stdout" });
+    await viewers[0]![Symbol.asyncDispose](); // SIGKILL: no goodbye to the directory
+    for (const viewer of viewers.slice(1)) {
+      assertEquals((await viewer.status()).code, 0, viewer.stderr);
+      assertMatch(viewer.stdout, COMPLETE(10));
+    }
+  } finally {
+    await Promise.all(viewers.map((viewer) => viewer[Symbol.asyncDispose]()));
+  }
+});
+
+Deno.test("a HAVE from the broker makes a holder known that the directory does not list", async () => {
+  await using dir = await tempDir();
+  // The seeder lacks the last fragment. A peer the directory never hears of fetches it from a
+  // third peer, typed at its console, and announces it on the broker: only the HAVE tells the
+  // viewer where it is.
+  const hidden = join(dir.path, "hidden");
+  const source = join(dir.path, "source");
+  let last = "";
+  await using crowd = await startCrowdSeed(dir.path, 1_000_000, 5, "10MB/s", async (manifest) => {
+    last = manifest.fragments.at(-1)!.name;
+    const seeder = join(dir.path, "seeder");
+    await Deno.mkdir(hidden);
+    await Deno.mkdir(source);
+    for (const name of ["manifest.json", last]) {
+      await Deno.copyFile(join(seeder, name), join(source, name));
+    }
+    await Deno.copyFile(join(seeder, "manifest.json"), join(hidden, "manifest.json"));
+    await Deno.remove(join(seeder, last));
+  });
+  const nowhere = "http://127.0.0.1:1";
+  await using third = startTask("peer", ["0", "--no-console", ...peerArgs(source, nowhere)]);
+  const thirdPort = (await third.waitFor(/Node listening on port (\d+)/, { stream: "stdout" }))[1];
+  await using unlisted = startTask(
+    "peer",
+    ["0", `127.0.0.1:${thirdPort}`, ...crowdArgs(hidden, nowhere, crowd.broker, "10MB/s")],
+    { stdin: true },
+  );
+  const unlistedPort = (await unlisted.waitFor(/Node listening on port (\d+)/))[1];
+  await using viewer = crowd.viewer("viewer");
+  await viewer.waitFor(/\[swarm\] \S+ from \S+ \(4\/5\)/, { stream: "stdout" });
+  await unlisted.write(`${last}\n`);
+  assertEquals((await viewer.status()).code, 0, viewer.stderr);
+  assertEquals(arrivals(viewer).find((a) => a.name === last)?.from, `localhost:${unlistedPort}`);
+});
