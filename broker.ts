@@ -9,12 +9,27 @@
  * This file is the command line, the fragment announcements, and the public API; the server is in
  * `broker/server.ts`, the client in `broker/client.ts`, and what both share in `broker/wire.ts`.
  *
+ * Every limit a client could push against has a default and a flag: connections (in all and per
+ * address), subscriptions per connection, output waiting (per client and in all), line length,
+ * and how long a line may take to arrive or output may wait unread. See `--help`.
+ *
  * Usage: `deno run broker.ts [--port 5555] [--max-pending BYTES] [--max-line BYTES]`
  * @module
  */
 import { parseArgs } from "node:util";
 import { isLookupError, lookupMessage, userMessage } from "./common/cli.ts";
-import { type Broker, type BrokerOptions, PING_INTERVAL_MS, startBroker } from "./broker/server.ts";
+import {
+  type Broker,
+  type BrokerOptions,
+  defaultMaxPerAddress,
+  LINE_TIMEOUT_MS,
+  MAX_CONNECTIONS,
+  MAX_QUEUED,
+  MAX_SUBSCRIPTIONS,
+  PING_INTERVAL_MS,
+  startBroker,
+  WRITE_TIMEOUT_MS,
+} from "./broker/server.ts";
 import { DEFAULT_PORT, MAX_LINE, MAX_PENDING, parseAddress, quote } from "./broker/wire.ts";
 import { isValidName } from "./split.ts";
 
@@ -40,30 +55,42 @@ export const ANNOUNCE_TOPIC = "fragmentos";
 // ---------------------------------------------------------------------------------------------
 // Fragment announcements
 
-/** A fragment announcement on topic `fragmentos`: a fragment, and maybe a peer that holds it. */
+/**
+ * A fragment announcement on topic `fragmentos`: a fragment, maybe a peer that holds it, and the
+ * file it is a fragment of. Peers take it as a HAVE message: every split names its fragments
+ * `fragment_<i>.bin`, so only the file tells two files' fragments apart.
+ */
 export interface Announcement {
   name: string;
   holder?: { hostname: string; port: number };
+  file?: string;
 }
 
-/** Formats an announcement: `fragment_5.bin` or `fragment_5.bin 10.0.0.7:6001`. */
+/**
+ * Formats an announcement: `fragment_5.bin`, `fragment_5.bin 10.0.0.7:6001`, or with the file,
+ * `fragment_5.bin 10.0.0.7:6001 sample.webm` (read left to right, it still says who has what).
+ */
 export function formatAnnouncement(
   name: string,
   holder?: { hostname: string; port: number },
+  file?: string,
 ): string {
   if (!isValidName(name)) throw new TypeError(`Invalid fragment name ${quote(name)}`);
   if (!holder) return name;
   const host = holder.hostname.includes(":") ? `[${holder.hostname}]` : holder.hostname;
-  return `${name} ${host}:${holder.port}`;
+  if (file === undefined) return `${name} ${host}:${holder.port}`;
+  if (!isValidName(file)) throw new TypeError(`Invalid file name ${quote(file)}`);
+  return `${name} ${host}:${holder.port} ${file}`;
 }
 
-/** Parses an announcement; undefined when it is not one (a bad name or address). */
+/** Parses an announcement; undefined when it is not one (a bad name, address or file). */
 export function parseAnnouncement(message: string): Announcement | undefined {
-  const [name, address, ...extra] = message.trim().split(/\s+/);
+  const [name, address, file, ...extra] = message.trim().split(/\s+/);
   if (extra.length > 0 || !isValidName(name)) return undefined;
   if (address === undefined) return { name };
+  if (file !== undefined && !isValidName(file)) return undefined;
   try {
-    return { name, holder: parseAddress(address) };
+    return { name, holder: parseAddress(address), ...(file === undefined ? {} : { file }) };
   } catch {
     return undefined;
   }
@@ -72,6 +99,9 @@ export function parseAnnouncement(message: string): Announcement | undefined {
 // ---------------------------------------------------------------------------------------------
 // The command line
 
+const PER_ADDRESS = defaultMaxPerAddress(MAX_CONNECTIONS);
+const LINE_TIMEOUT_S = LINE_TIMEOUT_MS / 1000;
+const WRITE_TIMEOUT_S = WRITE_TIMEOUT_MS / 1000;
 const USAGE = `Usage: deno task broker [options]
 
 A TCP pub/sub broker (protocol: SUB:<topic>, UNSUB:<topic>, PUB:<topic>:<message>, PING).
@@ -79,11 +109,23 @@ A TCP pub/sub broker (protocol: SUB:<topic>, UNSUB:<topic>, PUB:<topic>:<message
 Options:
   --port PORT            port to listen on; 0 picks a free one (default ${DEFAULT_PORT})
   --hostname HOST        interface to listen on (default 0.0.0.0)
-  --max-pending BYTES    unread output after which a subscriber is cut off (default ${MAX_PENDING})
-  --max-line BYTES       longest line a client may send (default ${MAX_LINE})
   --ping-interval SECS   how often idle clients are pinged (default ${PING_INTERVAL_MS / 1000})
-  --verbose              log connections and subscriptions on stderr
-  -h, --help             show this help`;
+  --verbose              log connections, subscriptions and refusals on stderr
+  -h, --help             show this help
+
+Limits (each a whole number at least 1; past one, the client gets an ERR: line):
+  --max-connections N                connections at once (default ${MAX_CONNECTIONS})
+  --max-connections-per-address N    from one client address, an IPv6 /64 counting as one
+                                     (default a quarter of --max-connections, ${PER_ADDRESS})
+  --max-subscriptions N              subscriptions of one connection (default ${MAX_SUBSCRIPTIONS})
+  --max-line BYTES                   longest line a client may send (default ${MAX_LINE})
+  --line-timeout SECS                time a line may take from its first byte (default ${LINE_TIMEOUT_S})
+  --max-pending BYTES                output waiting for one client, past which it is cut off
+                                     (default ${MAX_PENDING})
+  --max-queued BYTES                 output waiting for all clients; past it those with the most
+                                     waiting are cut off first (default ${MAX_QUEUED})
+  --write-timeout SECS               time output may wait with none of it read, before the
+                                     client is cut off (default ${WRITE_TIMEOUT_S})`;
 
 /** Parses a positive whole number given to `--flag`, or throws a TypeError saying what is wrong. */
 function positive(flag: string, text: string, { zero = false } = {}): number {
@@ -104,8 +146,14 @@ function main(args = Deno.args) {
       options: {
         port: { type: "string", default: String(DEFAULT_PORT) },
         hostname: { type: "string", default: "0.0.0.0" },
+        "max-connections": { type: "string", default: String(MAX_CONNECTIONS) },
+        "max-connections-per-address": { type: "string" },
+        "max-subscriptions": { type: "string", default: String(MAX_SUBSCRIPTIONS) },
         "max-pending": { type: "string", default: String(MAX_PENDING) },
+        "max-queued": { type: "string", default: String(MAX_QUEUED) },
         "max-line": { type: "string", default: String(MAX_LINE) },
+        "line-timeout": { type: "string", default: String(LINE_TIMEOUT_MS / 1000) },
+        "write-timeout": { type: "string", default: String(WRITE_TIMEOUT_MS / 1000) },
         "ping-interval": { type: "string", default: String(PING_INTERVAL_MS / 1000) },
         verbose: { type: "boolean", default: false },
         help: { type: "boolean", short: "h", default: false },
@@ -117,11 +165,27 @@ function main(args = Deno.args) {
     }
     const port = positive("port", values.port, { zero: true });
     if (port > 65535) throw new TypeError(`--port must be at most 65535, got ${port}`);
+    const maxConnections = positive("max-connections", values["max-connections"]);
+    const perAddress = values["max-connections-per-address"];
+    const maxConnectionsPerAddress = perAddress === undefined
+      ? defaultMaxPerAddress(maxConnections)
+      : positive("max-connections-per-address", perAddress);
+    if (maxConnectionsPerAddress > maxConnections) {
+      throw new TypeError(
+        `--max-connections-per-address must be at most --max-connections (${maxConnections}), got ${maxConnectionsPerAddress}`,
+      );
+    }
     options = {
       port,
       hostname: values.hostname,
+      maxConnections,
+      maxConnectionsPerAddress,
+      maxSubscriptions: positive("max-subscriptions", values["max-subscriptions"]),
       maxPending: positive("max-pending", values["max-pending"]),
+      maxQueued: positive("max-queued", values["max-queued"]),
       maxLine: positive("max-line", values["max-line"]),
+      lineTimeoutMs: positive("line-timeout", values["line-timeout"]) * 1000,
+      writeTimeoutMs: positive("write-timeout", values["write-timeout"]) * 1000,
       pingIntervalMs: positive("ping-interval", values["ping-interval"]) * 1000,
       log: values.verbose ? (line) => console.error(line) : undefined,
     };

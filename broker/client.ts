@@ -17,6 +17,7 @@ import {
   parseAddress,
   quote,
   READ_SIZE,
+  TOO_MANY_SUBSCRIPTIONS,
   within,
 } from "./wire.ts";
 
@@ -59,7 +60,11 @@ export interface ClientOptions {
   onDisconnect?: (error: Error) => void;
   /** Called when connected again, once the subscriptions are restored. */
   onReconnect?: () => void;
-  /** Called with the reason of each `ERR:` line the broker sends. */
+  /**
+   * Called with the reason of each `ERR:` line the broker sends. When the broker then closes the
+   * connection (`too many connections`, `slow consumer`, ...), the client reconnects after a
+   * back-off that grows while the broker keeps sending it away.
+   */
   onError?: (reason: string) => void;
 }
 
@@ -93,6 +98,12 @@ export class BrokerClient implements AsyncDisposable {
   #held: string[] = [];
   #heldSize = 0;
   #pongs: PromiseWithResolvers<void>[] = [];
+  // The topics of the `SUB:` lines sent on this connection and not answered yet, oldest first:
+  // the broker answers each, in order, with `OK:SUB:<topic>` or an `ERR:` refusing it.
+  #unconfirmed: string[] = [];
+  // True when the last line from the broker was an `ERR:`: if it then closes, it sent this
+  // client away (too many connections, say), and reconnecting at once would only repeat that.
+  #sentAway = false;
   #closed = false;
   #wake: (() => void) | null = null;
   readonly #loop: Promise<void>;
@@ -113,7 +124,8 @@ export class BrokerClient implements AsyncDisposable {
 
   /**
    * Subscribes to `topic`. Resolves once the broker has the subscription (or at once when the
-   * connection is down: it is then restored on reconnection).
+   * connection is down: it is then restored on reconnection). Rejects with a
+   * {@link BrokerError} when the broker refuses it (past its `--max-subscriptions`).
    */
   async subscribe(topic: string): Promise<Subscription> {
     if (!isValidTopic(topic)) throw new TypeError(`Invalid topic ${quote(topic)}`);
@@ -125,7 +137,11 @@ export class BrokerClient implements AsyncDisposable {
       return inbox;
     }
     this.#topics.set(topic, new Set([inbox]));
-    if (this.#outbox?.send(`SUB:${topic}`)) await this.flush().catch(() => {});
+    if (this.#sendSubscribe(topic)) await this.flush().catch(() => {});
+    if (inbox.refusal !== undefined) {
+      const what = `the subscription to ${quote(topic)}`;
+      throw new BrokerError(`The broker at "${this.address}" refused ${what}: ${inbox.refusal}`);
+    }
     return inbox;
   }
 
@@ -202,11 +218,17 @@ export class BrokerClient implements AsyncDisposable {
       }
       const again = everConnected || failures > 0;
       everConnected = true;
-      failures = 0;
       first.resolve();
       let error: Error;
       try {
         error = await this.#session(conn, again);
+        // Sent away (too many connections, say): try again later, and later each time.
+        if (this.#sentAway && !this.#closed) {
+          this.#options.onDisconnect?.(error);
+          await this.#backOff(failures++);
+          continue;
+        }
+        failures = 0;
       } catch (cause) {
         // Not a socket's usual ways of ending (#read turns those into a reason): still, it ends
         // this connection only, and the loop goes on.
@@ -227,14 +249,17 @@ export class BrokerClient implements AsyncDisposable {
   async #session(conn: Deno.TcpConn, again: boolean): Promise<Error> {
     conn.setNoDelay(true);
     this.#conn = conn;
-    const outbox = new Outbox(conn, this.#options.maxPending ?? MAX_PENDING, () => {
+    this.#unconfirmed = [];
+    this.#sentAway = false;
+    const outbox = new Outbox(conn, {
+      limit: this.#options.maxPending ?? MAX_PENDING,
       // A failed write ends the read below as well.
-      conn.close();
+      onError: () => conn.close(),
     });
     this.#outbox = outbox;
     const reading = this.#read(conn);
     if (this.#topics.size > 0 || again || this.#held.length > 0) {
-      for (const topic of this.#topics.keys()) outbox.send(`SUB:${topic}`);
+      for (const topic of this.#topics.keys()) this.#sendSubscribe(topic);
       // After the subscriptions, so this client's own subscriptions see what it held.
       for (const line of this.#held.splice(0)) outbox.send(line);
       this.#heldSize = 0;
@@ -267,6 +292,8 @@ export class BrokerClient implements AsyncDisposable {
   }
 
   #handle(line: string) {
+    // The broker's last words before it closes a connection are an `ERR:` line.
+    this.#sentAway = false;
     if (line.startsWith("MSG:")) {
       const split = line.indexOf(":", 4);
       if (split === -1) return;
@@ -277,9 +304,28 @@ export class BrokerClient implements AsyncDisposable {
       this.#pongs.shift()?.resolve();
     } else if (line === "PING") {
       this.#outbox?.send("PONG");
+    } else if (line.startsWith("OK:SUB:")) {
+      this.#unconfirmed.shift();
     } else if (line.startsWith("ERR:")) {
-      this.#options.onError?.(line.slice(4));
-    } // OK:SUB / OK:UNSUB need nothing: the PING sent after them confirms them.
+      const reason = line.slice(4);
+      if (reason.startsWith(TOO_MANY_SUBSCRIPTIONS)) {
+        // It refuses the oldest SUB not answered yet; the connection stays open.
+        const topic = this.#unconfirmed.shift();
+        const inboxes = topic === undefined ? undefined : this.#topics.get(topic);
+        if (inboxes) {
+          this.#topics.delete(topic!);
+          for (const inbox of inboxes) inbox.refuse(reason);
+        }
+      } else this.#sentAway = true;
+      this.#options.onError?.(reason);
+    } // OK:UNSUB needs nothing: the PING sent after it confirms it.
+  }
+
+  /** Sends `SUB:<topic>`, and remembers it until the broker answers; false when not sent. */
+  #sendSubscribe(topic: string): boolean {
+    if (!this.#outbox?.send(`SUB:${topic}`)) return false;
+    this.#unconfirmed.push(topic);
+    return true;
   }
 
   async #unsubscribe(inbox: Inbox) {
@@ -314,6 +360,8 @@ class Inbox implements Subscription {
   #next = 0;
   #ended = false;
   #wake: (() => void) | null = null;
+  /** Why the broker refused this subscription, if it did. */
+  refusal: string | undefined;
 
   constructor(topic: string, onUnsubscribe: (inbox: Inbox) => Promise<void>) {
     this.topic = topic;
@@ -329,6 +377,12 @@ class Inbox implements Subscription {
   end() {
     this.#ended = true;
     this.#wake?.();
+  }
+
+  /** Ends the subscription because the broker refused it. */
+  refuse(reason: string) {
+    this.refusal = reason;
+    this.end();
   }
 
   async unsubscribe(): Promise<void> {

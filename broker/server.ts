@@ -2,7 +2,9 @@
  * The broker's side of the protocol (broker.ts re-exports {@link startBroker} and its types): the
  * listener, the topics and their subscribers, and one {@link Session} per client connection. A
  * subscriber that stops reading is cut off instead of slowing anyone else; idle clients are
- * pinged and dropped when they stay silent.
+ * pinged and dropped when they stay silent. Everything a client can make the broker hold is
+ * capped: connections (in all, and per address), subscriptions per connection, output waiting
+ * per connection and in all, and the time a line may take to arrive.
  * @module
  */
 import { describe } from "../common/cli.ts";
@@ -19,14 +21,45 @@ import {
   Outbox,
   quote,
   READ_SIZE,
+  releasableBytes,
+  release,
+  type Tally,
+  TOO_MANY_SUBSCRIPTIONS,
   within,
 } from "./wire.ts";
 
 /** How often idle clients are pinged unless told otherwise (NATS's: a line every 2 minutes). */
 export const PING_INTERVAL_MS = 120_000;
+/** The most connections at once unless told otherwise. */
+export const MAX_CONNECTIONS = 1024;
+/** The most subscriptions one connection may hold unless told otherwise. */
+export const MAX_SUBSCRIPTIONS = 100;
+/**
+ * The most output waiting for all clients together unless told otherwise, in bytes: twice what
+ * one full-length line sent to `MAX_CONNECTIONS` subscribers queues at once.
+ */
+export const MAX_QUEUED = 128 * 1024 * 1024;
+/** How long a line may take from its first byte to its newline unless told otherwise. */
+export const LINE_TIMEOUT_MS = 10_000;
+/** How long output may wait with nothing written unless told otherwise (NATS's write deadline). */
+export const WRITE_TIMEOUT_MS = 10_000;
+/** The per-address limit unless told otherwise: a quarter of the connection limit. */
+export function defaultMaxPerAddress(maxConnections: number): number {
+  return Math.max(1, Math.floor(maxConnections / 4));
+}
 const MISSED_PINGS = 2;
 // On shutdown the last words get less time, so the broker exits well within a second.
 const SHUTDOWN_GRACE_MS = 400;
+// A session's read buffer starts this small and grows (to READ_SIZE) only for a client that
+// fills it: most clients send a line now and then, and an idle connection should cost little.
+const FIRST_READ_SIZE = 4096;
+// A refused connection is told why, then given this long to read it and hang up before it is
+// closed (closing with its bytes unread would reset it, and the reason could be lost).
+const REFUSAL_LINGER_MS = 1000;
+// At most this many refused connections linger so at once; past it they are closed as soon as
+// they are told, so a flood of connections cannot hold many descriptors this way.
+const MAX_LINGERING = 16;
+const encoder = new TextEncoder();
 
 /** Options for {@link startBroker}. */
 export interface BrokerOptions {
@@ -40,6 +73,30 @@ export interface BrokerOptions {
   maxPending?: number;
   /** How often idle clients are pinged; two missed `PONG`s drop them. @default 120000 */
   pingIntervalMs?: number;
+  /** Most connections at once; past it a new one gets `ERR:too many connections`. @default 1024 */
+  maxConnections?: number;
+  /**
+   * Most connections from one address (an IPv6 /64 counts as one address); past it a new one
+   * gets `ERR:too many connections from your address`. @default a quarter of maxConnections
+   */
+  maxConnectionsPerAddress?: number;
+  /** Most subscriptions one connection may hold; past it `SUB:` gets an `ERR:`. @default 100 */
+  maxSubscriptions?: number;
+  /**
+   * Most output waiting for all clients together, in bytes; past it the clients with the most
+   * waiting are cut off (`ERR:slow consumer`) until it is back under. @default 128 MiB
+   */
+  maxQueued?: number;
+  /**
+   * How long a line may take from its first byte to its newline, in ms; past it the client gets
+   * `ERR:line timeout` and is closed. @default 10000
+   */
+  lineTimeoutMs?: number;
+  /**
+   * How long output may wait for a client with nothing written, in ms; past it the client is
+   * cut off (`ERR:slow consumer`). @default 10000
+   */
+  writeTimeoutMs?: number;
   /** Receives one line per connection, subscription and cut-off (the CLI's `--verbose`). */
   log?: (line: string) => void;
   /**
@@ -55,8 +112,12 @@ export interface BrokerStats {
   connections: number;
   subscriptions: number;
   topics: number;
-  /** Subscribers cut off so far for not reading. */
+  /** Clients cut off so far for not reading (over a limit of waiting output, or stalled). */
   slowConsumers: number;
+  /** Output waiting for the clients now, in bytes. */
+  queued: number;
+  /** Connections refused so far at the connection limits. */
+  refused: number;
 }
 
 /** A running broker. */
@@ -82,21 +143,40 @@ class BrokerServer implements Broker {
   readonly port: number;
   readonly maxLine: number;
   readonly maxPending: number;
+  readonly maxConnections: number;
+  readonly maxConnectionsPerAddress: number;
+  readonly maxSubscriptions: number;
+  readonly maxQueued: number;
+  readonly lineTimeoutMs: number;
+  readonly writeTimeoutMs: number;
   readonly log: (line: string) => void;
   readonly warn: (line: string) => void;
+  /** Output waiting for every session together. */
+  readonly output: Tally = { bytes: 0 };
   readonly #listener: Deno.TcpListener;
   readonly #sessions = new Set<Session>();
+  readonly #perAddress = new Map<string, number>();
   readonly #topics = new Map<string, Set<Session>>();
   readonly #tasks = new Set<Promise<void>>();
   readonly #encoder = new LineEncoder();
   readonly #pinger: ReturnType<typeof setInterval>;
+  readonly #sweeper: ReturnType<typeof setInterval>;
   #slowConsumers = 0;
+  #refused = 0;
+  readonly #lingering = new Set<Deno.TcpConn>();
   #closing: Promise<void> | null = null;
   readonly #stopAccepting = new AbortController();
 
   constructor(options: BrokerOptions) {
     this.maxLine = options.maxLine ?? MAX_LINE;
     this.maxPending = options.maxPending ?? MAX_PENDING;
+    this.maxConnections = options.maxConnections ?? MAX_CONNECTIONS;
+    this.maxConnectionsPerAddress = options.maxConnectionsPerAddress ??
+      defaultMaxPerAddress(this.maxConnections);
+    this.maxSubscriptions = options.maxSubscriptions ?? MAX_SUBSCRIPTIONS;
+    this.maxQueued = options.maxQueued ?? MAX_QUEUED;
+    this.lineTimeoutMs = options.lineTimeoutMs ?? LINE_TIMEOUT_MS;
+    this.writeTimeoutMs = options.writeTimeoutMs ?? WRITE_TIMEOUT_MS;
     this.log = options.log ?? (() => {});
     this.warn = options.warn ?? ((line) => console.error(line));
     this.#listener = Deno.listen({
@@ -105,6 +185,9 @@ class BrokerServer implements Broker {
     });
     this.port = this.#listener.addr.port;
     this.#pinger = setInterval(() => this.#pingIdle(), options.pingIntervalMs ?? PING_INTERVAL_MS);
+    // The deadlines are checked a few times per timeout, and at least once a second.
+    const sweepMs = Math.max(5, Math.min(1000, this.lineTimeoutMs / 4, this.writeTimeoutMs / 4));
+    this.#sweeper = setInterval(() => this.#sweep(), sweepMs);
     this.#track(
       acceptLoop(
         this.#listener,
@@ -122,14 +205,18 @@ class BrokerServer implements Broker {
       subscriptions,
       topics: this.#topics.size,
       slowConsumers: this.#slowConsumers,
+      queued: this.output.bytes,
+      refused: this.#refused,
     };
   }
 
   close(): Promise<void> {
     this.#closing ??= (async () => {
       clearInterval(this.#pinger);
+      clearInterval(this.#sweeper);
       this.#stopAccepting.abort();
       this.#listener.close();
+      for (const conn of this.#lingering) closeQuietly(conn);
       const sessions = [...this.#sessions];
       const ends = sessions.map((session) => session.end("shutting down"));
       await within(Promise.all(ends), SHUTDOWN_GRACE_MS);
@@ -171,9 +258,29 @@ class BrokerServer implements Broker {
     }
     if (!rest) return session.send(`ERR:${verb} needs a topic: ${verb}:<topic>`);
     if (!isValidTopic(rest)) return session.send(`ERR:invalid topic ${quote(rest)}`);
-    if (verb === "SUB") this.#subscribe(session, rest);
-    else this.#unsubscribe(session, rest);
+    if (verb === "SUB") {
+      if (!session.topics.has(rest) && session.topics.size >= this.maxSubscriptions) {
+        this.log(`[BROKER] Refused ${session.name} a subscription to '${rest}': at the limit`);
+        return session.send(`ERR:${TOO_MANY_SUBSCRIPTIONS}`);
+      }
+      this.#subscribe(session, rest);
+    } else this.#unsubscribe(session, rest);
     session.send(`OK:${verb}:${rest}`);
+  }
+
+  /**
+   * Called when the output waiting for all sessions passed `maxQueued`: cuts off the sessions
+   * with the most waiting until it is back under.
+   */
+  shed(): void {
+    while (this.output.bytes > this.maxQueued) {
+      let most: Session | undefined;
+      for (const session of this.#sessions) {
+        if (!session.ending && session.pending > (most?.pending ?? 0)) most = session;
+      }
+      if (!most) return;
+      most.cutOff("over --max-queued in all");
+    }
   }
 
   /** Drops the subscriptions of a client that is going away, so publishing skips it. */
@@ -181,9 +288,9 @@ class BrokerServer implements Broker {
     for (const topic of session.topics) this.#unsubscribe(session, topic);
   }
 
-  slowConsumer(session: Session): void {
+  slowConsumer(session: Session, why: string): void {
     this.#slowConsumers++;
-    this.log(`[BROKER] Cut off ${session.name}: slow consumer`);
+    this.log(`[BROKER] Cut off ${session.name}: slow consumer (${why})`);
   }
 
   #subscribe(session: Session, topic: string) {
@@ -204,6 +311,14 @@ class BrokerServer implements Broker {
   }
 
   #serve(conn: Deno.TcpConn) {
+    const address = addressKey(conn.remoteAddr.hostname);
+    const fromAddress = this.#perAddress.get(address) ?? 0;
+    if (this.#sessions.size >= this.maxConnections) {
+      return this.#refuse(conn, "too many connections");
+    }
+    if (fromAddress >= this.maxConnectionsPerAddress) {
+      return this.#refuse(conn, "too many connections from your address");
+    }
     try {
       conn.setNoDelay(true); // the outbox already batches; Nagle would only add delay
     } catch {
@@ -212,17 +327,52 @@ class BrokerServer implements Broker {
     }
     const session = new Session(this, conn);
     this.#sessions.add(session);
+    this.#perAddress.set(address, fromAddress + 1);
     this.log(`[BROKER] Connected ${session.name}`);
     this.#track(
       session.run().finally(() => {
         this.#sessions.delete(session);
+        const left = this.#perAddress.get(address)! - 1;
+        if (left === 0) this.#perAddress.delete(address);
+        else this.#perAddress.set(address, left);
         this.log(`[BROKER] Disconnected ${session.name}`);
       }),
     );
   }
 
+  /** Tells a connection past a limit why with one `ERR:` line, and closes it. */
+  #refuse(conn: Deno.TcpConn, reason: string) {
+    this.#refused++;
+    const name = `${conn.remoteAddr.hostname}:${conn.remoteAddr.port}`;
+    this.log(`[BROKER] Refused ${name}: ${reason}`);
+    // A new socket's send buffer is empty: this write does not wait for the client.
+    const told = within(conn.write(encoder.encode(`ERR:${reason}\n`)), REFUSAL_LINGER_MS);
+    if (this.#lingering.size >= MAX_LINGERING || this.#closing) {
+      this.#track(told.finally(() => closeQuietly(conn)));
+      return;
+    }
+    this.#lingering.add(conn);
+    this.#track((async () => {
+      try {
+        await told;
+        conn.closeWrite(); // the reason, then the end: the client may hang up as it reads it
+        await within(drain(conn), REFUSAL_LINGER_MS);
+      } catch (error) {
+        if (!isConnectionError(error)) this.warn(`[BROKER] Refusing ${name}: ${describe(error)}`);
+      } finally {
+        this.#lingering.delete(conn);
+        closeQuietly(conn);
+      }
+    })());
+  }
+
   #pingIdle() {
     for (const session of this.#sessions) session.tick();
+  }
+
+  #sweep() {
+    const now = performance.now();
+    for (const session of this.#sessions) session.checkDeadlines(now);
   }
 
   #track(task: Promise<void>) {
@@ -241,6 +391,8 @@ class Session {
   readonly #lines: LineBuffer;
   #heard = true;
   #unanswered = 0;
+  // When the line still incomplete began to arrive (performance.now()); 0 when none is.
+  #lineStartedAt = 0;
   #ending: Promise<void> | null = null;
   #closed = false;
 
@@ -249,22 +401,45 @@ class Session {
     this.#conn = conn;
     this.name = `${conn.remoteAddr.hostname}:${conn.remoteAddr.port}`;
     this.#lines = new LineBuffer(broker.maxLine);
-    this.#outbox = new Outbox(conn, broker.maxPending, () => this.end());
+    this.#outbox = new Outbox(conn, {
+      limit: broker.maxPending,
+      onError: () => this.end(),
+      tally: broker.output,
+    });
+  }
+
+  /** True once the connection is being ended. */
+  get ending(): boolean {
+    return this.#ending !== null;
+  }
+
+  /** Output waiting for this client, in bytes. */
+  get pending(): number {
+    return this.#outbox.pending;
   }
 
   /** Reads and runs lines until the client goes (or is sent away). */
   async run(): Promise<void> {
-    const buffer = new Uint8Array(READ_SIZE);
+    const buffer = releasableBytes(FIRST_READ_SIZE, READ_SIZE);
     try {
       while (!this.#ending) {
         const count = await this.#conn.read(buffer);
         if (count === null) break;
         this.#heard = true;
         this.#lines.push(buffer.subarray(0, count));
+        let complete = false;
         for (let line; !this.#ending && (line = this.#lines.shift()) !== undefined;) {
+          complete = true;
           this.#broker.handle(this, line);
         }
         if (this.#lines.overflow) await this.end("line too long");
+        // The deadline runs from the first byte of a line: a client sending a line a byte at a
+        // time is heard from all the while, but never finishes.
+        if (this.#lines.buffered === 0) this.#lineStartedAt = 0;
+        else if (complete || this.#lineStartedAt === 0) this.#lineStartedAt = performance.now();
+        if (count === buffer.length && buffer.length < READ_SIZE) {
+          (buffer.buffer as ArrayBuffer).resize(buffer.length * 2); // a client with a lot to say
+        }
       }
     } catch (error) {
       // Whatever went wrong, it ends this client's connection only.
@@ -272,18 +447,37 @@ class Session {
         this.#broker.warn(`[BROKER] Dropped ${this.name}: ${describe(error)}`);
       }
     } finally {
+      release(buffer); // no read is under way any more
       await this.end();
     }
   }
 
   /** Sends a line to this client; one that has let too much pile up is cut off instead. */
   send(line: string): void {
-    if (!this.#ending && !this.#outbox.send(line)) this.#cutOff();
+    if (this.#ending) return;
+    if (!this.#outbox.send(line)) this.cutOff("over --max-pending");
+    else if (this.#broker.output.bytes > this.#broker.maxQueued) this.#broker.shed();
   }
 
   /** Sends an encoded line (its `\n` included) to this client, or cuts it off, as {@link send}. */
   sendBytes(line: Uint8Array): void {
-    if (!this.#ending && !this.#outbox.sendBytes(line)) this.#cutOff();
+    if (this.#ending) return;
+    if (!this.#outbox.sendBytes(line)) this.cutOff("over --max-pending");
+    else if (this.#broker.output.bytes > this.#broker.maxQueued) this.#broker.shed();
+  }
+
+  /**
+   * Called a few times per timeout: ends a connection whose line has taken too long to arrive,
+   * and cuts off one whose output has waited too long with nothing written.
+   */
+  checkDeadlines(now: number): void {
+    if (this.#ending) return;
+    if (this.#lineStartedAt !== 0 && now - this.#lineStartedAt > this.#broker.lineTimeoutMs) {
+      this.#broker.log(`[BROKER] Dropping ${this.name}: line not finished in time`);
+      this.end("line timeout");
+    } else if (this.#outbox.stalledFor(now) > this.#broker.writeTimeoutMs) {
+      this.cutOff("nothing read for --write-timeout");
+    }
   }
 
   /** Called every ping interval: pings a client that said nothing, drops one that stays silent. */
@@ -310,8 +504,11 @@ class Session {
       if (reason) {
         this.#outbox.clear();
         this.#outbox.send(`ERR:${reason}`);
-        await within(this.#outbox.drained(), LAST_WORDS_MS);
       }
+      // What is left is at most a write under way and the reason: no longer the broker's to
+      // count against --max-queued, so that cutting a client off brings the total down at once.
+      this.#outbox.detach();
+      if (reason) await within(this.#outbox.drained(), LAST_WORDS_MS);
       this.abort();
     })();
     return this.#ending;
@@ -324,8 +521,43 @@ class Session {
     this.#conn.close();
   }
 
-  #cutOff() {
-    this.#broker.slowConsumer(this);
+  /** Cuts this client off for not reading (`why` is for the log), telling it so. */
+  cutOff(why: string): void {
+    if (this.#ending) return;
+    this.#broker.slowConsumer(this, why);
     this.end("slow consumer");
+  }
+}
+
+/**
+ * The key one client address counts under: an IPv4 address (also when IPv4-mapped, as a
+ * dual-stack listener reports it), or the /64 prefix of an IPv6 address, which is what one
+ * host or home is usually given.
+ */
+export function addressKey(hostname: string): string {
+  const mapped = hostname.match(/^::ffff:(\d+\.\d+\.\d+\.\d+)$/i);
+  if (mapped) return mapped[1];
+  if (!hostname.includes(":")) return hostname;
+  const [head, tail = ""] = hostname.split("::");
+  const headGroups = head ? head.split(":") : [];
+  const tailGroups = tail ? tail.split(":") : [];
+  const groups = hostname.includes("::")
+    ? [...headGroups, ...Array(8 - headGroups.length - tailGroups.length).fill("0"), ...tailGroups]
+    : headGroups;
+  return `${groups.slice(0, 4).map((group) => parseInt(group, 16).toString(16)).join(":")}::/64`;
+}
+
+/** Reads and drops what a client still sends, until it hangs up. */
+async function drain(conn: Deno.Conn): Promise<void> {
+  const buffer = new Uint8Array(1024);
+  while (await conn.read(buffer) !== null);
+}
+
+/** Closes `conn`, which may be closed already. */
+function closeQuietly(conn: Deno.Conn) {
+  try {
+    conn.close();
+  } catch {
+    // Closed already.
   }
 }

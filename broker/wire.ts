@@ -15,9 +15,11 @@ export const DEFAULT_ADDRESS = `localhost:${DEFAULT_PORT}`;
 export const MAX_LINE = 64 * 1024;
 /** The most output that may wait for one socket unless told otherwise, in bytes. */
 export const MAX_PENDING = 8 * 1024 * 1024;
-/** How much one read takes from a socket. */
+/** How much one read takes from a socket, at most. */
 export const READ_SIZE = 64 * 1024;
 const WRITE_SIZE = 64 * 1024;
+/** The reason of the `ERR:` line that refuses a `SUB:` past the broker's subscription limit. */
+export const TOO_MANY_SUBSCRIPTIONS = "too many subscriptions";
 // How long a client that is cut off keeps its socket, so that it may still read why (`ERR:slow
 // consumer`) if it resumes reading; the broker has already stopped delivering to it.
 export const LAST_WORDS_MS = 2000;
@@ -61,9 +63,26 @@ export class LineEncoder {
   }
 }
 
+/**
+ * Bytes that can be handed back to the operating system at once. A plain `Uint8Array` comes
+ * from malloc, which keeps what is freed for later (a flood's 2 GB of output stayed in the
+ * process after the flood); a resizable `ArrayBuffer` is mapped pages of its own, which
+ * `resize(0)` returns (and the garbage collector unmaps). Only for bytes no pending read or
+ * write is using.
+ */
+export function releasableBytes(size: number, most = size): Uint8Array {
+  return new Uint8Array(new ArrayBuffer(size, { maxByteLength: most }));
+}
+
+/** Returns the pages of bytes made by {@link releasableBytes}; they are empty afterwards. */
+export function release(bytes: Uint8Array): void {
+  (bytes.buffer as ArrayBuffer).resize(0);
+}
+
 const outboxEncoder = new LineEncoder();
 // Written-out chunks, shared by every outbox of the process, so a flood reuses the same few
-// buffers instead of leaving a fresh one per write to collect. At most this many wait here.
+// buffers instead of leaving a fresh one per write to collect. At most this many wait here;
+// any other chunk given back is released at once.
 const SPARE_CHUNKS = 64;
 const spares: Uint8Array[] = [];
 
@@ -74,32 +93,58 @@ interface Chunk {
   end: number;
 }
 
+/** A count of bytes waiting in several outboxes, such as all of a broker's. */
+export interface Tally {
+  bytes: number;
+}
+
+/** Options for an {@link Outbox}. */
+export interface OutboxOptions {
+  /** The most bytes that may wait (including a write under way). */
+  limit: number;
+  /** Called once when a write fails; what waited is dropped. */
+  onError: (error: unknown) => void;
+  /** Also counts this outbox's waiting bytes, until {@link Outbox.detach}. */
+  tally?: Tally;
+}
+
 /**
  * Lines wait here and go out together, up to `WRITE_SIZE` per write, so a burst of small messages
  * costs one syscall, and nothing else ever writes to the socket. What waits is bounded by `limit`
  * bytes. It waits encoded, in chunks of `WRITE_SIZE` outside the JavaScript heap: a backlog of
  * many small messages is not many small objects for the garbage collector to keep copying (which
- * made V8 grow its young generation, and the process, by tens of MiB during a flood).
+ * made V8 grow its young generation, and the process, by tens of MiB during a flood). A chunk
+ * that is not kept as a spare goes back to the operating system as soon as it is written out or
+ * dropped.
  */
 export class Outbox {
   readonly #conn: Deno.Conn;
   readonly #limit: number;
   readonly #onError: (error: unknown) => void;
+  #tally: Tally;
   // The first chunk is the one written from, the last the one filled.
   #chunks: Chunk[] = [];
   #queued = 0;
   #inFlight = 0;
   #writing: Promise<void> | null = null;
+  // When output last went out, or started to wait (performance.now()).
+  #progressAt = 0;
 
-  constructor(conn: Deno.Conn, limit: number, onError: (error: unknown) => void) {
+  constructor(conn: Deno.Conn, options: OutboxOptions) {
     this.#conn = conn;
-    this.#limit = limit;
-    this.#onError = onError;
+    this.#limit = options.limit;
+    this.#onError = options.onError;
+    this.#tally = options.tally ?? { bytes: 0 };
   }
 
   /** What waits to be written, in bytes, including a write under way. */
   get pending(): number {
     return this.#queued + this.#inFlight;
+  }
+
+  /** How long bytes have waited with none written, in ms at `now`; 0 when nothing waits. */
+  stalledFor(now: number): number {
+    return this.pending === 0 ? 0 : now - this.#progressAt;
   }
 
   /** Queues `line` (without its `\n`); false, and nothing queued, when that would pass the limit. */
@@ -113,7 +158,9 @@ export class Outbox {
    * limit.
    */
   sendBytes(bytes: Uint8Array): boolean {
-    if (this.pending + bytes.length > this.#limit) return false;
+    const pending = this.pending;
+    if (pending + bytes.length > this.#limit) return false;
+    if (pending === 0) this.#progressAt = performance.now();
     let tail = this.#chunks.at(-1);
     if (!tail || tail.bytes.length - tail.end < bytes.length) {
       tail = { bytes: takeChunk(bytes.length), start: 0, end: 0 };
@@ -122,6 +169,7 @@ export class Outbox {
     tail.bytes.set(bytes, tail.end);
     tail.end += bytes.length;
     this.#queued += bytes.length;
+    this.#tally.bytes += bytes.length;
     this.#writing ??= this.#writeAll();
     return true;
   }
@@ -133,7 +181,14 @@ export class Outbox {
     for (const chunk of this.#chunks.slice(keep.length)) giveChunk(chunk.bytes);
     if (keep[0]) keep[0].end = keep[0].start;
     this.#chunks = keep;
+    this.#tally.bytes -= this.#queued;
     this.#queued = 0;
+  }
+
+  /** Stops counting in the tally given to the constructor, from now on. */
+  detach(): void {
+    this.#tally.bytes -= this.pending;
+    this.#tally = { bytes: this.pending };
   }
 
   /** Resolves once everything queued so far is written (or writing failed). */
@@ -160,11 +215,14 @@ export class Outbox {
           const written = await this.#conn.write(bytes.subarray(done, end));
           done += written;
           this.#inFlight -= written;
+          this.#tally.bytes -= written;
+          this.#progressAt = performance.now();
         }
         // Written out with nothing after it: fill it again from the start.
         if (chunk.start === chunk.end && this.#chunks.length === 1) chunk.start = chunk.end = 0;
       }
     } catch (error) {
+      this.#tally.bytes -= this.#inFlight;
       this.#inFlight = 0;
       this.clear();
       this.#onError(error);
@@ -180,12 +238,15 @@ export class Outbox {
 }
 
 function takeChunk(size: number): Uint8Array {
-  if (size > WRITE_SIZE) return new Uint8Array(size); // a long line gets a chunk of its own
-  return spares.pop() ?? new Uint8Array(WRITE_SIZE);
+  // A long line gets a chunk of its own.
+  if (size > WRITE_SIZE) return releasableBytes(size);
+  return spares.pop() ?? releasableBytes(WRITE_SIZE);
 }
 
+// Only for a chunk no write is using (a write under way keeps its chunk until it is done).
 function giveChunk(bytes: Uint8Array) {
   if (bytes.length === WRITE_SIZE && spares.length < SPARE_CHUNKS) spares.push(bytes);
+  else release(bytes);
 }
 
 // ---------------------------------------------------------------------------------------------

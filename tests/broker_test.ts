@@ -1,5 +1,7 @@
 import assert from "node:assert/strict";
+import net from "node:net";
 import { LineBuffer } from "../common/lines.ts";
+import { rssMiB } from "../bench/_report.ts";
 import {
   type BrokerStats,
   connect,
@@ -10,6 +12,8 @@ import {
   startBroker,
   type Subscription,
 } from "../broker.ts";
+import { addressKey } from "../broker/server.ts";
+import { Child, startTask, taskArgv } from "./_util.ts";
 
 const encoder = new TextEncoder();
 
@@ -88,14 +92,20 @@ async function eventually(check: () => boolean, what: string, timeoutMs = 5000):
   }
 }
 
-/** Collects `count` messages from a subscription. */
+/** Collects `count` messages from a subscription; fails when they are not all in within 10 s. */
 async function take(subscription: Subscription, count: number): Promise<string[]> {
   const messages: string[] = [];
   if (count === 0) return messages;
-  for await (const { message } of subscription) {
-    messages.push(message);
-    if (messages.length === count) break;
+  const timer = setTimeout(() => subscription.unsubscribe(), 10_000); // ends the loop below
+  try {
+    for await (const { message } of subscription) {
+      messages.push(message);
+      if (messages.length === count) break;
+    }
+  } finally {
+    clearTimeout(timer);
   }
+  if (messages.length < count) throw new Error(`Only ${messages.length} of ${count} messages came`);
   return messages;
 }
 
@@ -117,8 +127,149 @@ function failReads(
   return { [Symbol.dispose]: () => delete prototype.read };
 }
 
+/**
+ * A bare connection from another loopback address (`127.0.0.2`, ...), as from a second machine:
+ * `Deno.connect` cannot choose the address it connects from, `node:net` can.
+ */
+class AddressedClient implements AsyncDisposable {
+  readonly #socket: net.Socket;
+  readonly #lines: string[] = [];
+  readonly #closed: Promise<void>;
+  #partial = "";
+  #ended = false;
+  #wake: (() => void) | null = null;
+
+  private constructor(socket: net.Socket) {
+    this.#socket = socket;
+    socket.setEncoding("utf8");
+    socket.on("data", (text: string) => {
+      const parts = (this.#partial + text).split("\n");
+      this.#partial = parts.pop()!;
+      this.#lines.push(...parts);
+      this.#wake?.();
+    });
+    const end = () => {
+      this.#ended = true;
+      this.#wake?.();
+    };
+    socket.on("end", end);
+    socket.on("error", end);
+    this.#closed = new Promise((resolve) => socket.once("close", () => resolve()));
+  }
+
+  static open(port: number, localAddress: string): Promise<AddressedClient> {
+    return new Promise((resolve, reject) => {
+      const socket = net.connect({ host: "127.0.0.1", port, localAddress });
+      socket.once("error", reject);
+      socket.once("connect", () => {
+        socket.off("error", reject);
+        resolve(new AddressedClient(socket));
+      });
+    });
+  }
+
+  /** True once the broker closed the connection (lines may still wait to be taken). */
+  get closed(): boolean {
+    return this.#ended;
+  }
+
+  /** The next line, or null once the broker closed the connection; fails after `timeoutMs`. */
+  async line(timeoutMs = 5000): Promise<string | null> {
+    const deadline = Date.now() + timeoutMs;
+    while (this.#lines.length === 0) {
+      if (this.#ended) return null;
+      const left = deadline - Date.now();
+      if (left <= 0) throw new Error(`No line within ${timeoutMs} ms`);
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, left);
+        this.#wake = () => {
+          clearTimeout(timer);
+          resolve();
+        };
+      });
+      this.#wake = null;
+    }
+    return this.#lines.shift()!;
+  }
+
+  send(text: string): void {
+    this.#socket.write(text);
+  }
+
+  async close(): Promise<void> {
+    this.#socket.destroy();
+    await this.#closed;
+  }
+
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.close();
+  }
+}
+
+/** Starts `deno task broker --port 0 ...args` as a child process and reads back its port. */
+async function startBrokerTask(args: string[] = []): Promise<[Child, number]> {
+  const child = startTask("broker", ["--port", "0", "--hostname", "127.0.0.1", ...args]);
+  const [, port] = await child.waitFor(/\[BROKER\] Listening on port (\d+)/, { stream: "stdout" });
+  return [child, Number(port)];
+}
+
+/** Reads `client` to its end (the broker closed it), dropping the bytes; the last few as text. */
+async function readToEnd(client: RawClient, timeoutMs = 5000): Promise<string> {
+  const buffer = new Uint8Array(256 * 1024);
+  let tail = new Uint8Array(0);
+  let timedOut = false;
+  const timer = setTimeout(() => {
+    timedOut = true;
+    client.close();
+  }, timeoutMs);
+  try {
+    for (let count; (count = await client.conn.read(buffer)) !== null;) {
+      const joined = new Uint8Array(tail.length + count);
+      joined.set(tail);
+      joined.set(buffer.subarray(0, count), tail.length);
+      tail = joined.slice(-64);
+    }
+  } catch (error) {
+    if (timedOut) throw new Error(`The broker did not close the connection within ${timeoutMs} ms`);
+    if (!(error instanceof Deno.errors.ConnectionReset)) throw error;
+  } finally {
+    clearTimeout(timer);
+  }
+  return new TextDecoder().decode(tail);
+}
+
+/** Waits until the RSS of process `pid` is under `mib` (it fails after 5 s); returns it. */
+async function memoryBack(pid: number, mib: number): Promise<number> {
+  const deadline = Date.now() + 5000;
+  while (true) {
+    const rss = rssMiB(pid);
+    if (rss < mib) return rss;
+    if (Date.now() > deadline) throw new Error(`RSS stayed at ${rss} MiB, over ${mib} MiB`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+/** Samples the RSS of process `pid` every 20 ms until stopped; `stop()` returns the peak. */
+function sampleRss(pid: number): { stop(): number } {
+  let peak = rssMiB(pid);
+  const timer = setInterval(() => peak = Math.max(peak, rssMiB(pid)), 20);
+  return {
+    stop() {
+      clearInterval(timer);
+      return Math.max(peak, rssMiB(pid));
+    },
+  };
+}
+
 const numbers = (count: number) => Array.from({ length: count }, (_, i) => String(i));
-const empty: BrokerStats = { connections: 0, subscriptions: 0, topics: 0, slowConsumers: 0 };
+const empty: BrokerStats = {
+  connections: 0,
+  subscriptions: 0,
+  topics: 0,
+  slowConsumers: 0,
+  queued: 0,
+  refused: 0,
+};
 
 Deno.test("startBroker() answers each good and bad line and keeps the connection usable", async () => {
   await using broker = startBroker({ port: 0, hostname: "127.0.0.1" });
@@ -275,12 +426,7 @@ Deno.test("startBroker() leaves no connection or subscription behind when client
     await a.subscribe("two");
     const b1 = await b.subscribe("one");
     await b.subscribe("one"); // a second subscription to the same topic shares the broker's
-    assert.deepEqual(broker.stats(), {
-      connections: 2,
-      subscriptions: 3,
-      topics: 2,
-      slowConsumers: 0,
-    });
+    assert.deepEqual(broker.stats(), { ...empty, connections: 2, subscriptions: 3, topics: 2 });
     await b1.unsubscribe();
     assert.equal(broker.stats().subscriptions, 3, "b still has its other 'one' subscription");
     await using raw = await RawClient.open(broker.port);
@@ -497,7 +643,384 @@ Deno.test("BrokerClient refuses bad topics and messages before sending them", as
   await eventually(() => broker.stats().subscriptions === 0, "the subscription is gone");
 });
 
-Deno.test("parseAnnouncement() reads what formatAnnouncement() writes, and nothing else", () => {
+// ---------------------------------------------------------------------------------------------
+// Hostile clients: every limit, the ERR line that says so, and the clients that go on meanwhile
+
+Deno.test("startBroker() refuses connections past maxConnections with a reason, and takes new ones once some leave", async () => {
+  await using broker = startBroker({ port: 0, maxConnections: 3, maxConnectionsPerAddress: 3 });
+  const held = await Promise.all([1, 2, 3].map(() => RawClient.open(broker.port)));
+  try {
+    for (const client of held) assert.deepEqual(await client.ask("PING\n"), ["PONG"]);
+    await using refused = await RawClient.open(broker.port);
+    assert.equal(await refused.line(), "ERR:too many connections");
+    assert.equal(await refused.line(), null, "closed");
+    assert.equal(broker.stats().refused, 1);
+    assert.equal(broker.stats().connections, 3);
+    held[0].close();
+    await eventually(() => broker.stats().connections === 2, "one client is gone");
+    await using next = await RawClient.open(broker.port);
+    assert.deepEqual(await next.ask("PING\n"), ["PONG"], "its slot is free again");
+  } finally {
+    for (const client of held) client.close();
+  }
+});
+
+Deno.test("startBroker() lets no one address take every connection: past its share only that address is refused", async () => {
+  await using broker = startBroker({ port: 0, maxConnections: 10, maxConnectionsPerAddress: 4 });
+  const hostile: AddressedClient[] = [];
+  try {
+    for (let i = 0; i < 6; i++) hostile.push(await AddressedClient.open(broker.port, "127.0.0.2"));
+    for (const refused of hostile.slice(4)) {
+      assert.equal(await refused.line(), "ERR:too many connections from your address");
+      assert.equal(await refused.line(), null, "closed");
+    }
+    assert.equal(broker.stats().connections, 4);
+    assert.equal(broker.stats().refused, 2);
+    // Another address is served as usual.
+    await using client = await connect(`127.0.0.1:${broker.port}`);
+    const subscription = await client.subscribe("t");
+    client.publish("t", "served");
+    assert.deepEqual(await take(subscription, 1), ["served"]);
+    // Once the first address lets a connection go, it may open one again.
+    await hostile[0].close();
+    await eventually(() => broker.stats().connections === 4, "its connection is gone");
+    await using again = await AddressedClient.open(broker.port, "127.0.0.2");
+    again.send("PING\n");
+    assert.equal(await again.line(), "PONG");
+  } finally {
+    await Promise.all(hostile.map((client) => client.close()));
+  }
+  // IPv4-mapped addresses count as IPv4; an IPv6 /64, which one host is usually given, as one.
+  assert.equal(addressKey("::ffff:127.0.0.2"), "127.0.0.2");
+  assert.equal(addressKey("10.0.0.7"), "10.0.0.7");
+  assert.equal(addressKey("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::/64");
+  assert.equal(addressKey("2001:db8:1:2::ffff"), "2001:db8:1:2::/64");
+  assert.equal(addressKey("2001:0db8:0001:0003::1"), "2001:db8:1:3::/64");
+  assert.equal(addressKey("::1"), "0:0:0:0::/64");
+});
+
+Deno.test("startBroker() refuses subscriptions past maxSubscriptions and keeps the connection open", async () => {
+  await using broker = startBroker({ port: 0, maxSubscriptions: 3 });
+  await using raw = await RawClient.open(broker.port);
+  assert.deepEqual(await raw.ask("SUB:a\nSUB:b\nSUB:c\nSUB:d\nSUB:a\n"), [
+    "OK:SUB:a",
+    "OK:SUB:b",
+    "OK:SUB:c",
+    "ERR:too many subscriptions",
+    "OK:SUB:a", // one it holds already is no new subscription
+  ]);
+  assert.deepEqual(await raw.ask("UNSUB:b\nSUB:d\nPING\n"), ["OK:UNSUB:b", "OK:SUB:d", "PONG"]);
+  // A flood of subscriptions costs no more than the limit.
+  const flood = Array.from({ length: 5000 }, (_, i) => `SUB:flood-${i}\n`).join("");
+  const replies = await raw.ask(flood);
+  assert.equal(replies.length, 5000);
+  assert.ok(replies.every((reply) => reply === "ERR:too many subscriptions"));
+  assert.equal(broker.stats().subscriptions, 3);
+  assert.equal(broker.stats().topics, 3);
+
+  // The client's subscribe() rejects, saying why; its other subscriptions go on.
+  const errors: string[] = [];
+  await using client = await connect(`127.0.0.1:${broker.port}`, {
+    onError: (reason) => errors.push(reason),
+  });
+  const subscriptions = await Promise.all(["x", "y", "z"].map((t) => client.subscribe(t)));
+  await assert.rejects(client.subscribe("w"), {
+    name: "BrokerError",
+    message:
+      `The broker at "127.0.0.1:${broker.port}" refused the subscription to "w": too many subscriptions`,
+  });
+  assert.deepEqual(errors, ["too many subscriptions"]);
+  client.publish("z", "still here");
+  assert.deepEqual(await take(subscriptions[2], 1), ["still here"]);
+  assert.equal(broker.stats().connections, 2, "the connection stays open");
+});
+
+Deno.test("startBroker() closes a client trickling a line it never finishes, and keeps slow but whole lines", async () => {
+  await using broker = startBroker({ port: 0, lineTimeoutMs: 300 });
+  await using reader = await connect(`127.0.0.1:${broker.port}`);
+  const subscription = await reader.subscribe("t");
+  await using trickler = await RawClient.open(broker.port);
+  await using slow = await RawClient.open(broker.port);
+  const start = performance.now();
+  // One byte every 20 ms of a line that never ends: heard from all along, so no ping drops it.
+  const trickling = (async () => {
+    await trickler.send("PUB:t:");
+    try {
+      for (let i = 0; i < 200; i++) {
+        await trickler.send("x");
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+    } catch {
+      // The broker closed it.
+    }
+  })();
+  // Whole lines, each sent in two halves 100 ms apart, for longer than the timeout.
+  for (let i = 0; i < 6; i++) {
+    await slow.send(`PUB:t:mes`);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    await slow.send(`sage ${i}\n`);
+  }
+  assert.equal(await trickler.line(), "ERR:line timeout");
+  assert.equal(await trickler.line(), null, "closed");
+  const elapsed = performance.now() - start;
+  assert.ok(elapsed >= 300 && elapsed < 3000, `closed after ${elapsed} ms`);
+  await trickling;
+  assert.deepEqual(await slow.ask("PING\n"), ["PONG"], "the slow client is still served");
+  assert.deepEqual(await take(subscription, 6), numbers(6).map((i) => `message ${i}`));
+  assert.equal(broker.stats().connections, 2);
+});
+
+Deno.test("startBroker() cuts off a subscriber whose output waits unread past writeTimeoutMs, however little", async () => {
+  await using broker = startBroker({ port: 0, writeTimeoutMs: 300 });
+  await using stalled = await RawClient.open(broker.port);
+  assert.deepEqual(await stalled.ask("SUB:t\n"), ["OK:SUB:t"]);
+  await using reader = await connect(`127.0.0.1:${broker.port}`);
+  const subscription = await reader.subscribe("t");
+  await using publisher = await connect(`127.0.0.1:${broker.port}`);
+  // Fill its socket until some output waits in the broker: far below maxPending (8 MiB).
+  const padding = "p".repeat(1000);
+  let sent = 0;
+  while (broker.stats().queued === 0 && sent < 20_000) {
+    for (let i = 0; i < 100; i++) publisher.publish("t", `${sent++} ${padding}`);
+    await publisher.flush();
+  }
+  assert.ok(broker.stats().queued > 0, "output waits for the stalled subscriber");
+  assert.equal(broker.stats().slowConsumers, 0, "not cut off before its deadline");
+  await eventually(() => broker.stats().slowConsumers === 1, "it is cut off", 3000);
+  assert.equal(broker.stats().queued, 0, "what waited for it is let go");
+  assert.equal(broker.stats().subscriptions, 1);
+  const tail = await readToEnd(stalled);
+  assert.ok(tail.endsWith("ERR:slow consumer\n"), `ends with ${JSON.stringify(tail)}`);
+  const received = await take(subscription, sent);
+  assert.ok(received.every((message, i) => message === `${i} ${padding}`), "the reader got all");
+});
+
+Deno.test("startBroker() caps the output queued for all clients, cutting off the one with the most first", async () => {
+  const maxQueued = 2 * 1024 * 1024;
+  await using broker = startBroker({ port: 0, maxQueued });
+  await using most = await RawClient.open(broker.port); // stops reading, on two topics
+  await using less = await RawClient.open(broker.port); // stops reading, on one
+  assert.deepEqual(await most.ask("SUB:big\nSUB:all\n"), ["OK:SUB:big", "OK:SUB:all"]);
+  assert.deepEqual(await less.ask("SUB:all\n"), ["OK:SUB:all"]);
+  await using reader = await connect(`127.0.0.1:${broker.port}`);
+  const subscription = await reader.subscribe("all");
+  await using publisher = await connect(`127.0.0.1:${broker.port}`);
+  const padding = "p".repeat(1000);
+  // First `most` alone falls behind: its socket fills up, then about 1 MiB waits for it.
+  for (let i = 0; broker.stats().queued < 1024 * 1024 && i < 200; i++) {
+    for (let j = 0; j < 100; j++) publisher.publish("big", padding);
+    await publisher.flush();
+  }
+  // Then both fall behind, until the total passes the limit: `most` goes, `less` stays.
+  let sent = 0;
+  while (broker.stats().slowConsumers === 0 && sent < 20_000) {
+    for (let i = 0; i < 100; i++) publisher.publish("all", `${sent++} ${padding}`);
+    await publisher.flush();
+    assert.ok(broker.stats().queued <= maxQueued, `${broker.stats().queued} bytes queued`);
+  }
+  assert.equal(broker.stats().slowConsumers, 1);
+  assert.equal(broker.stats().subscriptions, 2, "the reader and `less` are still subscribed");
+  assert.ok((await readToEnd(most)).endsWith("ERR:slow consumer\n"));
+  // `less` lost nothing: once it reads, every message is there, in order.
+  for (let i = 0; i < sent; i++) assert.equal(await less.line(), `MSG:all:${i} ${padding}`);
+  const received = await take(subscription, sent);
+  assert.ok(received.every((message, i) => message === `${i} ${padding}`), "the reader got all");
+});
+
+Deno.test("BrokerClient backs off while the broker refuses it, and gets in once there is room", async () => {
+  await using broker = startBroker({ port: 0, maxConnections: 1 });
+  await using holder = await RawClient.open(broker.port);
+  assert.deepEqual(await holder.ask("PING\n"), ["PONG"]);
+  const errors: string[] = [];
+  const reconnected = Promise.withResolvers<void>();
+  await using client = await connect(`127.0.0.1:${broker.port}`, {
+    minBackoffMs: 50,
+    onError: (reason) => errors.push(reason),
+    onReconnect: () => reconnected.resolve(),
+  });
+  const subscription = await client.subscribe("t"); // held until it gets in
+  await new Promise((resolve) => setTimeout(resolve, 600));
+  const refused = broker.stats().refused;
+  // At once again each time, it would have been refused hundreds of times by now.
+  assert.ok(refused >= 2 && refused <= 8, `refused ${refused} times in 600 ms`);
+  assert.equal(errors[0], "too many connections");
+  holder.close();
+  await reconnected.promise;
+  client.publish("t", "in at last");
+  assert.deepEqual(await take(subscription, 1), ["in at last"]);
+});
+
+Deno.test("deno task broker bounds the output queued for 100 subscribers that stop reading, serves a reader throughout, and gives the memory back", async () => {
+  const maxQueued = 32 * 1024 * 1024;
+  // What the limit leaves (it only keeps the total under) goes at the write timeout.
+  const [broker, port] = await startBrokerTask([
+    "--max-queued",
+    String(maxQueued),
+    "--write-timeout",
+    "1",
+    "--verbose",
+  ]);
+  await using _broker = broker;
+  const pid = broker.process.pid;
+  await using reader = await connect(`127.0.0.1:${port}`);
+  const subscription = await reader.subscribe("flood");
+  const stalled = await Promise.all(Array.from({ length: 100 }, async () => {
+    const client = await RawClient.open(port);
+    assert.deepEqual(await client.ask("SUB:flood\n"), ["OK:SUB:flood"]);
+    return client;
+  }));
+  try {
+    await using publisher = await connect(`127.0.0.1:${port}`);
+    const before = rssMiB(pid);
+    const padding = "p".repeat(1000);
+    let received = 0;
+    let inOrder = true;
+    const receiving = (async () => {
+      for await (const { message } of subscription) {
+        if (message === "end") break;
+        inOrder &&= message === `${received++} ${padding}`;
+      }
+    })();
+    // 8 MB, in batches of 1 MB that the reader keeps up with: each stalled subscriber's socket
+    // takes about 4 MB, then output waits for it in the broker until the limit cuts it off.
+    const rss = sampleRss(pid);
+    let sent = 0;
+    for (let batch = 0; batch < 8; batch++) {
+      for (let i = 0; i < 1000; i++) publisher.publish("flood", `${sent++} ${padding}`);
+      await publisher.flush();
+      await eventually(() => received === sent, "the reader keeps up", 10_000);
+    }
+    const during = rss.stop();
+    publisher.publish("flood", "end");
+    const timer = setTimeout(() => subscription.unsubscribe(), 10_000); // ends `receiving`
+    await receiving;
+    clearTimeout(timer);
+    assert.equal(received, sent);
+    assert.ok(inOrder, "the reader got every message in order");
+    // Every stalled subscriber is cut off, most of them as soon as the total passes the limit.
+    const cutOff = (why: string) => broker.stderr.split(why).length - 1;
+    await eventually(() => cutOff("slow consumer") === 100, "all are cut off");
+    assert.ok(cutOff("over --max-queued") >= 50, broker.stderr);
+    await Promise.all(stalled.map((client) => readToEnd(client)));
+    for (const client of stalled) client.close();
+    // Unbounded, each would hold its 8 MiB of --max-pending: 800 MiB in all, kept for good.
+    assert.ok(during < before + maxQueued / 2 ** 20 + 64, `RSS ${before} -> ${during} MiB`);
+    const after = await memoryBack(pid, before + 32); // V8 keeps some of its heap
+    console.error(
+      `  100 stalled subscribers: RSS ${before.toFixed(1)} MiB before, ` +
+        `${during.toFixed(1)} peak, ${after.toFixed(1)} after; cut off over --max-queued: ` +
+        `${cutOff("over --max-queued")}, at --write-timeout: ${cutOff("--write-timeout")}`,
+    );
+    await reader.flush(); // it answers afterwards
+  } finally {
+    for (const client of stalled) client.close();
+  }
+});
+
+Deno.test("deno task broker refuses a flood of connections from one address, and serves the others throughout", async () => {
+  const [broker, port] = await startBrokerTask(); // the defaults: 1024 in all, 256 per address
+  await using _broker = broker;
+  const pid = broker.process.pid;
+  await using reader = await connect(`127.0.0.1:${port}`);
+  const subscription = await reader.subscribe("t");
+  await using publisher = await connect(`127.0.0.1:${port}`);
+  const before = rssMiB(pid);
+  const rss = sampleRss(pid);
+  const hostile: AddressedClient[] = [];
+  try {
+    for (let i = 0; i < 400; i += 50) {
+      const opened = Array.from({ length: 50 }, () => AddressedClient.open(port, "127.0.0.2"));
+      hostile.push(...await Promise.all(opened));
+      publisher.publish("t", String(i)); // the others are served all the while
+    }
+    await eventually(() => hostile.filter((client) => client.closed).length >= 144, "refusals");
+    const during = rss.stop();
+    const refused = hostile.filter((client) => client.closed);
+    assert.equal(refused.length, 400 - 256, "all but 256 refused");
+    for (const client of refused) {
+      assert.equal(await client.line(), "ERR:too many connections from your address");
+    }
+    assert.deepEqual(
+      await take(subscription, 8),
+      Array.from({ length: 8 }, (_, i) => String(i * 50)),
+    );
+    await using newcomer = await connect(`127.0.0.1:${port}`); // another address gets in
+    await newcomer.flush();
+    await using more = await AddressedClient.open(port, "127.0.0.2");
+    assert.equal(await more.line(), "ERR:too many connections from your address");
+    await Promise.all(hostile.map((client) => client.close()));
+    // Once they are gone, the address may connect again.
+    await using _back = await (async () => {
+      for (let tries = 0;; tries++) {
+        const client = await AddressedClient.open(port, "127.0.0.2");
+        client.send("PING\n");
+        if (await client.line() === "PONG") return client;
+        await client.close();
+        if (tries > 50) throw new Error("127.0.0.2 is still refused");
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+    })();
+    assert.ok(during < before + 64, `RSS ${before} -> ${during} MiB`);
+    const after = await memoryBack(pid, before + 24);
+    console.error(
+      `  400 connections from one address: RSS ${before.toFixed(1)} MiB before, ` +
+        `${during.toFixed(1)} peak, ${after.toFixed(1)} after`,
+    );
+  } finally {
+    await Promise.all(hostile.map((client) => client.close()));
+  }
+});
+
+Deno.test("deno task broker out of file descriptors delivers to its subscribers, and serves new clients once the attackers go", async () => {
+  // The broker in a shell limited to 64 descriptors: accepting fails (EMFILE) for real.
+  await using broker = new Child(
+    [
+      "-c",
+      'ulimit -n 64 && exec "$@"',
+      "bash",
+      Deno.execPath(),
+      ...taskArgv("broker"),
+      "--port",
+      "0",
+      "--hostname",
+      "127.0.0.1",
+    ],
+    { command: "bash" },
+  );
+  const [, portText] = await broker.waitFor(/\[BROKER\] Listening on port (\d+)/, {
+    stream: "stdout",
+  });
+  const port = Number(portText);
+  const pid = broker.process.pid; // bash exec-ed the broker: the same process
+  await using reader = await connect(`127.0.0.1:${port}`);
+  const subscription = await reader.subscribe("t");
+  await using publisher = await connect(`127.0.0.1:${port}`);
+  const before = rssMiB(pid);
+  const conns: Deno.Conn[] = [];
+  try {
+    for (let i = 0; i < 100 && !/Cannot accept/.test(broker.stderr); i++) {
+      conns.push(await Deno.connect({ hostname: "127.0.0.1", port }));
+      await new Promise((resolve) => setTimeout(resolve, 5));
+    }
+    await broker.waitFor(/Cannot accept connections: too many open files; retrying/);
+    // Out of descriptors, it still delivers to the clients it has.
+    for (let i = 0; i < 100; i++) publisher.publish("t", String(i));
+    assert.deepEqual(await take(subscription, 100), numbers(100));
+  } finally {
+    conns.forEach((conn) => conn.close());
+  }
+  const during = rssMiB(pid);
+  await using newcomer = await connect(`127.0.0.1:${port}`);
+  await newcomer.flush();
+  await broker.waitFor(/Accepting connections again/);
+  const after = await memoryBack(pid, before + 24);
+  console.error(
+    `  out of descriptors: RSS ${before.toFixed(1)} MiB before, ${during.toFixed(1)} during, ` +
+      `${after.toFixed(1)} after`,
+  );
+});
+
+Deno.test("parseAnnouncement() reads what formatAnnouncement() writes, file included, and nothing else", () => {
   assert.equal(formatAnnouncement("fragment_5.bin"), "fragment_5.bin");
   const holder = { hostname: "10.0.0.7", port: 6001 };
   assert.equal(formatAnnouncement("fragment_5.bin", holder), "fragment_5.bin 10.0.0.7:6001");
@@ -508,7 +1031,22 @@ Deno.test("parseAnnouncement() reads what formatAnnouncement() writes, and nothi
   assert.deepEqual(parseAnnouncement("fragment_5.bin"), { name: "fragment_5.bin" });
   assert.deepEqual(parseAnnouncement("f.bin [::1]:6002")?.holder, { hostname: "::1", port: 6002 });
   assert.equal(formatAnnouncement("f.bin", { hostname: "::1", port: 6002 }), "f.bin [::1]:6002");
-  for (const bad of ["", "../etc/passwd", "f.bin host", "f.bin host:99999", "f.bin a:1 extra"]) {
+  assert.equal(formatAnnouncement("f.bin", holder, "a.webm"), "f.bin 10.0.0.7:6001 a.webm");
+  assert.deepEqual(parseAnnouncement("f.bin 10.0.0.7:6001 a.webm"), {
+    name: "f.bin",
+    holder,
+    file: "a.webm",
+  });
+  assert.throws(() => formatAnnouncement("f.bin", holder, "../a"), TypeError);
+  const bads = [
+    "",
+    "../etc/passwd",
+    "f.bin host",
+    "f.bin host:99999",
+    "f.bin a:1 ../x",
+    "f a:1 b c",
+  ];
+  for (const bad of bads) {
     assert.equal(parseAnnouncement(bad), undefined, JSON.stringify(bad));
   }
   assert.throws(() => formatAnnouncement("../x"), TypeError);

@@ -65,7 +65,10 @@ Deno.test("two peers fetch from each other at the console, announce it, and leav
   );
   await b.child.waitFor(/\[\+\] Connected from 127\.0\.0\.1:\d+/);
   await b.child.waitFor(/\[✓\] Fragment 'fragment_1\.bin' sent to 127\.0\.0\.1:\d+/);
-  assertEquals((await announcements.next()).value?.message, `fragment_1.bin localhost:${a.port}`);
+  assertEquals(
+    (await announcements.next()).value?.message,
+    `fragment_1.bin localhost:${a.port} sample.webm`,
+  );
 
   const client = new DirectoryClient(directory.url);
   await eventually(
@@ -297,8 +300,8 @@ Deno.test("a peer announces what it fetched while the broker was down once the b
   await viewer.child.write("fragment_3.bin\n");
   await viewer.child.waitFor(/Fragment 'fragment_3\.bin' received from/);
 
-  // What the viewer sends once a broker listens again, read off the wire: the announcement it
-  // held comes first, before anything else it publishes.
+  // What the viewer sends once a broker listens again, read off the wire: its subscription to
+  // the HAVE announcements, then the announcement it held, before anything else it publishes.
   using broker = Deno.listen({ hostname: "127.0.0.1", port: brokerPort });
   using conn = await broker.accept();
   let received = "";
@@ -310,7 +313,10 @@ Deno.test("a peer announces what it fetched while the broker was down once the b
     if (n === null) break;
     received += new TextDecoder().decode(buffer.subarray(0, n));
   }
-  assertEquals(received, `PUB:fragmentos:fragment_3.bin localhost:${viewer.port}\nPING\n`);
+  assertEquals(
+    received,
+    `SUB:fragmentos\nPUB:fragmentos:fragment_3.bin localhost:${viewer.port}\nPING\n`,
+  );
 
   // A fragment deleted behind the peer's back is fetched again, not "already here".
   await Deno.remove(join(dir.path, "viewer", "fragment_3.bin"));

@@ -105,6 +105,14 @@ Deno.test("the CLIs refuse user mistakes with one line on stderr and exit 1", as
     ["broker", ["--max-line", "0"], /^error: --max-line must be a positive whole number/],
     ["broker", ["--bogus"], /^error: Unknown option '--bogus' \(see --help\)$/m],
     ["broker", ["--max-pending", "-5"], /^error: Option '--max-pending' argument is ambiguous/],
+    ["broker", ["--max-connections", "0"], /^error: --max-connections must be a positive whole/],
+    [
+      "broker",
+      ["--max-connections", "100", "--max-connections-per-address", "200"],
+      /^error: --max-connections-per-address must be at most --max-connections \(100\), got 200$/m,
+    ],
+    ["broker", ["--line-timeout", "1.5"], /^error: --line-timeout must be a positive whole number/],
+    ["broker", ["--max-queued", "lots"], /^error: --max-queued must be a positive whole number/],
     ["broker", ["--hostname", "192.0.2.1"], /^error: Cannot listen on "192\.0\.2\.1": it is not/],
     [
       "broker",
