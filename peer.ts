@@ -188,7 +188,8 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
   const fetcher = new Fetcher(store, {
     log,
     self: holderAddress(self.host, port),
-    grpcDownload: (address, name, signal) => grpcClient.download(address, name, { signal }),
+    grpcDownload: (address, name, signal) =>
+      grpcClient.download(address, name, { signal, peer: holderAddress(self.host, grpcPort) }),
   });
   const swarm = new Swarm(store, fetcher, {
     directory,

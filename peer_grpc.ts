@@ -21,6 +21,7 @@ import { parseArgs } from "node:util";
 import { runMain, UserError } from "./common/cli.ts";
 import { parseRate } from "./common/throttle.ts";
 import { Store } from "./peer/store.ts";
+import { Steering } from "./peer/steering.ts";
 import { DEFAULT_PORT, quote } from "./peer/grpc_wire.ts";
 import { type GrpcServerOptions, quietBindFailures, startGrpcServer } from "./peer/grpc_server.ts";
 import { listeningLine, storedLine } from "./peer/grpc_supervisor.ts";
@@ -100,6 +101,7 @@ async function main(args = Deno.args): Promise<number> {
     maxUpload,
     locate,
     onStored: (info) => console.log(storedLine(info.name)),
+    steering: new Steering(store),
   });
   console.log(listeningLine(server.port));
 

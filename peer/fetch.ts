@@ -146,8 +146,9 @@ export class Fetcher implements Disposable {
         // The peers it names first; then itself again, as it serves a requester it pointed
         // away once the others failed it.
         for (const pointed of failure.elsewhere ?? []) {
+          // Over gRPC a pointer names gRPC addresses; over TCP, TCP ones.
           const { hostname, port } = parseAddress(pointed);
-          const next = { host: hostname, port, grpcPort: 0 };
+          const next = { host: hostname, port, grpcPort: transport === "grpc" ? port : 0 };
           if (queued.has(holderKey(next))) continue;
           queue.push(next);
           queued.add(holderKey(next));

@@ -21,6 +21,8 @@ import {
   type WireFragment,
   type WireHolder,
 } from "./grpc_wire.ts";
+import { ELSEWHERE_KEY } from "./grpc_wire.ts";
+import { PeerError } from "./tcp.ts";
 
 const DEFAULT_DEADLINE_MS = 10_000;
 const DEFAULT_IDLE_MS = 30_000;
@@ -41,7 +43,7 @@ interface FileTransferClient extends grpc.Client {
   ListFiles: UnaryMethod;
   Locate: UnaryMethod;
   Echo: UnaryMethod;
-  Download(request: { name: string }): grpc.ClientReadableStream<Chunk>;
+  Download(request: { name: string; peer?: string }): grpc.ClientReadableStream<Chunk>;
   Upload(callback: Callback<WireFragment>): grpc.ClientWritableStream<UploadChunk>;
 }
 
@@ -112,20 +114,24 @@ export class GrpcClient implements Disposable {
   async download(
     address: string,
     name: string,
-    options: { signal?: AbortSignal } = {},
+    options: { signal?: AbortSignal; peer?: string } = {},
   ): Promise<Download> {
     try {
-      return await this.#download(address, name, options.signal);
+      return await this.#download(address, name, options);
     } catch (error) {
       if (!(error instanceof GrpcError) || error.code !== "UNAVAILABLE") throw error;
-      return await this.#download(address, name, options.signal); // once, on a fresh channel
+      return await this.#download(address, name, options); // once, on a fresh channel
     }
   }
 
-  async #download(address: string, name: string, signal?: AbortSignal): Promise<Download> {
+  async #download(
+    address: string,
+    name: string,
+    { signal, peer = "" }: { signal?: AbortSignal; peer?: string },
+  ): Promise<Download> {
     signal?.throwIfAborted();
     const client = this.#channel(address);
-    const call = client.Download({ name });
+    const call = client.Download({ name, peer });
     const onAbort = () => call.cancel();
     signal?.addEventListener("abort", onAbort, { once: true });
     const messages = call[Symbol.asyncIterator]() as AsyncIterator<Chunk>;
@@ -230,6 +236,11 @@ export class GrpcClient implements Disposable {
   #failed(address: string, client: grpc.Client, error: unknown): unknown {
     const code = (error as Partial<grpc.ServiceError>)?.code;
     if (typeof code !== "number") return error;
+    // Pointed elsewhere: the same answer as TCP's ERR ELSEWHERE, so a fetch treats both alike.
+    const elsewhere = (error as grpc.ServiceError).metadata?.get(ELSEWHERE_KEY)[0];
+    if (code === grpc.status.FAILED_PRECONDITION && typeof elsewhere === "string") {
+      return new PeerError("ELSEWHERE", elsewhere.split(",").join(" "));
+    }
     if (code === grpc.status.UNAVAILABLE || code === grpc.status.DEADLINE_EXCEEDED) {
       if (this.#channels.get(address) === client) this.#channels.delete(address);
       client.close();

@@ -29,6 +29,8 @@ import {
   type UploadChunk,
   type WireHolder,
 } from "./grpc_wire.ts";
+import { ELSEWHERE_KEY } from "./grpc_wire.ts";
+import type { Steering } from "./steering.ts";
 
 // The largest fragment an Upload may announce (the splitter's fragments are far smaller).
 const MAX_UPLOAD_SIZE = 4 * 1024 ** 3;
@@ -53,6 +55,8 @@ export interface GrpcServerOptions {
   maxUploads?: number;
   /** Download bytes per second, across all calls (a peer's `--max-upload`). */
   maxUpload?: number;
+  /** Points a requester naming itself (`peer`) at other holders, as over TCP (steering.ts). */
+  steering?: Steering;
 }
 
 /** A running gRPC FileTransfer server. */
@@ -186,8 +190,9 @@ function fileTransferHandlers(
   }
 
   // Its messages are Chunks encoded by encodeChunk (see serverDefinition).
-  function Download(call: grpc.ServerWritableStream<{ name: string }, Uint8Array>) {
+  function Download(call: grpc.ServerWritableStream<{ name: string; peer: string }, Uint8Array>) {
     const { name } = call.request;
+    const peer = call.request.peer || undefined;
     if (!isFragmentName(name)) {
       call.emit("error", statusError(grpc.status.INVALID_ARGUMENT, `Invalid name ${quote(name)}`));
       return;
@@ -196,10 +201,21 @@ function fileTransferHandlers(
       call.emit("error", statusError(grpc.status.RESOURCE_EXHAUSTED, "Too many downloads"));
       return;
     }
+    const pointer = options.steering?.redirect(name, peer, downloads > 0);
+    if (pointer) {
+      const metadata = new grpc.Metadata();
+      metadata.set(ELSEWHERE_KEY, pointer.join(","));
+      const details = `held elsewhere: ${pointer.join(" ")}`;
+      call.emit("error", { ...statusError(grpc.status.FAILED_PRECONDITION, details), metadata });
+      return;
+    }
+    // In flight counts toward its receiver: others asking meanwhile are pointed there.
+    if (peer) options.steering?.have(name, peer);
     downloads++;
     track(
       sendFragment(store, name, call, throttle)
         .catch((error) => {
+          if (peer) options.steering?.lost(name, peer);
           // A disk error: it fails this call only.
           call.emit(
             "error",

@@ -88,6 +88,9 @@ export class GrpcError extends Error {
   }
 }
 
+/** The trailing metadata of a Download pointed elsewhere: peers' gRPC `host:port`, by commas. */
+export const ELSEWHERE_KEY = "p2p-elsewhere";
+
 /** A gRPC status for a handler to answer with (or a client to fail with). */
 export function statusError(code: grpc.status, details: string): Partial<grpc.ServiceError> {
   return { code, details, message: details };

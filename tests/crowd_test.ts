@@ -15,6 +15,7 @@ import { Steering } from "../peer/steering.ts";
 import { Store } from "../peer/store.ts";
 import { PeerError, startTcpServer, TcpPeerClient } from "../peer/tcp.ts";
 import { UploadSlots } from "../peer/upload_slots.ts";
+import { GrpcClient, startGrpcServer } from "../peer_grpc.ts";
 import { createThrottle } from "../common/throttle.ts";
 import { type Manifest, splitFile } from "../split.ts";
 import { type Child, peerArgs, startTask, tempDir } from "./_util.ts";
@@ -124,6 +125,35 @@ Deno.test("a busy peer points a second requester at the peer it is sending to, o
   const idle = await b.get(second!.name);
   assertEquals(idle.size, second!.size);
   for await (const _ of idle.chunks);
+});
+
+Deno.test("over gRPC too, a busy seeder points a second requester at the first", async () => {
+  await using dir = await tempDir();
+  const manifest = await makeStore(join(dir.path, "seeder"), 400_000, 4);
+  const store = await Store.open(join(dir.path, "seeder"));
+  await using server = await startGrpcServer(store, {
+    port: 0,
+    hostname: "127.0.0.1",
+    maxUpload: 50_000, // the first is still on its way when the second asks
+    steering: new Steering(store),
+  });
+  using client = new GrpcClient();
+  const address = `127.0.0.1:${server.port}`;
+  const name = manifest.fragments[0]!.name;
+  // The first is paced before its first message: under way, not answered yet.
+  const first = client.download(address, name, { peer: "10.0.0.1:50051" });
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  const error = await client.download(address, name, { peer: "10.0.0.2:50052" })
+    .then(() => undefined, (e) => e);
+  assert(error instanceof PeerError, String(error));
+  assertEquals([error.code, error.elsewhere], ["ELSEWHERE", ["10.0.0.1:50051"]]);
+  // Asked again, it serves; and a client that names no peer is never pointed elsewhere.
+  for (const peer of ["10.0.0.2:50052", undefined]) {
+    const again = await client.download(address, name, { peer });
+    assertEquals(again.size, manifest.fragments[0]!.size);
+    again.cancel?.();
+  }
+  (await first).cancel?.();
 });
 
 Deno.test("Fetcher follows ERR ELSEWHERE to the peer named, and asks the pointer again after", async () => {
