@@ -31,7 +31,7 @@ export interface TcpServerOptions {
   maxConnections?: number;
   /** Paces every byte sent, across all connections (the peer's --max-upload). */
   throttle?: (bytes: number, signal?: AbortSignal) => Promise<void>;
-  /** Fragments sent at once; more requests wait their turn, fairly between peers. @default 4 */
+  /** Fragments sent at once; more requests wait their turn, fairly between peers. @default 2 */
   uploadSlots?: number;
   /** Decides when a request is pointed at other holders instead of sent (super-seeding). */
   steering?: Steering;
@@ -58,7 +58,7 @@ export interface TcpServer extends AsyncDisposable {
 /** Serves `store` over the peer TCP protocol until closed. */
 export function startTcpServer(store: Store, options: TcpServerOptions = {}): TcpServer {
   const { idleTimeoutMs = 60_000, maxConnections = 256 } = options;
-  const slots = new UploadSlots(options.uploadSlots ?? 4);
+  const slots = new UploadSlots(options.uploadSlots ?? 2);
   const warn = options.onError ?? ((line: string) => console.error(line));
   const listener = Deno.listen({ port: options.port ?? 6001, hostname: options.hostname });
   const open = new Map<Deno.Conn, AbortController>();

@@ -601,7 +601,7 @@ async function registerFakes(
  * each a chance to start more than it may. Returns the most requests in flight at once, overall
  * and at each holder.
  */
-async function mostInFlight(count: number, expected: number) {
+async function mostInFlight(count: number, expected: number, perSeed = 2) {
   await using dir = await tempDir();
   const { manifest, bytes } = await sampleFragments(join(dir.path, "all"));
   await using directory = startDirectory({ port: 0, hostname: "127.0.0.1", ttl: 600 });
@@ -618,8 +618,11 @@ async function mostInFlight(count: number, expected: number) {
       holders.map((holder) => ({ holder, fragments: names })),
     );
     let rounds = 0; // the scheduler reports progress once per round
+    // Every stand-in holds the whole file, so each is a seeder: by default here a seeder takes
+    // as many requests as any holder, so the limits under test are the only ones.
     using viewer = await startSwarm(join(dir.path, "viewer"), directory.url, {
       progress: () => rounds++,
+      perSeed,
     });
     const done = viewer.swarm.fetchAll();
     done.catch(() => {}); // awaited below
@@ -637,6 +640,10 @@ async function mostInFlight(count: number, expected: number) {
 
 Deno.test("the swarm keeps at most 2 fragments in flight from one holder", async () => {
   assertEquals(await mostInFlight(2, 4), { overall: 4, perHolder: [2, 2] });
+});
+
+Deno.test("the swarm asks a seeder for one fragment at a time", async () => {
+  assertEquals(await mostInFlight(3, 3, 1), { overall: 3, perHolder: [1, 1, 1] });
 });
 
 Deno.test("the swarm keeps at most 6 fragments in flight overall", async () => {
