@@ -9,26 +9,57 @@
  * schemas are the validation and the OpenAPI document at once (`/openapi.json`, Swagger UI at
  * `/apidocs`).
  *
+ * A peer's entry is its owner's: registering answers a secret that heartbeats and leaves must
+ * carry. The directory lists a peer at the address its requests come from, unless started with
+ * `--trust-advertise` (for containers whose peers advertise names). Everything a client can make
+ * it hold is bounded: connections (in all and per address, idle ones closed), request bodies
+ * (size, deadline, minimum rate, memory), peers (in all and per address), indexed fragments,
+ * files, and list answers (paged).
+ *
  * This file is the command line and {@link startDirectory}, and exports the whole API; the rest
  * lives beside it: `directory/schemas.ts` (schemas, routes, limits), `directory/registry.ts`
- * (the state), `directory/app.ts` (the Hono app) and `directory/client.ts` (the client).
+ * (the state), `directory/app.ts` (the Hono app), `directory/server.ts` (connections) and
+ * `directory/client.ts` (the client).
  *
- * Usage: `deno task directory [--port 5000] [--ttl 30]`
+ * Usage: `deno task directory [--port 5000] [--ttl 30] [--trust-advertise]`
  * @module
  */
 import { parseArgs } from "node:util";
 import { isLookupError, lookupMessage, runMain, UserError } from "./common/cli.ts";
+import { parseRate } from "./common/throttle.ts";
 import { type AppOptions, createApp } from "./directory/app.ts";
 import { Registry } from "./directory/registry.ts";
-import { DEFAULT_TTL, MAX_TTL } from "./directory/schemas.ts";
+import {
+  DEFAULT_BODY_TIMEOUT,
+  DEFAULT_HEADER_TIMEOUT,
+  DEFAULT_MAX_BODY_MEMORY,
+  DEFAULT_MAX_CONNECTIONS,
+  DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+  DEFAULT_MAX_INDEXED_FRAGMENTS,
+  DEFAULT_MAX_PEERS,
+  DEFAULT_MAX_PEERS_PER_ADDRESS,
+  DEFAULT_MIN_BODY_RATE,
+  DEFAULT_TTL,
+  MAX_TTL,
+} from "./directory/schemas.ts";
+import { type ConnectionLimits, serveConnections } from "./directory/server.ts";
 
 /** The shortest --ttl: peers heartbeat every ttl/3, so less than a second is a flood. */
 const MIN_TTL = 1;
 
 export {
+  DEFAULT_BODY_TIMEOUT,
+  DEFAULT_HEADER_TIMEOUT,
+  DEFAULT_MAX_BODY_MEMORY,
+  DEFAULT_MAX_CONNECTIONS,
+  DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
   DEFAULT_MAX_FILE_FRAGMENTS,
   DEFAULT_MAX_FILES,
+  DEFAULT_MAX_INDEXED_FRAGMENTS,
   DEFAULT_MAX_PEERS,
+  DEFAULT_MAX_PEERS_PER_ADDRESS,
+  DEFAULT_MIN_BODY_RATE,
+  DEFAULT_PAGE_LIMIT,
   DEFAULT_TTL,
   ERROR_CODES,
   type FileDetail,
@@ -39,28 +70,40 @@ export {
   type Holder,
   HOST_PATTERN,
   MAX_BODY_BYTES,
+  MAX_FILE_HOLDERS,
+  MAX_PAGE_ITEMS,
+  MAX_PAGE_LIMIT,
   MAX_PEER_FRAGMENTS,
   MAX_TTL,
+  newSecret,
   type PeerInfo,
+  type PeerKey,
   type PeerState,
   type Registration,
+  SECRET_PATTERN,
   TOO_MANY_FILES,
+  TOO_MANY_FRAGMENTS,
   TOO_MANY_PEERS,
+  TOO_MANY_PEERS_FROM_ADDRESS,
 } from "./directory/schemas.ts";
 export {
+  type Claim,
   type KnownPeerState,
+  type Page,
+  type Paged,
   type PublishOutcome,
   Registry,
   type RegistryOptions,
-  type Sent,
   type UpsertOutcome,
 } from "./directory/registry.ts";
+export { type ConnectionLimits } from "./directory/server.ts";
 export { type AppOptions, createApp } from "./directory/app.ts";
 export {
   DirectoryClient,
   type DirectoryClientOptions,
   DirectoryError,
   type LocateOptions,
+  type RegisterOptions,
 } from "./directory/client.ts";
 
 /** The port the directory listens on unless told otherwise. */
@@ -70,11 +113,13 @@ export const DEFAULT_PORT = 5000;
 // The server
 
 /** Options of {@link startDirectory}. */
-export interface DirectoryOptions extends AppOptions {
+export interface DirectoryOptions extends AppOptions, ConnectionLimits {
   /** 0 picks any free port. @default 5000 */
   port?: number;
   /** @default "0.0.0.0" */
   hostname?: string;
+  /** Where its few log lines go (accepting connections failed, or works again). */
+  warn?: (line: string) => void;
 }
 
 /** A running directory; close it, or `await using` it. */
@@ -85,6 +130,8 @@ export interface DirectoryServer extends AsyncDisposable {
   readonly url: string;
   /** The state it serves. */
   readonly registry: Registry;
+  /** Connections open now. */
+  readonly connections: number;
   /** Resolves once the server has stopped. */
   readonly finished: Promise<void>;
   /** Stops listening, lets requests in flight finish, and stops the sweep. */
@@ -101,11 +148,11 @@ export interface DirectoryServer extends AsyncDisposable {
  */
 export function startDirectory(options: DirectoryOptions = {}): DirectoryServer {
   const registry = options.registry ?? new Registry(options);
-  const app = createApp({ registry });
-  const server = Deno.serve({
+  const app = createApp({ ...options, registry });
+  const server = serveConnections({
+    ...options,
     port: options.port ?? DEFAULT_PORT,
     hostname: options.hostname ?? "0.0.0.0",
-    onListen: () => {}, // the caller prints its own line
   }, app.fetch);
   // Reads already skip the expired; sweeping every ttl/4 frees their memory soon after.
   const sweeper = setInterval(() => registry.sweep(), Math.max(100, registry.ttl * 250));
@@ -121,6 +168,9 @@ export function startDirectory(options: DirectoryOptions = {}): DirectoryServer 
     port,
     url,
     registry,
+    get connections() {
+      return server.connections;
+    },
     finished: server.finished,
     close,
     [Symbol.asyncDispose]: close,
@@ -131,26 +181,67 @@ export function startDirectory(options: DirectoryOptions = {}): DirectoryServer 
 // The command line
 
 const USAGE =
-  `Usage: deno task directory [--port ${DEFAULT_PORT}] [--ttl ${DEFAULT_TTL}] [--hostname 0.0.0.0]
+  `Usage: deno task directory [--port ${DEFAULT_PORT}] [--ttl ${DEFAULT_TTL}] [--hostname 0.0.0.0] [--trust-advertise]
 
 The REST directory: which live peer holds which fragment, and the published manifests.
 
 Options:
-  --port PORT      port to listen on, 0 for any free one (default ${DEFAULT_PORT})
-  --ttl SECONDS    forget a peer this long after its last heartbeat, and a file this long
-                   after no live peer holds any of it (default ${DEFAULT_TTL}, ${MIN_TTL} to ${MAX_TTL})
-  --hostname HOST  address to listen on (default 0.0.0.0)
-  -h, --help       show this help`;
+  --port PORT        port to listen on, 0 for any free one (default ${DEFAULT_PORT})
+  --ttl SECONDS      forget a peer this long after its last heartbeat, and a file this long
+                     after no live peer holds any of it (default ${DEFAULT_TTL}, ${MIN_TTL} to ${MAX_TTL})
+  --hostname HOST    address to listen on (default 0.0.0.0)
+  --trust-advertise  list a peer at the host it names (its --advertise), not at the address
+                     its requests come from: for containers whose peers advertise names
+  -h, --help         show this help
+
+Limits:
+  --max-peers N          live peers listed (default ${DEFAULT_MAX_PEERS})
+  --max-peers-per-address N
+                         live peers registered from one client address (default ${DEFAULT_MAX_PEERS_PER_ADDRESS})
+  --max-indexed-fragments N
+                         fragments indexed, across all peers' lists (default ${DEFAULT_MAX_INDEXED_FRAGMENTS})
+  --max-connections N    connections open at once (default ${DEFAULT_MAX_CONNECTIONS})
+  --max-connections-per-address N
+                         connections open at once from one client address (default ${DEFAULT_MAX_CONNECTIONS_PER_ADDRESS})
+  --header-timeout SECONDS
+                         close a connection that sends no request this long after it opened,
+                         or after its last answer (default ${DEFAULT_HEADER_TIMEOUT})
+  --body-timeout SECONDS a request body's deadline, one second later for each RATE bytes
+                         of it (default ${DEFAULT_BODY_TIMEOUT})
+  --min-body-rate RATE   RATE, in bytes per second, e.g. 16KiB/s (default ${DEFAULT_MIN_BODY_RATE})
+  --max-body-memory BYTES
+                         request bodies held at once, across all requests; one client address
+                         may hold a quarter (default ${DEFAULT_MAX_BODY_MEMORY})`;
+
+/** What the command line sets. */
+type CliOptions =
+  & Required<Pick<DirectoryOptions, "port" | "ttl" | "hostname" | "trustAdvertise">>
+  & DirectoryOptions;
+
+/** The flags that take a whole number of at least 1, and the option each sets. */
+const COUNTS = {
+  "max-peers": "maxPeers",
+  "max-peers-per-address": "maxPeersPerAddress",
+  "max-indexed-fragments": "maxIndexedFragments",
+  "max-connections": "maxConnections",
+  "max-connections-per-address": "maxConnectionsPerAddress",
+  "header-timeout": "headerTimeout",
+  "body-timeout": "bodyTimeout",
+  "max-body-memory": "maxBodyMemory",
+} as const satisfies Record<string, keyof DirectoryOptions>;
 
 /** Reads the flags; a mistake throws a {@link UserError} (parseArgs' own errors count as one). */
-function parseCli(args: string[]): { port: number; ttl: number; hostname: string } | "help" {
+function parseCli(args: string[]): CliOptions | "help" {
   const { values } = parseArgs({
     args,
     options: {
       port: { type: "string" },
       ttl: { type: "string" },
       hostname: { type: "string" },
+      "trust-advertise": { type: "boolean" },
+      "min-body-rate": { type: "string" },
       help: { type: "boolean", short: "h" },
+      ...Object.fromEntries(Object.keys(COUNTS).map((flag) => [flag, { type: "string" as const }])),
     },
   });
   if (values.help) return "help";
@@ -164,7 +255,31 @@ function parseCli(args: string[]): { port: number; ttl: number; hostname: string
       `Invalid --ttl "${values.ttl}": expected ${MIN_TTL} to ${MAX_TTL} seconds (a day)`,
     );
   }
-  return { port, ttl, hostname: values.hostname ?? "0.0.0.0" };
+  const options: CliOptions = {
+    port,
+    ttl,
+    hostname: values.hostname ?? "0.0.0.0",
+    trustAdvertise: values["trust-advertise"] ?? false,
+  };
+  for (const [flag, option] of Object.entries(COUNTS)) {
+    const text = (values as Record<string, unknown>)[flag] as string | undefined;
+    if (text === undefined) continue;
+    const value = Number(text);
+    if (!Number.isSafeInteger(value) || value < 1 || !/^\d+$/.test(text)) {
+      throw new UserError(`Invalid --${flag} "${text}": expected a whole number of at least 1`);
+    }
+    options[option] = value;
+  }
+  if (values["min-body-rate"] !== undefined) {
+    try {
+      options.minBodyRate = parseRate(values["min-body-rate"]);
+    } catch {
+      throw new UserError(
+        `Invalid --min-body-rate "${values["min-body-rate"]}": expected e.g. 16KiB/s or 16384`,
+      );
+    }
+  }
+  return options;
 }
 
 async function main(args = Deno.args): Promise<void> {

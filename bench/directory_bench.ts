@@ -14,6 +14,7 @@
  */
 import { Hono } from "hono";
 import { fileURLToPath } from "node:url";
+import { newSecret } from "../directory.ts";
 import { Child, startTask } from "../tests/_util.ts";
 import { printTable, ratio, type Row } from "./_report.ts";
 
@@ -193,7 +194,12 @@ async function compare(
 
 /** Runs the bench; false when a target was missed. Both servers are stopped on return. */
 async function main(): Promise<boolean> {
-  const directoryArgs = ["--port", "0", "--hostname", "127.0.0.1", "--ttl", "600"];
+  // Every peer registers from this machine, naming its own address: the directory must take
+  // the hosts they name, and as many peers from one address as there are.
+  const directoryArgs = [
+    ...["--port", "0", "--hostname", "127.0.0.1", "--ttl", "600", "--trust-advertise"],
+    ...["--max-peers-per-address", String(PEERS)],
+  ];
   await using directory = startTask("directory", directoryArgs);
   await using bare = new Child(["run", "-q", "-P=bench", fileURLToPath(import.meta.url), "--bare"]);
   const [, directoryUrl] = await directory.waitFor(LISTENING, { stream: "stdout" });
@@ -201,9 +207,12 @@ async function main(): Promise<boolean> {
   const [ourPid, barePid] = [directory.process.pid, bare.process.pid];
   const emptyRss = rssMiB(ourPid);
 
+  // Each peer registers with a secret of its own, as a peer's presence does.
+  const secrets = Array.from({ length: PEERS }, () => newSecret());
   const registration = await load(ourPid, PEERS, (i) => {
     const body = JSON.stringify(peerState(i));
-    return [`${directoryUrl}/peers`, { method: "POST", headers: JSON_HEADERS, body }];
+    const headers = { ...JSON_HEADERS, authorization: `Bearer ${secrets[i]}` };
+    return [`${directoryUrl}/peers`, { method: "POST", headers, body }];
   });
   const { peers, fragments } = await (await fetch(`${directoryUrl}/health`)).json();
   const memory = rssMiB(ourPid);
@@ -212,11 +221,18 @@ async function main(): Promise<boolean> {
     return [`${directoryUrl}/files`, { method: "POST", headers: JSON_HEADERS, body }];
   });
   const withFiles = rssMiB(ourPid);
-  // GET /peers lists peers in the order their registrations landed, which the concurrent workers
-  // shuffle: match each id to its peer by host (one per peer), so heartbeat i repeats peer i.
-  const listed: { id: string; host: string }[] =
-    (await (await fetch(`${directoryUrl}/peers`)).json()).peers;
-  const idByHost = new Map(listed.map((peer) => [peer.host, peer.id]));
+  // GET /peers lists peers a page at a time, in the order their registrations landed, which the
+  // concurrent workers shuffle: match each id to its peer by host (one per peer), so heartbeat i
+  // repeats peer i.
+  const idByHost = new Map<string, string>();
+  let cursor: string | undefined;
+  do {
+    const query = cursor === undefined ? "" : `&cursor=${cursor}`;
+    const page: { peers: { id: string; host: string }[]; next?: string } =
+      await (await fetch(`${directoryUrl}/peers?limit=1000${query}`)).json();
+    for (const peer of page.peers) idByHost.set(peer.host, peer.id);
+    cursor = page.next;
+  } while (cursor !== undefined);
   const ids = Array.from({ length: PEERS }, (_, i) => idByHost.get(peerState(i).host) ?? "");
 
   const randomFragment = () =>
@@ -227,10 +243,12 @@ async function main(): Promise<boolean> {
     { pid: barePid, request: () => [`${bareUrl}/fragments/${randomFragment()}`] },
     { pid: ourPid, request: () => [`${directoryUrl}/fragments/${randomFragment()}`] },
   );
-  // A heartbeat repeats the peer's full state, as registered.
+  // A heartbeat repeats the peer's full state, as registered, with its secret (which the bare
+  // app gets too, and ignores).
   const heartbeat = (url: string) => (i: number): Call => {
     const body = JSON.stringify(peerState(i % PEERS));
-    return [`${url}/peers/${ids[i % PEERS]}`, { method: "PUT", headers: JSON_HEADERS, body }];
+    const headers = { ...JSON_HEADERS, authorization: `Bearer ${secrets[i % PEERS]}` };
+    return [`${url}/peers/${ids[i % PEERS]}`, { method: "PUT", headers, body }];
   };
   const [bareBeat, beat] = await compare(
     { pid: barePid, request: heartbeat(bareUrl) },

@@ -1,16 +1,20 @@
 /**
  * The directory's Hono app: every route of `directory/schemas.ts` mounted as one handler over
  * the {@link Registry}, the error shape, `/openapi.json` and the Swagger UI at `/apidocs`.
+ * Request bodies are read against a deadline, a minimum rate and a budget of memory for all of
+ * them; a peer's entry is changed or removed only with its secret.
  * @module
  */
 import { OpenAPIHono, type RouteConfig, type z } from "@hono/zod-openapi";
 import { swaggerUI } from "@hono/swagger-ui";
-import { bodyLimit } from "hono/body-limit";
 import type { Context } from "hono";
 import { HTTPException } from "hono/http-exception";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
 import { manifestProblem } from "../split.ts";
 import {
+  DEFAULT_BODY_TIMEOUT,
+  DEFAULT_MAX_BODY_MEMORY,
+  DEFAULT_MIN_BODY_RATE,
   ERROR_CODES,
   errorCode,
   getFileRoute,
@@ -22,13 +26,20 @@ import {
   listPeersRoute,
   locateRoute,
   MAX_BODY_BYTES,
+  newSecret,
+  type PageQuery,
+  PEER_SECRET,
+  PEER_SECRET_SCHEME,
   type PeerState,
   publishRoute,
   registerRoute,
+  SECRET_PATTERN,
   TOO_MANY_FILES,
+  TOO_MANY_FRAGMENTS,
   TOO_MANY_PEERS,
+  TOO_MANY_PEERS_FROM_ADDRESS,
 } from "./schemas.ts";
-import { type KnownPeerState, Registry, type RegistryOptions, type Sent } from "./registry.ts";
+import { Registry, type RegistryOptions, type UpsertOutcome } from "./registry.ts";
 
 // ---------------------------------------------------------------------------------------------
 // Mounting: each route as one handler
@@ -50,12 +61,20 @@ interface RouteInput<R extends RouteConfig> {
   text: string | undefined;
 }
 
-/** Answers a request from its path parameters and body as sent, before parsing; or undefined. */
-type Early<R extends RouteConfig> = (
-  c: Context<Env>,
-  param: RouteInput<R>["param"],
-  text: string | undefined,
-) => Response | undefined;
+/** How a route is mounted beside its handler. */
+interface MountOptions<R extends RouteConfig> {
+  /**
+   * Checks the request once its path parameters are valid, before its body is read (who may
+   * make it, say): throws an HTTPException to refuse it.
+   */
+  before?: (c: Context<Env>, param: RouteInput<R>["param"]) => void;
+  /** Answers a request from its path parameters and body as sent, before parsing; or undefined. */
+  early?: (
+    c: Context<Env>,
+    param: RouteInput<R>["param"],
+    text: string | undefined,
+  ) => Response | undefined;
+}
 
 /** What c.json() answers with. */
 const JSON_HEADERS = { "content-type": "application/json" };
@@ -65,13 +84,6 @@ const JSON_TYPE = /^application\/([a-z-.]+\+)?json(;\s*[a-zA-Z0-9-]+=([^;]+))*$/
 
 const tooLarge = () =>
   new HTTPException(413, { message: `Body is larger than ${MAX_BODY_BYTES} bytes` });
-/** For a body without Content-Length: bodyLimit counts it as it reads it. */
-const limitStreamedBody = bodyLimit({
-  maxSize: MAX_BODY_BYTES,
-  onError: () => {
-    throw tooLarge();
-  },
-});
 
 /**
  * Mounts a route declared with createRoute(): documented exactly as app.openapi() documents it,
@@ -79,13 +91,12 @@ const limitStreamedBody = bodyLimit({
  * per part of the request (body limit, path parameters, media type, body) and parses with zod's
  * slower async path: about a microsecond a step, most of what a heartbeat costs beyond a bare
  * route (bench/directory_bench.ts). A failure throws an HTTPException, which app.onError answers.
- * `early`, on a route with a body, may answer before the body is parsed.
  */
 function mount<R extends RouteConfig & { getRoutingPath(): string }>(
   app: OpenAPIHono<Env>,
   route: R,
   handler: (c: Context<Env>, input: RouteInput<R>) => Response,
-  early?: Early<R>,
+  options: MountOptions<R> & { bodies?: Bodies } = {},
 ): void {
   app.openAPIRegistry.registerPath(route);
   const params = route.request?.params as z.ZodType | undefined;
@@ -94,6 +105,7 @@ function mount<R extends RouteConfig & { getRoutingPath(): string }>(
   const body = content && "schema" in content ? content.schema as z.ZodType : undefined;
   const method = route.method.toUpperCase();
   const path = route.getRoutingPath();
+  const { before, early, bodies } = options;
   const param = (c: Context<Env>) =>
     (params && valid(params, c.req.param(), "param")) as RouteInput<R>["param"];
   const query = (c: Context<Env>) =>
@@ -101,16 +113,23 @@ function mount<R extends RouteConfig & { getRoutingPath(): string }>(
       ? valid(queries, c.req.query(), "query")
       : undefined) as RouteInput<R>["query"];
   if (body === undefined) {
-    app.on(method, path, (c) => handler(c, { param: param(c), query: query(c) } as RouteInput<R>));
+    app.on(method, path, (c) => {
+      const input = { param: param(c), query: query(c) } as RouteInput<R>;
+      before?.(c, input.param);
+      return handler(c, input);
+    });
     return;
   }
+  if (bodies === undefined) throw new TypeError(`${method} ${path} takes a body: pass bodies`);
   app.on(method, path, async (c) => {
-    // In the order app.openapi() checks them: size, path parameters, media type, body.
+    // In the order app.openapi() checks them (size, path parameters, media type, body), with
+    // who may make the request before its body is read.
     const length = c.req.header("content-length");
     // The HTTP server holds a body to its Content-Length, so the header is enough to refuse it.
-    if (length === undefined) await limitStreamedBody(c, async () => {});
-    else if (Number(length) > MAX_BODY_BYTES) throw tooLarge();
-    const input = { param: param(c), text: await readText(c) };
+    if (length !== undefined && Number(length) > MAX_BODY_BYTES) throw tooLarge();
+    const input = { param: param(c), text: undefined as string | undefined };
+    before?.(c, input.param);
+    input.text = await readText(c, bodies, length);
     const answer = early?.(c, input.param, input.text);
     if (answer !== undefined) return answer;
     const json = valid(body, parseJson(input.text), "json");
@@ -127,10 +146,14 @@ function valid(schema: z.ZodType, value: unknown, target: "param" | "query" | "j
 }
 
 /** The body as sent, or undefined when it has neither a body nor a media type; 415 for another. */
-async function readText(c: Context<Env>): Promise<string | undefined> {
+async function readText(
+  c: Context<Env>,
+  bodies: Bodies,
+  length: string | undefined,
+): Promise<string | undefined> {
   const type = c.req.header("content-type");
   if (type && !JSON_TYPE.test(type)) throw unsupportedType();
-  const text = await c.req.text();
+  const text = await bodies.read(c.req.raw, length, remoteHost(c.env));
   if (type) return text;
   if (text === "") return undefined;
   throw unsupportedType();
@@ -147,6 +170,222 @@ function parseJson(text: string | undefined): unknown {
   } catch {
     throw new HTTPException(400, { message: "Malformed JSON in request body" });
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request bodies: a deadline, a minimum rate, and a budget for all of them
+
+/** How request bodies are read; see {@link AppOptions}. */
+interface BodyLimits {
+  bodyTimeout?: number;
+  minBodyRate?: number;
+  maxBodyMemory?: number;
+}
+
+/** How often the deadlines of the bodies being read are checked: how late a 408 may come. */
+const BODY_SWEEP_MS = 100;
+
+/** A body being read: its deadline, and what happens when it comes. */
+interface Read {
+  due: number;
+  late: () => void;
+}
+
+/** What the deadline of a body of known size rejects with. */
+const LATE = Symbol("late");
+
+/**
+ * The share of the memory for request bodies that the requests of one client address may hold
+ * (and at least one body of the largest size, within the whole).
+ */
+const BODY_MEMORY_SHARE = 1 / 4;
+
+/**
+ * Reads request bodies whole, each within its deadline (`bodyTimeout` seconds, and one more
+ * for each `minBodyRate` bytes of it: slower than that, it is a 408), and all of them within
+ * one budget of memory, of which one client address may hold a quarter (past it, a 503): a
+ * client that stalls mid-body, or many of them, hold neither a connection nor memory for long.
+ */
+class Bodies {
+  readonly #timeoutMs: number;
+  readonly #minRate: number;
+  readonly #budget: number;
+  readonly #share: number;
+  /** Bytes of the bodies being read, or that their Content-Length promises. */
+  #held = 0;
+  /** The same, per client address. */
+  readonly #byAddress = new Map<string, number>();
+  /** The reads in progress, each with its deadline. */
+  readonly #reads = new Set<Read>();
+  /** One timer checks every deadline, rather than one timer each. */
+  #sweeper: ReturnType<typeof setInterval> | undefined;
+
+  constructor(limits: BodyLimits) {
+    this.#timeoutMs = positiveNumber(limits.bodyTimeout ?? DEFAULT_BODY_TIMEOUT, "bodyTimeout") *
+      1000;
+    this.#minRate = positiveNumber(limits.minBodyRate ?? DEFAULT_MIN_BODY_RATE, "minBodyRate");
+    this.#budget = positiveNumber(limits.maxBodyMemory ?? DEFAULT_MAX_BODY_MEMORY, "maxBodyMemory");
+    this.#share = Math.min(
+      this.#budget,
+      Math.max(this.#budget * BODY_MEMORY_SHARE, MAX_BODY_BYTES),
+    );
+  }
+
+  /**
+   * `request`'s body as text, of Content-Length `length` (when it has one), from client
+   * `address`; an HTTPException (408, 413, 503) when it breaks a limit.
+   */
+  read(request: Request, length: string | undefined, address = ""): Promise<string> {
+    if (length !== undefined) return this.#readSized(request, Number(length), address);
+    if (request.body === null) return Promise.resolve("");
+    return this.#readStreamed(request.body, address);
+  }
+
+  /**
+   * A body of known size, the usual: it takes its share of the budget at once, and has its
+   * deadline from the start. Read in one piece by Deno (the fast path, unlike a stream). At the
+   * deadline it is a 408, and the server closes the connection; the body's memory counts until
+   * that read ends.
+   */
+  async #readSized(request: Request, length: number, address: string): Promise<string> {
+    if (!this.#take(address, length)) throw busy();
+    const text = request.text();
+    // Each read has a promise of its own: one shared by many reads would hold on to every one
+    // of them until it settles.
+    const { promise: late, reject } = Promise.withResolvers<never>();
+    const read = {
+      due: Date.now() + this.#timeoutMs + (length / this.#minRate) * 1000,
+      late: () => reject(LATE),
+    };
+    this.#watch(read);
+    try {
+      const body = await Promise.race([text, late]);
+      this.#take(address, -length);
+      return body;
+    } catch (error) {
+      if (error !== LATE) {
+        this.#take(address, -length);
+        throw error;
+      }
+      // The body's memory counts until its read ends (Deno closes the connection).
+      const release = () => void this.#take(address, -length);
+      text.then(release, release);
+      throw slow(length, this.#timeoutMs, this.#minRate, true);
+    } finally {
+      this.#reads.delete(read);
+    }
+  }
+
+  /**
+   * A body of unknown size (chunked): it takes its share of the budget as it arrives, and each
+   * `minRate` bytes received move its deadline a second on.
+   */
+  async #readStreamed(stream: ReadableStream<Uint8Array>, address: string): Promise<string> {
+    const reader = stream.getReader();
+    const chunks: Uint8Array[] = [];
+    let received = 0;
+    let late = false;
+    const start = Date.now();
+    const read = {
+      due: start + this.#timeoutMs,
+      late: () => {
+        // Each minRate bytes received move the deadline a second on.
+        read.due = start + this.#timeoutMs + (received / this.#minRate) * 1000;
+        if (read.due > Date.now()) return this.#watch(read);
+        late = true;
+        reader.cancel().catch(() => {}); // ends the read in progress
+      },
+    };
+    this.#watch(read);
+    try {
+      while (true) {
+        const { done, value } = await reader.read();
+        if (late) throw slow(received, this.#timeoutMs, this.#minRate);
+        if (done) break;
+        if (received + value.byteLength > MAX_BODY_BYTES) throw tooLarge();
+        if (!this.#take(address, value.byteLength)) throw busy();
+        received += value.byteLength;
+        chunks.push(value);
+      }
+    } catch (error) {
+      await reader.cancel().catch(() => {});
+      throw error;
+    } finally {
+      this.#reads.delete(read);
+      this.#take(address, -received);
+    }
+    return DECODER.decode(chunks.length === 1 ? chunks[0] : concat(chunks, received));
+  }
+
+  /**
+   * Watches `read`'s deadline until it is deleted from #reads: one timer checks them all, and
+   * stops once there are none.
+   */
+  #watch(read: Read): void {
+    this.#reads.add(read);
+    if (this.#sweeper !== undefined) return;
+    this.#sweeper = setInterval(() => {
+      if (this.#reads.size === 0) {
+        clearInterval(this.#sweeper);
+        this.#sweeper = undefined;
+        return;
+      }
+      const now = Date.now();
+      for (const read of this.#reads) {
+        if (read.due > now) continue;
+        this.#reads.delete(read);
+        read.late();
+      }
+    }, BODY_SWEEP_MS);
+    // It keeps no process alive: reads in progress have their connections for that.
+    this.#sweeper.unref();
+  }
+
+  /** Takes `bytes` of the budget for `address` (gives them back when negative); false when full. */
+  #take(address: string, bytes: number): boolean {
+    if (bytes === 0) return true;
+    const mine = (this.#byAddress.get(address) ?? 0) + bytes;
+    if (bytes > 0 && (this.#held + bytes > this.#budget || mine > this.#share)) {
+      return false;
+    }
+    this.#held += bytes;
+    if (mine > 0) this.#byAddress.set(address, mine);
+    else this.#byAddress.delete(address);
+    return true;
+  }
+}
+
+const DECODER = new TextDecoder();
+
+function concat(chunks: Uint8Array[], length: number): Uint8Array {
+  const whole = new Uint8Array(length);
+  let at = 0;
+  for (const chunk of chunks) {
+    whole.set(chunk, at);
+    at += chunk.byteLength;
+  }
+  return whole;
+}
+
+const busy = () =>
+  new HTTPException(503, {
+    message: "The directory is reading as many request bodies as it may hold; try again in a " +
+      "second",
+  });
+
+/** The 408 of a body that missed its deadline: `bytes` of it had come, or it said it had. */
+function slow(bytes: number, timeoutMs: number, minRate: number, said = false): HTTPException {
+  const what = said ? `a body of ${bytes} bytes` : `${bytes} bytes`;
+  return new HTTPException(408, {
+    message: `The body did not arrive in time: ${what} in ${timeoutMs / 1000} s, and one more ` +
+      `for each ${minRate} bytes`,
+  });
+}
+
+/** `value` when it is a number above 0; a RangeError naming `option` otherwise. */
+function positiveNumber(value: number, option: string): number {
+  if (value > 0 && Number.isFinite(value)) return value;
+  throw new RangeError(`${option} must be a number above 0, not ${value}`);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -174,18 +413,79 @@ function describeIssue(issue: z.core.$ZodIssue, target: string): string {
   return `${what} "${field}" is invalid: ${reason[0].toLowerCase()}${reason.slice(1)}`;
 }
 
-/** What the Deno server passes as Hono's env: the connection's addresses. */
-type Env = { Bindings: Partial<Deno.ServeHandlerInfo<Deno.NetAddr>> };
+/**
+ * What the Deno server passes as Hono's env (the connection's addresses), and what a request's
+ * handlers share: the secret it carries.
+ */
+type Env = {
+  Bindings: Partial<Deno.ServeHandlerInfo<Deno.NetAddr>>;
+  Variables: { secret: string };
+};
 
 /** The address the request came from, without the IPv4-mapped IPv6 prefix. */
 function remoteHost(env: Env["Bindings"] | undefined): string | undefined {
   return env?.remoteAddr?.hostname.replace(/^::ffff:(?=\d+\.)/, "");
 }
 
+const BEARER = /^Bearer +(\S+)\s*$/i;
+
+/**
+ * The secret of the request's `Authorization: Bearer <secret>`; undefined without the header;
+ * a 401 for a malformed one.
+ */
+function bearer(c: Context<Env>): string | undefined {
+  const header = c.req.header("authorization");
+  if (header === undefined) return undefined;
+  const secret = header.match(BEARER)?.[1];
+  if (secret === undefined || !SECRET_PATTERN.test(secret)) {
+    throw unauthorized(
+      'Header "Authorization" must be "Bearer <secret>", the secret of 32 to 128 letters, ' +
+        "digits, '-' or '_' that POST /peers gave",
+    );
+  }
+  return secret;
+}
+
+function unauthorized(message: string): HTTPException {
+  return new HTTPException(401, {
+    message,
+    res: new Response(null, { headers: { "www-authenticate": "Bearer" } }),
+  });
+}
+
+/** The request's secret; a 401 without one. */
+function requireSecret(c: Context<Env>): string {
+  const secret = bearer(c);
+  if (secret === undefined) {
+    throw unauthorized(
+      'This needs the peer\'s secret: send "Authorization: Bearer <secret>", with the secret ' +
+        "POST /peers gave",
+    );
+  }
+  return secret;
+}
+
+const forbidden = (id: string) =>
+  new HTTPException(403, {
+    message: `Peer "${id}" is another owner's: the secret is not the one it registered with`,
+  });
+
 /** Options of {@link createApp}. */
-export interface AppOptions extends RegistryOptions {
+export interface AppOptions extends RegistryOptions, BodyLimits {
   /** The state to serve; by default a new one with these options (`ttl`, `now`, bounds). */
   registry?: Registry;
+  /**
+   * List a peer at the `host` its state names, as trackers do only when told: otherwise the
+   * directory lists it at the address its request came from, so nobody can aim downloaders at a
+   * third party. For containers and networks whose peers advertise names. @default false
+   */
+  trustAdvertise?: boolean;
+  /** Seconds a request body may take at first. @default 10 */
+  bodyTimeout?: number;
+  /** Bytes per second a longer body must keep: each of them buys a second more. @default 16384 */
+  minBodyRate?: number;
+  /** Bytes of request bodies held at once, across all requests; past that, a 503. @default 64 MiB */
+  maxBodyMemory?: number;
 }
 
 /**
@@ -198,6 +498,8 @@ export interface AppOptions extends RegistryOptions {
  */
 export function createApp(options: AppOptions = {}): OpenAPIHono<Env> {
   const registry = options.registry ?? new Registry(options);
+  const bodies = new Bodies(options);
+  const trustAdvertise = options.trustAdvertise ?? false;
   const app = new OpenAPIHono<Env>({
     // The directory mounts its own routes with mount(); a route someone adds with app.openapi()
     // still answers a validation failure the same way, with one 400 naming the field.
@@ -211,13 +513,15 @@ export function createApp(options: AppOptions = {}): OpenAPIHono<Env> {
   app.onError((error, c) => {
     if (error instanceof HTTPException) {
       const status = error.status as ContentfulStatusCode;
-      return c.json(errorBody(errorCode(status), error.message), status);
+      const headers = error.res ? Object.fromEntries(error.res.headers) : undefined;
+      return c.json(errorBody(errorCode(status), error.message), status, headers);
     }
     console.error(`[DIRECTORY] ${c.req.method} ${c.req.path} failed:`, error);
     return c.json(errorBody(ERROR_CODES[500], "Internal server error"), 500);
   });
   const notFound = (message: string) => errorBody(ERROR_CODES[404], message);
   app.notFound((c) => c.json(notFound(`No route for ${c.req.method} "${c.req.path}"`), 404));
+  app.openAPIRegistry.registerComponent("securitySchemes", PEER_SECRET_SCHEME, PEER_SECRET);
   mount(app, healthRoute, (c) =>
     c.json({
       status: "ok" as const,
@@ -226,66 +530,126 @@ export function createApp(options: AppOptions = {}): OpenAPIHono<Env> {
       files: registry.fileCount,
     }, 200));
 
-  /** The state with `host` filled in, or undefined when neither the body nor the socket says. */
-  function withHost(state: PeerState, env: Env["Bindings"] | undefined) {
-    const host = state.host ?? remoteHost(env);
-    return host === undefined ? undefined : { ...state, host };
+  /**
+   * Where the directory lists a peer: the address its request came from, or, trusting
+   * advertised hosts, the host its state names. Undefined when neither says.
+   */
+  function listedHost(state: PeerState, env: Env["Bindings"] | undefined): string | undefined {
+    return (trustAdvertise ? state.host : undefined) ?? remoteHost(env);
   }
-  const noHost = errorBody(
-    ERROR_CODES[400],
-    'Field "host" is required: the remote address is unknown',
-  );
-  const tooManyPeers = () =>
-    errorBody(
-      TOO_MANY_PEERS,
-      `The directory lists ${registry.maxPeers} live peers, its limit; a peer that stops ` +
-        "heartbeating is dropped within a ttl",
-    );
+  const noHost = () =>
+    new HTTPException(400, {
+      message: trustAdvertise
+        ? 'Field "host" is required: the remote address is unknown'
+        : "The request's remote address is unknown, and the directory lists a peer at the " +
+          'address it registers from (a "host" field counts only with --trust-advertise)',
+    });
 
-  /** What the registry keeps of a request, to know a heartbeat that repeats it. */
-  const sent = (json: PeerState, state: KnownPeerState, body: string | undefined): Sent => ({
-    body,
-    from: json.host === undefined ? state.host : undefined,
-  });
+  /** The answer to a refused upsert, or undefined for one that went through. */
+  function refusal(c: Context<Env>, id: string, address: string, outcome: UpsertOutcome) {
+    switch (outcome) {
+      case "created":
+      case "refreshed":
+        return undefined;
+      case "forbidden":
+        throw forbidden(id);
+      case "address taken":
+        return c.json(
+          errorBody(
+            ERROR_CODES[409],
+            `A live peer of another owner is listed at "${address}"; it goes within a ttl ` +
+              "once it stops heartbeating",
+          ),
+          409,
+        );
+      case "too many peers":
+        return c.json(
+          errorBody(
+            TOO_MANY_PEERS,
+            `The directory lists ${registry.maxPeers} live peers, its limit; a peer that stops ` +
+              "heartbeating is dropped within a ttl",
+          ),
+          429,
+        );
+      case "too many from address":
+        return c.json(
+          errorBody(
+            TOO_MANY_PEERS_FROM_ADDRESS,
+            `The directory lists ${registry.maxPeersPerAddress} live peers registered from ` +
+              `"${remoteHost(c.env) ?? "this address"}", its limit per address; one that stops ` +
+              "heartbeating is dropped within a ttl",
+          ),
+          429,
+        );
+      case "too many fragments":
+        return c.json(
+          errorBody(
+            TOO_MANY_FRAGMENTS,
+            `The directory's index would hold more than ${registry.maxIndexedFragments} ` +
+              "fragments across all peers, its limit; a peer it lists keeps its last state, " +
+              "and one that stops heartbeating is dropped within a ttl",
+          ),
+          429,
+        );
+    }
+  }
 
   mount(app, registerRoute, (c, { json, text }) => {
-    const state = withHost(json, c.env);
-    if (state === undefined) return c.json(noHost, 400);
+    const host = listedHost(json, c.env);
+    if (host === undefined) throw noHost();
+    const secret = bearer(c) ?? newSecret();
     const id = crypto.randomUUID();
-    if (registry.upsert(id, state, sent(json, state, text)) === "too many peers") {
-      return c.json(tooManyPeers(), 429);
-    }
-    return c.json({ id, ttl: registry.ttl }, 201);
+    const claim = { secret, source: remoteHost(c.env), body: text };
+    const outcome = registry.upsert(id, { ...json, host }, claim);
+    return refusal(c, id, `${host}:${json.port}`, outcome) ??
+      c.json({ id, ttl: registry.ttl, secret, host }, 201);
+  }, {
+    bodies,
+    before: (c) => void bearer(c), // a malformed secret is refused before the body is read
   });
 
-  mount(
-    app,
-    heartbeatRoute,
-    (c, { param: { id }, json, text }) => {
-      const state = withHost(json, c.env);
-      if (state === undefined) return c.json(noHost, 400);
-      const outcome = registry.upsert(id, state, sent(json, state, text));
-      if (outcome === "too many peers") return c.json(tooManyPeers(), 429);
-      return c.json({ id, ttl: registry.ttl, recreated: outcome === "created" }, 200);
-    },
+  mount(app, heartbeatRoute, (c, { param: { id }, json, text }) => {
+    const host = listedHost(json, c.env);
+    if (host === undefined) throw noHost();
+    const claim = { secret: c.get("secret"), source: remoteHost(c.env), body: text };
+    const outcome = registry.upsert(id, { ...json, host }, claim);
+    return refusal(c, id, `${host}:${json.port}`, outcome) ??
+      c.json({ id, ttl: registry.ttl, recreated: outcome === "created" }, 200);
+  }, {
+    bodies,
+    // Whether the secret is the peer's is the registry's to say: a peer it does not know is
+    // the peer's that comes back after a restart, which it adopts.
+    before: (c) => void c.set("secret", requireSecret(c)),
     // The usual heartbeat repeats the last one byte for byte: it needs no parsing.
-    (c, { id }, text) =>
-      registry.refresh(id, text, () => remoteHost(c.env))
+    early: (c, { id }, text) =>
+      registry.refresh(id, c.get("secret"), text, () => remoteHost(c.env) ?? "")
         ? c.json({ id, ttl: registry.ttl, recreated: false }, 200)
         : undefined,
-  );
+  });
 
   mount(app, leaveRoute, (c, { param: { id } }) => {
-    if (!registry.remove(id)) return c.json(notFound(`No peer "${id}"`), 404);
+    const owns = registry.owns(id, requireSecret(c));
+    if (owns === undefined) return c.json(notFound(`No peer "${id}"`), 404);
+    if (!owns) throw forbidden(id);
+    registry.remove(id);
     return c.body(null, 204);
   });
 
-  mount(app, listPeersRoute, (c) => c.json({ peers: registry.peers() }, 200));
-  mount(
-    app,
-    listFragmentsRoute,
-    (c, { query }) => c.json({ fragments: registry.fragments(query?.file) }, 200),
-  );
+  /** The page a list's query asks for. */
+  const page = (query: PageQuery | undefined) => ({
+    cursor: query?.cursor === undefined ? undefined : Number(query.cursor),
+    limit: query?.limit,
+  });
+  const next = (cursor: number | undefined) => cursor === undefined ? {} : { next: String(cursor) };
+
+  mount(app, listPeersRoute, (c, { query }) => {
+    const { entries, next: after } = registry.peers(page(query));
+    return c.json({ peers: entries, ...next(after) }, 200);
+  });
+  mount(app, listFragmentsRoute, (c, { query }) => {
+    const { entries, next: after } = registry.fragments(query?.file, page(query));
+    return c.json({ fragments: entries, ...next(after) }, 200);
+  });
 
   mount(app, locateRoute, (c, { param: { name }, query }) => {
     const file = query?.file;
@@ -319,7 +683,7 @@ export function createApp(options: AppOptions = {}): OpenAPIHono<Env> {
     }
     const body = { file: manifest.file, fragments: manifest.fragments.length };
     return outcome === "created" ? c.json(body, 201) : c.json(body, 200);
-  });
+  }, { bodies });
 
   mount(app, listFilesRoute, (c) => c.json({ files: registry.files() }, 200));
 
@@ -335,7 +699,11 @@ export function createApp(options: AppOptions = {}): OpenAPIHono<Env> {
     info: {
       title: "P2P video directory",
       version: "1.0.0",
-      description: "Which live peer holds which fragment, and the manifests of shared files",
+      description: "Which live peer holds which fragment, and the manifests of shared files. " +
+        "A peer's entry is its owner's: registering answers a secret, which heartbeats and " +
+        "leaves carry as `Authorization: Bearer <secret>`. The directory caps its connections " +
+        "(in all and per client address), closes those that send no request for a while, and " +
+        "answers a connection it has no room for with a 503 in the error shape.",
     },
   });
   app.get(

@@ -11,7 +11,9 @@ import {
   type Health,
   type Heartbeat,
   type Holder,
+  MAX_PAGE_LIMIT,
   type PeerInfo,
+  type PeerKey,
   type PeerState,
   type Registration,
 } from "./schemas.ts";
@@ -49,6 +51,16 @@ export interface LocateOptions {
   file?: string;
 }
 
+/** Options of {@link DirectoryClient.register}. */
+export interface RegisterOptions {
+  /**
+   * The secret to register with, instead of one the directory makes up: a peer that sends the
+   * same one again (its registration's answer was lost, or it restarted) replaces its own entry
+   * rather than being refused as another owner. 32 to 128 letters, digits, `-` or `_`.
+   */
+  secret?: string;
+}
+
 /** Options of {@link DirectoryClient}. */
 export interface DirectoryClientOptions {
   /** Give up on a call after this long. @default 5000 */
@@ -61,8 +73,10 @@ export interface DirectoryClientOptions {
  * @example
  * ```ts
  * const directory = new DirectoryClient("http://localhost:5000");
- * const { id, ttl } = await directory.register({ port: 6001, grpcPort: 50051, httpPort: 8001, fragments: [] });
+ * const me = await directory.register({ port: 6001, grpcPort: 50051, httpPort: 8001, fragments: [] });
+ * await directory.heartbeat(me, { port: 6001, grpcPort: 50051, httpPort: 8001, fragments: [] });
  * const holders = await directory.locate("fragment_5.bin", { file: "sample.webm" });
+ * await directory.leave(me);
  * ```
  */
 export class DirectoryClient {
@@ -81,21 +95,25 @@ export class DirectoryClient {
   }
 
   /**
-   * Registers this peer; heartbeat every `ttl / 3` seconds with the returned id. Its `file` is
-   * the file its fragments belong to, when it knows (its store's manifest's `file`).
+   * Registers this peer; heartbeat every `ttl / 3` seconds with the returned id and secret.
+   * Its `file` is the file its fragments belong to, when it knows (its store's manifest's
+   * `file`). Status 409 when a live peer of another owner is listed at its address.
    */
-  register(state: PeerState): Promise<Registration> {
-    return this.#call("POST", "/peers", state);
+  register(state: PeerState, options: RegisterOptions = {}): Promise<Registration> {
+    return this.#call("POST", "/peers", state, options.secret);
   }
 
-  /** Refreshes this peer with its full state; re-creates it if the directory forgot it. */
-  heartbeat(id: string, state: PeerState): Promise<Heartbeat> {
-    return this.#call("PUT", `/peers/${encodeURIComponent(id)}`, state);
+  /**
+   * Refreshes this peer with its full state; re-creates it if the directory forgot it (after a
+   * restart). Status 403 when the id is another owner's now.
+   */
+  heartbeat(peer: PeerKey, state: PeerState): Promise<Heartbeat> {
+    return this.#call("PUT", `/peers/${encodeURIComponent(peer.id)}`, state, peer.secret);
   }
 
-  /** Leaves the directory (status 404 when it did not know `id`). */
-  async leave(id: string): Promise<void> {
-    await this.#call("DELETE", `/peers/${encodeURIComponent(id)}`);
+  /** Leaves the directory (status 404 when it did not know the peer, 403 when another owns it). */
+  async leave(peer: PeerKey): Promise<void> {
+    await this.#call("DELETE", `/peers/${encodeURIComponent(peer.id)}`, undefined, peer.secret);
   }
 
   /**
@@ -115,15 +133,37 @@ export class DirectoryClient {
     }
   }
 
-  /** Every live peer with its fragments. */
-  async listPeers(): Promise<PeerInfo[]> {
-    return (await this.#call<{ peers: PeerInfo[] }>("GET", "/peers")).peers;
+  /** Every live peer with its fragments, page after page. */
+  listPeers(): Promise<PeerInfo[]> {
+    return this.#all<{ peers: PeerInfo[]; next?: string }, PeerInfo>(
+      "/peers?",
+      (page) => page.peers,
+    );
   }
 
-  /** Every fragment with its live holders (of one file, with `file`). */
-  async listFragments(options: LocateOptions = {}): Promise<FragmentHolders[]> {
-    const path = `/fragments${fileQuery(options)}`;
-    return (await this.#call<{ fragments: FragmentHolders[] }>("GET", path)).fragments;
+  /** Every fragment with its live holders (of one file, with `file`), page after page. */
+  listFragments(options: LocateOptions = {}): Promise<FragmentHolders[]> {
+    const query = fileQuery(options);
+    return this.#all<{ fragments: FragmentHolders[]; next?: string }, FragmentHolders>(
+      `/fragments${query === "" ? "?" : `${query}&`}`,
+      (page) => page.fragments,
+    );
+  }
+
+  /** The entries of every page of a list, from `path` (which ends in `?` or `&`) on. */
+  async #all<P extends { next?: string }, T>(
+    path: string,
+    entries: (page: P) => T[],
+  ): Promise<T[]> {
+    const all: T[] = [];
+    let cursor: string | undefined;
+    do {
+      const at = cursor === undefined ? "" : `&cursor=${encodeURIComponent(cursor)}`;
+      const page = await this.#call<P>("GET", `${path}limit=${MAX_PAGE_LIMIT}${at}`);
+      all.push(...entries(page));
+      cursor = page.next;
+    } while (cursor !== undefined);
+    return all;
   }
 
   /** Publishes a file's manifest (status 409 when another file has its name). */
@@ -143,16 +183,19 @@ export class DirectoryClient {
     return this.#call("GET", `/files/${encodeURIComponent(file)}`);
   }
 
-  async #call<T>(method: string, path: string, body?: unknown): Promise<T> {
+  async #call<T>(method: string, path: string, body?: unknown, secret?: string): Promise<T> {
     const controller = new AbortController();
     // A timer of our own, not AbortSignal.timeout(), so it is cleared the moment we are done.
     const timer = setTimeout(() => controller.abort(), this.#timeoutMs);
+    const headers: Record<string, string> = {};
+    if (body !== undefined) headers["content-type"] = "application/json";
+    if (secret !== undefined) headers.authorization = `Bearer ${secret}`;
     let response: Response;
     let text: string;
     try {
       response = await fetch(this.url + path, {
         method,
-        headers: body === undefined ? {} : { "content-type": "application/json" },
+        headers,
         body: body === undefined ? undefined : JSON.stringify(body),
         signal: controller.signal,
       });

@@ -7,12 +7,17 @@
 import {
   DEFAULT_MAX_FILE_FRAGMENTS,
   DEFAULT_MAX_FILES,
+  DEFAULT_MAX_INDEXED_FRAGMENTS,
   DEFAULT_MAX_PEERS,
+  DEFAULT_MAX_PEERS_PER_ADDRESS,
+  DEFAULT_PAGE_LIMIT,
   DEFAULT_TTL,
   type FileDetail,
   type FileSummary,
   type FragmentHolders,
   type Holder,
+  MAX_FILE_HOLDERS,
+  MAX_PAGE_ITEMS,
   MAX_TTL,
   type PeerInfo,
   type PeerState,
@@ -25,6 +30,10 @@ const UNKNOWN = "";
 interface PeerRecord {
   id: string;
   address: string;
+  /** Who may change or remove it: whoever has the secret of its registration. */
+  secret: string;
+  /** The client address its last registration or heartbeat came from ("" when unknown). */
+  source: string;
   holder: Holder;
   /** As last sent, without duplicates: the next heartbeat usually sends the same list. */
   fragments: string[];
@@ -33,16 +42,29 @@ interface PeerRecord {
   expiresAt: number;
   /** The body of its last registration or heartbeat, which {@link Registry.refresh} compares. */
   body: string | undefined;
-  /** The remote host that stood in for a host that body did not name. */
-  from: string | undefined;
+  /** Its place in the list of peers. */
+  place: Place<PeerRecord>;
 }
 
-/** A registration or heartbeat as it was sent, so {@link Registry.refresh} knows it again. */
-export interface Sent {
-  /** The body, byte for byte. */
+/** Who registers or heartbeats a peer: its owner, and the client address the request came from. */
+export interface Claim {
+  /** The secret the request carries: what makes it the peer's owner. */
+  secret: string;
+  /** The request's client address; "" (the default) when unknown. */
+  source?: string;
+  /** The body as sent, byte for byte, so {@link Registry.refresh} knows it again. */
   body?: string;
-  /** The remote host that stood in for a host the body did not name. */
-  from?: string;
+}
+
+/**
+ * Whether two secrets are the same, in a time that depends on their length only: no answer
+ * tells a client how much of a guess was right.
+ */
+function sameSecret(a: string, b: string): boolean {
+  if (a.length !== b.length) return false;
+  let difference = 0;
+  for (let i = 0; i < a.length; i++) difference |= a.charCodeAt(i) ^ b.charCodeAt(i);
+  return difference === 0;
 }
 
 /** A peer's state with its host known (from the body, or the request's remote address). */
@@ -77,6 +99,8 @@ interface FragmentRecord {
   only: Holders | undefined;
   /** The answer with every group's holders, when there are several groups. */
   all: Answer;
+  /** Its place in the list of fragments. */
+  place: Place<string>;
 }
 
 interface FileRecord {
@@ -92,8 +116,85 @@ interface FileRecord {
   releasedAt: number;
 }
 
-/** What {@link Registry.upsert} did: a new peer, a known one refreshed, or refused a new one. */
-export type UpsertOutcome = "created" | "refreshed" | "too many peers";
+/**
+ * What {@link Registry.upsert} did: a new peer, a known one refreshed; or it refused: the id is
+ * another owner's live peer, a live peer of another owner is at that host and port, or a bound
+ * was met (live peers, live peers from the client's address, fragments in the index).
+ */
+export type UpsertOutcome =
+  | "created"
+  | "refreshed"
+  | "forbidden"
+  | "address taken"
+  | "too many peers"
+  | "too many from address"
+  | "too many fragments";
+
+/** Where a page of a list starts, and how many entries it may hold. */
+export interface Page {
+  /** The `next` of the page before; the first page without it. */
+  cursor?: number;
+  /** @default 100 */
+  limit?: number;
+}
+
+/** A page of a list, and the cursor of the next one (undefined on the last). */
+export interface Paged<T> {
+  entries: T[];
+  next: number | undefined;
+}
+
+/** An entry's place in a {@link Sequence}: its number, and the entry until it is removed. */
+interface Place<T> {
+  readonly seq: number;
+  value: T | undefined;
+}
+
+/** The place of a record until it has one. */
+const UNPLACED: Place<never> = { seq: 0, value: undefined };
+
+/**
+ * Entries in the order they came, each numbered: a list's cursor is the number of the entry the
+ * next page starts at, found again by binary search, so a page deep in a list costs no more
+ * than the first, and an entry that comes or goes meanwhile moves no other. Removed entries
+ * leave a hole until there are as many holes as entries.
+ */
+class Sequence<T> {
+  #places: Place<T>[] = [];
+  #next = 1;
+  #holes = 0;
+
+  add(value: T): Place<T> {
+    const place = { seq: this.#next++, value };
+    this.#places.push(place);
+    return place;
+  }
+
+  remove(place: Place<T>): void {
+    if (place.value === undefined) return;
+    place.value = undefined;
+    if (++this.#holes > 1024 && this.#holes * 2 > this.#places.length) {
+      this.#places = this.#places.filter((kept) => kept.value !== undefined);
+      this.#holes = 0;
+    }
+  }
+
+  /** The entries from number `seq` on, with their numbers. */
+  *from(seq = 0): Iterable<[number, T]> {
+    const places = this.#places;
+    let low = 0;
+    let high = places.length;
+    while (low < high) {
+      const middle = (low + high) >>> 1;
+      if (places[middle]!.seq < seq) low = middle + 1;
+      else high = middle;
+    }
+    for (let i = low; i < places.length; i++) {
+      const { seq, value } = places[i]!;
+      if (value !== undefined) yield [seq, value];
+    }
+  }
+}
 
 /** Sweeps at most this often to make room for a new peer at the bound: a sweep is O(peers). */
 const FULL_SWEEP_INTERVAL_MS = 1_000;
@@ -110,6 +211,10 @@ export interface RegistryOptions {
   maxFileFragments?: number;
   /** Live peers listed at most; a new one is refused. @default 100000 */
   maxPeers?: number;
+  /** Live peers registered from one client address at most. @default 100 */
+  maxPeersPerAddress?: number;
+  /** Fragments indexed at most, across all peers' lists. @default 500000 */
+  maxIndexedFragments?: number;
 }
 
 /**
@@ -148,10 +253,18 @@ export class Registry {
   readonly maxFileFragments: number;
   /** Live peers listed at most. */
   readonly maxPeers: number;
+  /** Live peers registered from one client address at most. */
+  readonly maxPeersPerAddress: number;
+  /** Fragments indexed at most, across all peers' lists. */
+  readonly maxIndexedFragments: number;
   readonly #ttlMs: number;
   readonly #now: () => number;
   /** Every peer heard from within a ttl, and any expired since the last sweep. */
   readonly #peers = new Map<string, PeerRecord>();
+  /** The same, in the order they came: what `GET /peers` pages through. */
+  readonly #peerList = new Sequence<PeerRecord>();
+  /** The names of the fragment index, in the order they came: what `GET /fragments` pages. */
+  readonly #fragmentList = new Sequence<string>();
   /** Fragment name -> its holders, kept in step with every heartbeat: locate is O(holders). */
   readonly #fragments = new Map<string, FragmentRecord>();
   /** "host:port" -> peer id, so a peer that restarted and registered again has one entry. */
@@ -159,6 +272,10 @@ export class Registry {
   readonly #files = new Map<string, FileRecord>();
   /** Fragments of all files' manifests, together. */
   #fileFragments = 0;
+  /** Client address -> peers registered from it (live, or expired and not swept yet). */
+  readonly #bySource = new Map<string, number>();
+  /** Fragment names in all peers' lists, together: the size of the index. */
+  #indexed = 0;
   #sweptAt = -Infinity;
 
   constructor(options: RegistryOptions = {}) {
@@ -172,6 +289,14 @@ export class Registry {
       "maxFileFragments",
     );
     this.maxPeers = positive(options.maxPeers ?? DEFAULT_MAX_PEERS, "maxPeers");
+    this.maxPeersPerAddress = positive(
+      options.maxPeersPerAddress ?? DEFAULT_MAX_PEERS_PER_ADDRESS,
+      "maxPeersPerAddress",
+    );
+    this.maxIndexedFragments = positive(
+      options.maxIndexedFragments ?? DEFAULT_MAX_INDEXED_FRAGMENTS,
+      "maxIndexedFragments",
+    );
     this.#ttlMs = this.ttl * 1000;
     this.#now = options.now ?? Date.now;
   }
@@ -208,72 +333,150 @@ export class Registry {
   }
 
   /**
-   * Refreshes live peer `id` when `body` repeats its last registration or heartbeat byte for
-   * byte, which would parse to the state it has; if its host came from its remote address, that
-   * must not have changed either (`remoteHost` is asked only then). False when it does not
-   * refresh, and the caller parses the body and calls {@link Registry.upsert}.
+   * Whether `secret` is that of live peer `id`: undefined when the directory does not know the
+   * peer (or it expired), so that nobody owns it.
    */
-  refresh(id: string, body: string | undefined, remoteHost: () => string | undefined): boolean {
+  owns(id: string, secret: string): boolean | undefined {
+    const peer = this.#peers.get(id);
+    if (peer === undefined || peer.expiresAt <= this.#now()) return undefined;
+    return sameSecret(peer.secret, secret);
+  }
+
+  /**
+   * Refreshes live peer `id` of `secret` when `body` repeats its last registration or heartbeat
+   * byte for byte, which would parse to the state it has, from the client address it came from
+   * (asked only then). False when it does not refresh, and the caller parses the body and calls
+   * {@link Registry.upsert}.
+   */
+  refresh(id: string, secret: string, body: string | undefined, source: () => string): boolean {
     const now = this.#now();
     const peer = this.#peers.get(id);
     if (body === undefined || peer === undefined || peer.expiresAt <= now) return false;
-    if (peer.body !== body || (peer.from !== undefined && peer.from !== remoteHost())) return false;
+    if (peer.body !== body || peer.source !== source() || !sameSecret(peer.secret, secret)) {
+      return false;
+    }
     peer.expiresAt = now + this.#ttlMs; // only later: no cached locate answer goes stale
     return true;
   }
 
   /**
-   * Registers or refreshes peer `id` with its full state, parsed from `sent`. A peer the
-   * directory does not know is refused when it lists `maxPeers` live peers already (one that
-   * registers again at its own address replaces itself, and is never refused).
+   * Registers or refreshes peer `id` with its full state, for `claim`'s owner (see
+   * {@link UpsertOutcome} for what it refuses). A peer the directory does not know, or that
+   * expired, is anyone's: it is created with the claim's owner. Another live peer at the same
+   * host and port is replaced when it has the same owner (the peer restarted), and refused
+   * otherwise. A known peer whose new list would take the index past its bound keeps its last
+   * state, refreshed. Only a directory at a bound pays for a sweep (at most once a second): a
+   * peer that expired makes room.
    */
-  upsert(id: string, state: KnownPeerState, sent: Sent = {}): UpsertOutcome {
+  upsert(id: string, state: KnownPeerState, claim: Claim): UpsertOutcome {
     const now = this.#now();
+    const { secret, source = "", body } = claim;
     const known = this.#peers.get(id);
-    const created = known === undefined || known.expiresAt <= now; // expired is forgotten
+    const live = known !== undefined && known.expiresAt > now;
+    if (live && !sameSecret(known.secret, secret)) return "forbidden";
     const file = state.file ?? UNKNOWN;
     // The usual heartbeat repeats the peer's state: only the expiry moves, and only later, so
     // no cached locate answer goes stale. (Same host and port means same address, which
     // #byAddress already maps to this id.)
     if (
-      !created && sameHolder(known.holder, state) && known.file === file &&
-      sameList(known.fragments, state.fragments)
+      live && known.source === source && sameHolder(known.holder, state) &&
+      known.file === file && sameList(known.fragments, state.fragments)
     ) {
       known.expiresAt = now + this.#ttlMs;
-      known.body = sent.body;
-      known.from = sent.from;
+      known.body = body;
       return "refreshed";
     }
     const address = `${state.host}:${state.port}`;
     const sameAddress = this.#byAddress.get(address);
-    const replaces = sameAddress !== undefined && sameAddress !== id;
-    // A new entry: refused at the bound, unless it replaces the entry of its address. Only a
-    // full directory pays for a sweep (at most once a second): a peer that expired makes room.
-    if (known === undefined && !replaces && this.#peers.size >= this.maxPeers) {
-      if (now - this.#sweptAt >= FULL_SWEEP_INTERVAL_MS) this.sweep();
-      if (this.#peers.size >= this.maxPeers) return "too many peers";
+    const other = sameAddress === undefined || sameAddress === id
+      ? undefined
+      : this.#peers.get(sameAddress);
+    // Another id at the same address: this peer before a restart, if the owner is the same.
+    if (other !== undefined && other.expiresAt > now && !sameSecret(other.secret, secret)) {
+      return "address taken";
     }
-    // Another id at the same address is this peer before a restart: keep one entry per peer.
-    if (replaces) this.#remove(this.#peers.get(sameAddress)!, now);
+    const refusal = this.#bound(known, other, state, source);
+    if (refusal !== undefined) {
+      if (now - this.#sweptAt >= FULL_SWEEP_INTERVAL_MS) {
+        this.sweep(); // a peer that expired makes room
+        return this.upsert(id, state, claim);
+      }
+      // A live peer keeps its place, and its last state, while the index is full.
+      if (live && refusal === "too many fragments") known.expiresAt = now + this.#ttlMs;
+      return refusal;
+    }
+    if (other !== undefined) this.#remove(other, now);
     let peer = known;
     if (peer === undefined) {
-      const { body, from } = sent;
       const holder = toHolder(id, state);
-      peer = { id, address, holder, fragments: [], file, expiresAt: 0, body, from };
+      const fragments: string[] = [];
+      peer = {
+        id,
+        address,
+        secret,
+        source,
+        holder,
+        fragments,
+        file,
+        expiresAt: 0,
+        body,
+        place: UNPLACED,
+      };
+      peer.place = this.#peerList.add(peer);
       this.#peers.set(id, peer);
+      this.#count(source, 1);
     } else {
       if (peer.address !== address) this.#byAddress.delete(peer.address);
       if (!sameHolder(peer.holder, state)) peer.holder = toHolder(id, state);
       peer.address = address;
+      peer.secret = secret;
+      if (peer.source !== source) {
+        this.#count(peer.source, -1);
+        this.#count(source, 1);
+        peer.source = source;
+      }
       // Its holder may have changed, or it was expired and left out of the answers: rebuild them.
       for (const name of peer.fragments) this.#changed(this.#fragments.get(name)!, peer.file);
     }
     this.#index(peer, state.fragments, file, now);
     peer.expiresAt = now + this.#ttlMs;
-    peer.body = sent.body;
-    peer.from = sent.from;
+    peer.body = body;
     this.#byAddress.set(address, id);
-    return created ? "created" : "refreshed";
+    return live ? "refreshed" : "created";
+  }
+
+  /**
+   * The bound that taking `state` for `known` (undefined for a new peer), replacing `other`,
+   * would break; undefined when none.
+   */
+  #bound(
+    known: PeerRecord | undefined,
+    other: PeerRecord | undefined,
+    state: KnownPeerState,
+    source: string,
+  ): UpsertOutcome | undefined {
+    if (known === undefined && other === undefined && this.#peers.size >= this.maxPeers) {
+      return "too many peers";
+    }
+    if (known?.source !== source) {
+      const freed = other?.source === source ? 1 : 0;
+      if ((this.#bySource.get(source) ?? 0) - freed >= this.maxPeersPerAddress) {
+        return "too many from address";
+      }
+    }
+    const count = state.fragments.length;
+    const distinct = count > 1 && !(known && sameList(known.fragments, state.fragments))
+      ? new Set(state.fragments).size
+      : count;
+    const freed = (known?.fragments.length ?? 0) + (other?.fragments.length ?? 0);
+    if (this.#indexed - freed + distinct > this.maxIndexedFragments) return "too many fragments";
+    return undefined;
+  }
+
+  #count(source: string, delta: number): void {
+    const count = (this.#bySource.get(source) ?? 0) + delta;
+    if (count > 0) this.#bySource.set(source, count);
+    else this.#bySource.delete(source);
   }
 
   /** Removes peer `id`; false when it was not known (or had already expired). */
@@ -311,23 +514,43 @@ export class Registry {
     return answer.json;
   }
 
-  /** Every live peer with its fragments, and the file they belong to when it said. */
-  peers(): PeerInfo[] {
+  /**
+   * A page of the live peers with their fragments, and the file they belong to when it said: at
+   * most `limit` of them, ending early once they name {@link MAX_PAGE_ITEMS} fragments.
+   */
+  peers(page: Page = {}): Paged<PeerInfo> {
     const now = this.#now();
-    return [...this.#peers.values()]
-      .filter((peer) => peer.expiresAt > now)
-      .map((peer) => ({
-        ...peer.holder,
-        fragments: peer.fragments,
-        ...(peer.file === UNKNOWN ? {} : { file: peer.file }),
-      }));
+    return paginate(
+      this.#peerList.from(page.cursor),
+      page,
+      (peer) => peer.expiresAt > now,
+      (peer) => ({
+        entry: {
+          ...peer.holder,
+          fragments: peer.fragments,
+          ...(peer.file === UNKNOWN ? {} : { file: peer.file }),
+        },
+        items: peer.fragments.length,
+      }),
+    );
   }
 
-  /** Every fragment with at least one live holder (of `file`, when given), and its holders. */
-  fragments(file?: string): FragmentHolders[] {
-    return [...this.#fragments.keys()]
-      .map((name) => ({ name, holders: this.locate(name, file) }))
-      .filter((fragment) => fragment.holders.length > 0);
+  /**
+   * A page of the fragments with at least one live holder (of `file`, when given), and their
+   * holders: at most `limit` of them, ending early once they list {@link MAX_PAGE_ITEMS} holders.
+   */
+  fragments(file?: string, page: Page = {}): Paged<FragmentHolders> {
+    const now = this.#now();
+    const held = (name: string) => {
+      const fragment = this.#fragments.get(name)!;
+      if (file !== undefined) return this.#anyLive(fragment.groups.get(file), now);
+      for (const group of fragment.groups.values()) if (this.#anyLive(group, now)) return true;
+      return false;
+    };
+    return paginate(this.#fragmentList.from(page.cursor), page, held, (name) => {
+      const { holders } = this.#live(this.#holders(this.#fragments.get(name)!, file), now);
+      return { entry: { name, holders }, items: holders.length };
+    });
   }
 
   /**
@@ -394,7 +617,11 @@ export class Registry {
     }
     const fragments = record.manifest.fragments.map((fragment) => {
       const holders = this.locate(fragment.name, file);
-      return { ...fragment, holders, holderCount: holders.length };
+      return {
+        ...fragment,
+        holders: sample(holders, MAX_FILE_HOLDERS),
+        holderCount: holders.length,
+      };
     });
     return { ...record.manifest, fragments };
   }
@@ -462,7 +689,8 @@ export class Registry {
     for (const name of next) {
       let fragment = this.#fragments.get(name);
       if (fragment === undefined) {
-        fragment = { groups: new Map(), only: undefined, all: { json: undefined, jsonUntil: 0 } };
+        const all = { json: undefined, jsonUntil: 0 };
+        fragment = { groups: new Map(), only: undefined, all, place: this.#fragmentList.add(name) };
         this.#fragments.set(name, fragment);
       }
       let group = fragment.groups.get(file);
@@ -474,6 +702,7 @@ export class Registry {
       group.peers.add(peer);
       this.#changed(fragment, file);
     }
+    this.#indexed += next.size - peer.fragments.length;
     peer.fragments = [...next];
   }
 
@@ -490,8 +719,10 @@ export class Registry {
     this.#changed(fragment, peer.file);
     if (group.peers.size > 0) return;
     fragment.groups.delete(peer.file); // no empty groups or records left behind
-    if (fragment.groups.size === 0) this.#fragments.delete(name);
-    else if (fragment.groups.size === 1) fragment.only = fragment.groups.values().next().value;
+    if (fragment.groups.size === 0) {
+      this.#fragments.delete(name);
+      this.#fragmentList.remove(fragment.place);
+    } else if (fragment.groups.size === 1) fragment.only = fragment.groups.values().next().value;
   }
 
   /** True when one of `holders` is live. */
@@ -514,9 +745,45 @@ export class Registry {
 
   #remove(peer: PeerRecord, now: number): void {
     for (const name of peer.fragments) this.#unindex(name, peer, now);
+    this.#indexed -= peer.fragments.length;
+    peer.fragments = [];
     this.#peers.delete(peer.id);
+    this.#peerList.remove(peer.place);
+    this.#count(peer.source, -1);
     if (this.#byAddress.get(peer.address) === peer.id) this.#byAddress.delete(peer.address);
   }
+}
+
+/**
+ * A page of `entries` (numbered, from the page's cursor on): those that `listed` keeps (not an
+ * expired peer, say), each as `describe` has it, with the number of items it holds. O(limit +
+ * left out).
+ */
+function paginate<E, T>(
+  entries: Iterable<[number, E]>,
+  { limit = DEFAULT_PAGE_LIMIT }: Page,
+  listed: (entry: E) => boolean,
+  describe: (entry: E) => { entry: T; items: number },
+): Paged<T> {
+  const page: T[] = [];
+  let items = 0;
+  for (const [seq, entry] of entries) {
+    if (!listed(entry)) continue;
+    // Full: the next page starts here, at an entry that is there.
+    if (page.length >= limit || items >= MAX_PAGE_ITEMS) return { entries: page, next: seq };
+    const described = describe(entry);
+    page.push(described.entry);
+    items += described.items;
+  }
+  return { entries: page, next: undefined };
+}
+
+/** `count` of `items` from a random place on (all of them when there are no more). */
+function sample<T>(items: T[], count: number): T[] {
+  if (items.length <= count) return items;
+  const start = Math.floor(Math.random() * items.length);
+  const taken = items.slice(start, start + count);
+  return taken.length === count ? taken : taken.concat(items.slice(0, count - taken.length));
 }
 
 function holders(): Holders {

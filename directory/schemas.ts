@@ -28,6 +28,52 @@ export const DEFAULT_MAX_PEERS = 100_000;
 export const MAX_PEER_FRAGMENTS = 10_000;
 /** Request bodies larger than this get a 413. */
 export const MAX_BODY_BYTES = 1024 * 1024;
+/**
+ * Live peers registered from one client address at most, unless told otherwise: one client
+ * cannot fill the directory by itself. Every address counts, loopback too.
+ */
+export const DEFAULT_MAX_PEERS_PER_ADDRESS = 100;
+/**
+ * Fragments indexed at most, across all peers (each peer's list counts whole), unless told
+ * otherwise: what bounds the index's memory. A fragment takes about 40 bytes when peers share
+ * its name (as split.ts names every file's), and about 1.3 KiB of the process's memory when
+ * every peer names its own (the attack): 500,000 of those take the directory to about 700 MiB.
+ */
+export const DEFAULT_MAX_INDEXED_FRAGMENTS = 500_000;
+/** Connections open at once at most, and from one client address, unless told otherwise. */
+export const DEFAULT_MAX_CONNECTIONS = 1_024;
+/** See {@link DEFAULT_MAX_CONNECTIONS}. */
+export const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS = 64;
+/**
+ * Seconds a connection may go without a request: to send a request's headers once it opened,
+ * or once it had its last answer (so idle keep-alive connections go too).
+ */
+export const DEFAULT_HEADER_TIMEOUT = 30;
+/**
+ * Seconds a request body may take, and the rate a longer one must keep: each
+ * {@link DEFAULT_MIN_BODY_RATE} bytes received buy one second more (a 1 MiB body gets 74 s).
+ */
+export const DEFAULT_BODY_TIMEOUT = 10;
+/** Bytes per second: see {@link DEFAULT_BODY_TIMEOUT}. */
+export const DEFAULT_MIN_BODY_RATE = 16 * 1024;
+/**
+ * Bytes of request bodies held at once, across all requests being read; those of one client
+ * address may hold a quarter of it (at least one body of {@link MAX_BODY_BYTES}).
+ */
+export const DEFAULT_MAX_BODY_MEMORY = 64 * 1024 * 1024;
+/** Entries a list page holds unless `?limit=` says otherwise, and at most. */
+export const DEFAULT_PAGE_LIMIT = 100;
+/** See {@link DEFAULT_PAGE_LIMIT}. */
+export const MAX_PAGE_LIMIT = 1_000;
+/**
+ * A list page ends early once its entries hold this many fragment names (`GET /peers`) or
+ * holders (`GET /fragments`), after at least one entry.
+ */
+export const MAX_PAGE_ITEMS = 10_000;
+/** Holders `GET /files/{file}` lists per fragment at most (a random sample of them past that). */
+export const MAX_FILE_HOLDERS = 50;
+/** A peer's secret: what `POST /peers` gives, and what a peer may choose itself. */
+export const SECRET_PATTERN = /^[A-Za-z0-9_-]{32,128}$/;
 
 // ---------------------------------------------------------------------------------------------
 // Schemas
@@ -80,8 +126,20 @@ const PeerSchema = HolderSchema.extend({
 const RegistrationSchema = z.object({
   id: z.string(),
   ttl: z.number().openapi({ description: "Seconds; heartbeat every ttl/3" }),
+  secret: z.string().openapi({
+    description: "Proves this peer's ownership: send it as `Authorization: Bearer <secret>` " +
+      "with every heartbeat and leave. The one the request's Authorization header gave, or a " +
+      "new one",
+  }),
+  host: z.string().openapi({
+    description: "Where the directory lists this peer: the address the request came from, or " +
+      "the host it named when the directory trusts advertised hosts (--trust-advertise)",
+    example: "10.0.0.7",
+  }),
 }).openapi("Registration");
-const HeartbeatSchema = RegistrationSchema.extend({
+const HeartbeatSchema = z.object({
+  id: z.string(),
+  ttl: z.number().openapi({ description: "Seconds; heartbeat every ttl/3" }),
   recreated: z.boolean().openapi({
     description: "True when the directory had forgotten this peer (e.g. after a restart): " +
       "the peer should publish its manifests again",
@@ -151,8 +209,10 @@ const HealthSchema = z.object({
 const ErrorSchema = z.object({
   error: z.object({
     code: z.string().openapi({
-      description: "BAD_REQUEST (400), NOT_FOUND (404), CONFLICT (409), PAYLOAD_TOO_LARGE (413), " +
-        "UNSUPPORTED_MEDIA_TYPE (415), TOO_MANY_FILES or TOO_MANY_PEERS (429), INTERNAL (500)",
+      description: "BAD_REQUEST (400), UNAUTHORIZED (401), FORBIDDEN (403), NOT_FOUND (404), " +
+        "REQUEST_TIMEOUT (408), CONFLICT (409), PAYLOAD_TOO_LARGE (413), UNSUPPORTED_MEDIA_TYPE " +
+        "(415), TOO_MANY_FILES, TOO_MANY_PEERS, TOO_MANY_PEERS_FROM_ADDRESS or " +
+        "TOO_MANY_FRAGMENTS (429), INTERNAL (500), SERVICE_UNAVAILABLE (503)",
       example: "NOT_FOUND",
     }),
     message: z.string(),
@@ -165,10 +225,12 @@ export type PeerState = z.input<typeof PeerStateSchema>;
 export type Holder = z.infer<typeof HolderSchema>;
 /** A live peer and every fragment it holds. */
 export type PeerInfo = z.infer<typeof PeerSchema>;
-/** The answer to a registration: the peer's id and the ttl in seconds. */
+/** The answer to a registration: the peer's id, the ttl in seconds, its secret and host. */
 export type Registration = z.infer<typeof RegistrationSchema>;
 /** The answer to a heartbeat; `recreated` says the directory had forgotten the peer. */
 export type Heartbeat = z.infer<typeof HeartbeatSchema>;
+/** What proves a peer's ownership of its entry: its id and the secret of its registration. */
+export type PeerKey = Pick<Registration, "id" | "secret">;
 /** One fragment and its live holders. */
 export type FragmentHolders = z.infer<typeof FragmentHoldersSchema>;
 /** One published file, as `GET /files` lists it. */
@@ -185,28 +247,57 @@ const TAG_PEERS = ["peers"];
 const TAG_FRAGMENTS = ["fragments"];
 const TAG_FILES = ["files"];
 
+/** The name of the OpenAPI security scheme of a peer's secret. */
+export const PEER_SECRET_SCHEME = "peerSecret";
+/** The OpenAPI security scheme of a peer's secret: `Authorization: Bearer <secret>`. */
+export const PEER_SECRET = {
+  type: "http",
+  scheme: "bearer",
+  description: "The secret `POST /peers` answered with (or that the peer chose and sent with " +
+    "it): heartbeats and leaves must carry it, so only a peer's owner can change or remove it",
+} as const;
+
 function json<T extends z.ZodType>(schema: T, description: string) {
   return { content: { "application/json": { schema } }, description };
 }
 
 const ERROR_DESCRIPTIONS = {
   400: "Malformed JSON, or a field that breaks the schema (the message names it)",
+  401: "No `Authorization: Bearer <secret>` header, or a malformed one",
+  403: "The secret is not this peer's: another owner registered it",
   404: "Not found",
+  408: `REQUEST_TIMEOUT: the body took more than ${DEFAULT_BODY_TIMEOUT} s and one more for ` +
+    `each ${DEFAULT_MIN_BODY_RATE} bytes of it (by default)`,
   409: "Conflicts with what the directory holds",
   413: `Body larger than ${MAX_BODY_BYTES} bytes`,
   415: 'A body without a Content-Type, or one other than "application/json" (or "+json")',
   429: `TOO_MANY_FILES: the directory lists as many files as it may (${DEFAULT_MAX_FILES} by ` +
     `default), or their manifests as many fragments (${DEFAULT_MAX_FILE_FRAGMENTS} by ` +
     "default); a file no live peer holds goes within a ttl, and makes room",
+  503: "SERVICE_UNAVAILABLE: the directory is reading as many request bodies as it may hold " +
+    `(${DEFAULT_MAX_BODY_MEMORY} bytes by default, a quarter of it from one client address); ` +
+    "try again in a second",
 } as const;
 
-/** The 429 of the routes that add a peer. */
+/** The 409 of the routes that place a peer at an address. */
+const ADDRESS_TAKEN_RESPONSE = {
+  409: json(
+    ErrorSchema,
+    "CONFLICT: a live peer of another owner is listed at that host and port; it goes within a " +
+      "ttl once it stops heartbeating (or at once when it leaves)",
+  ),
+};
+
+/** The 429 of the routes that add a peer or change its fragments. */
 const TOO_MANY_PEERS_RESPONSE = {
   429: json(
     ErrorSchema,
     `TOO_MANY_PEERS: the directory lists as many live peers as it may (${DEFAULT_MAX_PEERS} by ` +
-      "default); a peer that stops heartbeating goes within a ttl, and makes room. Peers it " +
-      "lists still heartbeat",
+      "default); TOO_MANY_PEERS_FROM_ADDRESS: as many registered from this client address " +
+      `(${DEFAULT_MAX_PEERS_PER_ADDRESS} by default); TOO_MANY_FRAGMENTS: the index would hold ` +
+      `more fragments across all peers than it may (${DEFAULT_MAX_INDEXED_FRAGMENTS} by ` +
+      "default), and a peer it lists keeps its last state. A peer that stops heartbeating goes " +
+      "within a ttl, and makes room; peers it lists still heartbeat",
   ),
 };
 type ErrorStatus = keyof typeof ERROR_DESCRIPTIONS;
@@ -224,18 +315,44 @@ function jsonBody<T extends z.ZodType>(schema: T) {
 
 const pathParam = (name: string) => Name.openapi({ param: { name, in: "path" } });
 /** `?file=`: only the holders whose fragments belong to that file. */
-const fileQuery = z.object({
-  file: Name.optional().openapi({
-    param: { name: "file", in: "query" },
-    description: "Only holders whose fragments belong to this file (as their state says)",
-    example: "sample.webm",
+const FileParam = Name.optional().openapi({
+  param: { name: "file", in: "query" },
+  description: "Only holders whose fragments belong to this file (as their state says)",
+  example: "sample.webm",
+});
+const fileQuery = z.object({ file: FileParam });
+
+/** `?limit=&cursor=`: one page of a list. */
+const pageQuery = z.object({
+  limit: z.coerce.number().int().min(1).max(MAX_PAGE_LIMIT).optional().openapi({
+    param: { name: "limit", in: "query" },
+    description: `Entries on this page at most (${DEFAULT_PAGE_LIMIT} by default, at most ` +
+      `${MAX_PAGE_LIMIT}); a page also ends once its entries hold ${MAX_PAGE_ITEMS} items`,
+    example: DEFAULT_PAGE_LIMIT,
+  }),
+  cursor: z.string().regex(/^\d{1,15}$/, "Must be the `next` of a page").optional().openapi({
+    param: { name: "cursor", in: "query" },
+    description: "Where this page starts: the `next` of the page before (opaque); the first " +
+      "page without it. Entries are listed in the order they came: one that comes while a " +
+      "client pages through the list is listed at its end, and one that goes is not listed",
   }),
 });
+const Next = z.string().optional().openapi({
+  description: "The cursor of the next page; absent on the last page",
+});
+
+/** The page of a list a request asked for. */
+export type PageQuery = z.output<typeof pageQuery>;
 
 const FILE_LIFETIME = "A file stays listed while a live peer of that file (one whose state " +
   "names it) holds any of its fragments, and is dropped once none has for one ttl; a new " +
   "publication has one ttl to be backed, so a peer may publish before it registers its first " +
   "fragment.";
+
+const ADDRESS_RULE = "The directory lists a peer at the address the request came from; only " +
+  "a directory started with --trust-advertise takes the `host` a peer names.";
+
+const SECURED = [{ [PEER_SECRET_SCHEME]: [] }];
 
 export const healthRoute = createRoute({
   method: "get",
@@ -248,11 +365,17 @@ export const registerRoute = createRoute({
   method: "post",
   path: "/peers",
   tags: TAG_PEERS,
-  summary: "Register a peer with its state",
+  summary: "Register a peer with its state; the answer holds its secret",
+  description: ADDRESS_RULE + " A request with `Authorization: Bearer <secret>` registers with " +
+    "that secret, and replaces a live peer of the same secret at the same address (the peer " +
+    "restarted); a live peer of another owner there is a 409.",
+  // Optional: anonymous, or with the secret the peer chose.
+  security: [{}, ...SECURED],
   request: jsonBody(PeerStateSchema),
   responses: {
     201: json(RegistrationSchema, "Registered"),
-    ...errors(400, 413, 415),
+    ...errors(400, 401, 408, 413, 415, 503),
+    ...ADDRESS_TAKEN_RESPONSE,
     ...TOO_MANY_PEERS_RESPONSE,
   },
 });
@@ -262,10 +385,15 @@ export const heartbeatRoute = createRoute({
   path: "/peers/{id}",
   tags: TAG_PEERS,
   summary: "Heartbeat with the peer's full state (idempotent; recreates a forgotten peer)",
+  description: "Needs the peer's secret. A peer the directory does not know (after a restart, " +
+    "or once it expired) is recreated with that id, and that secret becomes its owner's. " +
+    ADDRESS_RULE,
+  security: SECURED,
   request: { params: z.object({ id: pathParam("id") }), ...jsonBody(PeerStateSchema) },
   responses: {
     200: json(HeartbeatSchema, "Refreshed"),
-    ...errors(400, 413, 415),
+    ...errors(400, 401, 403, 408, 413, 415, 503),
+    ...ADDRESS_TAKEN_RESPONSE,
     ...TOO_MANY_PEERS_RESPONSE,
   },
 });
@@ -274,27 +402,32 @@ export const leaveRoute = createRoute({
   method: "delete",
   path: "/peers/{id}",
   tags: TAG_PEERS,
-  summary: "Leave: forget the peer now",
+  summary: "Leave: forget the peer now (needs its secret)",
+  security: SECURED,
   request: { params: z.object({ id: pathParam("id") }) },
-  responses: { 204: { description: "Forgotten" }, ...errors(400, 404) },
+  responses: { 204: { description: "Forgotten" }, ...errors(400, 401, 403, 404) },
 });
 
 export const listPeersRoute = createRoute({
   method: "get",
   path: "/peers",
   tags: TAG_PEERS,
-  summary: "Every live peer with its fragments",
-  responses: { 200: json(z.object({ peers: z.array(PeerSchema) }), "Live peers") },
+  summary: "Live peers with their fragments, a page at a time",
+  request: { query: pageQuery },
+  responses: {
+    200: json(z.object({ peers: z.array(PeerSchema), next: Next }), "Live peers"),
+    ...errors(400),
+  },
 });
 
 export const listFragmentsRoute = createRoute({
   method: "get",
   path: "/fragments",
   tags: TAG_FRAGMENTS,
-  summary: "Every fragment with its live holders (of one file, with ?file=)",
-  request: { query: fileQuery },
+  summary: "Fragments with their live holders (of one file, with ?file=), a page at a time",
+  request: { query: fileQuery.extend(pageQuery.shape) },
   responses: {
-    200: json(z.object({ fragments: z.array(FragmentHoldersSchema) }), "Fragments"),
+    200: json(z.object({ fragments: z.array(FragmentHoldersSchema), next: Next }), "Fragments"),
     ...errors(400),
   },
 });
@@ -320,7 +453,7 @@ export const publishRoute = createRoute({
   responses: {
     200: json(PublishedSchema, "Already published, unchanged"),
     201: json(PublishedSchema, "Published"),
-    ...errors(400, 409, 413, 415, 429),
+    ...errors(400, 408, 409, 413, 415, 429, 503),
   },
 });
 
@@ -338,6 +471,8 @@ export const getFileRoute = createRoute({
   path: "/files/{file}",
   tags: TAG_FILES,
   summary: "A file's manifest with each fragment's live holders of that file and their count",
+  description: `Each fragment lists ${MAX_FILE_HOLDERS} of its holders at most, a random ` +
+    "sample of them past that; `holderCount` counts them all.",
   request: { params: z.object({ file: pathParam("file") }) },
   responses: { 200: json(FileDetailSchema, "The manifest with holders"), ...errors(400, 404) },
 });
@@ -345,22 +480,38 @@ export const getFileRoute = createRoute({
 /**
  * The `code` of the error shape for each status that has one code: what the app answers with
  * (and the client assumes of a body not in the error shape). A 429 says which bound was met:
- * {@link TOO_MANY_FILES} or {@link TOO_MANY_PEERS}.
+ * {@link TOO_MANY_FILES}, {@link TOO_MANY_PEERS}, {@link TOO_MANY_PEERS_FROM_ADDRESS} or
+ * {@link TOO_MANY_FRAGMENTS}.
  */
 export const ERROR_CODES = {
   400: "BAD_REQUEST",
+  401: "UNAUTHORIZED",
+  403: "FORBIDDEN",
   404: "NOT_FOUND",
+  408: "REQUEST_TIMEOUT",
   409: "CONFLICT",
   413: "PAYLOAD_TOO_LARGE",
   415: "UNSUPPORTED_MEDIA_TYPE",
   500: "INTERNAL",
+  503: "SERVICE_UNAVAILABLE",
 } as const;
 /** The code of a 429 to a publication: the directory lists as many files as it may. */
 export const TOO_MANY_FILES = "TOO_MANY_FILES";
 /** The code of a 429 to a new peer: the directory lists as many live peers as it may. */
 export const TOO_MANY_PEERS = "TOO_MANY_PEERS";
+/** The code of a 429 to a new peer: as many live peers came from its client address as may. */
+export const TOO_MANY_PEERS_FROM_ADDRESS = "TOO_MANY_PEERS_FROM_ADDRESS";
+/** The code of a 429 to a peer's state: the index would hold more fragments than it may. */
+export const TOO_MANY_FRAGMENTS = "TOO_MANY_FRAGMENTS";
 
 /** The code for an error status: the one {@link ERROR_CODES} names, or `HTTP_<status>`. */
 export function errorCode(status: number): string {
   return (ERROR_CODES as Record<number, string>)[status] ?? `HTTP_${status}`;
+}
+
+/** A new secret: 32 random bytes, base64url (43 characters), as {@link SECRET_PATTERN} has it. */
+export function newSecret(): string {
+  const bytes = crypto.getRandomValues(new Uint8Array(32));
+  return btoa(String.fromCharCode(...bytes)).replace(/\+/g, "-").replace(/\//g, "_")
+    .replace(/=+$/, "");
 }

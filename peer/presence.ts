@@ -1,12 +1,21 @@
 /**
  * A peer's presence in the directory: it registers, heartbeats with its full state every ttl/3
  * (saying which file its fragments belong to), publishes its manifest and again when the
- * directory had forgotten it (after a restart), and leaves on close. When the directory is
- * unreachable it says so once and keeps trying in the background; when it refuses the manifest
- * it says so once, keeps heartbeating, and tries the manifest again from time to time.
+ * directory had forgotten it (after a restart), and leaves on close. Every call carries the
+ * peer's secret, which it chooses once: a restarted directory adopts the peer's id with it, and
+ * a registration whose answer was lost is not refused as another owner's when tried again.
+ * When the directory is unreachable it says so once and keeps trying in the background; when it
+ * refuses the manifest it says so once, keeps heartbeating, and tries the manifest again from
+ * time to time.
  * @module
  */
-import { type DirectoryClient, DirectoryError, type PeerState } from "../directory.ts";
+import {
+  type DirectoryClient,
+  DirectoryError,
+  newSecret,
+  type PeerKey,
+  type PeerState,
+} from "../directory.ts";
 import type { Manifest } from "../split.ts";
 
 export interface PresenceOptions {
@@ -40,7 +49,12 @@ interface Refusal {
 export class Presence implements AsyncDisposable {
   readonly client: DirectoryClient;
   readonly #options: PresenceOptions;
-  #id: string | undefined;
+  /** The secret this peer registers with, for as long as the process lives. */
+  readonly #secret = newSecret();
+  /** Its id and secret, as the directory's registration answered them. */
+  #key: PeerKey | undefined;
+  /** The host the directory listed this peer at, when it was not the one it advertised. */
+  #saidHost: string | undefined;
   #ttl = 30;
   #reachable: boolean | undefined;
   #published: string | undefined;
@@ -66,7 +80,7 @@ export class Presence implements AsyncDisposable {
 
   /** The id the directory gave this peer, once registered. */
   get id(): string | undefined {
-    return this.#id;
+    return this.#key?.id;
   }
 
   /** True once the directory has answered; false while it is unreachable. */
@@ -149,17 +163,28 @@ export class Presence implements AsyncDisposable {
         ? { ...given, file: manifest.file }
         : given;
     const state = claim();
-    if (this.#id === undefined) {
-      const registration = await this.client.register(state);
-      this.#id = registration.id;
+    if (this.#key !== undefined) {
+      try {
+        const heartbeat = await this.client.heartbeat(this.#key, state);
+        this.#ttl = heartbeat.ttl;
+        if (heartbeat.recreated) { // a new directory knows no files, and may have room
+          this.#published = undefined;
+          this.#refusal = undefined;
+        }
+      } catch (error) {
+        // The directory forgot this peer and another owner took its id since: start afresh.
+        if (!(error instanceof DirectoryError) || error.status !== 403) throw error;
+        this.#options.log(`[DIRECTORY] ${error.detail}; registering again`);
+        this.#key = undefined;
+      }
+    }
+    if (this.#key === undefined) {
+      const registration = await this.client.register(state, { secret: this.#secret });
+      this.#key = { id: registration.id, secret: registration.secret };
       this.#ttl = registration.ttl;
       this.#published = undefined;
-    } else {
-      const heartbeat = await this.client.heartbeat(this.#id, state);
-      this.#ttl = heartbeat.ttl;
-      if (heartbeat.recreated) { // a new directory knows no files, and may have room
-        this.#published = undefined;
-        this.#refusal = undefined;
+      if (state.host !== undefined && registration.host !== state.host) {
+        this.#sayListedAt(registration.host, state.host);
       }
     }
     const backed = (state.fragments?.length ?? 0) > 0;
@@ -167,9 +192,19 @@ export class Presence implements AsyncDisposable {
       await this.#publish(manifest, backed);
       // Refused as another file of that name just now: take back the claim at once.
       if (state.file !== undefined && this.#conflicts(manifest)) {
-        await this.client.heartbeat(this.#id!, claim());
+        await this.client.heartbeat(this.#key!, claim());
       }
     }
+  }
+
+  /** Says (once per host) that the directory lists this peer elsewhere than it advertised. */
+  #sayListedAt(host: string, advertised: string): void {
+    if (this.#saidHost === host) return;
+    this.#saidHost = host;
+    this.#options.log(
+      `[DIRECTORY] Listed at "${host}", not at the advertised "${advertised}": the directory ` +
+        "takes the address a peer registers from, unless started with --trust-advertise",
+    );
   }
 
   /** Whether the directory refused `manifest` because another file has its name. */
@@ -220,7 +255,7 @@ export class Presence implements AsyncDisposable {
     this.#closed = true;
     this.#wake?.();
     await this.#loop.catch(() => {});
-    if (this.#id !== undefined) await this.client.leave(this.#id).catch(() => {});
+    if (this.#key !== undefined) await this.client.leave(this.#key).catch(() => {});
   }
 
   [Symbol.asyncDispose](): Promise<void> {

@@ -140,3 +140,105 @@ const MANIFEST: Manifest = {
   sha256: "0".repeat(64),
   fragments: [{ index: 0, name: "x.bin", offset: 0, size: 1, sha256: "0".repeat(64) }],
 };
+
+Deno.test("deno task directory --help lists --trust-advertise and every limit with its default", async () => {
+  const { code, stdout } = await runTask("directory", ["--help"]);
+  assert.equal(code, 0);
+  for (
+    const line of [
+      /--trust-advertise {2}list a peer at the host it names/,
+      /--max-peers N .*\(default 100000\)/,
+      /--max-peers-per-address N\s.*\(default 100\)/,
+      /--max-indexed-fragments N\s.*\(default 500000\)/,
+      /--max-connections N .*\(default 1024\)/,
+      /--max-connections-per-address N\s.*\(default 64\)/,
+      /--header-timeout SECONDS\s[^-]*\(default 30\)/,
+      /--body-timeout SECONDS [^-]*\(default 10\)/,
+      /--min-body-rate RATE .*\(default 16384\)/,
+      /--max-body-memory BYTES\s[^-]*\(default 67108864\)/,
+    ]
+  ) {
+    assert.match(stdout, line);
+  }
+});
+
+Deno.test("deno task directory refuses a limit that is not a whole number of at least 1, in one line", async () => {
+  const cases: [string[], RegExp][] = [
+    [
+      ["--max-peers", "0"],
+      /^error: Invalid --max-peers "0": expected a whole number of at least 1$/,
+    ],
+    [["--max-peers-per-address", "1.5"], /^error: Invalid --max-peers-per-address "1\.5"/],
+    [["--max-connections", "many"], /^error: Invalid --max-connections "many"/],
+    [["--header-timeout", "soon"], /^error: Invalid --header-timeout "soon"/],
+    [["--max-indexed-fragments", "1e6"], /^error: Invalid --max-indexed-fragments "1e6"/],
+    [
+      ["--min-body-rate", "fast"],
+      /^error: Invalid --min-body-rate "fast": expected e\.g\. 16KiB\/s/,
+    ],
+    [["--trust-advertise=yes"], /^error: Option '--trust-advertise' does not take an argument/],
+  ];
+  const results = await Promise.all(cases.map(([args]) => runTask("directory", args)));
+  results.forEach(({ code, stdout, stderr }, i) => {
+    assert.notEqual(code, 0);
+    assert.equal(stdout, "");
+    assert.match(stderr.trimEnd(), cases[i][1]);
+    assert.equal(stderr.trimEnd().split("\n").length, 1, stderr);
+  });
+});
+
+Deno.test("deno task directory lists a peer where it registers from, and at the host it names with --trust-advertise", async () => {
+  for (
+    const [flags, host] of [[[], "127.0.0.1"], [["--trust-advertise"], "peer1.example"]] as const
+  ) {
+    await using child = startTask("directory", [
+      "--port",
+      "0",
+      "--hostname",
+      "127.0.0.1",
+      ...flags,
+    ]);
+    const [, url] = await child.waitFor(LISTENING, { stream: "stdout" });
+    const client = new DirectoryClient(url);
+    const state = {
+      host: "peer1.example",
+      port: 6001,
+      grpcPort: 0,
+      httpPort: 0,
+      fragments: ["x.bin"],
+    };
+    assert.equal((await client.register(state)).host, host);
+    assert.deepEqual((await client.locate("x.bin")).map((holder) => holder.host), [host]);
+  }
+});
+
+Deno.test("deno task directory --header-timeout closes a connection that sends no request, and --max-connections-per-address makes room", async () => {
+  const args = ["--header-timeout", "1", "--max-connections-per-address", "2"];
+  await using child = startTask("directory", ["--port", "0", "--hostname", "127.0.0.1", ...args]);
+  const [, url] = await child.waitFor(LISTENING, { stream: "stdout" });
+  const port = Number(new URL(url).port);
+  const silent = await Deno.connect({ hostname: "127.0.0.1", port });
+  try {
+    const started = Date.now();
+    // The server closes it: the read ends (or fails), well before the guard below.
+    const guard = setTimeout(() => silent.close(), 10_000);
+    const read = await silent.read(new Uint8Array(16)).catch(() => null);
+    clearTimeout(guard);
+    assert.equal(read, null);
+    const took = Date.now() - started;
+    assert.ok(took >= 900 && took < 5_000, `closed after ${took} ms`);
+  } finally {
+    try {
+      silent.close();
+    } catch {
+      // closed by the server
+    }
+  }
+  // Two idle connections from this address, then a third client: it is answered.
+  const idle = await Promise.all([1, 2].map(() => Deno.connect({ hostname: "127.0.0.1", port })));
+  try {
+    assert.equal((await new DirectoryClient(url).health()).status, "ok");
+  } finally {
+    for (const conn of idle) conn.close();
+  }
+});

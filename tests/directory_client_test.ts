@@ -4,7 +4,7 @@
  * @module
  */
 import assert from "node:assert/strict";
-import { DirectoryClient, DirectoryError, startDirectory } from "../directory.ts";
+import { DirectoryClient, DirectoryError, newSecret, startDirectory } from "../directory.ts";
 import type { Manifest } from "../split.ts";
 import { Presence } from "../peer/presence.ts";
 
@@ -48,7 +48,8 @@ Deno.test("DirectoryClient registers, heartbeats, locates, publishes and leaves 
   const client = new DirectoryClient(`${directory.url}/`);
   assert.deepEqual(await client.health(), { status: "ok", peers: 0, fragments: 0, files: 0 });
 
-  const { id, ttl } = await client.register(state(6001, ["clip_0.bin"], "clip.webm"));
+  const me = await client.register(state(6001, ["clip_0.bin"], "clip.webm"));
+  const { id, ttl } = me;
   assert.equal(ttl, 30);
   const other = await client.register({
     ...state(6002, ["clip_1.bin"], "clip.webm"),
@@ -58,7 +59,7 @@ Deno.test("DirectoryClient registers, heartbeats, locates, publishes and leaves 
     { id, host: "127.0.0.1", port: 6001, grpcPort: 50051, httpPort: 8001 },
   ]);
   assert.deepEqual(
-    await client.heartbeat(id, state(6001, ["clip_0.bin", "clip_1.bin"], "clip.webm")),
+    await client.heartbeat(me, state(6001, ["clip_0.bin", "clip_1.bin"], "clip.webm")),
     {
       id,
       ttl: 30,
@@ -81,14 +82,14 @@ Deno.test("DirectoryClient registers, heartbeats, locates, publishes and leaves 
     "clip_0.bin",
     "clip_1.bin",
   ]);
-  await client.leave(id);
+  await client.leave(me);
   assert.deepEqual(await client.locate("clip_0.bin"), []);
 });
 
 Deno.test("DirectoryClient throws a DirectoryError with the status and code of a refusal", async () => {
   await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
   const client = new DirectoryClient(directory.url);
-  const unknown = await rejection(() => client.leave("ghost"));
+  const unknown = await rejection(() => client.leave({ id: "ghost", secret: newSecret() }));
   assert.deepEqual([unknown.status, unknown.code], [404, "NOT_FOUND"]);
   assert.match(unknown.message, /DELETE \/peers\/ghost failed: No peer "ghost"/);
 
@@ -253,7 +254,7 @@ Deno.test("DirectoryClient registers a peer's file, and locate() and listFragmen
   const a = await client.register({ ...state(6001, ["fragment_0.bin"]), file: "a.webm" });
   const b = await client.register(state(6002, ["fragment_0.bin"]));
   assert.deepEqual(
-    await client.heartbeat(b.id, { ...state(6002, ["fragment_0.bin"]), file: "b.webm" }),
+    await client.heartbeat(b, { ...state(6002, ["fragment_0.bin"]), file: "b.webm" }),
     { id: b.id, ttl: 30, recreated: false },
   );
   const ids = (holders: { id: string }[]) => holders.map((holder) => holder.id);
@@ -366,7 +367,7 @@ function counted(url: string) {
   let hold: Promise<void> | undefined;
   let started: (() => void) | undefined;
   const { register, heartbeat, publishFile } = client;
-  client.register = (s) => (calls.register++, register.call(client, s));
+  client.register = (s, o) => (calls.register++, register.call(client, s, o));
   client.heartbeat = async (id, s) => {
     calls.heartbeat++;
     started?.();
@@ -517,4 +518,160 @@ Deno.test("Presence tells the directory the file of the manifest it publishes, s
   } finally {
     await presence.close();
   }
+});
+
+// ---------------------------------------------------------------------------------------------
+// Secrets, pages, and a presence that keeps its entry its own
+
+Deno.test("DirectoryClient registers with a secret, heartbeats and leaves with it, and gets FORBIDDEN with another", async () => {
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
+  const client = new DirectoryClient(directory.url);
+  const me = await client.register(state(6001, ["clip_0.bin"]));
+  assert.match(me.secret, /^[A-Za-z0-9_-]{43}$/);
+  assert.equal(me.host, "127.0.0.1");
+  const thief = { id: me.id, secret: newSecret() };
+  const beat = await rejection(() => client.heartbeat(thief, state(6001, [])));
+  assert.deepEqual([beat.status, beat.code], [403, "FORBIDDEN"]);
+  const leave = await rejection(() => client.leave(thief));
+  assert.deepEqual([leave.status, leave.code], [403, "FORBIDDEN"]);
+  assert.deepEqual((await client.locate("clip_0.bin")).map((holder) => holder.id), [me.id]);
+  // One the peer chose comes back as it is, and works the same.
+  const secret = newSecret();
+  const chosen = await client.register(state(6002, []), { secret });
+  assert.equal(chosen.secret, secret);
+  assert.equal((await client.heartbeat(chosen, state(6002, []))).recreated, false);
+  await client.leave(chosen);
+  await client.leave(me);
+  assert.equal((await client.health()).peers, 0);
+});
+
+Deno.test("DirectoryClient listPeers() and listFragments() follow the pages to the end", async () => {
+  await using directory = startDirectory({
+    port: 0,
+    hostname: "127.0.0.1",
+    maxPeersPerAddress: 2_000,
+  });
+  const client = new DirectoryClient(directory.url);
+  const names = Array.from({ length: 1_500 }, (_, i) => `f_${i}.bin`);
+  await client.register(state(1, names));
+  for (let i = 2; i <= 1_100; i++) await client.register(state(i, ["shared.bin"]));
+  const peers = await client.listPeers();
+  assert.equal(peers.length, 1_100);
+  assert.equal(new Set(peers.map((peer) => peer.id)).size, 1_100);
+  const fragments = await client.listFragments();
+  assert.deepEqual(fragments.length, 1_501);
+  assert.equal(fragments.at(-1)!.holders.length, 1_099);
+  // The directory answered pages of 1,000 at most: more than one of each.
+  const page = await (await fetch(`${directory.url}/peers?limit=1000`)).json();
+  assert.equal(page.peers.length, 1_000);
+});
+
+Deno.test("Presence keeps its id across a directory restart: the new directory adopts it with its secret", async () => {
+  const first = startDirectory({ port: 0, hostname: "127.0.0.1", ttl: 1 });
+  const { port, url } = first;
+  const client = new DirectoryClient(url);
+  const { lines, log } = logged();
+  const presence = new Presence(client, {
+    state: () => state(6001, []),
+    manifest: () => undefined,
+    log,
+  });
+  try {
+    await eventually(async () => (await client.listPeers()).length === 1);
+    const id = presence.id;
+    await first.close();
+    await using _again = startDirectory({ port, hostname: "127.0.0.1", ttl: 1 });
+    await eventually(async () => (await client.listPeers()).length === 1);
+    assert.deepEqual((await client.listPeers()).map((peer) => peer.id), [id]);
+    assert.equal(presence.id, id);
+  } finally {
+    await presence.close();
+    await first.close();
+  }
+  assert.equal(lines.filter((line) => /another owner|registering again/.test(line)).length, 0);
+});
+
+Deno.test("Presence registers afresh, saying so, when another owner took its id after a directory restart", async () => {
+  const first = startDirectory({ port: 0, hostname: "127.0.0.1", ttl: 3 });
+  const { port, url } = first;
+  const client = new DirectoryClient(url);
+  const { lines, log } = logged();
+  const presence = new Presence(client, {
+    state: () => state(6001, []),
+    manifest: () => undefined,
+    log,
+  });
+  try {
+    await eventually(async () => (await client.listPeers()).length === 1);
+    const id = presence.id!;
+    await first.close();
+    await using _again = startDirectory({ port, hostname: "127.0.0.1", ttl: 3 });
+    // Someone who saw its id in GET /peers claims it first, before its next heartbeat.
+    await client.heartbeat({ id, secret: newSecret() }, state(7777, []));
+    await eventually(async () => (await client.listPeers()).length === 2);
+    assert.notEqual(presence.id, id);
+    const ports = (await client.listPeers()).map((peer) => [peer.id === id, peer.port]);
+    assert.deepEqual(ports, [[true, 7777], [false, 6001]]);
+  } finally {
+    await presence.close();
+    await first.close();
+  }
+  assert.equal(
+    lines.filter((line) => /another owner's.*; registering again$/.test(line)).length,
+    1,
+    lines.join("\n"),
+  );
+});
+
+Deno.test("Presence registers again with its own secret when the answer to its registration was lost, and is not refused as another owner", async () => {
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
+  const client = new DirectoryClient(directory.url);
+  const register = client.register;
+  let lost = 0;
+  client.register = async (s, o) => {
+    const registration = await register.call(client, s, o);
+    if (lost++ > 0) return registration;
+    throw new DirectoryError("no answer", 0, "TIMEOUT"); // it registered all the same
+  };
+  const { lines, log } = logged();
+  const presence = new Presence(client, {
+    state: () => state(6001, ["clip_0.bin"]),
+    manifest: () => undefined,
+    log,
+    retryMs: 20,
+  });
+  try {
+    await eventually(() => Promise.resolve(presence.reachable));
+    const peers = await client.listPeers();
+    assert.deepEqual(peers.map((peer) => peer.id), [presence.id]);
+  } finally {
+    await presence.close();
+  }
+  assert.equal(lost, 2);
+  assert.equal(lines.filter((line) => /CONFLICT|another owner/.test(line)).length, 0, lines.join());
+});
+
+Deno.test("Presence says once that the directory lists it elsewhere than the host it advertised", async () => {
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
+  const client = new DirectoryClient(directory.url);
+  const { lines, log } = logged();
+  let beats = 0;
+  const presence = new Presence(client, {
+    state: () => (beats++, { ...state(6001, []), host: "peer1.example" }),
+    manifest: () => undefined,
+    log,
+    retryMs: 20,
+  });
+  try {
+    await eventually(async () => (await client.listPeers()).length === 1);
+    presence.poke();
+    await eventually(() => Promise.resolve(beats >= 3));
+    assert.deepEqual((await client.listPeers()).map((peer) => peer.host), ["127.0.0.1"]);
+  } finally {
+    await presence.close();
+  }
+  assert.deepEqual(lines, [
+    '[DIRECTORY] Listed at "127.0.0.1", not at the advertised "peer1.example": the directory ' +
+    "takes the address a peer registers from, unless started with --trust-advertise",
+  ]);
 });

@@ -1,45 +1,78 @@
 /**
  * directory.ts through `app.request()`, no port: every route with good and bad input, expiry on
- * a fake clock, the error shape, and the OpenAPI document checked by a real validator.
+ * a fake clock, the error shape, owners and their secrets, the bounds, paging, request bodies'
+ * deadlines, and the OpenAPI document checked by a real validator. Then the directory as a real
+ * process: running out of file descriptors, connection limits and deadlines, and its memory
+ * under the attacks that took it to gigabytes.
  * @module
  */
 import SwaggerParser from "@apidevtools/swagger-parser";
 import assert from "node:assert/strict";
 import {
+  type AppOptions,
   createApp,
+  DirectoryClient,
   ERROR_CODES,
   MAX_PEER_FRAGMENTS,
+  newSecret,
   type PeerState,
   Registry,
-  type RegistryOptions,
 } from "../directory.ts";
 import { loadOnce } from "../directory/app.ts";
+import { type ConnectionLimits, serveConnections } from "../directory/server.ts";
 import type { Manifest } from "../split.ts";
+import { Child, taskArgv } from "./_util.ts";
 
 const REMOTE = {
   remoteAddr: { hostname: "::ffff:10.0.0.9", port: 40000, transport: "tcp" as const },
 };
 const SHA = "a".repeat(64);
 
-/** A directory app on a clock the test moves by hand. */
-function fixture(ttl = 30, options: RegistryOptions = {}) {
+/**
+ * A directory app on a clock the test moves by hand. Its `call()` signs a request to
+ * `/peers/{id}` as that peer does, with the secret the directory gave the id (or, for an id the
+ * test makes up, one the test chose: what a peer presents to a directory that forgot it);
+ * `auth` sends another Authorization header, or none with null.
+ */
+function fixture(ttl = 30, options: AppOptions = {}) {
   const clock = { now: 1_000_000 };
   const registry = new Registry({ ttl, now: () => clock.now, ...options });
-  const app = createApp({ registry });
-  const call = async (method: string, path: string, body?: unknown, env: object = REMOTE) => {
-    const init: RequestInit = { method };
+  const app = createApp({ ...options, registry });
+  const secrets = new Map<string, string>();
+  /** The secret of peer `id`: the one its registration answered, or one chosen for it. */
+  const secretOf = (id: string): string => {
+    if (!secrets.has(id)) secrets.set(id, newSecret());
+    return secrets.get(id)!;
+  };
+  const call = async (
+    method: string,
+    path: string,
+    body?: unknown,
+    env: object = REMOTE,
+    auth?: string | null,
+  ) => {
+    const headers: Record<string, string> = {};
+    const init: RequestInit = { method, headers };
     if (body !== undefined) {
-      init.headers = { "content-type": "application/json" };
+      headers["content-type"] = "application/json";
       init.body = typeof body === "string" ? body : JSON.stringify(body);
     }
+    const id = path.match(/^\/peers\/([^/?]+)/)?.[1];
+    if (auth === undefined && id !== undefined) {
+      headers.authorization = `Bearer ${secretOf(decodeURIComponent(id))}`;
+    } else if (auth !== undefined && auth !== null) headers.authorization = auth;
     const response = await app.request(path, init, env);
     const text = await response.text();
-    return { status: response.status, body: text === "" ? undefined : JSON.parse(text) };
+    const result = { status: response.status, body: text === "" ? undefined : JSON.parse(text) };
+    if (method === "POST" && path === "/peers" && result.status === 201) {
+      secrets.set(result.body.id, result.body.secret);
+    }
+    return result;
   };
   /** Registers a peer and returns its id. */
   const register = async (state: PeerState): Promise<string> =>
     (await call("POST", "/peers", state)).body.id;
-  return { clock, registry, app, call, register };
+  return { clock, registry, app, call, register, secretOf };
 }
 
 function peer(port: number, fragments: string[], host?: string): PeerState {
@@ -103,12 +136,36 @@ Deno.test("GET /health answers ok with the sizes of the state", async () => {
   assert.deepEqual(body, { status: "ok", peers: 1, fragments: 2, files: 0 });
 });
 
-Deno.test("POST /peers registers a peer at its remote address, and a body host overrides it", async () => {
+Deno.test("POST /peers lists a peer at its remote address, whatever host its body names", async () => {
   const { call } = fixture();
+  const first = await call("POST", "/peers", peer(6001, ["a.bin"]));
+  assert.deepEqual(first.status, 201);
+  assert.deepEqual([first.body.ttl, first.body.host], [30, "10.0.0.9"]);
+  assert.match(first.body.secret, /^[A-Za-z0-9_-]{43}$/);
+  // Aimed at a third party: the directory lists it where the request came from all the same.
+  const second = await call("POST", "/peers", peer(6002, ["a.bin"], "victim.example"));
+  assert.deepEqual(second.body.host, "10.0.0.9");
+  const located = await call("GET", "/fragments/a.bin");
+  assert.deepEqual(
+    located.body.holders.map((h: { host: string; port: number }) => `${h.host}:${h.port}`),
+    ["10.0.0.9:6001", "10.0.0.9:6002"],
+  );
+  const beat = await call(
+    "PUT",
+    `/peers/${second.body.id}`,
+    peer(6002, ["a.bin"], "other.example"),
+  );
+  assert.deepEqual(beat.status, 200);
+  assert.deepEqual((await call("GET", "/peers")).body.peers[1].host, "10.0.0.9");
+});
+
+Deno.test("POST /peers of a directory that trusts advertised hosts takes the host a body names", async () => {
+  const { call } = fixture(30, { trustAdvertise: true });
   const first = await call("POST", "/peers", peer(6001, ["a.bin"]));
   assert.deepEqual(first.status, 201);
   assert.deepEqual(first.body.ttl, 30);
   const second = await call("POST", "/peers", peer(6002, ["a.bin"], "seed.example"));
+  assert.deepEqual(second.body.host, "seed.example");
   const located = await call("GET", "/fragments/a.bin");
   assert.deepEqual(located.status, 200);
   assert.deepEqual(located.body, {
@@ -125,10 +182,17 @@ Deno.test("POST /peers without a host and without a remote address is a 400 nami
   assertError(await call("POST", "/peers", peer(6001, []), {}), 400, "BAD_REQUEST", /"host"/);
 });
 
-Deno.test("POST /peers from a peer that restarted at the same address keeps one entry", async () => {
+Deno.test("POST /peers from a peer that restarted at the same address with its secret keeps one entry", async () => {
   const { call } = fixture();
-  await call("POST", "/peers", peer(6001, ["a.bin"]));
-  const again = await call("POST", "/peers", peer(6001, ["b.bin"]));
+  const first = await call("POST", "/peers", peer(6001, ["a.bin"]));
+  const again = await call(
+    "POST",
+    "/peers",
+    peer(6001, ["b.bin"]),
+    REMOTE,
+    `Bearer ${first.body.secret}`,
+  );
+  assert.deepEqual([again.status, again.body.secret], [201, first.body.secret]);
   const { body } = await call("GET", "/peers");
   assert.deepEqual(body.peers.map((p: { id: string }) => p.id), [again.body.id]);
   assert.deepEqual((await call("GET", "/fragments/a.bin")).status, 404);
@@ -197,7 +261,7 @@ Deno.test("PUT /peers/{id} replaces the peer's fragments in the index, touching 
 });
 
 Deno.test("PUT /peers/{id} recreates a peer the directory forgot, and is idempotent", async () => {
-  const { call } = fixture();
+  const { call } = fixture(30, { trustAdvertise: true });
   const state = peer(6001, ["a.bin"], "peer1");
   assert.deepEqual((await call("PUT", "/peers/peer-1", state)).body, {
     id: "peer-1",
@@ -292,7 +356,7 @@ Deno.test("a peer expires ttl seconds after its last heartbeat and the sweep fre
 });
 
 Deno.test("GET /fragments/{name} answers again after a holder joins, moves, leaves or expires", async () => {
-  const { clock, call, register } = fixture(30);
+  const { clock, call, register } = fixture(30, { trustAdvertise: true });
   const holders = async () =>
     ((await call("GET", "/fragments/a.bin")).body?.holders ?? []).map((
       h: { id: string; host: string; port: number },
@@ -319,7 +383,7 @@ Deno.test("GET /fragments/{name} answers again after a holder joins, moves, leav
 });
 
 Deno.test("PUT /peers/{id} repeated byte for byte from another address moves a peer without a host", async () => {
-  const { app, call } = fixture();
+  const { app, call, secretOf } = fixture();
   const state = peer(6001, ["a.bin"]);
   const { body: { id } } = await call("POST", "/peers", state);
   const elsewhere = {
@@ -332,7 +396,7 @@ Deno.test("PUT /peers/{id} repeated byte for byte from another address moves a p
   // and the same bytes with another media type are still refused
   const response = await app.request(`/peers/${id}`, {
     method: "PUT",
-    headers: { "content-type": "text/plain" },
+    headers: { "content-type": "text/plain", authorization: `Bearer ${secretOf(id)}` },
     body: JSON.stringify(state),
   }, REMOTE);
   assert.deepEqual(response.status, 415);
@@ -340,8 +404,9 @@ Deno.test("PUT /peers/{id} repeated byte for byte from another address moves a p
 });
 
 Deno.test("PUT /peers/{id} with no body refuses a peer added without one, naming the field", async () => {
-  const { registry, call } = fixture();
-  registry.upsert("p9", { host: "h", port: 6009, grpcPort: 0, httpPort: 0, fragments: [] });
+  const { registry, call, secretOf } = fixture();
+  const state = { host: "h", port: 6009, grpcPort: 0, httpPort: 0, fragments: [] };
+  registry.upsert("p9", state, { secret: secretOf("p9") });
   assertError(await call("PUT", "/peers/p9"), 400, "BAD_REQUEST", /"port" is required/);
 });
 
@@ -464,14 +529,21 @@ Deno.test("GET /openapi.json is an OpenAPI 3 document that a real validator acce
   ]);
   const peers = body.paths["/peers/{id}"];
   assert.deepEqual(Object.keys(peers).sort(), ["delete", "put"]);
-  assert.deepEqual(Object.keys(peers.put.responses).sort(), ["200", "400", "413", "415", "429"]);
+  assert.deepEqual(
+    Object.keys(peers.put.responses).sort(),
+    ["200", "400", "401", "403", "408", "409", "413", "415", "429", "503"],
+  );
+  assert.deepEqual(
+    Object.keys(peers.delete.responses).sort(),
+    ["204", "400", "401", "403", "404"],
+  );
   assert.deepEqual(
     Object.keys(body.paths["/peers"].post.responses).sort(),
-    ["201", "400", "413", "415", "429"],
+    ["201", "400", "401", "408", "409", "413", "415", "429", "503"],
   );
   assert.deepEqual(
     Object.keys(body.paths["/files"].post.responses).sort(),
-    ["200", "201", "400", "409", "413", "415", "429"],
+    ["200", "201", "400", "408", "409", "413", "415", "429", "503"],
   );
   assert.deepEqual(body.components.schemas.Error.properties.error.required, ["code", "message"]);
   // and the validator is not a rubber stamp
@@ -645,10 +717,13 @@ interface Walked {
   operation: OpenApiOperation;
 }
 
+const WALK_SECRET = newSecret();
+
 /**
  * Sends every route of the OpenAPI document good and bad requests (bad paths, bodies, media
  * types, sizes), on a directory that lists one file and one peer at most, so that publishing or
- * registering a second answers what a full directory answers.
+ * registering a second answers what a full directory answers. Every request carries the same
+ * secret, so the peers it makes are all one owner's.
  */
 async function walkRoutes(): Promise<Walked[]> {
   const { app, call } = fixture(30, { maxFiles: 1, maxPeers: 1 });
@@ -689,7 +764,10 @@ async function walkRoutes(): Promise<Walked[]> {
         );
       }
       for (const [url, init] of probes) {
-        const response = await app.request(url, { ...init, method: method.toUpperCase() }, REMOTE);
+        // Signed, as the peer of "probe.bin" (which the first heartbeat creates) signs.
+        const headers = { ...init.headers, authorization: `Bearer ${WALK_SECRET}` };
+        const signed = { ...init, headers, method: method.toUpperCase() };
+        const response = await app.request(url, signed, REMOTE);
         const text = await response.text();
         const code = response.ok || text === "" ? undefined : JSON.parse(text).error?.code;
         const request = `${method.toUpperCase()} ${url}`;
@@ -913,7 +991,7 @@ Deno.test("GET /openapi.json describes the file of a peer's state and the file q
 // Bounds on peers
 
 Deno.test("POST /peers and PUT /peers/{id} refuse a new peer past maxPeers with 429, and take one once another goes", async () => {
-  const { clock, call, register } = fixture(30, { maxPeers: 2 });
+  const { clock, call, register, secretOf } = fixture(30, { maxPeers: 2 });
   const a = await register(peer(6001, ["x.bin"]));
   await call("POST", "/peers", peer(6002, ["x.bin"]));
   assertError(
@@ -926,7 +1004,13 @@ Deno.test("POST /peers and PUT /peers/{id} refuse a new peer past maxPeers with 
   // Known peers still heartbeat and change, and a peer that restarted at its address replaces
   // itself.
   assert.deepEqual((await call("PUT", `/peers/${a}`, peer(6001, ["y.bin"]))).status, 200);
-  const again = await call("POST", "/peers", peer(6001, ["y.bin"]));
+  const again = await call(
+    "POST",
+    "/peers",
+    peer(6001, ["y.bin"]),
+    REMOTE,
+    `Bearer ${secretOf(a)}`,
+  );
   assert.deepEqual(again.status, 201);
   assert.deepEqual((await call("GET", "/health")).body.peers, 2);
   assert.deepEqual((await call("GET", "/fragments/x.bin")).body.holders.length, 1);
@@ -969,4 +1053,770 @@ Deno.test("loadOnce() loads once on success, and again after a failure", async (
   assert.deepEqual(await load(), "text 2");
   assert.deepEqual(await load(), "text 2");
   assert.deepEqual(calls, 2);
+});
+
+// ---------------------------------------------------------------------------------------------
+// Owners: a peer's entry is changed or removed only with its secret
+
+/** A request to `/peers/{id}` with the Authorization header `auth` (none when undefined). */
+async function signed(
+  app: ReturnType<typeof fixture>["app"],
+  method: string,
+  path: string,
+  auth?: string,
+  body?: unknown,
+) {
+  const headers: Record<string, string> = auth === undefined ? {} : { authorization: auth };
+  if (body !== undefined) headers["content-type"] = "application/json";
+  const init = { method, headers, body: body === undefined ? undefined : JSON.stringify(body) };
+  const response = await app.request(path, init, REMOTE);
+  const text = await response.text();
+  return {
+    status: response.status,
+    body: text === "" ? undefined : JSON.parse(text),
+    challenge: response.headers.get("www-authenticate"),
+  };
+}
+
+Deno.test("PUT and DELETE /peers/{id} need the peer's secret: 401 without one or with a malformed one, 403 with another's", async () => {
+  const { app, call, secretOf } = fixture();
+  const id = (await call("POST", "/peers", peer(6001, ["a.bin"]))).body.id;
+  const state = peer(6001, ["a.bin", "b.bin"]);
+  for (const method of ["PUT", "DELETE"]) {
+    const body = method === "PUT" ? state : undefined;
+    const missing = await signed(app, method, `/peers/${id}`, undefined, body);
+    assertError(missing, 401, "UNAUTHORIZED", /Authorization: Bearer <secret>/);
+    assert.deepEqual(missing.challenge, "Bearer");
+    for (const malformed of ["Basic abc", "Bearer short", `Bearer ${"x".repeat(129)}`]) {
+      assertError(await signed(app, method, `/peers/${id}`, malformed, body), 401, "UNAUTHORIZED");
+    }
+    const other = await signed(app, method, `/peers/${id}`, `Bearer ${newSecret()}`, body);
+    assertError(other, 403, "FORBIDDEN", new RegExp(`"${id}" is another owner's`));
+  }
+  // Nothing changed: still there, with its one fragment.
+  assert.deepEqual((await call("GET", "/peers")).body.peers[0].fragments, ["a.bin"]);
+  const beat = await signed(app, "PUT", `/peers/${id}`, `bearer ${secretOf(id)}`, state);
+  assert.deepEqual(beat.status, 200);
+  assert.deepEqual((await call("GET", "/peers")).body.peers[0].fragments, ["a.bin", "b.bin"]);
+  assert.deepEqual(
+    (await signed(app, "DELETE", `/peers/${id}`, `Bearer ${secretOf(id)}`)).status,
+    204,
+  );
+  // An unknown peer is a 404 to its owner, and to anyone: there is nothing to own.
+  assertError(await signed(app, "DELETE", `/peers/${id}`), 401, "UNAUTHORIZED");
+  assertError(
+    await signed(app, "DELETE", `/peers/${id}`, `Bearer ${newSecret()}`),
+    404,
+    "NOT_FOUND",
+  );
+});
+
+Deno.test("POST /peers registers with a secret the peer chose, answers it back, and refuses a malformed one", async () => {
+  const { call } = fixture();
+  const secret = newSecret();
+  const chosen = await call("POST", "/peers", peer(6001, []), REMOTE, `Bearer ${secret}`);
+  assert.deepEqual([chosen.status, chosen.body.secret], [201, secret]);
+  const made = await call("POST", "/peers", peer(6002, []));
+  assert.notEqual(made.body.secret, secret);
+  assertError(
+    await call("POST", "/peers", peer(6003, []), REMOTE, "Bearer nope"),
+    401,
+    "UNAUTHORIZED",
+  );
+  assert.deepEqual((await call("GET", "/health")).body.peers, 2);
+});
+
+Deno.test("PUT /peers/{id} of a peer a restarted directory forgot adopts its id and secret, and refuses another owner then", async () => {
+  const before = fixture();
+  const registered = await before.call("POST", "/peers", peer(6001, ["a.bin"]));
+  const { id, secret } = registered.body;
+  const after = fixture(); // a new directory: it knows nothing
+  const beat = await after.call(
+    "PUT",
+    `/peers/${id}`,
+    peer(6001, ["a.bin"]),
+    REMOTE,
+    `Bearer ${secret}`,
+  );
+  assert.deepEqual(beat.body, { id, ttl: 30, recreated: true });
+  assertError(
+    await after.call("PUT", `/peers/${id}`, peer(6001, ["a.bin"]), REMOTE, `Bearer ${newSecret()}`),
+    403,
+    "FORBIDDEN",
+  );
+  assert.deepEqual(
+    (await after.call("PUT", `/peers/${id}`, peer(6001, ["a.bin"]), REMOTE, `Bearer ${secret}`))
+      .body.recreated,
+    false,
+  );
+  // Once it expired, its id is anyone's again, as a forgotten one is.
+  after.clock.now += 30_000;
+  const other = newSecret();
+  const taken = await after.call(
+    "PUT",
+    `/peers/${id}`,
+    peer(6001, ["a.bin"]),
+    REMOTE,
+    `Bearer ${other}`,
+  );
+  assert.deepEqual(taken.body.recreated, true);
+  assertError(
+    await after.call("DELETE", `/peers/${id}`, undefined, REMOTE, `Bearer ${secret}`),
+    403,
+    "FORBIDDEN",
+  );
+});
+
+Deno.test("POST and PUT /peers refuse to replace a live peer of another owner at the same address with 409, and take its place once it goes", async () => {
+  const { clock, call, secretOf } = fixture(30, { trustAdvertise: true });
+  const victim = (await call("POST", "/peers", peer(6001, ["a.bin"], "seed.example"))).body.id;
+  // Someone else claims its host and port: with a new registration, or by moving there.
+  assertError(
+    await call("POST", "/peers", peer(6001, ["evil.bin"], "seed.example")),
+    409,
+    "CONFLICT",
+    /"seed\.example:6001"/,
+  );
+  const mallory = (await call("POST", "/peers", peer(6002, [], "mallory.example"))).body.id;
+  assertError(
+    await call("PUT", `/peers/${mallory}`, peer(6001, ["evil.bin"], "seed.example")),
+    409,
+    "CONFLICT",
+  );
+  assertError(
+    await call("PUT", "/peers/new-id", peer(6001, ["evil.bin"], "seed.example")),
+    409,
+    "CONFLICT",
+  );
+  const located = await call("GET", "/fragments/a.bin");
+  assert.deepEqual(located.body.holders.map((h: { id: string }) => h.id), [victim]);
+  assert.deepEqual((await call("GET", "/fragments/evil.bin")).status, 404);
+  // Its owner may: it restarted, and registers with the secret it had.
+  const again = await call(
+    "POST",
+    "/peers",
+    peer(6001, ["b.bin"], "seed.example"),
+    REMOTE,
+    `Bearer ${secretOf(victim)}`,
+  );
+  assert.deepEqual(again.status, 201);
+  // And anyone once it has gone a ttl without a heartbeat.
+  clock.now += 30_000;
+  assert.deepEqual(
+    (await call("POST", "/peers", peer(6001, ["c.bin"], "seed.example"))).status,
+    201,
+  );
+});
+
+// ---------------------------------------------------------------------------------------------
+// Bounds on what one client, and all of them, can make the directory hold
+
+const FROM = (hostname: string) => ({
+  remoteAddr: { hostname, port: 40000, transport: "tcp" as const },
+});
+
+Deno.test("POST /peers refuses a new peer past maxPeersPerAddress with 429 TOO_MANY_PEERS_FROM_ADDRESS, counting the request's address whatever host it names", async () => {
+  const { clock, call, register } = fixture(30, { maxPeersPerAddress: 2, trustAdvertise: true });
+  const a = await register(peer(6001, [], "one.example"));
+  await register(peer(6002, [], "two.example"));
+  assertError(
+    await call("POST", "/peers", peer(6003, [], "three.example")),
+    429,
+    "TOO_MANY_PEERS_FROM_ADDRESS",
+    /^The directory lists 2 live peers registered from "10\.0\.0\.9", its limit per address/,
+  );
+  assertError(
+    await call("PUT", "/peers/p3", peer(6003, [], "three.example")),
+    429,
+    "TOO_MANY_PEERS_FROM_ADDRESS",
+  );
+  // Another address has its own room, and a peer of this one may not move there past it.
+  const elsewhere = await call(
+    "POST",
+    "/peers",
+    peer(6003, [], "three.example"),
+    FROM("10.0.0.10"),
+  );
+  assert.deepEqual(elsewhere.status, 201);
+  await call("POST", "/peers", peer(6004, [], "four.example"), FROM("10.0.0.10"));
+  assertError(
+    await call("PUT", `/peers/${a}`, peer(6001, [], "one.example"), FROM("10.0.0.10")),
+    429,
+    "TOO_MANY_PEERS_FROM_ADDRESS",
+  );
+  // Known peers still heartbeat; one that leaves makes room, and so does one that expires.
+  assert.deepEqual(
+    (await call("PUT", `/peers/${a}`, peer(6001, ["x.bin"], "one.example"))).status,
+    200,
+  );
+  assert.deepEqual((await call("DELETE", `/peers/${a}`)).status, 204);
+  assert.deepEqual((await call("POST", "/peers", peer(6005, [], "five.example"))).status, 201);
+  clock.now += 30_000;
+  assert.deepEqual((await call("POST", "/peers", peer(6006, [], "six.example"))).status, 201);
+  assert.deepEqual((await call("POST", "/peers", peer(6007, [], "seven.example"))).status, 201);
+});
+
+Deno.test("POST and PUT /peers refuse a state that takes the index past maxIndexedFragments with 429, and a listed peer keeps its last state", async () => {
+  const { clock, call, register } = fixture(30, { maxIndexedFragments: 5 });
+  const names = (from: number, count: number) =>
+    Array.from({ length: count }, (_, i) => `f_${from + i}.bin`);
+  const a = await register(peer(6001, names(0, 3)));
+  assertError(
+    await call("POST", "/peers", peer(6002, names(3, 3))),
+    429,
+    "TOO_MANY_FRAGMENTS",
+    /more than 5 fragments across all peers/,
+  );
+  // Duplicates count once, as the index holds them.
+  const b = await register(peer(6002, ["f_9.bin", "f_9.bin", "f_8.bin"]));
+  assert.deepEqual((await call("GET", "/health")).body.peers, 2);
+  clock.now += 20_000;
+  assertError(await call("PUT", `/peers/${a}`, peer(6001, names(0, 4))), 429, "TOO_MANY_FRAGMENTS");
+  clock.now += 20_000; // b expired (40 s); a was refreshed 20 s ago with its last state
+  const { body: { peers } } = await call("GET", "/peers");
+  assert.deepEqual(peers.map((p: { id: string; fragments: string[] }) => [p.id, p.fragments]), [
+    [a, names(0, 3)],
+  ]);
+  // b's place in the index is free again (sweep or not): a grows into it.
+  assert.deepEqual((await call("PUT", `/peers/${a}`, peer(6001, names(0, 5)))).status, 200);
+  assert.notEqual(b, a);
+});
+
+Deno.test("GET /peers and GET /fragments answer a page at a time, and following next lists each entry once", async () => {
+  const { call, register } = fixture();
+  const ids: string[] = [];
+  for (let i = 0; i < 5; i++) ids.push(await register(peer(6001 + i, [`f_${i}.bin`, "all.bin"])));
+  const walk = async (path: string, key: string) => {
+    const pages: string[][] = [];
+    let next: string | undefined;
+    do {
+      const query = next === undefined ? "" : `&cursor=${next}`;
+      const { status, body } = await call("GET", `${path}limit=2${query}`);
+      assert.deepEqual(status, 200);
+      pages.push(body[key].map((entry: { id?: string; name?: string }) => entry.id ?? entry.name));
+      next = body.next;
+    } while (next !== undefined);
+    return pages;
+  };
+  assert.deepEqual(await walk("/peers?", "peers"), [ids.slice(0, 2), ids.slice(2, 4), [ids[4]]]);
+  assert.deepEqual(await walk("/fragments?", "fragments"), [
+    ["f_0.bin", "all.bin"],
+    ["f_1.bin", "f_2.bin"],
+    ["f_3.bin", "f_4.bin"],
+  ]);
+  // Without ?limit= a page holds 100, so these fit in one, with no next.
+  assert.deepEqual(Object.keys((await call("GET", "/peers")).body), ["peers"]);
+  assert.deepEqual((await call("GET", "/fragments?file=x.webm&limit=1")).body, { fragments: [] });
+});
+
+Deno.test("a page of GET /peers or GET /fragments ends once it holds 10,000 fragment names or holders", async () => {
+  const { call, register } = fixture(30, { maxPeersPerAddress: 3_000 });
+  const names = (peer: number) => Array.from({ length: 4_000 }, (_, i) => `p${peer}_${i}.bin`);
+  for (let i = 0; i < 4; i++) await register(peer(1001 + i, names(i)));
+  const first = await call("GET", "/peers?limit=1000");
+  // 4,000 + 4,000 + 4,000 reach 10,000 with the third: the fourth waits for the next page.
+  assert.deepEqual(first.body.peers.length, 3);
+  const second = await call("GET", `/peers?cursor=${first.body.next}`);
+  assert.deepEqual([second.body.peers.length, second.body.next], [1, undefined]);
+  for (const { id } of [...first.body.peers, ...second.body.peers]) {
+    assert.deepEqual((await call("DELETE", `/peers/${id}`)).status, 204);
+  }
+  // Five names, each held by 2,500 peers: the fourth reaches 10,000 holders.
+  const shared = ["a.bin", "b.bin", "c.bin", "d.bin", "e.bin"];
+  for (let i = 0; i < 2_500; i++) await register(peer(10_001 + i, shared));
+  const page = await call("GET", "/fragments?limit=1000");
+  assert.deepEqual(page.body.fragments.map((f: { name: string }) => f.name), shared.slice(0, 4));
+  const rest = await call("GET", `/fragments?cursor=${page.body.next}`);
+  assert.deepEqual(rest.body.fragments.map((f: { name: string }) => f.name), ["e.bin"]);
+  assert.deepEqual(rest.body.fragments[0].holders.length, 2_500);
+});
+
+Deno.test("GET /peers and GET /fragments refuse a bad limit or cursor with 400", async () => {
+  const { call } = fixture();
+  for (const path of ["/peers", "/fragments"]) {
+    for (
+      const query of ["limit=0", "limit=1001", "limit=x", "limit=1.5", "cursor=-1", "cursor=a"]
+    ) {
+      assertError(
+        await call("GET", `${path}?${query}`),
+        400,
+        "BAD_REQUEST",
+        new RegExp(`Query parameter "${query.split("=")[0]}"`),
+      );
+    }
+  }
+});
+
+Deno.test("GET /files/{file} lists at most 50 holders of a fragment, a sample of them, and counts them all", async () => {
+  const { call, register } = fixture(30, { maxPeersPerAddress: 100 });
+  await call("POST", "/files", single("big.webm", "big_0.bin"));
+  const all = new Set<string>();
+  for (let i = 0; i < 80; i++) all.add(await register(seeder(6001 + i, "big.webm", ["big_0.bin"])));
+  const seen = new Set<string>();
+  for (let round = 0; round < 10; round++) {
+    const [fragment] = (await call("GET", "/files/big.webm")).body.fragments;
+    assert.deepEqual([fragment.holders.length, fragment.holderCount], [50, 80]);
+    for (const holder of fragment.holders) {
+      assert.ok(all.has(holder.id));
+      seen.add(holder.id);
+    }
+  }
+  assert.ok(seen.size > 50, "every answer lists the same 50");
+});
+
+Deno.test("new Registry() and createApp() refuse bounds and limits that are not positive", () => {
+  for (const options of [{ maxPeersPerAddress: 0 }, { maxIndexedFragments: 1.5 }]) {
+    assert.throws(() => new Registry(options), RangeError, JSON.stringify(options));
+  }
+  for (const options of [{ bodyTimeout: 0 }, { minBodyRate: -1 }, { maxBodyMemory: NaN }]) {
+    assert.throws(() => createApp(options), RangeError, JSON.stringify(options));
+  }
+});
+
+// ---------------------------------------------------------------------------------------------
+// Request bodies: a deadline, a minimum rate, and a budget of memory
+
+/**
+ * Sends `POST /peers` with a body that arrives as `chunks` say: a string is sent, a number is a
+ * pause of that many milliseconds, and Infinity a pause that never ends. `length`, when given,
+ * is the Content-Length. Once answered, a body still coming fails, as when the server closes
+ * the connection.
+ */
+async function trickle(
+  app: ReturnType<typeof fixture>["app"],
+  chunks: (string | number)[],
+  { length, env = REMOTE }: { length?: number; env?: object } = {},
+) {
+  const encoder = new TextEncoder();
+  let answered = false;
+  let stream: ReadableStreamDefaultController<Uint8Array> | undefined;
+  const body = new ReadableStream<Uint8Array>({
+    start(controller) {
+      stream = controller;
+    },
+    async pull(controller) {
+      for (let next = chunks.shift(); next !== undefined; next = chunks.shift()) {
+        if (typeof next === "string") return controller.enqueue(encoder.encode(next));
+        const until = performance.now() + next;
+        while (!answered && performance.now() < until) {
+          await new Promise((resolve) => setTimeout(resolve, Math.min(10, next as number)));
+        }
+        if (answered) return;
+      }
+      controller.close();
+      stream = undefined;
+    },
+    cancel() {
+      stream = undefined;
+    },
+  });
+  const headers: Record<string, string> = { "content-type": "application/json" };
+  if (length !== undefined) headers["content-length"] = String(length);
+  const started = performance.now();
+  // A directory that never answers fails the test rather than hanging it.
+  let guard: ReturnType<typeof setTimeout> | undefined;
+  const hung = new Promise<never>((_, reject) => {
+    guard = setTimeout(() => reject(new Error("No answer within 10 s")), 10_000);
+  });
+  const answer = (async () => {
+    const response = await app.request("/peers", { method: "POST", headers, body }, env);
+    return { status: response.status, body: await response.json() };
+  })();
+  const result = await Promise.race([answer, hung]).finally(() => clearTimeout(guard));
+  answered = true;
+  stream?.error(new Error("The connection closed"));
+  return { ...result, ms: performance.now() - started };
+}
+
+Deno.test("a request body that stalls is a 408 once its deadline passes", async () => {
+  const { app, call } = fixture(30, { bodyTimeout: 0.3 });
+  const text = JSON.stringify(peer(6001, ["a.bin"]));
+  const stalled = await trickle(app, [text.slice(0, 10), Infinity]);
+  assertError(stalled, 408, "REQUEST_TIMEOUT", /did not arrive in time: 10 bytes in 0\.3 s/);
+  assert.ok(stalled.ms >= 280 && stalled.ms < 2_000, `${stalled.ms} ms`);
+  // A body that says its size has its deadline from the start: 0.3 s, and 40 bytes buy little.
+  const sized = await trickle(app, [text.slice(0, 10), Infinity], { length: text.length });
+  assertError(sized, 408, "REQUEST_TIMEOUT", /a body of \d+ bytes in 0\.3 s/);
+  assert.ok(sized.ms >= 280 && sized.ms < 2_000, `${sized.ms} ms`);
+  // A body that comes in time is read as ever, chunk by chunk.
+  const whole = await trickle(app, [text.slice(0, 10), 50, text.slice(10)]);
+  assert.deepEqual(whole.status, 201, JSON.stringify(whole.body));
+  assert.deepEqual((await call("GET", "/health")).body.peers, 1);
+});
+
+Deno.test("a body that keeps the minimum rate gets in past the first deadline, and one slower is a 408", async () => {
+  // 0.3 s, and one second more for each 100 bytes: 30 bytes every 100 ms keep ahead of it.
+  const { app } = fixture(30, { bodyTimeout: 0.3, minBodyRate: 100 });
+  const text = JSON.stringify(peer(6001, [])).padEnd(300, " ");
+  const every = (bytes: number) => {
+    const chunks: (string | number)[] = [];
+    for (let at = 0; at < text.length; at += bytes) chunks.push(text.slice(at, at + bytes), 100);
+    return chunks;
+  };
+  const kept = await trickle(app, every(30));
+  assert.deepEqual(kept.status, 201, JSON.stringify(kept.body));
+  assert.ok(kept.ms > 600, `took ${kept.ms} ms, not past the first deadline`);
+  // 5 bytes every 100 ms buy 0.05 s each: the deadline comes after about 0.6 s.
+  const slow = await trickle(app, every(5));
+  assertError(slow, 408, "REQUEST_TIMEOUT", /did not arrive in time: \d+ bytes in 0\.3 s, and one/);
+  assert.ok(slow.ms > 500 && slow.ms < 1_500, `${slow.ms} ms`);
+});
+
+Deno.test("a body past the memory for all bodies, or for one address's, is a 503 until others are read", async () => {
+  // 4 MiB in all: one address may hold a quarter, that is one body of the largest size. The
+  // stalled ones time out after about 1 s + 1 MiB at 1 MiB/s.
+  const { app } = fixture(30, {
+    maxBodyMemory: 4 * 1024 * 1024,
+    bodyTimeout: 1,
+    minBodyRate: 1024 * 1024,
+  });
+  const text = JSON.stringify(peer(6001, []));
+  const mib = 1024 * 1024;
+  const stall = (env: object) => trickle(app, [" ".repeat(100), Infinity], { length: mib, env });
+  const held = [stall(REMOTE)];
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  // The same address: its quarter is taken.
+  assertError(
+    await trickle(app, [text], { length: text.length }),
+    503,
+    "SERVICE_UNAVAILABLE",
+    /as many request bodies as it may hold/,
+  );
+  // Other addresses: room for three more of the largest, and then for nothing.
+  held.push(...[11, 12, 13].map((n) => stall(FROM(`10.0.0.${n}`))));
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  const other = { env: FROM("10.0.0.14") };
+  assertError(
+    await trickle(app, [text], { ...other, length: text.length }),
+    503,
+    "SERVICE_UNAVAILABLE",
+  );
+  // A body without a Content-Length counts as it arrives.
+  assertError(await trickle(app, [text], other), 503, "SERVICE_UNAVAILABLE");
+  // The stalled ones time out, and give their memory back.
+  for (const result of await Promise.all(held)) assertError(result, 408, "REQUEST_TIMEOUT");
+  assert.deepEqual((await trickle(app, [text], other)).status, 201);
+  assert.deepEqual((await trickle(app, [text], { length: text.length })).status, 201);
+});
+
+Deno.test("GET /openapi.json declares the peer's secret as a bearer scheme, which heartbeat and leave need, and paging on the lists", async () => {
+  const { call } = fixture();
+  const { body } = await call("GET", "/openapi.json");
+  await SwaggerParser.validate(structuredClone(body));
+  assert.deepEqual(body.components.securitySchemes.peerSecret.type, "http");
+  assert.deepEqual(body.components.securitySchemes.peerSecret.scheme, "bearer");
+  const peers = body.paths["/peers/{id}"];
+  for (const operation of [peers.put, peers.delete]) {
+    assert.deepEqual(operation.security, [{ peerSecret: [] }]);
+    assert.ok(operation.responses["401"] && operation.responses["403"]);
+  }
+  // Registering may carry a secret the peer chose, or none.
+  assert.deepEqual(body.paths["/peers"].post.security, [{}, { peerSecret: [] }]);
+  const registration = body.components.schemas.Registration;
+  assert.deepEqual(registration.required.sort(), ["host", "id", "secret", "ttl"]);
+  for (const path of ["/peers", "/fragments"]) {
+    const names = body.paths[path].get.parameters.map((p: { name: string }) => p.name);
+    assert.ok(names.includes("limit") && names.includes("cursor"), `${path}: ${names}`);
+    const answer = body.paths[path].get.responses["200"].content["application/json"].schema;
+    assert.ok(answer.properties.next, `${path} answers no next`);
+  }
+  const tooMany = peers.put.responses["429"].description;
+  for (const code of ["TOO_MANY_PEERS", "TOO_MANY_PEERS_FROM_ADDRESS", "TOO_MANY_FRAGMENTS"]) {
+    assert.ok(tooMany.includes(code), code);
+  }
+});
+
+// ---------------------------------------------------------------------------------------------
+// Connections: serveConnections() in this process, with a handler the test holds
+
+/** An HTTP/1.1 request on `conn`, and its answer's status line and body; "" at end of stream. */
+async function exchange(conn: Deno.Conn, request: string): Promise<string> {
+  await conn.write(new TextEncoder().encode(request));
+  return await readAnswer(conn);
+}
+
+/** One answer from `conn`: its status line and body, or "" when the connection closes first. */
+async function readAnswer(conn: Deno.Conn, timeoutMs = 5_000): Promise<string> {
+  const buffer = new Uint8Array(64 * 1024);
+  let text = "";
+  const deadline = setTimeout(() => conn.close(), timeoutMs); // a hang fails, rather than hangs
+  try {
+    while (true) {
+      const n = await conn.read(buffer).catch(() => null);
+      if (n === null) return "";
+      text += new TextDecoder().decode(buffer.subarray(0, n));
+      const end = text.indexOf("\r\n\r\n");
+      const length = Number(text.match(/content-length: (\d+)/i)?.[1] ?? 0);
+      if (end >= 0 && text.length >= end + 4 + length) {
+        return `${text.slice(0, text.indexOf("\r\n"))} ${text.slice(end + 4, end + 4 + length)}`;
+      }
+    }
+  } finally {
+    clearTimeout(deadline);
+  }
+}
+
+/** True when the server closed `conn` (it reads end of stream, or a reset) within `ms`. */
+async function closedWithin(conn: Deno.Conn, ms: number): Promise<boolean> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<"open">((resolve) => timer = setTimeout(() => resolve("open"), ms));
+  const read = conn.read(new Uint8Array(1024)).then(
+    (n) => n === null ? "closed" : "data",
+    () => "closed",
+  );
+  const result = await Promise.race([read, timeout]);
+  clearTimeout(timer);
+  return result === "closed";
+}
+
+const GET = (path: string) => `GET ${path} HTTP/1.1\r\nHost: x\r\n\r\n`;
+
+/**
+ * A server on port 0 whose `/hold` requests wait until released; `entered` counts them in, and
+ * resolves `held(n)` once n are in. Connections are closed and the server shut down on dispose.
+ */
+function holdingServer(limits: ConnectionLimits) {
+  let release = Promise.withResolvers<void>();
+  let entered = 0;
+  const waiters: [number, () => void][] = [];
+  const server = serveConnections(
+    { hostname: "127.0.0.1", port: 0, warn: () => {}, ...limits },
+    async (request) => {
+      if (new URL(request.url).pathname === "/hold") {
+        entered++;
+        for (const [n, wake] of waiters) if (entered >= n) wake();
+        await release.promise;
+      }
+      return new Response("ok");
+    },
+  );
+  const conns: Deno.Conn[] = [];
+  return {
+    server,
+    connect: async () => {
+      const conn = await Deno.connect({ hostname: "127.0.0.1", port: server.addr.port });
+      conns.push(conn);
+      return conn;
+    },
+    held: (n: number) =>
+      entered >= n ? Promise.resolve() : new Promise<void>((wake) => waiters.push([n, wake])),
+    release: () => {
+      release.resolve();
+      release = Promise.withResolvers();
+    },
+    async [Symbol.asyncDispose]() {
+      this.release();
+      for (const conn of conns) {
+        try {
+          conn.close();
+        } catch {
+          // closed by the server
+        }
+      }
+      await server.shutdown();
+    },
+  };
+}
+
+Deno.test("serveConnections() gives a new connection the place of the one idle longest at the per-address limit", async () => {
+  await using holding = holdingServer({ maxConnectionsPerAddress: 3 });
+  // Three keep-alive connections, each answered once: now idle, the first the longest.
+  const idle = [];
+  for (let i = 0; i < 3; i++) {
+    const conn = await holding.connect();
+    assert.deepEqual(await exchange(conn, GET("/")), "HTTP/1.1 200 OK ok");
+    idle.push(conn);
+  }
+  const fourth = await holding.connect();
+  assert.deepEqual(await exchange(fourth, GET("/")), "HTTP/1.1 200 OK ok");
+  assert.ok(await closedWithin(idle[0]!, 2_000), "the idlest connection is still open");
+  assert.deepEqual(await exchange(idle[1]!, GET("/")), "HTTP/1.1 200 OK ok");
+  assert.deepEqual(holding.server.connections, 3);
+});
+
+Deno.test("serveConnections() answers 503 to a connection when every one at the limit is in a request, and keeps those", async () => {
+  await using holding = holdingServer({ maxConnections: 3 });
+  const busy = [];
+  for (let i = 0; i < 3; i++) {
+    const conn = await holding.connect();
+    await conn.write(new TextEncoder().encode(GET("/hold")));
+    busy.push(conn);
+  }
+  await holding.held(3);
+  const refused = await holding.connect();
+  const answer = await readAnswer(refused);
+  assert.match(
+    answer,
+    /^HTTP\/1\.1 503 Service Unavailable \{"error":\{"code":"SERVICE_UNAVAILABLE"/,
+  );
+  assert.ok(await closedWithin(refused, 2_000));
+  holding.release();
+  for (const conn of busy) assert.deepEqual(await readAnswer(conn), "HTTP/1.1 200 OK ok");
+  // Answered, they wait for a request again: a new connection takes the place of the idlest.
+  const late = await holding.connect();
+  assert.deepEqual(await exchange(late, GET("/")), "HTTP/1.1 200 OK ok");
+  assert.ok(await closedWithin(busy[0]!, 2_000));
+});
+
+Deno.test("serveConnections() closes a connection that sends no request, or not all of one, within the header timeout, and one idle as long", async () => {
+  await using holding = holdingServer({ headerTimeout: 0.5 });
+  const silent = await holding.connect();
+  const partial = await holding.connect();
+  await partial.write(new TextEncoder().encode("GET / HTTP/1.1\r\nHost: x\r\n"));
+  const kept = await holding.connect();
+  assert.deepEqual(await exchange(kept, GET("/")), "HTTP/1.1 200 OK ok");
+  const held = await holding.connect();
+  await held.write(new TextEncoder().encode(GET("/hold")));
+  await holding.held(1);
+  const started = performance.now();
+  for (const conn of [silent, partial, kept]) assert.ok(await closedWithin(conn, 3_000));
+  assert.ok(performance.now() - started >= 300, "closed before the timeout");
+  // A request in flight is not the connection's to hurry: it keeps its place past the timeout.
+  await new Promise((resolve) => setTimeout(resolve, 700));
+  holding.release();
+  assert.deepEqual(await readAnswer(held), "HTTP/1.1 200 OK ok");
+});
+
+// ---------------------------------------------------------------------------------------------
+// The directory as a real process: out of file descriptors, and its memory under attack
+
+const LISTENING = /\[DIRECTORY\] Listening on (http:\/\/\S+) /;
+
+/**
+ * `deno task directory` with `args`, as a child process; with `files`, in a shell that limits it
+ * to that many file descriptors. Resolves with the child and its URL once it listens.
+ */
+async function startDirectoryTask(
+  args: string[],
+  files?: number,
+): Promise<{ child: Child; url: string; port: number }> {
+  const argv = [...taskArgv("directory"), "--port", "0", "--hostname", "127.0.0.1", ...args];
+  const child = files === undefined ? new Child(argv) : new Child([
+    "-c",
+    'ulimit -n "$1" && shift && exec "$@"',
+    "bash",
+    `${files}`,
+    Deno.execPath(),
+    ...argv,
+  ], {
+    command: "bash",
+  });
+  const [, url] = await child.waitFor(LISTENING, { stream: "stdout" });
+  return { child, url: url!, port: Number(new URL(url!).port) };
+}
+
+/** A process's resident memory in MiB, from /proc (read with `cat`, as the bench does). */
+function rssMiB(pid: number): number {
+  const { stdout } = new Deno.Command("cat", { args: [`/proc/${pid}/status`] }).outputSync();
+  const kb = new TextDecoder().decode(stdout).match(/^VmRSS:\s+(\d+) kB/m)?.[1];
+  return Number(kb) / 1024;
+}
+
+/** GET `url` as JSON, giving up after a few seconds. */
+async function getJson(url: string) {
+  const response = await fetch(url, { signal: AbortSignal.timeout(10_000) });
+  return { status: response.status, body: await response.json() };
+}
+
+Deno.test("deno task directory keeps serving when it runs out of file descriptors, even while they are held, saying so once", async () => {
+  const { child, url, port } = await startDirectoryTask([], 64);
+  await using _ = child;
+  const conns: Deno.Conn[] = [];
+  try {
+    // More clients than it has descriptors for, none sending anything.
+    for (let i = 0; i < 100 && !/Cannot accept/.test(child.stderr); i++) {
+      conns.push(await Deno.connect({ hostname: "127.0.0.1", port }));
+    }
+    await child.waitFor(
+      /^\[DIRECTORY\] Cannot accept connections: too many open files; retrying$/m,
+      { stream: "stderr" },
+    );
+    // While they hold their connections, a client is still answered: the idlest give way.
+    assert.deepEqual((await getJson(`${url}/health`)).body.status, "ok");
+  } finally {
+    for (const conn of conns) conn.close();
+  }
+  // Those clients gone, it answers as ever, and says so once.
+  await child.waitFor(/^\[DIRECTORY\] Accepting connections again$/m, { stream: "stderr" });
+  const client = new DirectoryClient(url);
+  const me = await client.register({ port: 6001, grpcPort: 0, httpPort: 0, fragments: ["a.bin"] });
+  assert.deepEqual((await client.locate("a.bin")).map((holder) => holder.id), [me.id]);
+  assert.deepEqual(child.stderr.match(/Cannot accept/g)?.length, 1, child.stderr);
+  assert.deepEqual(child.stderr.match(/Uncaught|error:/gi), null, child.stderr);
+});
+
+Deno.test("deno task directory refuses peers past its index bound with 429 and pages GET /fragments, within bounded memory", async () => {
+  // The attack that took the directory to 2.5 GB: peers of 10,000 names each, all different.
+  const args = ["--max-indexed-fragments", "200000", "--max-peers-per-address", "1000"];
+  const { child, url } = await startDirectoryTask(args);
+  await using _ = child;
+  const statuses: number[] = [];
+  for (let i = 0; i < 30; i++) {
+    const fragments = Array.from({ length: 10_000 }, (_, j) => `p${i}_fragment_${j}.bin`);
+    const response = await fetch(`${url}/peers`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ port: 1000 + i, grpcPort: 0, httpPort: 0, fragments }),
+    });
+    const body = await response.json();
+    statuses.push(response.status);
+    if (response.status === 429) assert.deepEqual(body.error.code, "TOO_MANY_FRAGMENTS");
+  }
+  assert.deepEqual(statuses, [...Array(20).fill(201), ...Array(10).fill(429)]);
+  const page = await getJson(`${url}/fragments`);
+  assert.deepEqual([page.status, page.body.fragments.length, typeof page.body.next], [
+    200,
+    100,
+    "string",
+  ]);
+  const health = await getJson(`${url}/health`);
+  assert.deepEqual([health.body.peers, health.body.fragments], [20, 200_000]);
+  const rss = rssMiB(child.process.pid);
+  console.log(`    RSS with 200,000 fragments indexed, 10 peers refused: ${rss.toFixed(0)} MiB`);
+  assert.ok(rss < 400, `${rss} MiB`);
+});
+
+Deno.test("deno task directory holds stalled request bodies within its memory bound, and drops them at their deadline", async () => {
+  // Each body says 1 MiB and stops one byte short. One address may hold a quarter of the
+  // 64 MiB for bodies: 16 of them; the rest are refused at once.
+  const args = ["--body-timeout", "2", "--min-body-rate", "1MiB/s"];
+  const { child, port } = await startDirectoryTask(args);
+  await using _ = child;
+  const mib = 1024 * 1024;
+  const head = new TextEncoder().encode(
+    `POST /peers HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: ${mib}\r\n\r\n`,
+  );
+  const almost = new Uint8Array(mib - 1).fill(32);
+  const conns = await Promise.all(
+    Array.from({ length: 32 }, () => Deno.connect({ hostname: "127.0.0.1", port })),
+  );
+  try {
+    const started = performance.now();
+    const written: Promise<void>[] = [];
+    const answering = Promise.all(conns.map(async (conn) => {
+      await conn.write(head);
+      const answer = readAnswer(conn, 15_000);
+      // Refused ones may be closed meanwhile.
+      written.push(conn.write(almost).then(() => {}, () => {}));
+      return [await answer, performance.now() - started] as const;
+    }));
+    // Every byte sent, and nothing answered yet but the refusals: they are held now.
+    while (written.length < conns.length) await new Promise((resolve) => setTimeout(resolve, 10));
+    await Promise.all(written);
+    const rss = rssMiB(child.process.pid);
+    const measuredAt = performance.now() - started;
+    const answers = await answering;
+    const codes = answers.map(([answer]) => answer.match(/"code":"(\w+)"/)?.[1]);
+    assert.deepEqual(codes.filter((code) => code === "SERVICE_UNAVAILABLE").length, 16);
+    assert.deepEqual(codes.filter((code) => code === "REQUEST_TIMEOUT").length, 16);
+    // Their deadline: 2 s, and a second more for the MiB each sent.
+    for (const [answer, ms] of answers) {
+      if (answer.includes("REQUEST_TIMEOUT")) assert.ok(ms > 2_500 && ms < 6_000, `${ms} ms`);
+    }
+    assert.ok(measuredAt < 2_500, `the RSS was taken after the deadline, at ${measuredAt} ms`);
+    console.log(`    RSS with 32 stalled bodies of 1 MiB sent: ${rss.toFixed(0)} MiB`);
+    assert.ok(rss < 300, `${rss} MiB`);
+  } finally {
+    for (const conn of conns) conn.close();
+  }
 });

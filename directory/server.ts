@@ -1,0 +1,412 @@
+/**
+ * The directory's HTTP server. It accepts connections itself, and runs Deno's HTTP server on
+ * each: Deno.serve's own accept loop ends the whole server on the first accept error, so running
+ * out of file descriptors (EMFILE) killed the directory. Here an accept error costs a retry,
+ * and an idle connection is closed to make room. Connections are capped, in all and per client
+ * address; one that sends no request for `headerTimeout` seconds (after it opened, or after its
+ * last answer) is closed, and when the server is full a new one takes the place of the
+ * connection that has waited longest for a request. Only connections that are in the middle of
+ * a request keep their place; a request's body has its own deadline (in the app).
+ *
+ * Deno 2.9.6 offers HTTP on one connection only as an internal, `serveHttpOnConnection` (what
+ * Deno.serve runs per connection); {@link serveConnections} refuses to start without it, so a
+ * Deno that lacks it fails loudly rather than serving without these limits.
+ * @module
+ */
+import { describe } from "../common/cli.ts";
+import {
+  DEFAULT_HEADER_TIMEOUT,
+  DEFAULT_MAX_CONNECTIONS,
+  DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+  ERROR_CODES,
+} from "./schemas.ts";
+
+/** What answers a request: `app.fetch` of a Hono app, say. */
+export type Handler = (
+  request: Request,
+  info: Deno.ServeHandlerInfo<Deno.NetAddr>,
+) => Response | Promise<Response>;
+
+/** Deno's HTTP server on one connection (ext/http/00_serve.ts). */
+type ServeOnConnection = (
+  connection: Deno.Conn,
+  signal: AbortSignal,
+  handler: Handler,
+  onError: (error: unknown) => Response,
+  onListen: () => void,
+) => { finished: Promise<void>; shutdown(): Promise<void> };
+
+const serveOnConnection = (() => {
+  const key = (Deno as unknown as { internal?: symbol }).internal;
+  const internals = key === undefined
+    ? undefined
+    : (Deno as unknown as Record<symbol, unknown>)[key];
+  const serve = (internals as { serveHttpOnConnection?: unknown } | undefined)
+    ?.serveHttpOnConnection;
+  return typeof serve === "function" ? serve as ServeOnConnection : undefined;
+})();
+
+/** Limits of {@link serveConnections}. */
+export interface ConnectionLimits {
+  /** Connections open at once at most. @default 1024 */
+  maxConnections?: number;
+  /** Connections open at once from one client address at most. @default 64 */
+  maxConnectionsPerAddress?: number;
+  /**
+   * Seconds a connection may go without a request: to send a request's headers once it
+   * opened, or once it had its last answer. @default 30
+   */
+  headerTimeout?: number;
+}
+
+/** Options of {@link serveConnections}. */
+export interface ServeOptions extends ConnectionLimits {
+  hostname: string;
+  /** 0 picks any free port. */
+  port: number;
+  /** Where the few lines worth a log go (accepting failed, or started again). */
+  warn?: (line: string) => void;
+}
+
+/** A running server. */
+export interface ConnectionServer {
+  readonly addr: Deno.NetAddr;
+  /** Connections open now. */
+  readonly connections: number;
+  /** Resolves once the server has stopped. */
+  readonly finished: Promise<void>;
+  /** Stops accepting, lets requests in flight finish (closing them after a few seconds) and stops. */
+  shutdown(): Promise<void>;
+}
+
+/** When accepting fails, wait this long before trying again, doubling up to the max. */
+const ACCEPT_BACKOFF_MS = 5;
+const MAX_ACCEPT_BACKOFF_MS = 1_000;
+/**
+ * Accepting works again once it has not failed for this long: out of descriptors, accepts fail
+ * and succeed by turns (each eviction lets one in), and that is one episode, said once.
+ */
+const ACCEPT_QUIET_MS = 1_000;
+/** How long a shutdown lets requests in flight finish before it closes their connections. */
+const SHUTDOWN_GRACE_MS = 3_000;
+
+const REFUSAL = (() => {
+  const body = JSON.stringify({
+    error: {
+      code: ERROR_CODES[503],
+      message: "The directory has as many connections as it may, all of them busy; try again " +
+        "in a second",
+    },
+  });
+  return new TextEncoder().encode(
+    "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n" +
+      `retry-after: 1\r\nconnection: close\r\ncontent-length: ${body.length}\r\n\r\n${body}`,
+  );
+})();
+
+/**
+ * What the handler learns of a request besides itself: its connection's address, known once
+ * per connection (Deno's own info asks the runtime each time).
+ */
+class RequestInfo implements Deno.ServeHandlerInfo<Deno.NetAddr> {
+  readonly #info: Deno.ServeHandlerInfo;
+
+  constructor(readonly remoteAddr: Deno.NetAddr, info: Deno.ServeHandlerInfo) {
+    this.#info = info;
+  }
+
+  get completed(): Promise<void> {
+    return this.#info.completed;
+  }
+}
+
+/** One accepted connection. */
+class Connection {
+  /** Requests being answered: the handler has them and has not returned yet. */
+  inFlight = 0;
+  /** Since when it has waited for a request (meaningful while inFlight is 0). */
+  waitingSince: number;
+  closed = false;
+  readonly #abort = new AbortController();
+
+  constructor(readonly address: string, now: number) {
+    this.waitingSince = now;
+  }
+
+  get signal(): AbortSignal {
+    return this.#abort.signal;
+  }
+
+  /** Closes it at once, whatever it was doing. */
+  close(): void {
+    this.closed = true;
+    this.#abort.abort();
+  }
+}
+
+/**
+ * The connections open, in all and per client address, and those waiting for a request,
+ * longest waiting first.
+ */
+class Slots {
+  readonly open = new Set<Connection>();
+  readonly #waiting = new Set<Connection>();
+  readonly #byAddress = new Map<string, { open: number; waiting: Set<Connection> }>();
+
+  constructor(readonly max: number, readonly maxPerAddress: number) {}
+
+  /**
+   * Makes room for a connection from `address`, closing the one that has waited longest for a
+   * request where the server or that address is full; false when every one there is busy.
+   */
+  admit(address: string): boolean {
+    const mine = this.#byAddress.get(address);
+    if (mine !== undefined && mine.open >= this.maxPerAddress && !this.#evict(mine.waiting)) {
+      return false;
+    }
+    return this.open.size < this.max || this.#evict(this.#waiting);
+  }
+
+  add(connection: Connection): void {
+    this.open.add(connection);
+    let mine = this.#byAddress.get(connection.address);
+    if (mine === undefined) {
+      mine = { open: 0, waiting: new Set() };
+      this.#byAddress.set(connection.address, mine);
+    }
+    mine.open++;
+    this.wait(connection, connection.waitingSince);
+  }
+
+  /** It has a request in flight: it keeps its place. */
+  busy(connection: Connection): void {
+    this.#waiting.delete(connection);
+    this.#byAddress.get(connection.address)?.waiting.delete(connection);
+  }
+
+  /** It waits for a request from `now` on. */
+  wait(connection: Connection, now: number): void {
+    connection.waitingSince = now;
+    this.#waiting.add(connection);
+    this.#byAddress.get(connection.address)?.waiting.add(connection);
+  }
+
+  /** It closed: its place is free (once only). */
+  remove(connection: Connection): void {
+    if (!this.open.delete(connection)) return;
+    this.busy(connection);
+    const mine = this.#byAddress.get(connection.address)!;
+    if (--mine.open === 0) this.#byAddress.delete(connection.address);
+  }
+
+  /** Closes the connection that has waited longest for a request; false when none waits. */
+  evictIdlest(): boolean {
+    return this.#evict(this.#waiting);
+  }
+
+  /** Closes every connection that has waited for a request since before `before`. */
+  closeWaitingSince(before: number): void {
+    for (const connection of this.#waiting) {
+      if (connection.waitingSince >= before) break; // the rest waited less
+      this.#close(connection);
+    }
+  }
+
+  #evict(waiting: Set<Connection>): boolean {
+    const idlest = waiting.values().next().value;
+    if (idlest === undefined) return false;
+    this.#close(idlest);
+    return true;
+  }
+
+  #close(connection: Connection): void {
+    connection.close();
+    this.remove(connection);
+  }
+}
+
+/** The address a connection comes from, as the per-address limit counts it. */
+function addressOf(conn: Deno.Conn): string {
+  const { hostname } = conn.remoteAddr as Deno.NetAddr;
+  return hostname.replace(/^::ffff:(?=\d+\.)/, "");
+}
+
+/** True for the accept errors that mean this process is out of file descriptors. */
+function outOfFiles(error: unknown): boolean {
+  return error instanceof Error && /os error 2[34]\)/.test(error.message); // ENFILE, EMFILE
+}
+
+/** A whole number of at least 1, or a RangeError naming `option`. */
+function count(value: number, option: string): number {
+  if (Number.isInteger(value) && value >= 1) return value;
+  throw new RangeError(`${option} must be a whole number of at least 1, not ${value}`);
+}
+
+/**
+ * Serves `handler` over HTTP on `hostname:port`, with the connection limits of
+ * {@link ConnectionLimits}. Listening errors (the port is taken, ...) throw as Deno.listen's.
+ */
+export function serveConnections(options: ServeOptions, handler: Handler): ConnectionServer {
+  if (serveOnConnection === undefined) {
+    throw new Error(
+      `Deno ${Deno.version.deno} does not offer HTTP on a connection of its own ` +
+        "(serveHttpOnConnection); the directory needs Deno 2.9.6",
+    );
+  }
+  const serve = serveOnConnection;
+  const slots = new Slots(
+    count(options.maxConnections ?? DEFAULT_MAX_CONNECTIONS, "maxConnections"),
+    count(
+      options.maxConnectionsPerAddress ?? DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+      "maxConnectionsPerAddress",
+    ),
+  );
+  const timeoutMs = (options.headerTimeout ?? DEFAULT_HEADER_TIMEOUT) * 1000;
+  if (!(timeoutMs > 0 && Number.isFinite(timeoutMs))) {
+    throw new RangeError(`headerTimeout must be a number above 0, not ${options.headerTimeout}`);
+  }
+  const warn = options.warn ?? ((line: string) => console.error(line));
+  const listener = Deno.listen({ hostname: options.hostname, port: options.port });
+  const stop = new AbortController();
+  const served = new Map<Connection, { finished: Promise<void>; shutdown(): Promise<void> }>();
+  /** When accepting last failed, while it has not been quiet since. */
+  let failedAt: number | undefined;
+  const sweeper = setInterval(() => {
+    const now = Date.now();
+    slots.closeWaitingSince(now - timeoutMs);
+    if (failedAt !== undefined && now - failedAt >= ACCEPT_QUIET_MS) {
+      failedAt = undefined;
+      warn("[DIRECTORY] Accepting connections again");
+    }
+  }, Math.min(ACCEPT_QUIET_MS, timeoutMs / 2));
+  const onError = (error: unknown) => {
+    console.error("[DIRECTORY] A request failed:", error);
+    return Response.json({ error: { code: ERROR_CODES[500], message: "Internal server error" } }, {
+      status: 500,
+    });
+  };
+
+  function accept(conn: Deno.Conn): void {
+    const address = addressOf(conn);
+    if (!slots.admit(address)) {
+      refuse(conn);
+      return;
+    }
+    const connection = new Connection(address, Date.now());
+    slots.add(connection);
+    // A connection that has an answer waits for its next request. An error answer may leave a
+    // body unread, which Deno then waits for: the header deadline covers that too. (A body
+    // that was being read when the answer went, a 408, ends the connection: Deno closes it.)
+    const done = () => {
+      if (--connection.inFlight === 0 && !connection.closed) slots.wait(connection, Date.now());
+    };
+    const remoteAddr = conn.remoteAddr as Deno.NetAddr;
+    const onRequest: Handler = (request, info) => {
+      if (connection.inFlight++ === 0) slots.busy(connection);
+      let answer: Response | Promise<Response>;
+      try {
+        answer = handler(request, new RequestInfo(remoteAddr, info));
+      } catch (error) {
+        done();
+        throw error;
+      }
+      if (answer instanceof Response) {
+        done();
+        return answer;
+      }
+      return answer.finally(done);
+    };
+    const server = serve(conn, connection.signal, onRequest, onError, () => {});
+    served.set(connection, server);
+    server.finished.catch(() => {}).finally(() => {
+      connection.closed = true;
+      slots.remove(connection);
+      served.delete(connection);
+    });
+  }
+
+  const accepting = (async () => {
+    let backoff = 0;
+    while (!stop.signal.aborted) {
+      let conn: Deno.Conn;
+      try {
+        conn = await listener.accept();
+      } catch (error) {
+        if (stop.signal.aborted) break; // the listener was closed
+        if (failedAt === undefined) {
+          warn(`[DIRECTORY] Cannot accept connections: ${describe(error)}; retrying`);
+        }
+        failedAt = Date.now();
+        // Out of descriptors: the connection that has waited longest for a request gives one
+        // back, so that one waiting in the backlog can come in.
+        if (outOfFiles(error)) slots.evictIdlest();
+        backoff = Math.min(Math.max(backoff * 2, ACCEPT_BACKOFF_MS), MAX_ACCEPT_BACKOFF_MS);
+        await sleep(backoff, stop.signal);
+        continue;
+      }
+      backoff = 0;
+      if (stop.signal.aborted) {
+        conn.close();
+        break;
+      }
+      accept(conn);
+    }
+  })();
+
+  let closing: Promise<void> | undefined;
+  const shutdown = () =>
+    closing ??= (async () => {
+      stop.abort();
+      clearInterval(sweeper);
+      try {
+        listener.close();
+      } catch {
+        // closed already
+      }
+      await accepting;
+      // Requests in flight finish; connections that wait for one close now (Deno's shutdown).
+      const all = [...served.values()];
+      const grace = setTimeout(() => {
+        for (const connection of slots.open) connection.close();
+      }, SHUTDOWN_GRACE_MS);
+      await Promise.all(all.map((server) => server.shutdown().catch(() => {})));
+      await Promise.all(all.map((server) => server.finished.catch(() => {})));
+      clearTimeout(grace);
+    })();
+  const { promise: finished, resolve } = Promise.withResolvers<void>();
+  const stopped = () => shutdown().then(resolve);
+
+  return {
+    addr: listener.addr as Deno.NetAddr,
+    get connections() {
+      return slots.open.size;
+    },
+    finished,
+    shutdown: stopped,
+  };
+}
+
+/** Answers a connection there is no room for with a 503, and closes it. */
+function refuse(conn: Deno.Conn): void {
+  // The answer fits in a fresh socket's buffer: the write does not wait for the client.
+  conn.write(REFUSAL).catch(() => {}).finally(() => {
+    try {
+      conn.close();
+    } catch {
+      // closed already
+    }
+  });
+}
+
+/** Resolves after `ms`, or at once when `signal` aborts. */
+function sleep(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    const timer = setTimeout(wake, ms);
+    signal.addEventListener("abort", wake, { once: true });
+    function wake() {
+      clearTimeout(timer);
+      signal.removeEventListener("abort", wake);
+      resolve();
+    }
+  });
+}
