@@ -20,7 +20,7 @@ import { parseArgs } from "node:util";
 import { basename, dirname, extname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { runMain, UserError } from "./common/cli.ts";
-import { WorkerHash } from "./common/hash_worker.ts";
+import { LocalHash, WorkerHash } from "./common/hash_worker.ts";
 
 /** What a fragment or peer folder may be called: this rule keeps `../` out of every store. */
 export const NAME_PATTERN = /^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$/;
@@ -33,6 +33,8 @@ export const MAX_FRAGMENTS = 5_000;
 
 const CHUNK = 4 * 1024 * 1024;
 const BUFFERS = 3; // one being read and written, two the hash workers may still be on
+/** Up to this size a file is hashed on the main thread: a worker costs more to start. */
+const LOCAL_HASH_MAX = 32 * 1024 * 1024;
 // Bigger writes make the kernel allocate large page-cache folios, which cost several times more
 // here (1 GiB to ext4 in 4 MiB writes: 1.9 s of system time; in 256 KiB writes: 0.33 s).
 const WRITE_SLICE = 256 * 1024;
@@ -171,7 +173,7 @@ export async function joinFragments(dir: string, output?: string): Promise<Manif
   // every hash matched and removed otherwise.
   const temp = await Deno.makeTempFile({ dir: dirname(target), prefix: `.${basename(target)}.` });
   try {
-    using copier = new HashedCopy();
+    using copier = new HashedCopy(manifest.size);
     const { legs, whole } = await copier.copy(manifest.fragments.map((fragment, i) => ({
       from: join(dir, fragment.name),
       to: temp,
@@ -290,7 +292,7 @@ async function writeFragments(
   folder: string,
 ): Promise<Manifest> {
   const sizes = fragmentSizes(size, count);
-  using copier = new HashedCopy();
+  using copier = new HashedCopy(size);
   const { legs, whole } = await copier.copy(sizes.map((length, index) => ({
     from: input,
     to: join(folder, fragmentName(index)),
@@ -340,8 +342,15 @@ interface Leg {
  */
 class HashedCopy implements Disposable {
   #buffers = Array.from({ length: BUFFERS }, () => new Uint8Array(new SharedArrayBuffer(CHUNK)));
-  #whole = new WorkerHash();
-  #legs = new WorkerHash();
+  #whole: WorkerHash | LocalHash;
+  #legs: WorkerHash | LocalHash;
+
+  /** Hashes on two worker threads, or on this one for `size` bytes up to LOCAL_HASH_MAX. */
+  constructor(size: number) {
+    const Hash = size <= LOCAL_HASH_MAX ? LocalHash : WorkerHash;
+    this.#whole = new Hash();
+    this.#legs = new Hash();
+  }
 
   /** Copies every leg in order; returns each leg's SHA-256 and that of all of them in a row. */
   async copy(legs: Leg[]): Promise<{ legs: string[]; whole: string }> {

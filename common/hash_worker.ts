@@ -61,6 +61,31 @@ export class WorkerHash implements Disposable {
   }
 }
 
+/**
+ * The same SHA-256 on this thread, for small inputs: starting a worker costs more than hashing a
+ * few megabytes, and a crowd of viewers joining at once would all pay it on the same two cores.
+ */
+export class LocalHash implements Disposable {
+  #hash = createHash("sha256");
+
+  update(view: Uint8Array): Promise<unknown> {
+    this.#hash.update(view);
+    return Promise.resolve();
+  }
+
+  digest(): Promise<string> {
+    const digest = this.#hash.digest("hex");
+    this.#hash = createHash("sha256");
+    return Promise.resolve(digest);
+  }
+
+  peek(): Promise<string> {
+    return Promise.resolve(this.#hash.copy().digest("hex"));
+  }
+
+  [Symbol.dispose](): void {}
+}
+
 // Inside the worker: answer each request in order.
 if (typeof WorkerGlobalScope !== "undefined" && self instanceof WorkerGlobalScope) {
   let hash = createHash("sha256");
