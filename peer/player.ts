@@ -278,9 +278,19 @@ async function* readRange(
     if (fragment && !store.get(fragment.name)) source.need(fragment.name, signal).catch(() => {});
   };
   for (let i = 0; i < READAHEAD; i++) ask(i);
+  // A cold start (nothing of the range held yet) waits for the next fragment too, as a player
+  // fills its buffer before it plays: a viewer that got the first fragment ahead of the crowd
+  // would otherwise play straight into a stall.
+  const cold = covered.length > 1 && !store.get(covered[0]!.name);
   for (const [i, fragment] of covered.entries()) {
     ask(i + READAHEAD);
     using file = await openFragment(source, fragment, waitMs, signal);
+    if (i === 0 && cold) {
+      await openFragment(source, covered[1]!, waitMs, signal).then(
+        (next) => next.close(),
+        () => {},
+      );
+    }
     const from = Math.max(start, fragment.offset) - fragment.offset;
     let left = Math.min(end + 1, fragment.offset + fragment.size) - fragment.offset - from;
     await file.seek(from, Deno.SeekMode.Start);
