@@ -290,37 +290,46 @@ Deno.test("a crowd completes when one of its viewers dies mid-download", async (
   }
 });
 
-Deno.test("a HAVE from the broker makes a holder known that the directory does not list", async () => {
+/**
+ * The seeder lacks the last fragment. Another peer fetches it from a third peer, typed at its
+ * console, and announces it; the viewer must find it there. `listed`: that peer is in the
+ * directory; `heard`: the viewer is on the broker.
+ */
+async function lateHolder({ listed, heard }: { listed: boolean; heard: boolean }) {
   await using dir = await tempDir();
-  // The seeder lacks the last fragment. A peer the directory never hears of fetches it from a
-  // third peer, typed at its console, and announces it on the broker: only the HAVE tells the
-  // viewer where it is.
-  const hidden = join(dir.path, "hidden");
+  const late = join(dir.path, "late");
   const source = join(dir.path, "source");
   let last = "";
   await using crowd = await startCrowdSeed(dir.path, 1_000_000, 5, "10MB/s", async (manifest) => {
     last = manifest.fragments.at(-1)!.name;
     const seeder = join(dir.path, "seeder");
-    await Deno.mkdir(hidden);
+    await Deno.mkdir(late);
     await Deno.mkdir(source);
     for (const name of ["manifest.json", last]) {
       await Deno.copyFile(join(seeder, name), join(source, name));
     }
-    await Deno.copyFile(join(seeder, "manifest.json"), join(hidden, "manifest.json"));
+    await Deno.copyFile(join(seeder, "manifest.json"), join(late, "manifest.json"));
     await Deno.remove(join(seeder, last));
   });
   const nowhere = "http://127.0.0.1:1";
   await using third = startTask("peer", ["0", "--no-console", ...peerArgs(source, nowhere)]);
   const thirdPort = (await third.waitFor(/Node listening on port (\d+)/, { stream: "stdout" }))[1];
-  await using unlisted = startTask(
-    "peer",
-    ["0", `127.0.0.1:${thirdPort}`, ...crowdArgs(hidden, nowhere, crowd.broker, "10MB/s")],
-    { stdin: true },
-  );
-  const unlistedPort = (await unlisted.waitFor(/Node listening on port (\d+)/))[1];
-  await using viewer = crowd.viewer("viewer");
+  const lateArgs = crowdArgs(late, listed ? crowd.url : nowhere, crowd.broker, "10MB/s");
+  await using holder = startTask("peer", ["0", `127.0.0.1:${thirdPort}`, ...lateArgs], {
+    stdin: true,
+  });
+  const holderPort = (await holder.waitFor(/Node listening on port (\d+)/))[1];
+  await using viewer = crowd.viewer("viewer", heard ? [] : ["--broker", "127.0.0.1:1"]);
   await viewer.waitFor(/\[swarm\] \S+ from \S+ \(4\/5\)/, { stream: "stdout" });
-  await unlisted.write(`${last}\n`);
+  await holder.write(`${last}\n`);
   assertEquals((await viewer.status()).code, 0, viewer.stderr);
-  assertEquals(arrivals(viewer).find((a) => a.name === last)?.from, `localhost:${unlistedPort}`);
-});
+  const from = arrivals(viewer).find((a) => a.name === last)?.from;
+  // Heard of: the address it announces; listed: where the directory saw it.
+  assertEquals(from, `${heard ? "localhost" : "127.0.0.1"}:${holderPort}`);
+}
+
+Deno.test("a HAVE from the broker makes a holder known that the directory does not list", () =>
+  lateHolder({ listed: false, heard: true }));
+
+Deno.test("a viewer that misses the HAVE learns the holder from the directory", () =>
+  lateHolder({ listed: true, heard: false }));

@@ -910,3 +910,31 @@ Deno.test("a neighbour the directory lists is asked only for what it holds, what
     await closeAll(seeders);
   }
 });
+
+Deno.test("the swarm asks a second holder for a late fragment only in the endgame", async () => {
+  await using dir = await tempDir();
+  const { manifest, bytes } = await sampleFragments(join(dir.path, "all"));
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1", ttl: 600 });
+  const slowAsked: string[] = [];
+  const fastAsked: string[] = [];
+  const slow = startFakeHolder(bytes, { held: true, asked: slowAsked }); // never answers
+  const fast = startFakeHolder(bytes, { asked: fastAsked });
+  try {
+    const names = [...bytes.keys()];
+    await registerFakes(directory.url, manifest, [
+      { holder: slow, fragments: names },
+      { holder: fast, fragments: names },
+    ]);
+    // Late after 100 ms: long before the fast holder is through the other nine.
+    using viewer = await startSwarm(join(dir.path, "viewer"), directory.url, { lateMs: 100 });
+    await viewer.swarm.fetchAll();
+    const late = slowAsked[0]!;
+    assertEquals(slowAsked, [late]);
+    // The slow holder's fragment was asked of the fast one last, once the rest was in.
+    assertEquals(fastAsked.at(-1), late);
+    assertEquals(new Set(fastAsked).size, 10);
+  } finally {
+    slow.open();
+    await Promise.all([slow, fast].map((holder) => holder[Symbol.asyncDispose]()));
+  }
+});
