@@ -119,8 +119,14 @@ export async function splitFile(input: string, options: SplitOptions = {}): Prom
     );
   }
   const file = basename(input);
+  if (file === MANIFEST_NAME) {
+    throw new SplitError(`Cannot split "${input}": "${MANIFEST_NAME}" is the store's own file`);
+  }
   if (!isValidName(file)) {
     throw new SplitError(`Cannot split "${input}": rename it to letters, digits, ".", "_", "-"`);
+  }
+  if (Array.from({ length: count }, (_, i) => fragmentName(i)).includes(file)) {
+    throw new SplitError(`Cannot split "${input}": a fragment would take its name`);
   }
   const badPeer = peers.find((peer) => !isValidName(peer) || peer === MANIFEST_NAME);
   if (badPeer !== undefined) throw new SplitError(`Invalid peer folder name "${badPeer}"`);
@@ -161,7 +167,11 @@ export async function joinFragments(dir: string, output?: string): Promise<Manif
   const missing = [];
   const sizes: number[] = [];
   for (const fragment of manifest.fragments) {
-    const info = await statOrNull(join(dir, fragment.name));
+    // lstat: a symlink (or any other non-regular file) is never joined, as if it were missing.
+    const info = await Deno.lstat(join(dir, fragment.name)).catch((error) => {
+      ignoreNotFound(error);
+      return null;
+    });
     if (!info?.isFile) missing.push(fragment.name);
     sizes.push(info?.size ?? 0);
   }
@@ -213,15 +223,23 @@ export async function checkFragment(
   dir: string,
   fragment: FragmentEntry,
 ): Promise<"ok" | "missing" | "corrupt"> {
+  const path = join(dir, fragment.name);
+  const before = await Deno.lstat(path).catch((error) => {
+    ignoreNotFound(error);
+    return null;
+  });
+  if (!before?.isFile) return "missing"; // a symlink or special file is not a fragment
   let file;
   try {
-    file = await Deno.open(join(dir, fragment.name));
+    file = await Deno.open(path);
   } catch (error) {
     if (error instanceof Deno.errors.NotFound) return "missing";
     throw error;
   }
   using _ = file;
-  if ((await file.stat()).size !== fragment.size) return "corrupt";
+  const stat = await file.stat();
+  if (!stat.isFile || stat.ino !== before.ino) return "missing"; // swapped since the lstat
+  if (stat.size !== fragment.size) return "corrupt";
   return await hashReader(file) === fragment.sha256 ? "ok" : "corrupt";
 }
 
@@ -261,7 +279,9 @@ export function manifestProblem(data: unknown): string | undefined {
   const m = data as Partial<Manifest> | null;
   if (typeof m !== "object" || m === null) return "not an object";
   if (m.version !== 1) return "version is not 1";
-  if (typeof m.file !== "string" || !isValidName(m.file)) return "bad file name";
+  if (typeof m.file !== "string" || !isValidName(m.file) || m.file === MANIFEST_NAME) {
+    return "bad file name";
+  }
   if (typeof m.mime !== "string") return "mime is not a string";
   if (!isSize(m.size)) return "bad size";
   if (typeof m.sha256 !== "string" || !HEX64.test(m.sha256)) return "bad sha256";
@@ -271,6 +291,7 @@ export function manifestProblem(data: unknown): string | undefined {
   for (const [i, f] of m.fragments.entries()) {
     const ok = typeof f === "object" && f !== null && f.index === i &&
       typeof f.name === "string" && isValidName(f.name) && f.name !== MANIFEST_NAME &&
+      f.name !== m.file &&
       !names.has(f.name) && f.offset === offset && isSize(f.size) &&
       typeof f.sha256 === "string" && HEX64.test(f.sha256);
     if (!ok) return `fragment ${i} is malformed`;

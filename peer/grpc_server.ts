@@ -373,7 +373,7 @@ async function receiveFragment(
   const head = await messages.next();
   if (head.done) throw new UploadError(grpc.status.INVALID_ARGUMENT, "Empty upload");
   const { name = "", size = -1, sha256 = "", data } = head.value;
-  if (!isFragmentName(name)) {
+  if (!isFragmentName(name) || name === store.manifest?.file) {
     throw new UploadError(grpc.status.INVALID_ARGUMENT, `Invalid name ${quote(name)}`);
   }
   if (!Number.isSafeInteger(size) || size < 0 || size > MAX_UPLOAD_SIZE) {
@@ -381,6 +381,14 @@ async function receiveFragment(
   }
   if (!SHA256_HEX.test(sha256)) {
     throw new UploadError(grpc.status.INVALID_ARGUMENT, `Invalid sha256 for ${quote(name)}`);
+  }
+  // With a manifest, only what it lists (TCP's fetchers store nothing else either); without one
+  // (a viewer that has not learnt it yet), any valid name, kept only once its bytes match the hash.
+  if (store.manifest && !store.expected(name)) {
+    throw new UploadError(
+      grpc.status.FAILED_PRECONDITION,
+      `${quote(name)} is not a fragment of ${quote(store.manifest.file)}`,
+    );
   }
   async function* chunks() {
     if (data.length > 0) yield data;
@@ -404,6 +412,12 @@ function uploadStatus(error: unknown): Partial<grpc.ServiceError> {
   if (error instanceof IntegrityError) return statusError(grpc.status.DATA_LOSS, error.message);
   if ((error as { code?: unknown })?.code === grpc.status.CANCELLED) {
     return statusError(grpc.status.CANCELLED, "Upload cancelled");
+  }
+  // grpc-js refused a message itself (over max_receive_message_length) and already answered
+  // RESOURCE_EXHAUSTED, which ends the stream early: the client's fault, not a disk error.
+  const code = (error as { code?: unknown })?.code;
+  if (code === grpc.status.RESOURCE_EXHAUSTED || code === "ERR_STREAM_PREMATURE_CLOSE") {
+    return statusError(grpc.status.RESOURCE_EXHAUSTED, "Upload message too large");
   }
   return internal("Upload", error, "Could not store the fragment");
 }

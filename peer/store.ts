@@ -3,6 +3,17 @@
  * Only verified bytes ever carry a fragment's name: a fragment is written under a hidden
  * temporary name, hashed as it is written, and renamed only when its size and SHA-256 match.
  * The TCP and gRPC servers read from it, and the fetchers write into it.
+ *
+ * Only regular files are ever read as fragments: a name is checked with `lstat` (a symlink, a
+ * folder, a FIFO or a device is never followed) and the opened handle is checked again with
+ * `fstat`, so a file swapped for a symlink in between is caught. `manifest.json`, the joined
+ * file's name and hidden names (temporaries, split's staging folders) are never fragment names.
+ *
+ * A fragment found corrupt is quarantined in memory: the store remembers the file's identity
+ * (inode, size, modification time) and never hashes it again until the file changes (a new copy
+ * written over it, say). It is left on disk for `deno task split verify` to name, and never
+ * served. Opening a store also removes what an interrupted write left: its own `.part-`
+ * temporaries and the `.<file>.` temporaries of an interrupted `split join`.
  * @module
  */
 import { createHash } from "node:crypto";
@@ -36,6 +47,36 @@ export class BadNameError extends Error {
 
 const TEMP_PREFIX = ".part-";
 
+/** Opens `path` only when it is a regular file (not a symlink or device); undefined otherwise. */
+export async function openRegular(path: string): Promise<Deno.FsFile | undefined> {
+  let before;
+  try {
+    before = await Deno.lstat(path);
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return undefined;
+    throw error;
+  }
+  if (!before.isFile) return undefined;
+  let file;
+  try {
+    file = await Deno.open(path);
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return undefined;
+    throw error;
+  }
+  const after = await file.stat();
+  // Swapped between lstat and open: whatever was opened is not the file that was checked.
+  if (!after.isFile || after.ino !== before.ino || after.dev !== before.dev) {
+    file.close();
+    return undefined;
+  }
+  return file;
+}
+
+function identity(info: Deno.FileInfo): string {
+  return `${info.dev}:${info.ino}:${info.size}:${info.mtime?.getTime()}`;
+}
+
 /** True when `name` may be stored and served as a fragment. */
 export function isFragmentName(name: string): boolean {
   return isValidName(name) && name !== MANIFEST_NAME;
@@ -47,6 +88,8 @@ export class Store {
   #manifest: Manifest | undefined;
   #held = new Map<string, FragmentInfo>();
   #listeners = new Set<(info: FragmentInfo) => void>();
+  /** Fragments found corrupt, by name: the identity of the file that was hashed. */
+  #corrupt = new Map<string, string>();
 
   private constructor(dir: string) {
     this.dir = dir;
@@ -67,21 +110,29 @@ export class Store {
       // No manifest yet (an empty viewer) or a broken one: fragments are checked on arrival.
     }
     const expected = new Map(store.#manifest?.fragments.map((f) => [f.name, f]));
+    const joinTemp = store.#manifest && `.${store.#manifest.file}.`;
     for await (const entry of Deno.readDir(dir)) {
-      if (entry.name.startsWith(TEMP_PREFIX)) {
+      if (
+        entry.isFile &&
+        (entry.name.startsWith(TEMP_PREFIX) || (joinTemp && entry.name.startsWith(joinTemp)))
+      ) {
         await Deno.remove(join(dir, entry.name)).catch(() => {});
         continue;
       }
-      if (!entry.isFile || !isFragmentName(entry.name)) continue;
+      if (!entry.isFile || !store.#isFragmentName(entry.name)) continue;
       const want = expected.get(entry.name);
       if (!want && store.#manifest) continue; // e.g. the joined video beside its fragments
-      using file = await Deno.open(join(dir, entry.name));
-      const size = (await file.stat()).size;
+      const file = await openRegular(join(dir, entry.name));
+      if (!file) continue;
+      using _ = file;
+      const stat = await file.stat();
       const sha256 = await hashReader(file);
-      if (want && (want.size !== size || want.sha256 !== sha256)) {
+      if (want && (want.size !== stat.size || want.sha256 !== sha256)) {
+        store.#corrupt.set(entry.name, identity(stat));
         onCorrupt?.(entry.name);
         continue;
       }
+      const size = stat.size;
       store.#held.set(entry.name, { name: entry.name, size, sha256 });
     }
     return store;
@@ -117,25 +168,28 @@ export class Store {
    * checking it against the manifest; returns what is now held under `name`, if anything.
    */
   async adopt(name: string): Promise<FragmentInfo | undefined> {
-    if (!isFragmentName(name)) return undefined;
+    if (!this.#isFragmentName(name)) return undefined;
     if (!this.#manifest) {
       this.#manifest = await readManifest(this.dir).catch(() => undefined);
+      if (!this.#isFragmentName(name)) return undefined;
     }
     if (this.#held.has(name)) return this.#held.get(name);
     // Only fragments: never the joined video or another file that happens to sit in the folder.
     if (this.#manifest && !this.expected(name)) return undefined;
-    let file;
-    try {
-      file = await Deno.open(join(this.dir, name));
-    } catch (error) {
-      if (error instanceof Deno.errors.NotFound) return undefined;
-      throw error;
-    }
+    const file = await openRegular(join(this.dir, name));
+    if (!file) return undefined;
     using _ = file;
-    const size = (await file.stat()).size;
+    const stat = await file.stat();
+    // Found corrupt before and unchanged since: not hashed again on every request.
+    if (this.#corrupt.get(name) === identity(stat)) return undefined;
+    const size = stat.size;
     const sha256 = await hashReader(file);
     const want = this.expected(name);
-    if (want && (want.size !== size || want.sha256 !== sha256)) return undefined;
+    if (want && (want.size !== size || want.sha256 !== sha256)) {
+      this.#corrupt.set(name, identity(stat));
+      return undefined;
+    }
+    this.#corrupt.delete(name);
     const info = { name, size, sha256 };
     this.#held.set(name, info);
     for (const listener of this.#listeners) listener(info);
@@ -153,13 +207,19 @@ export class Store {
   async open(name: string): Promise<{ file: Deno.FsFile; info: FragmentInfo } | undefined> {
     const info = this.#held.get(name);
     if (!info) return undefined;
-    try {
-      return { file: await Deno.open(join(this.dir, name)), info };
-    } catch (error) {
-      if (!(error instanceof Deno.errors.NotFound)) throw error;
-      this.#held.delete(name); // removed behind our back
-      return undefined;
-    }
+    const file = await openRegular(join(this.dir, name));
+    if (!file) this.#held.delete(name); // removed, or replaced by a symlink, behind our back
+    return file && { file, info };
+  }
+
+  /** True when fragment `name` was found corrupt and its file has not been replaced since. */
+  isQuarantined(name: string): boolean {
+    return this.#corrupt.has(name);
+  }
+
+  /** A fragment name this store may hold: never the manifest, a hidden name or the joined file. */
+  #isFragmentName(name: string): boolean {
+    return isFragmentName(name) && name !== this.#manifest?.file;
   }
 
   /**
@@ -169,7 +229,7 @@ export class Store {
   async prune(): Promise<string[]> {
     const lost = [];
     for (const info of this.list()) {
-      const stat = await Deno.stat(join(this.dir, info.name)).catch((error) => {
+      const stat = await Deno.lstat(join(this.dir, info.name)).catch((error) => {
         if (error instanceof Deno.errors.NotFound) return undefined;
         throw error;
       });
@@ -226,6 +286,7 @@ export class Store {
         );
       }
       await Deno.rename(temp, join(this.dir, name));
+      this.#corrupt.delete(name);
     } catch (error) {
       await Deno.remove(temp).catch(() => {});
       throw error;

@@ -5,6 +5,8 @@ import { CHUNK_SIZE, type Download, GrpcClient, GrpcError, startGrpcServer } fro
 import { type FragmentInfo, IntegrityError, Store } from "../peer/store.ts";
 import { splitFile } from "../split.ts";
 import { tempDir } from "./_util.ts";
+import * as grpc from "@grpc/grpc-js";
+import { fileTransfer } from "../peer/grpc_wire.ts";
 
 const BIG = "big.bin"; // 2.5 MiB: three chunks, the last one short
 
@@ -163,7 +165,7 @@ Deno.test("Download answers NOT_FOUND for a fragment the peer does not hold", as
   assertEquals(await failure(() => client.download(address, "manifest.json")), "INVALID_ARGUMENT");
 });
 
-Deno.test("A fragment the disk cannot read is INTERNAL for Download and Locate, and the server goes on", async () => {
+Deno.test("A folder in a fragment's place is neither located nor downloaded, and the server goes on", async () => {
   await using dir = await tempDir();
   const input = join(dir.path, "video.webm");
   await Deno.writeFile(input, randomBytes(4096));
@@ -171,17 +173,17 @@ Deno.test("A fragment the disk cannot read is INTERNAL for Download and Locate, 
   const broken = join(dir.path, "store", "fragment_1.bin");
   await Deno.remove(broken);
   const store = await Store.open(join(dir.path, "store"));
-  // In the folder but unreadable: a read fails with EISDIR, as a disk error would.
+  // Not a regular file: never opened, so neither served nor mistaken for a disk error.
   await Deno.mkdir(broken);
   await using server = await startGrpcServer(store, { port: 0, hostname: "127.0.0.1" });
   using client = new GrpcClient();
   const address = `127.0.0.1:${server.port}`;
-  assertEquals(await failure(() => client.locate(address, "fragment_1.bin")), "INTERNAL");
+  assertEquals((await client.locate(address, "fragment_1.bin")).held, false);
   const download = (async () => {
     const { chunks } = await client.download(address, "fragment_1.bin");
     await collect(chunks);
   })();
-  assertEquals(await failure(() => download), "INTERNAL");
+  assertEquals(await failure(() => download), "NOT_FOUND");
   assertEquals((await client.locate(address, "fragment_0.bin")).held, true);
 });
 
@@ -216,7 +218,8 @@ Deno.test("download() stops when its signal aborts", async () => {
 
 Deno.test("Upload keeps a verified fragment, reports it, and the store serves it", async () => {
   await using dir = await tempDir();
-  const { store } = await makeStore(dir.path);
+  // No manifest: any valid name is taken, once its bytes match the hash it was announced with.
+  const store = await Store.open(join(dir.path, "store"));
   const stored: FragmentInfo[] = [];
   await using server = await startGrpcServer(store, {
     port: 0,
@@ -248,7 +251,9 @@ async function* toAsync(pieces: Uint8Array[]): AsyncGenerator<Uint8Array> {
 Deno.test("Upload of corrupt bytes is DATA_LOSS and leaves no file, not even a temporary", async () => {
   await using dir = await tempDir();
   const { store, manifest } = await makeStore(dir.path);
+  const loose = await Store.open(join(dir.path, "loose"));
   await using server = await startGrpcServer(store, { port: 0, hostname: "127.0.0.1" });
+  await using looseServer = await startGrpcServer(loose, { port: 0, hostname: "127.0.0.1" });
   using client = new GrpcClient();
   const address = `127.0.0.1:${server.port}`;
   const before = await listTree(dir.path);
@@ -264,11 +269,13 @@ Deno.test("Upload of corrupt bytes is DATA_LOSS and leaves no file, not even a t
     ["bytes the manifest disagrees with", lying(truth, bytes)],
   ];
   for (const [what, source] of cases) {
-    const name = what.startsWith("bytes the") ? manifest.fragments[0].name : "bad.bin";
-    assertEquals(await failure(() => client.upload(address, name, source)), "DATA_LOSS", what);
+    const [to, name] = what.startsWith("bytes the")
+      ? [address, manifest.fragments[0].name]
+      : [`127.0.0.1:${looseServer.port}`, "bad.bin"];
+    assertEquals(await failure(() => client.upload(to, name, source)), "DATA_LOSS", what);
   }
   assertEquals(await listTree(dir.path), before);
-  assertEquals(store.get("bad.bin"), undefined);
+  assertEquals(loose.get("bad.bin"), undefined);
 });
 
 Deno.test("Upload refuses a bad announcement with INVALID_ARGUMENT", async () => {
@@ -326,6 +333,55 @@ Deno.test("Traversal names are refused by every RPC and nothing outside the stor
   }
   assertEquals(await listTree(dir.path), before);
   assertEquals(await Deno.readTextFile(join(dir.path, "secret")), "do not serve me");
+});
+
+Deno.test("Upload takes only what the store's manifest lists, and never its reserved names", async () => {
+  await using dir = await tempDir();
+  const { store, manifest } = await makeStore(dir.path);
+  await using server = await startGrpcServer(store, { port: 0, hostname: "127.0.0.1" });
+  using client = new GrpcClient();
+  const address = `127.0.0.1:${server.port}`;
+  const bytes = randomBytes(100);
+  const before = await listTree(dir.path);
+  const cases: [string, string][] = [
+    ["stray.bin", "FAILED_PRECONDITION"],
+    ["manifest.json", "INVALID_ARGUMENT"],
+    [manifest.file, "INVALID_ARGUMENT"],
+    [".part-x", "INVALID_ARGUMENT"],
+    [".hidden", "INVALID_ARGUMENT"],
+  ];
+  for (const [name, code] of cases) {
+    assertEquals(await failure(() => client.upload(address, name, bytes)), code, name);
+  }
+  assertEquals(await listTree(dir.path), before);
+});
+
+Deno.test("An Upload whose first message is over the size limit is RESOURCE_EXHAUSTED, not a disk error", async () => {
+  await using dir = await tempDir();
+  const store = await Store.open(join(dir.path, "store"));
+  await using server = await startGrpcServer(store, { port: 0, hostname: "127.0.0.1" });
+  const Client = fileTransfer();
+  const raw = new Client(`127.0.0.1:${server.port}`, grpc.credentials.createInsecure(), {
+    "grpc.max_send_message_length": -1,
+  });
+  const bytes = randomBytes(2 * CHUNK_SIZE);
+  const logged: unknown[] = [];
+  const original = console.error;
+  console.error = (...args: unknown[]) => logged.push(args);
+  try {
+    // One message holding the whole fragment: bigger than the server's receive limit.
+    const code = await new Promise<number | undefined>((resolve) => {
+      const call = raw.Upload((error: grpc.ServiceError | null) => resolve(error?.code));
+      call.write({ name: "big.bin", size: bytes.length, sha256: sha256(bytes), data: bytes });
+      call.end();
+    });
+    assertEquals(code, grpc.status.RESOURCE_EXHAUSTED);
+  } finally {
+    console.error = original;
+    raw.close();
+  }
+  assertEquals(logged, []);
+  assertEquals(await listTree(join(dir.path, "store")), []);
 });
 
 Deno.test("A message over the size limit is refused with RESOURCE_EXHAUSTED", async () => {

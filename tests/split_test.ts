@@ -273,6 +273,19 @@ const BAD_INPUTS: [string, (dir: string) => string[] | Promise<string[]>, RegExp
     return ["v.webm", "--peers", "v.webm"];
   }, /Invalid peer folder name "v\.webm"/],
   ["an unknown flag", () => ["--fragmnets", "3"], /Unknown option '--fragmnets'/],
+  [
+    "a file named manifest.json",
+    async (dir) => {
+      await Deno.mkdir(join(dir, "somewhere"));
+      await randomFile(join(dir, "somewhere", "manifest.json"), 50);
+      return ["somewhere/manifest.json"];
+    },
+    /^error: Cannot split "somewhere\/manifest\.json": "manifest\.json" is the store's own file$/m,
+  ],
+  ["a file named like one of its fragments", async (dir) => {
+    await randomFile(join(dir, "fragment_1.bin"), 50);
+    return ["fragment_1.bin", "--fragments", "2"];
+  }, /^error: Cannot split "fragment_1\.bin": a fragment would take its name$/m],
 ];
 
 for (const [what, prepare, message] of BAD_INPUTS) {
@@ -374,4 +387,48 @@ Deno.test("the largest split's manifest is one the directory accepts", async () 
   const client = new DirectoryClient(directory.url);
   await client.publishFile(manifest);
   assertEquals((await client.getFile(manifest.file)).fragments.length, MAX_FRAGMENTS);
+});
+
+Deno.test("joinFragments() and verifyStore() never follow a symlink in a fragment's place", async () => {
+  await using dir = await tempDir();
+  const input = join(dir.path, "v.webm");
+  const bytes = await randomFile(input, 1000);
+  const store = join(dir.path, "store");
+  await splitFile(input, { out: store, fragments: 2 });
+  // A symlink to a file with exactly the right bytes: still not a fragment.
+  const elsewhere = join(dir.path, "elsewhere.bin");
+  await Deno.rename(join(store, "fragment_1.bin"), elsewhere);
+  await Deno.symlink(elsewhere, join(store, "fragment_1.bin"));
+  assertEquals((await verifyStore(store)).map((f) => f.status), ["ok", "missing"]);
+  await assertRejects(
+    () => joinFragments(store),
+    SplitError,
+    `Cannot join "${store}": missing fragment_1.bin`,
+  );
+  assertEquals(await exists(join(store, "v.webm")), false);
+  assertEquals(bytes.length, 1000);
+});
+
+Deno.test("readManifest() refuses a manifest whose file or fragment takes a reserved name", async () => {
+  await using dir = await tempDir();
+  const input = join(dir.path, "v.webm");
+  await randomFile(input, 100);
+  const store = join(dir.path, "store");
+  const manifest = await splitFile(input, { out: store, fragments: 2 });
+  const cases: [string, Manifest][] = [
+    ["bad file name", { ...manifest, file: "manifest.json" }],
+    ["fragment 1 is malformed", {
+      ...manifest,
+      fragments: [manifest.fragments[0], { ...manifest.fragments[1], name: "v.webm" }],
+    }],
+    ["fragment 0 is malformed", {
+      ...manifest,
+      fragments: [{ ...manifest.fragments[0], name: ".part-x" }, manifest.fragments[1]],
+    }],
+  ];
+  for (const [problem, bad] of cases) {
+    await Deno.writeTextFile(join(store, "manifest.json"), JSON.stringify(bad));
+    await assertRejects(() => readManifest(store), SplitError, problem);
+    await assertRejects(() => joinFragments(store), SplitError, problem);
+  }
 });
