@@ -66,6 +66,13 @@ export interface ServeOptions extends ConnectionLimits {
   port: number;
   /** Where the few lines worth a log go (accepting failed, or started again). */
   warn?: (line: string) => void;
+  /** Who the log lines and the 503 speak for: `[DIRECTORY] ...`, "The directory has ...". */
+  name?: string;
+  /**
+   * A connection keeps its place until its answer's body is all sent, not only until the
+   * handler returns: for answers that stream for long (server-sent events, video). @default false
+   */
+  busyUntilSent?: boolean;
 }
 
 /** A running server. */
@@ -90,11 +97,12 @@ const ACCEPT_QUIET_MS = 1_000;
 /** How long a shutdown lets requests in flight finish before it closes their connections. */
 const SHUTDOWN_GRACE_MS = 3_000;
 
-const REFUSAL = (() => {
+/** The 503 that refuses a connection there is no room for, in the words of `name`. */
+function refusal(name: string): Uint8Array {
   const body = JSON.stringify({
     error: {
       code: ERROR_CODES[503],
-      message: "The directory has as many connections as it may, all of them busy; try again " +
+      message: `The ${name} has as many connections as it may, all of them busy; try again ` +
         "in a second",
     },
   });
@@ -102,7 +110,7 @@ const REFUSAL = (() => {
     "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n" +
       `retry-after: 1\r\nconnection: close\r\ncontent-length: ${body.length}\r\n\r\n${body}`,
   );
-})();
+}
 
 /**
  * What the handler learns of a request besides itself: its connection's address, known once
@@ -247,12 +255,15 @@ function count(value: number, option: string): number {
  * {@link ConnectionLimits}. Listening errors (the port is taken, ...) throw as Deno.listen's.
  */
 export function serveConnections(options: ServeOptions, handler: Handler): ConnectionServer {
+  const name = options.name ?? "directory";
+  const tag = `[${name.toUpperCase()}]`;
   if (serveOnConnection === undefined) {
     throw new Error(
       `Deno ${Deno.version.deno} does not offer HTTP on a connection of its own ` +
-        "(serveHttpOnConnection); the directory needs Deno 2.9.6",
+        `(serveHttpOnConnection); the ${name} needs Deno 2.9.6`,
     );
   }
+  const refused = refusal(name);
   const serve = serveOnConnection;
   const slots = new Slots(
     count(options.maxConnections ?? DEFAULT_MAX_CONNECTIONS, "maxConnections"),
@@ -276,11 +287,11 @@ export function serveConnections(options: ServeOptions, handler: Handler): Conne
     slots.closeWaitingSince(now - timeoutMs);
     if (failedAt !== undefined && now - failedAt >= ACCEPT_QUIET_MS) {
       failedAt = undefined;
-      warn("[DIRECTORY] Accepting connections again");
+      warn(`${tag} Accepting connections again`);
     }
   }, Math.min(ACCEPT_QUIET_MS, timeoutMs / 2));
   const onError = (error: unknown) => {
-    console.error("[DIRECTORY] A request failed:", error);
+    console.error(`${tag} A request failed:`, error);
     return Response.json({ error: { code: ERROR_CODES[500], message: "Internal server error" } }, {
       status: 500,
     });
@@ -289,7 +300,7 @@ export function serveConnections(options: ServeOptions, handler: Handler): Conne
   function accept(conn: Deno.Conn): void {
     const address = addressOf(conn);
     if (!slots.admit(address)) {
-      refuse(conn);
+      refuse(conn, refused);
       return;
     }
     const connection = new Connection(address, Date.now());
@@ -309,6 +320,11 @@ export function serveConnections(options: ServeOptions, handler: Handler): Conne
       } catch (error) {
         done();
         throw error;
+      }
+      if (options.busyUntilSent) {
+        // Once the body is all sent, or the connection is gone (then it settles too).
+        Promise.resolve(answer).then(() => info.completed).catch(() => {}).finally(done);
+        return answer;
       }
       if (answer instanceof Response) {
         done();
@@ -334,7 +350,7 @@ export function serveConnections(options: ServeOptions, handler: Handler): Conne
       } catch (error) {
         if (stop.signal.aborted) break; // the listener was closed
         if (failedAt === undefined) {
-          warn(`[DIRECTORY] Cannot accept connections: ${describe(error)}; retrying`);
+          warn(`${tag} Cannot accept connections: ${describe(error)}; retrying`);
         }
         failedAt = Date.now();
         // Out of descriptors: the connection that has waited longest for a request gives one
@@ -387,9 +403,9 @@ export function serveConnections(options: ServeOptions, handler: Handler): Conne
 }
 
 /** Answers a connection there is no room for with a 503, and closes it. */
-function refuse(conn: Deno.Conn): void {
+function refuse(conn: Deno.Conn, answer: Uint8Array): void {
   // The answer fits in a fresh socket's buffer: the write does not wait for the client.
-  conn.write(REFUSAL).catch(() => {}).finally(() => {
+  conn.write(answer).catch(() => {}).finally(() => {
     try {
       conn.close();
     } catch {

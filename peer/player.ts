@@ -20,6 +20,7 @@
  */
 import type { Store } from "./store.ts";
 import type { FragmentEntry, Manifest } from "../split.ts";
+import { type ConnectionLimits, serveConnections } from "../directory/server.ts";
 
 /** What the player needs from a peer. */
 export interface PlayerSource {
@@ -52,13 +53,32 @@ export interface FragmentEvent {
   from?: string;
 }
 
-export interface PlayerOptions {
+/**
+ * Options of {@link startPlayer}. The connection limits are those of the directory's server
+ * (directory/server.ts), with the player's defaults: {@link PLAYER_LIMITS}.
+ */
+export interface PlayerOptions extends ConnectionLimits {
   /** 0 picks a free port. @default 8001 */
   port?: number;
+  /** @default "0.0.0.0" */
   hostname?: string;
   /** How long a request waits for one missing fragment before it fails. @default 20_000 */
   waitMs?: number;
+  /** Where the few lines worth a log go (accepting failed, or again). @default console.error */
+  warn?: (line: string) => void;
 }
+
+/**
+ * The player's connection limits unless told otherwise. A browser opens about 6 connections to
+ * a server, a media player one or two; a connection keeps its place while its answer streams
+ * (a video range, the map's events), and past a limit the one waiting longest for a request
+ * is closed to make room.
+ */
+export const PLAYER_LIMITS: Required<ConnectionLimits> = {
+  maxConnections: 256,
+  maxConnectionsPerAddress: 64,
+  headerTimeout: 30,
+};
 
 /** A running player server; close it (or dispose it) to stop serving. */
 export interface PlayerServer extends AsyncDisposable {
@@ -125,17 +145,32 @@ export function startPlayer(source: PlayerSource, options: PlayerOptions = {}): 
     return text(404, "Not found");
   }
 
-  const server = Deno.serve({
-    port: options.port ?? 8001,
-    hostname: options.hostname,
-    onListen() {}, // peer.ts prints the address in its own words
-    onError(error) {
+  async function handleSafely(request: Request): Promise<Response> {
+    try {
+      return await handle(request);
+    } catch (error) {
       // A stream that broke off for want of a fragment is expected; anything else is a bug.
       if (error instanceof UnavailableError) console.error(`[!] Player: ${error.message}`);
       else console.error("[!] Player:", error);
       return text(500, "Internal error");
-    },
-  }, handle);
+    }
+  }
+
+  // Not Deno.serve: its accept loop ends the whole server on the first accept error, and out of
+  // file descriptors ("Too many open files") that error was uncaught and ended the peer. The
+  // directory's server accepts connections itself, backs off, and bounds them per address.
+  // peer.ts prints the address in its own words.
+  const server = serveConnections({
+    hostname: options.hostname ?? "0.0.0.0",
+    port: options.port ?? 8001,
+    maxConnections: options.maxConnections ?? PLAYER_LIMITS.maxConnections,
+    maxConnectionsPerAddress: options.maxConnectionsPerAddress ??
+      PLAYER_LIMITS.maxConnectionsPerAddress,
+    headerTimeout: options.headerTimeout ?? PLAYER_LIMITS.headerTimeout,
+    warn: options.warn,
+    name: "player",
+    busyUntilSent: true,
+  }, handleSafely);
 
   let closed: Promise<void> | undefined;
   function close(): Promise<void> {

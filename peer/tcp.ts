@@ -11,6 +11,7 @@ import { LineBuffer } from "../common/lines.ts";
 import { describe } from "../common/cli.ts";
 import { acceptLoop, isConnectionError } from "../broker/wire.ts";
 import { parseAddress } from "../broker.ts";
+import { addressKey } from "../broker/server.ts";
 import { type FragmentInfo, isFragmentName, type Store } from "./store.ts";
 import type { Steering } from "./steering.ts";
 import { UploadSlots } from "./upload_slots.ts";
@@ -20,15 +21,51 @@ export const MAX_REQUEST_LINE = 1024;
 const CHUNK = 1024 * 1024;
 const PACED_CHUNK = 64 * 1024; // smaller writes when throttled, so the pace stays even
 const encoder = new TextEncoder();
+/** Connections at once unless told otherwise. */
+export const DEFAULT_MAX_CONNECTIONS = 256;
+/** A connection with no progress, or with no fragment asked for, for this long is closed. */
+export const DEFAULT_IDLE_TIMEOUT_MS = 60_000;
+/**
+ * A fragment's body must go out at least this fast (bytes per second), averaged from its start
+ * and checked from {@link DEFAULT_BODY_RATE_WINDOW_MS} on, or the connection is cut: a body
+ * holds one of the peer's few upload slots, so a client that reads a little now and then (which
+ * the idle watchdog alone lets by) must not hold it for hours. 8 KiB/s is far below any real
+ * peer (the sample video plays at 125 KB/s). Time spent waiting on the peer's own --max-upload
+ * pacing does not count against the client.
+ */
+export const DEFAULT_MIN_BODY_RATE = 8 * 1024;
+/** How long a body goes before its rate is first checked. */
+export const DEFAULT_BODY_RATE_WINDOW_MS = 30_000;
+/** The per-address limit unless told otherwise: a quarter of the connection limit. */
+export function defaultMaxConnectionsPerAddress(maxConnections: number): number {
+  return Math.max(1, Math.floor(maxConnections / 4));
+}
 
 export interface TcpServerOptions {
   /** @default 6001 */
   port?: number;
   hostname?: string;
-  /** A connection with no progress (no request, no byte written) for this long is closed. */
+  /**
+   * A connection with no progress (no request, no byte written) for this long is closed, and so
+   * is one that has asked for no fragment (`GET`, `LIST`) for this long, however much it
+   * `PING`s: a keepalive alone does not hold a slot. @default 60_000
+   */
   idleTimeoutMs?: number;
   /** More connections than this at once are answered `ERR BUSY` and closed. @default 256 */
   maxConnections?: number;
+  /**
+   * More connections than this at once from one client address (an IPv6 /64 counting as one;
+   * loopback counts like any other) are answered `ERR BUSY` and closed.
+   * @default a quarter of maxConnections (64)
+   */
+  maxConnectionsPerAddress?: number;
+  /**
+   * A fragment's body slower than this many bytes per second, averaged from its start and
+   * checked once it has gone on for `bodyRateWindowMs`, has its connection cut. @default 8192
+   */
+  minBodyRate?: number;
+  /** @default 30_000 */
+  bodyRateWindowMs?: number;
   /** Paces every byte sent, across all connections (the peer's --max-upload). */
   throttle?: (bytes: number, signal?: AbortSignal) => Promise<void>;
   /** Fragments sent at once; more requests wait their turn, fairly between peers. @default 2 */
@@ -57,20 +94,31 @@ export interface TcpServer extends AsyncDisposable {
 
 /** Serves `store` over the peer TCP protocol until closed. */
 export function startTcpServer(store: Store, options: TcpServerOptions = {}): TcpServer {
-  const { idleTimeoutMs = 60_000, maxConnections = 256 } = options;
+  const {
+    idleTimeoutMs = DEFAULT_IDLE_TIMEOUT_MS,
+    maxConnections = DEFAULT_MAX_CONNECTIONS,
+    minBodyRate = DEFAULT_MIN_BODY_RATE,
+    bodyRateWindowMs = DEFAULT_BODY_RATE_WINDOW_MS,
+  } = options;
+  const maxPerAddress = options.maxConnectionsPerAddress ??
+    defaultMaxConnectionsPerAddress(maxConnections);
   const slots = new UploadSlots(options.uploadSlots ?? 2);
   const warn = options.onError ?? ((line: string) => console.error(line));
   const listener = Deno.listen({ port: options.port ?? 6001, hostname: options.hostname });
   const open = new Map<Deno.Conn, AbortController>();
+  /** Connections open per client address (addressKey). */
+  const perAddress = new Map<string, number>();
   const handlers = new Set<Promise<void>>();
   const stop = new AbortController();
 
   const accepting = acceptLoop(listener, { tag: "[TCP]", warn, stop: stop.signal }, (conn) => {
-    if (open.size >= maxConnections) {
-      conn.write(encoder.encode("ERR BUSY too many connections\n")).catch(() => {})
-        .finally(() => conn.close());
+    const address = addressKey(conn.remoteAddr.hostname);
+    const mine = perAddress.get(address) ?? 0;
+    if (open.size >= maxConnections || mine >= maxPerAddress) {
+      refuse(conn, open.size >= maxConnections ? "" : " from your address");
       return;
     }
+    perAddress.set(address, mine + 1);
     const gone = new AbortController();
     open.set(conn, gone);
     const remote = formatAddr(conn.remoteAddr);
@@ -78,7 +126,7 @@ export function startTcpServer(store: Store, options: TcpServerOptions = {}): Tc
       conn,
       remote,
       store,
-      { ...options, idleTimeoutMs, slots },
+      { ...options, idleTimeoutMs, minBodyRate, bodyRateWindowMs, slots },
       gone.signal,
     )
       .catch((error) => {
@@ -90,6 +138,9 @@ export function startTcpServer(store: Store, options: TcpServerOptions = {}): Tc
       })
       .finally(() => {
         open.delete(conn);
+        const left = perAddress.get(address)! - 1;
+        if (left === 0) perAddress.delete(address);
+        else perAddress.set(address, left);
         handlers.delete(handler);
         try {
           conn.close();
@@ -125,37 +176,104 @@ export function startTcpServer(store: Store, options: TcpServerOptions = {}): Tc
   };
 }
 
+/** Answers a connection there is no room for with `ERR BUSY`, and closes it. */
+function refuse(conn: Deno.Conn, why: string): void {
+  // The line fits in a fresh socket's buffer: the write does not wait for the client.
+  conn.write(encoder.encode(`ERR BUSY too many connections${why}\n`)).catch(() => {})
+    .finally(() => {
+      try {
+        conn.close();
+      } catch { /* already closed */ }
+    });
+}
+
+/** What {@link serveConnection} needs: the options, with their defaults, and the upload slots. */
+type ConnectionOptions = TcpServerOptions & {
+  idleTimeoutMs: number;
+  minBodyRate: number;
+  bodyRateWindowMs: number;
+  slots: UploadSlots;
+};
+
 async function serveConnection(
   conn: Deno.Conn,
   remote: string,
   store: Store,
-  options: TcpServerOptions & { idleTimeoutMs: number; slots: UploadSlots },
+  options: ConnectionOptions,
   closed: AbortSignal,
 ): Promise<void> {
   options.onConnect?.(remote);
+  const { idleTimeoutMs, minBodyRate, bodyRateWindowMs } = options;
+  const cut = () => {
+    try {
+      conn.close();
+    } catch { /* close() got there first */ }
+  };
   // The watchdog closes a connection that makes no progress: an idle client, or one that
   // stopped reading what we send it. Every read and write resets it.
   let watchdog: ReturnType<typeof setTimeout> | undefined;
   const progress = () => {
     clearTimeout(watchdog);
-    watchdog = setTimeout(() => {
-      try {
-        conn.close();
-      } catch { /* close() got there first */ }
-    }, options.idleTimeoutMs);
+    watchdog = setTimeout(cut, idleTimeoutMs);
+  };
+  const client: Client = { remote, closed, usedAt: performance.now(), fetching: 0 };
+  // And a connection that asks for nothing (GET, LIST) for as long is closed too, however
+  // much it PINGs: a keepalive alone must not hold one of the server's slots for ever.
+  let unused: ReturnType<typeof setTimeout> | undefined;
+  const checkUse = () => {
+    const left = client.fetching > 0
+      ? idleTimeoutMs
+      : client.usedAt + idleTimeoutMs - performance.now();
+    if (left <= 0) cut();
+    else unused = setTimeout(checkUse, left);
+  };
+  unused = setTimeout(checkUse, idleTimeoutMs);
+  // A fragment's body that goes out slower than minBodyRate is cut off (DEFAULT_MIN_BODY_RATE).
+  // The rate is averaged from the body's start, checked once a window has passed: the kernel
+  // takes a slow reader's bytes in bursts of half its socket buffer (megabytes on loopback), so
+  // a shorter average would cut off an honest reader between bursts, while the average from the
+  // start never falls below the rate a reader keeps up. Time spent waiting for the peer's own
+  // pacing (--max-upload) is not counted against the client.
+  let meter: { since: number; bytes: number; paced: number; pacing?: number } | undefined;
+  let rateCheck: ReturnType<typeof setInterval> | undefined;
+  const checkRate = () => {
+    if (!meter) return;
+    const now = performance.now();
+    const pacing = meter.pacing === undefined ? 0 : now - meter.pacing;
+    const elapsed = now - meter.since - meter.paced - pacing;
+    if (elapsed < bodyRateWindowMs) return;
+    if (meter.bytes * 1000 / elapsed < minBodyRate) cut();
+  };
+  client.body = (sending) => {
+    clearInterval(rateCheck);
+    meter = undefined;
+    if (!sending) return;
+    meter = { since: performance.now(), bytes: 0, paced: 0 };
+    rateCheck = setInterval(checkRate, Math.max(10, Math.min(1_000, bodyRateWindowMs / 4)));
   };
   const piece = options.throttle ? PACED_CHUNK : CHUNK;
   // Only fragment bodies are paced: a reply line never waits behind another client's bytes.
   const send = async (bytes: Uint8Array, paced = false) => {
     for (let sent = 0; sent < bytes.length;) {
-      if (paced) await options.throttle?.(Math.min(bytes.length - sent, piece), closed);
-      sent += await conn.write(bytes.subarray(sent, sent + piece));
+      if (paced && options.throttle) {
+        if (meter) meter.pacing = performance.now();
+        try {
+          await options.throttle(Math.min(bytes.length - sent, piece), closed);
+        } finally {
+          if (meter?.pacing !== undefined) {
+            meter.paced += performance.now() - meter.pacing;
+            meter.pacing = undefined;
+          }
+        }
+      }
+      const n = await conn.write(bytes.subarray(sent, sent + piece));
+      sent += n;
+      if (paced && meter) meter.bytes += n;
       progress();
     }
   };
   const lines = new LineBuffer(MAX_REQUEST_LINE);
   const buffer = new Uint8Array(16 * 1024);
-  const client: Client = { remote, closed };
   progress();
   try {
     while (true) {
@@ -173,14 +291,25 @@ async function serveConnection(
     }
   } finally {
     clearTimeout(watchdog);
+    clearTimeout(unused);
+    clearInterval(rateCheck);
   }
 }
 
-/** Who is at the other end of a connection: its address, and the peer it said it is. */
+/**
+ * Who is at the other end of a connection: its address, the peer it said it is, and when it
+ * last asked for something worth a slot.
+ */
 interface Client {
   remote: string;
   peer?: string;
   closed: AbortSignal;
+  /** When it last asked for a fragment or the list (performance.now()). */
+  usedAt: number;
+  /** Fragment requests being answered (waiting for a slot, or sending). */
+  fetching: number;
+  /** A fragment's body starts (true) or ends (false): its pace is watched meanwhile. */
+  body?: (sending: boolean) => void;
 }
 
 async function answer(
@@ -198,18 +327,35 @@ async function answer(
     client.peer = request.peer;
     return reply("OK");
   }
+  client.usedAt = performance.now();
   if (request.verb === "LIST") {
     const held = store.list();
     return reply(
       [`OK ${held.length}`, ...held.map((f) => `${f.name} ${f.size} ${f.sha256}`)].join("\n"),
     );
   }
-  const opened = await store.open(request.name) ??
-    (await store.adopt(request.name) && await store.open(request.name));
-  if (!opened) return reply(`ERR NOT_FOUND no fragment "${request.name}" here`);
+  client.fetching++;
+  try {
+    await answerGet(request.name, store, send, client, options);
+  } finally {
+    client.fetching--;
+    client.usedAt = performance.now();
+  }
+}
+
+async function answerGet(
+  name: string,
+  store: Store,
+  send: (bytes: Uint8Array, paced?: boolean) => Promise<void>,
+  client: Client,
+  options: TcpServerOptions & { slots: UploadSlots },
+): Promise<void> {
+  const reply = (text: string) => send(encoder.encode(text + "\n"));
+  const opened = await store.open(name) ??
+    (await store.adopt(name) && await store.open(name));
+  if (!opened) return reply(`ERR NOT_FOUND no fragment "${name}" here`);
   using file = opened.file;
   const { slots, steering } = options;
-  const { name } = request;
   // Pointed elsewhere at once, without waiting for a slot, when other uploads are under way.
   const pointer = steering?.redirect(name, client.peer, slots.active + slots.waiting > 0);
   if (pointer) return reply(`ERR ELSEWHERE ${pointer.join(" ")}`);
@@ -220,8 +366,10 @@ async function answer(
     const release = await slots.acquire(client.peer ?? client.remote, client.closed);
     try {
       await reply(`OK ${opened.info.size} ${opened.info.sha256}`);
+      client.body?.(true);
       await sendBody(file, opened.info.size, name, (bytes) => send(bytes, true));
     } finally {
+      client.body?.(false);
       release();
     }
   } catch (error) {
@@ -409,8 +557,17 @@ export class TcpPeerClient implements Disposable {
     const done = new Promise<void>((resolve) => release = resolve);
     const header = await this.#exclusive(async () => {
       await this.#send(`GET ${name}`);
-      const [size, sha256] = this.#expectOk(await this.#readLine());
-      return { size: Number(size), sha256: sha256! };
+      const line = await this.#readLine();
+      const [size = "", sha256 = "", ...more] = this.#expectOk(line);
+      // The size decides how many bytes are read next: anything but a whole number (and a hash
+      // of 64 hex digits) leaves the stream unreadable.
+      if (
+        !/^\d{1,16}$/.test(size) || !Number.isSafeInteger(Number(size)) ||
+        !/^[0-9a-f]{64}$/.test(sha256) || more.length > 0
+      ) {
+        this.#fail(`Malformed answer from ${this.address}: "${line.slice(0, 80)}"`);
+      }
+      return { size: Number(size), sha256 };
     }, done);
     const chunks = this.#body(header.size, release);
     return { ...header, chunks };
