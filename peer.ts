@@ -20,6 +20,7 @@ import {
   holderAddress,
   holderKey,
   LOOPBACK,
+  parseSize,
   StoreWriteError,
   type Transport,
 } from "./peer/fetch.ts";
@@ -70,6 +71,8 @@ export interface PeerOptions {
   httpPort?: number | null;
   /** Upload limit in bytes per second, across all connections. */
   maxUpload?: number;
+  /** The largest fragment fetched when the store has no manifest (bytes). @default 1 GiB */
+  maxFragment?: number;
   /** Where console and event lines go. @default console.log */
   log?: (line: string) => void;
   /** Live swarm progress, for a progress bar; without it each arrival is a line. */
@@ -187,6 +190,7 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
   });
   const fetcher = new Fetcher(store, {
     log,
+    maxFragment: options.maxFragment,
     self: holderAddress(self.host, port),
     grpcDownload: (address, name, signal) =>
       grpcClient.download(address, name, { signal, peer: holderAddress(self.host, grpcPort) }),
@@ -536,6 +540,7 @@ Options:
   --grpc-port PORT       gRPC port (default PORT + 44050)
   --http-port PORT       HTTP player port (default PORT + 2000)
   --max-upload RATE      upload limit, e.g. 20MB/s or 512KiB/s
+  --max-fragment SIZE    the largest fragment fetched without a manifest, e.g. 4GiB (default 1GiB)
   --fetch-all            fetch the whole video from the swarm, join and verify it, keep seeding
   --exit-when-done       with --fetch-all: exit 0 once the video is complete instead of seeding
   --file NAME            the file to fetch when the store has none yet and the directory lists
@@ -567,6 +572,7 @@ async function main(args = Deno.args): Promise<number> {
       "grpc-port": { type: "string" },
       "http-port": { type: "string" },
       "max-upload": { type: "string" },
+      "max-fragment": { type: "string" },
       grpc: { type: "boolean" },
       "fetch-all": { type: "boolean" },
       "exit-when-done": { type: "boolean" },
@@ -592,9 +598,12 @@ async function main(args = Deno.args): Promise<number> {
       );
     }
   }
-  let maxUpload;
+  let maxUpload, maxFragment;
   try {
     maxUpload = values["max-upload"] === undefined ? undefined : parseRate(values["max-upload"]);
+    maxFragment = values["max-fragment"] === undefined
+      ? undefined
+      : parseSize(values["max-fragment"]);
   } catch (error) {
     throw new UserError((error as Error).message);
   }
@@ -648,6 +657,7 @@ async function main(args = Deno.args): Promise<number> {
         ? undefined
         : parsePort(values["http-port"], "HTTP port"),
       maxUpload,
+      maxFragment,
       file: values.file,
       progress: showProgress ? (state) => (drawProgress(state), barShown = true) : undefined,
       // A line logged while the bar is drawn goes below it, not glued to it.

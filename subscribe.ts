@@ -7,7 +7,7 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { userMessage } from "./common/cli.ts";
+import { escapeControl, userMessage } from "./common/cli.ts";
 import { LineBuffer } from "./common/lines.ts";
 import { BrokerError, connect, DEFAULT_ADDRESS, isValidTopic } from "./broker.ts";
 
@@ -53,9 +53,10 @@ async function main(args = Deno.args) {
   }
 
   const client = await connect(values.broker, {
-    onDisconnect: (error) => console.error(`[SUBSCRIBER] Disconnected: ${error.message}`),
+    onDisconnect: (error) =>
+      console.error(`[SUBSCRIBER] Disconnected: ${escapeControl(error.message)}`),
     onReconnect: () => console.error("[SUBSCRIBER] Reconnected; subscriptions restored"),
-    onError: (reason) => console.error(`[SUBSCRIBER] Broker says: ${reason}`),
+    onError: (reason) => console.error(`[SUBSCRIBER] Broker says: ${escapeControl(reason)}`),
   });
   const subscriptions = await Promise.all(topics.map((topic) => client.subscribe(topic)));
   const names = topics.map((topic) => `'${topic}'`).join(", ");
@@ -66,7 +67,10 @@ async function main(args = Deno.args) {
   Deno.addSignalListener("SIGINT", stop);
   Deno.addSignalListener("SIGTERM", stop);
   await Promise.all(subscriptions.map(async (subscription) => {
-    for await (const { topic, message } of subscription) console.log(`[${topic}] ${message}`);
+    // A message is any text a publisher chose: printed escaped, it stays one line of text.
+    for await (const { topic, message } of subscription) {
+      console.log(`[${topic}] ${escapeControl(message)}`);
+    }
   }));
   Deno.removeSignalListener("SIGINT", stop);
   Deno.removeSignalListener("SIGTERM", stop);

@@ -94,3 +94,27 @@ export async function runMain(main: () => Promise<number | void>): Promise<never
   }
   Deno.exit(code);
 }
+
+/**
+ * `text` from the network made safe for a terminal: control characters (C0, DEL, C1), line and
+ * paragraph separators and bidirectional overrides are shown as escapes (`\x1b`, `\u202e`), so
+ * a message cannot move the cursor, recolour, retitle or rewrite what the terminal shows.
+ * @example
+ * ```ts
+ * escapeControl("fragment_1.bin\x1b[2J"); // "fragment_1.bin\\x1b[2J", shown as fragment_1.bin\x1b[2J
+ * ```
+ */
+export function escapeControl(text: string): string {
+  let out = "";
+  let from = 0;
+  for (let i = 0; i < text.length; i++) {
+    const code = text.charCodeAt(i);
+    const control = code < 0x20 || (code >= 0x7f && code <= 0x9f) || code === 0x2028 ||
+      code === 0x2029 || (code >= 0x202a && code <= 0x202e) || (code >= 0x2066 && code <= 0x2069);
+    if (!control) continue;
+    const hex = code.toString(16).padStart(code < 0x100 ? 2 : 4, "0");
+    out += text.slice(from, i) + (code < 0x100 ? `\\x${hex}` : `\\u${hex}`);
+    from = i + 1;
+  }
+  return from === 0 ? text : out + text.slice(from);
+}

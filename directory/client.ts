@@ -20,6 +20,12 @@ import {
 import type { Manifest } from "../split.ts";
 
 const DEFAULT_CLIENT_TIMEOUT_MS = 5_000;
+/**
+ * The largest answer a directory call reads: a directory's biggest (a page of 10,000 names or
+ * holders, a 5,000-fragment manifest with 50 holders each) stays far below it, and a hostile or
+ * broken server answering an endless body is cut off here instead of filling memory.
+ */
+export const DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024;
 
 /** A failed directory call: `status` is the HTTP status, 0 when there was no answer. */
 export class DirectoryError extends Error {
@@ -32,7 +38,8 @@ export class DirectoryError extends Error {
     readonly status: number,
     /**
      * The error code from the body (e.g. `NOT_FOUND`), `UNREACHABLE` / `TIMEOUT` without an
-     * answer, or `BAD_RESPONSE` for a success that is not JSON (not a directory, then).
+     * answer, or `BAD_RESPONSE` for a success that is not JSON (not a directory, then) or an
+     * answer over the size limit.
      */
     readonly code: string,
     options?: ErrorOptions & { detail?: string },
@@ -65,6 +72,8 @@ export interface RegisterOptions {
 export interface DirectoryClientOptions {
   /** Give up on a call after this long. @default 5000 */
   timeoutMs?: number;
+  /** Give up on an answer whose body is longer than this many bytes. @default 8 MiB */
+  maxResponseBytes?: number;
 }
 
 /**
@@ -83,10 +92,12 @@ export class DirectoryClient {
   /** The directory's base URL, without a trailing slash. */
   readonly url: string;
   readonly #timeoutMs: number;
+  readonly #maxResponseBytes: number;
 
   constructor(url: string | URL, options: DirectoryClientOptions = {}) {
     this.url = String(url).replace(/\/+$/, "");
     this.#timeoutMs = options.timeoutMs ?? DEFAULT_CLIENT_TIMEOUT_MS;
+    this.#maxResponseBytes = options.maxResponseBytes ?? DEFAULT_MAX_RESPONSE_BYTES;
   }
 
   /** Liveness, with the sizes of the directory's state. */
@@ -192,6 +203,7 @@ export class DirectoryClient {
     if (secret !== undefined) headers.authorization = `Bearer ${secret}`;
     let response: Response;
     let text: string;
+    let status = 0;
     try {
       response = await fetch(this.url + path, {
         method,
@@ -199,8 +211,16 @@ export class DirectoryClient {
         body: body === undefined ? undefined : JSON.stringify(body),
         signal: controller.signal,
       });
-      text = await response.text();
+      status = response.status;
+      text = await readCapped(response, this.#maxResponseBytes);
     } catch (error) {
+      if (error instanceof TooLarge) {
+        const max = this.#maxResponseBytes;
+        const limit = max % 1024 ** 2 === 0 ? `${max / 1024 ** 2} MiB` : `${max} bytes`;
+        const message = `${method} ${path} answered more than ${limit}: ` +
+          `is "${this.url}" a directory?`;
+        throw new DirectoryError(message, status, "BAD_RESPONSE");
+      }
       if (controller.signal.aborted) {
         const message = `Directory at "${this.url}" did not answer within ${this.#timeoutMs} ms`;
         throw new DirectoryError(message, 0, "TIMEOUT", { cause: error });
@@ -225,6 +245,40 @@ export class DirectoryClient {
       throw new DirectoryError(message, response.status, "BAD_RESPONSE", { cause: error });
     }
   }
+}
+
+class TooLarge extends Error {}
+
+/**
+ * The body as text, read as a stream and dropped as soon as it passes `max` bytes (a declared
+ * `content-length` over it is refused before a byte is read).
+ */
+async function readCapped(response: Response, max: number): Promise<string> {
+  const declared = Number(response.headers.get("content-length") ?? NaN);
+  if (declared > max) {
+    await response.body?.cancel().catch(() => {});
+    throw new TooLarge();
+  }
+  if (!response.body) return "";
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  const reader = response.body.getReader();
+  try {
+    for (let read; !(read = await reader.read()).done;) {
+      size += read.value.length;
+      if (size > max) throw new TooLarge();
+      chunks.push(read.value);
+    }
+  } catch (error) {
+    await reader.cancel().catch(() => {});
+    throw error;
+  } finally {
+    reader.releaseLock();
+  }
+  const bytes = new Uint8Array(size);
+  let at = 0;
+  for (const chunk of chunks) bytes.set(chunk, (at += chunk.length) - chunk.length);
+  return new TextDecoder().decode(bytes);
 }
 
 /** Why fetch failed, short: Deno hides the reason in `cause`, in a long sentence. */

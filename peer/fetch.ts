@@ -7,6 +7,26 @@
 import { type Download, formatHostPort, PeerError, TcpPeerClient } from "./tcp.ts";
 import { parseAddress } from "../broker.ts";
 import { IntegrityError, type Store } from "./store.ts";
+import { escapeControl } from "../common/cli.ts";
+
+/**
+ * The largest fragment fetched when the store has no manifest to say its size (the peer's
+ * `--max-fragment`): a holder announcing more is taken for a liar, before a byte is written.
+ * 1 GiB: the default split (10 fragments) of a file up to 10 GiB fits under it, and a split into
+ * its most fragments (5,000) of any file up to 5 TiB; a liar costs at most that much temporary
+ * disk, removed at once. With a manifest, the manifest's size rules.
+ */
+export const DEFAULT_MAX_FRAGMENT = 1024 ** 3;
+/**
+ * A fragment's bytes must arrive at least this fast (bytes per second) in each window of
+ * {@link DEFAULT_RATE_WINDOW_MS} from its first line on, or its holder is left for the next:
+ * the rate a peer's TCP server asks of its readers too. A holder that drips a byte every few
+ * seconds is left within 20 s; a seeder at `--max-upload 20KB/s` sharing its two upload slots
+ * (10 KB/s each, in 64 KiB bursts) still passes.
+ */
+export const DEFAULT_MIN_RATE = 8 * 1024;
+/** The window {@link DEFAULT_MIN_RATE} is measured over. */
+export const DEFAULT_RATE_WINDOW_MS = 20_000;
 
 /** A peer that may hold a fragment: its host, TCP port and gRPC port. */
 export interface Holder {
@@ -44,6 +64,15 @@ export interface FetcherOptions {
   avoidMs?: number;
   /** Diagnostics, one line each (a holder down, bad bytes). */
   log?: (line: string) => void;
+  /**
+   * The largest fragment taken without a manifest (bytes); a holder announcing more is left as
+   * a liar. @default DEFAULT_MAX_FRAGMENT (1 GiB)
+   */
+  maxFragment?: number;
+  /** A holder sending slower than this (bytes per second) over a window is left. @default 8192 */
+  minRate?: number;
+  /** @default 20_000 */
+  rateWindowMs?: number;
 }
 
 /** Nobody could provide the fragment; `failures` says what happened with each holder. */
@@ -138,6 +167,8 @@ export class Fetcher implements Disposable {
       }
       const failure = await this.#attempt(name, holder, address, transport, signal);
       if (!failure) return address;
+      // Its text quotes what the holder said: shown on a terminal, it must stay plain text.
+      failure.text = escapeControl(failure.text);
       failures.push(failure);
       if (failure.kind === "bad" || failure.kind === "down") {
         this.#options.log?.(`[!] ${failure.text}; trying the next holder`);
@@ -191,7 +222,8 @@ export class Fetcher implements Disposable {
           return { address, kind: "elsewhere", text, elsewhere: error.elsewhere };
         }
         if (error instanceof PeerError) {
-          return { address, kind: "missing", text: `${address} answered ${error.code}` };
+          const said = error.message === "" ? "" : `: ${error.message.slice(0, 200)}`;
+          return { address, kind: "missing", text: `${address} answered ${error.code}${said}` };
         }
         return { address, kind: "down", text: `${address} failed (${message(error)})` };
       }
@@ -203,13 +235,29 @@ export class Fetcher implements Disposable {
         download.cancel?.();
         return { address, kind: "missing", text: `${address} holds another file's '${name}'` };
       }
+      const max = this.#options.maxFragment ?? DEFAULT_MAX_FRAGMENT;
+      if (!want && download.size > max) {
+        client?.close(); // the bytes will not be read
+        download.cancel?.();
+        this.#avoid(holder);
+        return {
+          address,
+          kind: "bad",
+          text: `${address} announced '${name}' at ${formatSize(download.size)}, over the ` +
+            `${formatSize(max)} a fragment may have (--max-fragment); avoiding it`,
+        };
+      }
+      const rate = this.#watchRate(address, download, () => {
+        client?.close();
+        download.cancel?.();
+      });
       try {
-        await this.#store.write(name, download, fromSource(download.chunks));
+        await this.#store.write(name, download, fromSource(rate.chunks));
       } catch (error) {
         client?.close(); // the exchange may have stopped half-way
+        if (rate.slow) return { address, kind: "down", text: rate.slow };
         if (error instanceof IntegrityError) {
-          const avoidMs = this.#options.avoidMs ?? 60_000;
-          this.#avoidUntil.set(holderAddress(holder.host, holder.port), Date.now() + avoidMs);
+          this.#avoid(holder);
           return {
             address,
             kind: "bad",
@@ -229,12 +277,59 @@ export class Fetcher implements Disposable {
             cause: error,
           },
         );
+      } finally {
+        rate.stop();
       }
       return undefined;
     } finally {
       signal?.removeEventListener("abort", onAbort);
       if (client) this.#release(address, client);
     }
+  }
+
+  #avoid(holder: Holder): void {
+    const avoidMs = this.#options.avoidMs ?? 60_000;
+    this.#avoidUntil.set(holderAddress(holder.host, holder.port), Date.now() + avoidMs);
+  }
+
+  /**
+   * Passes `download`'s chunks through, counting them: when a window (`rateWindowMs`) passes
+   * with fewer bytes than `minRate` asks (or than were left), `giveUp` ends the download and
+   * `slow` says why. Over TCP and gRPC alike, for the console and the swarm alike.
+   */
+  #watchRate(
+    address: string,
+    download: Download,
+    giveUp: () => void,
+  ): { chunks: AsyncIterable<Uint8Array>; readonly slow: string | undefined; stop(): void } {
+    const minRate = this.#options.minRate ?? DEFAULT_MIN_RATE;
+    const windowMs = this.#options.rateWindowMs ?? DEFAULT_RATE_WINDOW_MS;
+    let received = 0;
+    let atWindowStart = 0;
+    let slow: string | undefined;
+    const timer = setInterval(() => {
+      const got = received - atWindowStart;
+      const needed = Math.min(minRate * windowMs / 1000, download.size - atWindowStart);
+      atWindowStart = received;
+      if (got >= needed) return;
+      clearInterval(timer);
+      slow = `${address} sent too slowly (${formatSize(got)} in ` +
+        `${windowMs / 1000} s, under the ${formatSize(minRate)}/s a fragment needs)`;
+      giveUp();
+    }, windowMs);
+    async function* chunks(): AsyncGenerator<Uint8Array> {
+      for await (const chunk of download.chunks) {
+        received += chunk.length;
+        yield chunk;
+      }
+    }
+    return {
+      chunks: chunks(),
+      get slow() {
+        return slow;
+      },
+      stop: () => clearInterval(timer),
+    };
   }
 
   // Requests `name` on an idle connection to `address`, or a new one. An idle connection may be
@@ -301,6 +396,30 @@ async function* fromSource(chunks: AsyncIterable<Uint8Array>): AsyncGenerator<Ui
   } catch (error) {
     throw new SourceError("The sender failed", { cause: error });
   }
+}
+
+/** `bytes` for a person: `512 bytes`, `16 KiB`, `1.5 GiB`. */
+export function formatSize(bytes: number): string {
+  const units = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+  let value = bytes;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit++;
+  }
+  const shown = unit === 0 || Number.isInteger(value) ? String(value) : value.toFixed(1);
+  return `${shown} ${bytes === 1 ? "byte" : units[unit]}`;
+}
+
+/** Parses a size: `256MiB`, `1GiB`, `500MB`, `1.5G` or a number of bytes. */
+export function parseSize(text: string): number {
+  const match = text.trim().match(/^(\d+(?:\.\d+)?)\s*(?:([kmgt])(i)?b?|b)?$/i);
+  const power = { k: 1, m: 2, g: 3, t: 4 }[match?.[2]?.toLowerCase() ?? ""] ?? 0;
+  const size = match ? Math.floor(Number(match[1]) * (match[3] ? 1024 : 1000) ** power) : NaN;
+  if (!(size >= 1) || !Number.isSafeInteger(size)) {
+    throw new TypeError(`Invalid size "${text}": expected e.g. 256MiB, 1GiB or 1000000`);
+  }
+  return size;
 }
 
 function message(error: unknown): string {

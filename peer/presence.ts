@@ -17,6 +17,7 @@ import {
   type PeerState,
 } from "../directory.ts";
 import type { Manifest } from "../split.ts";
+import { escapeControl } from "../common/cli.ts";
 
 export interface PresenceOptions {
   /** The peer's state as the directory should see it now. */
@@ -26,12 +27,28 @@ export interface PresenceOptions {
    * fragments belong to, unless the state names one itself.
    */
   manifest: () => Manifest | undefined;
+  /** Diagnostics, one line each; what the directory said in them is escaped (see escapeControl). */
   log: (line: string) => void;
   /**
    * Retry delay while the directory is unreachable; the first of the delays, doubling up to
    * ttl/3, while it answers with a refusal (or something that is not a directory). @default 1000
    */
   retryMs?: number;
+}
+
+/**
+ * The ttl a directory answers is taken between these bounds (seconds), and as the default when it
+ * is missing or not a number: the directory's own --ttl range (0 becomes 1). A ttl of 0 (a heartbeat loop with
+ * no pause) or of years (a peer that never heartbeats) would come from a broken or hostile server.
+ */
+export const MIN_TTL = 1;
+export const MAX_TTL = 86_400;
+export const DEFAULT_TTL = 30;
+
+/** `ttl` as the directory answered it, made safe to heartbeat by: see {@link MIN_TTL}. */
+export function clampTtl(ttl: unknown): number {
+  if (typeof ttl !== "number" || Number.isNaN(ttl)) return DEFAULT_TTL;
+  return Math.min(MAX_TTL, Math.max(MIN_TTL, ttl));
 }
 
 /** The longest wait between two tries of a publication the directory refused. */
@@ -55,7 +72,7 @@ export class Presence implements AsyncDisposable {
   #key: PeerKey | undefined;
   /** The host the directory listed this peer at, when it was not the one it advertised. */
   #saidHost: string | undefined;
-  #ttl = 30;
+  #ttl = DEFAULT_TTL;
   #reachable: boolean | undefined;
   #published: string | undefined;
   // Whether the peer held fragments when it last published: the directory drops a file no live
@@ -132,7 +149,7 @@ export class Presence implements AsyncDisposable {
           const retrying = error.status === 0
             ? "working with neighbours only, retrying in the background"
             : "retrying";
-          this.#options.log(`[DIRECTORY] ${error.message}; ${retrying}`);
+          this.#options.log(`[DIRECTORY] ${escapeControl(error.message)}; ${retrying}`);
           this.#reachable = false;
         }
         // Unreachable: try again soon, it costs a refused connection. An answer that refuses
@@ -166,22 +183,22 @@ export class Presence implements AsyncDisposable {
     if (this.#key !== undefined) {
       try {
         const heartbeat = await this.client.heartbeat(this.#key, state);
-        this.#ttl = heartbeat.ttl;
-        if (heartbeat.recreated) { // a new directory knows no files, and may have room
+        this.#ttl = clampTtl(heartbeat?.ttl);
+        if (heartbeat?.recreated) { // a new directory knows no files, and may have room
           this.#published = undefined;
           this.#refusal = undefined;
         }
       } catch (error) {
         // The directory forgot this peer and another owner took its id since: start afresh.
         if (!(error instanceof DirectoryError) || error.status !== 403) throw error;
-        this.#options.log(`[DIRECTORY] ${error.detail}; registering again`);
+        this.#options.log(`[DIRECTORY] ${escapeControl(error.detail)}; registering again`);
         this.#key = undefined;
       }
     }
     if (this.#key === undefined) {
       const registration = await this.client.register(state, { secret: this.#secret });
       this.#key = { id: registration.id, secret: registration.secret };
-      this.#ttl = registration.ttl;
+      this.#ttl = clampTtl(registration.ttl);
       this.#published = undefined;
       if (state.host !== undefined && registration.host !== state.host) {
         this.#sayListedAt(registration.host, state.host);
@@ -201,8 +218,9 @@ export class Presence implements AsyncDisposable {
   #sayListedAt(host: string, advertised: string): void {
     if (this.#saidHost === host) return;
     this.#saidHost = host;
+    const listed = escapeControl(String(host)); // the directory's word
     this.#options.log(
-      `[DIRECTORY] Listed at "${host}", not at the advertised "${advertised}": the directory ` +
+      `[DIRECTORY] Listed at "${listed}", not at the advertised "${advertised}": the directory ` +
         "takes the address a peer registers from, unless started with --trust-advertise",
     );
   }
@@ -269,8 +287,8 @@ function refusalMeaning(error: DirectoryError): string {
     return "another file is published under that name, with other contents or split another way";
   }
   if (error.status === 429) return "the directory lists as many files as it may";
-  if (error.status >= 500) return `the directory failed: ${error.detail}`;
-  return `the directory refused it: ${error.detail}`;
+  if (error.status >= 500) return `the directory failed: ${escapeControl(error.detail)}`;
+  return `the directory refused it: ${escapeControl(error.detail)}`;
 }
 
 /** `ms` give or take a fifth, so that peers refused together do not all come back together. */

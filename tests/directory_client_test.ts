@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { DirectoryClient, DirectoryError, newSecret, startDirectory } from "../directory.ts";
 import type { Manifest } from "../split.ts";
-import { Presence } from "../peer/presence.ts";
+import { clampTtl, Presence } from "../peer/presence.ts";
 
 const SHA = "0".repeat(64);
 const MANIFEST: Manifest = {
@@ -674,4 +674,168 @@ Deno.test("Presence says once that the directory lists it elsewhere than the hos
     '[DIRECTORY] Listed at "127.0.0.1", not at the advertised "peer1.example": the directory ' +
     "takes the address a peer registers from, unless started with --trust-advertise",
   ]);
+});
+
+/**
+ * A "directory" on a raw socket that answers every request with 200 and a JSON body that never
+ * ends (or, with `declare`, says it is 1 GiB long), counting the bytes it got out.
+ */
+function endlessDirectory({ declare = false } = {}) {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const conns = new Set<Deno.Conn>();
+  const handlers = new Set<Promise<void>>();
+  let sent = 0;
+  const serving = (async () => {
+    for await (const conn of listener) {
+      conns.add(conn);
+      const handler = (async () => {
+        await conn.read(new Uint8Array(64 * 1024)); // the request: its contents do not matter
+        const length = declare ? `content-length: ${1024 ** 3}\r\n` : "";
+        await conn.write(
+          new TextEncoder().encode(
+            `HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n${length}connection: close\r\n\r\n[`,
+          ),
+        );
+        const filler = new TextEncoder().encode("0,".repeat(32 * 1024));
+        while (true) sent += await conn.write(filler);
+      })().catch(() => {}).finally(() => {
+        conns.delete(conn);
+        try {
+          conn.close();
+        } catch { /* closed */ }
+      });
+      handlers.add(handler);
+    }
+  })().catch(() => {});
+  return {
+    url: `http://127.0.0.1:${(listener.addr as Deno.NetAddr).port}`,
+    get sent() {
+      return sent;
+    },
+    async [Symbol.asyncDispose]() {
+      listener.close();
+      for (const conn of conns) {
+        try {
+          conn.close();
+        } catch { /* closed */ }
+      }
+      await serving;
+      await Promise.all(handlers);
+    },
+  };
+}
+
+for (const declare of [false, true]) {
+  Deno.test(`DirectoryClient stops reading an answer past 8 MiB ${declare ? "that says it is 1 GiB" : "that never ends"}, with a BAD_RESPONSE error`, async () => {
+    await using hostile = endlessDirectory({ declare });
+    const client = new DirectoryClient(hostile.url, { timeoutMs: 10_000 });
+    const start = performance.now();
+    const error = await rejection(() => client.listFiles());
+    assert.deepEqual([error.status, error.code], [200, "BAD_RESPONSE"]);
+    assert.equal(
+      error.message,
+      `GET /files answered more than 8 MiB: is "${hostile.url}" a directory?`,
+    );
+    assert.ok(performance.now() - start < 5_000, "well before the call's timeout");
+    // What it got out is the cap and what socket buffers hold, not the endless rest.
+    await idle(100);
+    assert.ok(hostile.sent < 32 * 1024 ** 2, `the directory wrote ${hostile.sent} bytes`);
+  });
+}
+
+Deno.test("DirectoryClient reads an answer up to its maxResponseBytes", async () => {
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
+  const health = await new DirectoryClient(directory.url, { maxResponseBytes: 1000 }).health();
+  assert.ok(health);
+  const error = await rejection(() =>
+    new DirectoryClient(directory.url, { maxResponseBytes: 10 }).health()
+  );
+  assert.equal(error.code, "BAD_RESPONSE");
+  assert.match(error.message, /^GET \/health answered more than 10 bytes: is ".*" a directory\?$/);
+});
+
+/** A fake directory that answers registrations and heartbeats with `ttl` (absent: none). */
+function directoryAnswering(ttl: unknown) {
+  let requests = 0;
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (request) => {
+    requests++;
+    if (request.method === "DELETE") return new Response(null, { status: 204 });
+    const body = { id: "p1", secret: "s".repeat(32), host: "127.0.0.1", recreated: false };
+    return Response.json(ttl === undefined ? body : { ...body, ttl });
+  });
+  return {
+    url: `http://127.0.0.1:${server.addr.port}`,
+    get requests() {
+      return requests;
+    },
+    [Symbol.asyncDispose]: () => server.shutdown(),
+  };
+}
+
+Deno.test("Presence heartbeats every third of a second, not in a busy loop, for a ttl of 0", async () => {
+  await using directory = directoryAnswering(0);
+  const presence = new Presence(new DirectoryClient(directory.url), {
+    state: () => state(6001, []),
+    manifest: () => undefined,
+    log: () => {},
+  });
+  try {
+    await idle(1_200);
+  } finally {
+    await presence.close();
+  }
+  // The registration and a heartbeat every 333 ms (the ttl taken as 1 s), and the leave.
+  assert.ok(directory.requests >= 4 && directory.requests <= 8, `${directory.requests} requests`);
+});
+
+for (const [what, ttl] of [["missing", undefined], ["absurd", 1e12], ["not a number", "x"]]) {
+  Deno.test(`Presence does not heartbeat at once for a ttl that is ${what}`, async () => {
+    await using directory = directoryAnswering(ttl);
+    const presence = new Presence(new DirectoryClient(directory.url), {
+      state: () => state(6001, []),
+      manifest: () => undefined,
+      log: () => {},
+    });
+    try {
+      await idle(500);
+      assert.equal(directory.requests, 1); // the registration alone
+    } finally {
+      await presence.close();
+    }
+  });
+}
+
+Deno.test("clampTtl() takes a directory's ttl between 1 s and a day, 30 s when missing", () => {
+  assert.deepEqual(
+    [undefined, null, "30", NaN, 0, -5, 0.5, 1, 30, 86_400, 1e12, Infinity].map(clampTtl),
+    [30, 30, 30, 30, 1, 1, 1, 1, 30, 86_400, 86_400, 86_400],
+  );
+});
+
+Deno.test("Presence logs what a directory says with its control characters escaped", async () => {
+  const server = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+    () =>
+      Response.json(
+        { error: { code: "BAD_REQUEST", message: "no\x1b[2J\x1b]0;pwned\x07" } },
+        { status: 400 },
+      ),
+  );
+  await using _server = { [Symbol.asyncDispose]: () => server.shutdown() };
+  const { lines, log } = logged();
+  const presence = new Presence(new DirectoryClient(`http://127.0.0.1:${server.addr.port}`), {
+    state: () => state(6001, []),
+    manifest: () => undefined,
+    log,
+    retryMs: 20,
+  });
+  try {
+    await eventually(() => Promise.resolve(lines.length > 0));
+  } finally {
+    await presence.close();
+  }
+  assert.equal(
+    lines[0],
+    "[DIRECTORY] POST /peers failed: no\\x1b[2J\\x1b]0;pwned\\x07; retrying",
+  );
 });

@@ -1,6 +1,14 @@
 import { assert, assertEquals, assertMatch, assertRejects } from "./_assert.ts";
 import { join } from "node:path";
-import { Fetcher, FetchError, type Holder, StoreWriteError } from "../peer/fetch.ts";
+import {
+  Fetcher,
+  FetchError,
+  formatSize,
+  type Holder,
+  parseSize,
+  StoreWriteError,
+} from "../peer/fetch.ts";
+import { createThrottle } from "../common/throttle.ts";
 import { startTcpServer } from "../peer/tcp.ts";
 import { Store } from "../peer/store.ts";
 import { type Manifest, MANIFEST_NAME as MANIFEST, SAMPLE_VIDEO, splitFile } from "../split.ts";
@@ -189,4 +197,237 @@ Deno.test("Fetcher passes over a holder of another file's fragment of the same n
     FetchError,
   );
   assertMatch(error.message, new RegExp(`holds another file's '${manifest.fragments[2]!.name}'`));
+});
+
+/**
+ * A fake holder on a real socket: answers each request line with `header`, then sends what
+ * `body(conn)` writes. Counts connections and bytes it got written; closing stops it all.
+ */
+function startFake(header: string, body: (conn: Deno.Conn) => Promise<void> = async () => {}) {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const conns = new Set<Deno.Conn>();
+  const handlers = new Set<Promise<void>>();
+  let connections = 0;
+  const serving = (async () => {
+    for await (const conn of listener) {
+      connections++;
+      conns.add(conn);
+      const handler = (async () => {
+        const buffer = new Uint8Array(1024);
+        while ((await conn.read(buffer)) !== null) {
+          if (!new TextDecoder().decode(buffer).startsWith("GET ")) continue; // HELLO and such
+          await conn.write(encoder.encode(header + "\n"));
+          await body(conn);
+        }
+      })().catch(() => {}).finally(() => {
+        conns.delete(conn);
+        try {
+          conn.close();
+        } catch { /* closed */ }
+      });
+      handlers.add(handler);
+    }
+  })().catch(() => {});
+  return {
+    port: (listener.addr as Deno.NetAddr).port,
+    get connections() {
+      return connections;
+    },
+    async [Symbol.asyncDispose]() {
+      listener.close();
+      for (const conn of conns) {
+        try {
+          conn.close();
+        } catch { /* closed */ }
+      }
+      await serving;
+      await Promise.all(handlers);
+    },
+  };
+}
+
+const HASH = "ab".repeat(32);
+
+Deno.test("Fetcher refuses a fragment announced over --max-fragment before writing a byte, avoids its holder, and fetches from the next", async () => {
+  await using dir = await tempDir();
+  const { seeder, manifest } = await seed(dir.path);
+  await using good = startTcpServer(seeder, { port: 0, hostname: "127.0.0.1" });
+  let sent = 0;
+  // It announces a terabyte and would send zeros for as long as it is read.
+  await using liar = startFake(`OK ${2 ** 40} ${HASH}`, async (conn) => {
+    const zeros = new Uint8Array(64 * 1024);
+    while (true) sent += await conn.write(zeros);
+  });
+  const viewerDir = join(dir.path, "viewer"); // no manifest: nothing says how big it is
+  const logs: string[] = [];
+  using fetcher = new Fetcher(await Store.open(viewerDir), { log: (line) => logs.push(line) });
+  const name = manifest.fragments[0]!.name;
+  assertEquals(
+    await fetcher.fetch(name, [local(liar.port), local(good.port)]),
+    `127.0.0.1:${good.port}`,
+  );
+  assertMatch(
+    logs.join("\n"),
+    /127\.0\.0\.1:\d+ announced 'fragment_0\.bin' at 1 TiB, over the 1 GiB a fragment may have \(--max-fragment\); avoiding it; trying the next holder/,
+  );
+  assert(fetcher.isAvoided(local(liar.port)));
+  assertEquals([...Deno.readDirSync(viewerDir)].map((e) => e.name), [name]);
+  // The connection was dropped at once: what the liar got out is what socket buffers hold.
+  assert(sent < 16 * 1024 * 1024, `the liar wrote ${sent} bytes`);
+});
+
+Deno.test("Fetcher takes the manifest's word on a fragment's size over --max-fragment", async () => {
+  await using dir = await tempDir();
+  const { seeder, manifest } = await seed(dir.path); // fragments of about 600 KB
+  await using good = startTcpServer(seeder, { port: 0, hostname: "127.0.0.1" });
+  await Deno.mkdir(join(dir.path, "viewer"));
+  await Deno.copyFile(join(dir.path, "seeder", MANIFEST), join(dir.path, "viewer", MANIFEST));
+  using fetcher = new Fetcher(await Store.open(join(dir.path, "viewer")), { maxFragment: 1000 });
+  await fetcher.fetch(manifest.fragments[1]!.name, [local(good.port)]);
+  // Without the manifest, the same bound refuses it.
+  using loose = new Fetcher(await Store.open(join(dir.path, "loose")), { maxFragment: 1000 });
+  const error = await assertRejects(
+    () => loose.fetch(manifest.fragments[1]!.name, [local(good.port)]),
+    FetchError,
+  );
+  assertMatch(error.message, /over the 1000 bytes a fragment may have/);
+  assertEquals(error.failures[0]?.kind, "bad");
+});
+
+Deno.test("Fetcher refuses a gRPC download whose first message announces more than --max-fragment", async () => {
+  await using dir = await tempDir();
+  let pulled = 0;
+  let cancelled = false;
+  using fetcher = new Fetcher(await Store.open(join(dir.path, "viewer")), {
+    grpcDownload: () =>
+      Promise.resolve({
+        size: 2 ** 40,
+        sha256: HASH,
+        chunks: (async function* () {
+          while (true) yield new Uint8Array(1024 * 1024).fill(++pulled);
+        })(),
+        cancel: () => cancelled = true,
+      }),
+  });
+  const error = await assertRejects(
+    () => fetcher.fetch("fragment_0.bin", [local(1)], { transport: "grpc" }),
+    FetchError,
+  );
+  assertMatch(error.message, /announced 'fragment_0\.bin' at 1 TiB, over the 1 GiB/);
+  assertEquals([pulled, cancelled], [0, true]);
+  assertEquals([...Deno.readDirSync(join(dir.path, "viewer"))], []);
+});
+
+Deno.test("Fetcher leaves a holder that drips its bytes, and fetches from the next", async () => {
+  await using dir = await tempDir();
+  const { seeder, manifest } = await seed(dir.path);
+  await using good = startTcpServer(seeder, { port: 0, hostname: "127.0.0.1" });
+  const fragment = manifest.fragments[2]!;
+  // A byte every 20 ms: each read comes in well under the 15 s read timeout, for hours.
+  await using dripper = startFake(`OK ${fragment.size} ${fragment.sha256}`, async (conn) => {
+    while (true) {
+      await conn.write(new Uint8Array(1));
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+  });
+  const logs: string[] = [];
+  const viewerDir = join(dir.path, "viewer");
+  using fetcher = new Fetcher(await Store.open(viewerDir), {
+    log: (line) => logs.push(line),
+    minRate: 64 * 1024,
+    rateWindowMs: 300,
+  });
+  const start = performance.now();
+  // Without a rate to keep, this would take hours: cut it short, so the test fails instead.
+  const limit = new AbortController();
+  const timer = setTimeout(() => limit.abort(), 5_000);
+  try {
+    assertEquals(
+      await fetcher.fetch(fragment.name, [local(dripper.port), local(good.port)], {
+        signal: limit.signal,
+      }),
+      `127.0.0.1:${good.port}`,
+    );
+  } finally {
+    clearTimeout(timer);
+  }
+  assert(performance.now() - start < 2_000, "left within about one window");
+  assertMatch(
+    logs.join("\n"),
+    /\[!\] 127\.0\.0\.1:\d+ sent too slowly \(\d+ bytes? in 0\.3 s, under the 64 KiB\/s a fragment needs\); trying the next holder/,
+  );
+  assert(!fetcher.isAvoided(local(dripper.port)), "slow is not lying");
+  assertEquals([...Deno.readDirSync(viewerDir)].map((e) => e.name), [fragment.name]);
+});
+
+Deno.test("Fetcher keeps a holder that is paced but steady above the minimum rate", async () => {
+  await using dir = await tempDir();
+  const { seeder, manifest } = await seed(dir.path);
+  // About 600 KB at 500 KB/s: a second and more, in 64 KiB writes, against 64 KiB/s windows.
+  await using paced = startTcpServer(seeder, {
+    port: 0,
+    hostname: "127.0.0.1",
+    throttle: createThrottle(500_000),
+  });
+  const logs: string[] = [];
+  using fetcher = new Fetcher(await Store.open(join(dir.path, "viewer")), {
+    log: (line) => logs.push(line),
+    minRate: 64 * 1024,
+    rateWindowMs: 300,
+  });
+  const name = manifest.fragments[0]!.name;
+  assertEquals(await fetcher.fetch(name, [local(paced.port)]), `127.0.0.1:${paced.port}`);
+  assertEquals(logs, []);
+});
+
+Deno.test("Fetcher shows a holder's ERR text with its control characters escaped", async () => {
+  await using dir = await tempDir();
+  await using rude = startFake("ERR NOT_FOUND \x1b]0;pwned\x07\x1b[2J\x9b31m gone");
+  using fetcher = new Fetcher(await Store.open(join(dir.path, "viewer")));
+  const error = await assertRejects(
+    () => fetcher.fetch("fragment_0.bin", [local(rude.port)]),
+    FetchError,
+  );
+  assertEquals(
+    error.message,
+    `Could not fetch 'fragment_0.bin': 127.0.0.1:${rude.port} answered NOT_FOUND: ` +
+      "\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m gone",
+  );
+  assertEquals(error.failures[0]?.text.includes("\x1b"), false);
+});
+
+Deno.test("Fetcher takes a malformed OK line for a broken holder and reads none of its bytes", async () => {
+  await using dir = await tempDir();
+  for (const header of ["OK -5 " + HASH, "OK 12abc " + HASH, "OK 10 nothex", `OK 1e3 ${HASH}`]) {
+    await using broken = startFake(header, async (conn) => {
+      await conn.write(new Uint8Array(10));
+    });
+    using fetcher = new Fetcher(await Store.open(join(dir.path, "viewer")));
+    const error = await assertRejects(
+      () => fetcher.fetch("fragment_0.bin", [local(broken.port)]),
+      FetchError,
+    );
+    assertMatch(error.message, /failed \(Malformed answer from 127\.0\.0\.1:\d+: "OK /);
+    assertEquals([...Deno.readDirSync(join(dir.path, "viewer"))], []);
+  }
+});
+
+Deno.test("parseSize() reads --max-fragment sizes, and formatSize() shows them", () => {
+  assertEquals(parseSize("256MiB"), 256 * 1024 ** 2);
+  assertEquals(parseSize("1GiB"), 1024 ** 3);
+  assertEquals(parseSize("500MB"), 500e6);
+  assertEquals(parseSize("1000000"), 1e6);
+  for (const bad of ["", "0", "-1", "big", "1 PiB"]) {
+    let threw = false;
+    try {
+      parseSize(bad);
+    } catch (error) {
+      threw = error instanceof TypeError;
+    }
+    assert(threw, `"${bad}" is refused`);
+  }
+  assertEquals(formatSize(2 ** 40), "1 TiB");
+  assertEquals(formatSize(1536), "1.5 KiB");
+  assertEquals(formatSize(1000), "1000 bytes");
+  assertEquals(formatSize(1), "1 byte");
 });

@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { startBroker } from "../broker.ts";
+import { escapeControl } from "../common/cli.ts";
 import { Child, runTask, startTask, taskArgv } from "./_util.ts";
 
 /** Starts `deno task broker --port 0 ...` and reads back the port it got. */
@@ -179,4 +180,42 @@ Deno.test("deno task broker keeps serving when it runs out of file descriptors, 
   assert.equal(code, 0, stderr);
   await broker.waitFor(/Accepting connections again/, { stream: "stderr" });
   assert.equal(broker.stderr.match(/Cannot accept/g)?.length, 1, broker.stderr);
+});
+
+Deno.test("subscribe.ts prints a message's control characters escaped, so it stays one line of plain text", async () => {
+  const [broker, port] = await startBrokerTask();
+  await using _broker = broker;
+  await using subscriber = startTask("subscribe", ["fragmentos", "--broker", `localhost:${port}`]);
+  await subscriber.waitFor(/Waiting for messages/, { stream: "stderr" });
+  // A publisher on a raw socket: a terminal title, a screen wipe, C1 CSI, a carriage return and
+  // a right-to-left override, all inside one message.
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+  try {
+    const message = "fragment_1.bin\x1b]0;pwned\x07\x1b[2J\x9b31m\rend\u202e!";
+    await conn.write(new TextEncoder().encode(`PUB:fragmentos:${message}\nPING\n`));
+    const reply = new Uint8Array(64);
+    const n = await conn.read(reply);
+    assert.match(new TextDecoder().decode(reply.subarray(0, n ?? 0)), /PONG/);
+  } finally {
+    conn.close();
+  }
+  await subscriber.waitFor(/^\[fragmentos\] fragment_1\.bin.*$/m, { stream: "stdout" });
+  subscriber.kill("SIGINT");
+  await subscriber.status();
+  assert.equal(
+    subscriber.stdout,
+    "[fragmentos] fragment_1.bin\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m\\x0dend\\u202e!\n",
+  );
+});
+
+Deno.test("escapeControl() escapes control, separator and bidi characters and leaves the rest", () => {
+  assert.equal(
+    escapeControl("fragment_5.bin localhost:6001 sample.webm"),
+    "fragment_5.bin localhost:6001 sample.webm",
+  );
+  assert.equal(escapeControl("é ✓ 日本 \\x1b"), "é ✓ 日本 \\x1b");
+  assert.equal(
+    escapeControl("\x00\t\n\x7f\x85\u2028\u2066"),
+    "\\x00\\x09\\x0a\\x7f\\x85\\u2028\\u2066",
+  );
 });
