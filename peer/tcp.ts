@@ -216,7 +216,13 @@ async function serveConnection(
     clearTimeout(watchdog);
     watchdog = setTimeout(cut, idleTimeoutMs);
   };
-  const client: Client = { remote, closed, usedAt: performance.now(), fetching: 0 };
+  const client: Client = {
+    remote,
+    closed,
+    usedAt: performance.now(),
+    fetching: 0,
+    send: (bytes, paced) => send(bytes, paced), // defined below, with the rate meter
+  };
   // And a connection that asks for nothing (GET, LIST) for as long is closed too, however
   // much it PINGs: a keepalive alone must not hold one of the server's slots for ever.
   let unused: ReturnType<typeof setTimeout> | undefined;
@@ -282,7 +288,7 @@ async function serveConnection(
       progress();
       lines.push(buffer.subarray(0, n));
       for (let line; (line = lines.shift()) !== undefined;) {
-        await answer(line, store, send, client, options);
+        await answer(line, store, client, options);
       }
       if (lines.overflow) {
         await send(encoder.encode("ERR BAD_REQUEST line too long\n"));
@@ -308,35 +314,41 @@ interface Client {
   usedAt: number;
   /** Fragment requests being answered (waiting for a slot, or sending). */
   fetching: number;
+  /** Writes to the connection; only fragment bodies are `paced` (--max-upload). */
+  send: (bytes: Uint8Array, paced?: boolean) => Promise<void>;
   /** A fragment's body starts (true) or ends (false): its pace is watched meanwhile. */
   body?: (sending: boolean) => void;
+}
+
+/** Sends one reply line, unpaced. */
+function reply(client: Client, text: string): Promise<void> {
+  return client.send(encoder.encode(text + "\n"));
 }
 
 async function answer(
   line: string,
   store: Store,
-  send: (bytes: Uint8Array, paced?: boolean) => Promise<void>,
   client: Client,
   options: TcpServerOptions & { slots: UploadSlots },
 ): Promise<void> {
-  const reply = (text: string) => send(encoder.encode(text + "\n"));
   const request = parseRequest(line);
-  if ("error" in request) return reply(`ERR BAD_REQUEST ${request.error}`);
-  if (request.verb === "PING") return reply("PONG");
+  if ("error" in request) return reply(client, `ERR BAD_REQUEST ${request.error}`);
+  if (request.verb === "PING") return reply(client, "PONG");
   if (request.verb === "HELLO") {
     client.peer = request.peer;
-    return reply("OK");
+    return reply(client, "OK");
   }
   client.usedAt = performance.now();
   if (request.verb === "LIST") {
     const held = store.list();
     return reply(
+      client,
       [`OK ${held.length}`, ...held.map((f) => `${f.name} ${f.size} ${f.sha256}`)].join("\n"),
     );
   }
   client.fetching++;
   try {
-    await answerGet(request.name, store, send, client, options);
+    await answerGet(request.name, store, client, options);
   } finally {
     client.fetching--;
     client.usedAt = performance.now();
@@ -346,28 +358,26 @@ async function answer(
 async function answerGet(
   name: string,
   store: Store,
-  send: (bytes: Uint8Array, paced?: boolean) => Promise<void>,
   client: Client,
   options: TcpServerOptions & { slots: UploadSlots },
 ): Promise<void> {
-  const reply = (text: string) => send(encoder.encode(text + "\n"));
   const opened = await store.open(name) ??
     (await store.adopt(name) && await store.open(name));
-  if (!opened) return reply(`ERR NOT_FOUND no fragment "${name}" here`);
+  if (!opened) return reply(client, `ERR NOT_FOUND no fragment "${name}" here`);
   using file = opened.file;
   const { slots, steering } = options;
   // Pointed elsewhere at once, without waiting for a slot, when other uploads are under way.
   const pointer = steering?.redirect(name, client.peer, slots.active + slots.waiting > 0);
-  if (pointer) return reply(`ERR ELSEWHERE ${pointer.join(" ")}`);
+  if (pointer) return reply(client, `ERR ELSEWHERE ${pointer.join(" ")}`);
   // In flight counts toward its receiver from the moment it is asked for, waiting included:
   // others asking for it meanwhile are pointed there.
   if (client.peer) steering?.have(name, client.peer);
   try {
     const release = await slots.acquire(client.peer ?? client.remote, client.closed);
     try {
-      await reply(`OK ${opened.info.size} ${opened.info.sha256}`);
+      await reply(client, `OK ${opened.info.size} ${opened.info.sha256}`);
       client.body?.(true);
-      await sendBody(file, opened.info.size, name, (bytes) => send(bytes, true));
+      await sendBody(file, opened.info.size, name, (bytes) => client.send(bytes, true));
     } finally {
       client.body?.(false);
       release();
