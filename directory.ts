@@ -21,14 +21,19 @@
  * (the state), `directory/app.ts` (the Hono app), `directory/server.ts` (connections) and
  * `directory/client.ts` (the client).
  *
- * Usage: `deno task directory [--port 5000] [--ttl 30] [--trust-advertise]`
+ * With `--store redis://host:port[/db]` the state lives in Redis (`directory/redis_store.ts`),
+ * and any number of directory processes on the same Redis serve one view.
+ *
+ * Usage: `deno task directory [--port 5000] [--ttl 30] [--trust-advertise] [--store memory]`
  * @module
  */
 import { parseArgs } from "node:util";
 import { isLookupError, lookupMessage, runMain, UserError } from "./common/cli.ts";
 import { parseRate } from "./common/throttle.ts";
 import { type AppOptions, createApp } from "./directory/app.ts";
-import { Registry } from "./directory/registry.ts";
+import { corsOrigins } from "./directory/http.ts";
+import { type DirectoryStore, Registry } from "./directory/registry.ts";
+import { parseRedisUrl, RedisStore } from "./directory/redis_store.ts";
 import {
   DEFAULT_BODY_TIMEOUT,
   DEFAULT_HEADER_TIMEOUT,
@@ -46,8 +51,11 @@ import { type ConnectionLimits, serveConnections } from "./directory/server.ts";
 
 /** The shortest --ttl: peers heartbeat every ttl/3, so less than a second is a flood. */
 const MIN_TTL = 1;
+/** How long the command line waits for Redis before it says it listens anyway. */
+const REDIS_STARTUP_WAIT_MS = 5_000;
 
 export {
+  AMBIGUOUS_FILE,
   DEFAULT_BODY_TIMEOUT,
   DEFAULT_HEADER_TIMEOUT,
   DEFAULT_MAX_BODY_MEMORY,
@@ -62,6 +70,7 @@ export {
   DEFAULT_PAGE_LIMIT,
   DEFAULT_TTL,
   ERROR_CODES,
+  FILE_ID_PATTERN,
   type FileDetail,
   type FileSummary,
   type FragmentHolders,
@@ -75,6 +84,7 @@ export {
   MAX_PAGE_LIMIT,
   MAX_PEER_FRAGMENTS,
   MAX_TTL,
+  MIN_ID_PREFIX,
   newSecret,
   type PeerInfo,
   type PeerKey,
@@ -87,22 +97,35 @@ export {
   TOO_MANY_PEERS_FROM_ADDRESS,
 } from "./directory/schemas.ts";
 export {
+  type Awaitable,
   type Claim,
+  type DirectoryStore,
   type KnownPeerState,
   type Page,
   type Paged,
   type PublishOutcome,
   Registry,
   type RegistryOptions,
+  type Resolution,
+  type StoreCounts,
+  StoreUnavailableError,
   type UpsertOutcome,
 } from "./directory/registry.ts";
+export {
+  DEFAULT_REDIS_PREFIX,
+  parseRedisUrl,
+  RedisStore,
+  type RedisStoreOptions,
+} from "./directory/redis_store.ts";
 export { type ConnectionLimits } from "./directory/server.ts";
 export { type AppOptions, createApp } from "./directory/app.ts";
 export {
+  DEFAULT_FAILBACK_MS,
   DirectoryClient,
   type DirectoryClientOptions,
   DirectoryError,
   type LocateOptions,
+  parseDirectoryUrls,
   type RegisterOptions,
 } from "./directory/client.ts";
 
@@ -120,6 +143,11 @@ export interface DirectoryOptions extends AppOptions, ConnectionLimits {
   hostname?: string;
   /** Where its few log lines go (accepting connections failed, or works again). */
   warn?: (line: string) => void;
+  /**
+   * Where the state lives, unless `registry` is given: "memory" (this process), or
+   * "redis://host:port[/db]", shared by every directory on that Redis. @default "memory"
+   */
+  store?: string;
 }
 
 /** A running directory; close it, or `await using` it. */
@@ -129,7 +157,7 @@ export interface DirectoryServer extends AsyncDisposable {
   /** Its base URL, e.g. `http://localhost:5000`. */
   readonly url: string;
   /** The state it serves. */
-  readonly registry: Registry;
+  readonly registry: DirectoryStore;
   /** Connections open now. */
   readonly connections: number;
   /** Resolves once the server has stopped. */
@@ -147,7 +175,8 @@ export interface DirectoryServer extends AsyncDisposable {
  * ```
  */
 export function startDirectory(options: DirectoryOptions = {}): DirectoryServer {
-  const registry = options.registry ?? new Registry(options);
+  const owned = options.registry === undefined;
+  const registry = options.registry ?? newStore(options);
   const app = createApp({ ...options, registry });
   const server = serveConnections({
     ...options,
@@ -162,7 +191,7 @@ export function startDirectory(options: DirectoryOptions = {}): DirectoryServer 
   let closing: Promise<void> | undefined;
   const close = () => {
     clearInterval(sweeper);
-    return closing ??= server.shutdown();
+    return closing ??= server.shutdown().then(() => owned ? registry.close?.() : undefined);
   };
   return {
     port,
@@ -177,11 +206,18 @@ export function startDirectory(options: DirectoryOptions = {}): DirectoryServer 
   };
 }
 
+/** The store `options.store` names: "memory" (the default) or a redis:// URL. */
+function newStore(options: DirectoryOptions): DirectoryStore {
+  const store = options.store ?? "memory";
+  if (store === "memory") return new Registry(options);
+  return new RedisStore(parseRedisUrl(store), options);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The command line
 
 const USAGE =
-  `Usage: deno task directory [--port ${DEFAULT_PORT}] [--ttl ${DEFAULT_TTL}] [--hostname 0.0.0.0] [--trust-advertise]
+  `Usage: deno task directory [--port ${DEFAULT_PORT}] [--ttl ${DEFAULT_TTL}] [--hostname 0.0.0.0] [--trust-advertise] [--cors ORIGIN] [--store memory]
 
 The REST directory: which live peer holds which fragment, and the published manifests.
 
@@ -192,6 +228,11 @@ Options:
   --hostname HOST    address to listen on (default 0.0.0.0)
   --trust-advertise  list a peer at the host it names (its --advertise), not at the address
                      its requests come from: for containers whose peers advertise names
+  --cors ORIGIN      let pages of ORIGIN (e.g. https://app.example, or * for any) write too:
+                     register, heartbeat, leave, publish; repeatable or comma-separated.
+                     Pages of any origin may read (GET, HEAD) without it
+  --store STORE      where the state lives: memory (default), or redis://host:port[/db],
+                     shared by every directory on that Redis (replicas serve one view)
   -h, --help         show this help
 
 Limits:
@@ -239,7 +280,9 @@ function parseCli(args: string[]): CliOptions | "help" {
       ttl: { type: "string" },
       hostname: { type: "string" },
       "trust-advertise": { type: "boolean" },
+      cors: { type: "string", multiple: true },
       "min-body-rate": { type: "string" },
+      store: { type: "string" },
       help: { type: "boolean", short: "h" },
       ...Object.fromEntries(Object.keys(COUNTS).map((flag) => [flag, { type: "string" as const }])),
     },
@@ -279,6 +322,21 @@ function parseCli(args: string[]): CliOptions | "help" {
       );
     }
   }
+  if (values.cors !== undefined) {
+    try {
+      options.cors = corsOrigins(values.cors);
+    } catch (error) {
+      throw new UserError(`Invalid --cors: ${(error as Error).message}`);
+    }
+  }
+  if (values.store !== undefined && values.store !== "memory") {
+    try {
+      parseRedisUrl(values.store);
+    } catch (error) {
+      throw new UserError(`Invalid --store: ${(error as Error).message}`);
+    }
+  }
+  options.store = values.store;
   return options;
 }
 
@@ -299,6 +357,11 @@ async function main(args = Deno.args): Promise<void> {
     }
     if (isLookupError(error)) throw new UserError(lookupMessage(options.hostname, error));
     throw error;
+  }
+  // Listening is said once the store answers, so that a client that waits for it gets no 503;
+  // an unreachable Redis is said on stderr, and the directory serves 503 until it is back.
+  if (directory.registry instanceof RedisStore) {
+    await directory.registry.ready(REDIS_STARTUP_WAIT_MS).catch(() => {});
   }
   console.log(`[DIRECTORY] Listening on ${directory.url} (Swagger UI: ${directory.url}/apidocs)`);
   const stop = () => directory.close();

@@ -12,6 +12,7 @@ import { HTTPException } from "hono/http-exception";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
 import { manifestProblem } from "../split.ts";
 import {
+  AMBIGUOUS_FILE,
   DEFAULT_BODY_TIMEOUT,
   DEFAULT_MAX_BODY_MEMORY,
   DEFAULT_MIN_BODY_RATE,
@@ -26,6 +27,7 @@ import {
   listPeersRoute,
   locateRoute,
   MAX_BODY_BYTES,
+  MIN_ID_PREFIX,
   newSecret,
   type PageQuery,
   PEER_SECRET,
@@ -39,7 +41,15 @@ import {
   TOO_MANY_PEERS,
   TOO_MANY_PEERS_FROM_ADDRESS,
 } from "./schemas.ts";
-import { Registry, type RegistryOptions, type UpsertOutcome } from "./registry.ts";
+import {
+  type Awaitable,
+  type DirectoryStore,
+  Registry,
+  type RegistryOptions,
+  StoreUnavailableError,
+  type UpsertOutcome,
+} from "./registry.ts";
+import { answeredMethod, httpRules, type HttpRulesOptions, methodNotAllowed } from "./http.ts";
 
 // ---------------------------------------------------------------------------------------------
 // Mounting: each route as one handler
@@ -73,7 +83,15 @@ interface MountOptions<R extends RouteConfig> {
     c: Context<Env>,
     param: RouteInput<R>["param"],
     text: string | undefined,
-  ) => Response | undefined;
+  ) => Awaitable<Response | undefined>;
+}
+
+/**
+ * `use(value)`, at once when `value` is at hand (the in-memory store), or once it resolves (a
+ * store in Redis): the hot paths of the in-memory directory take no extra turn of the loop.
+ */
+function then<T, R>(value: Awaitable<T>, use: (value: T) => Awaitable<R>): Awaitable<R> {
+  return value instanceof Promise ? value.then(use) : use(value);
 }
 
 /** What c.json() answers with. */
@@ -95,7 +113,7 @@ const tooLarge = () =>
 function mount<R extends RouteConfig & { getRoutingPath(): string }>(
   app: OpenAPIHono<Env>,
   route: R,
-  handler: (c: Context<Env>, input: RouteInput<R>) => Response,
+  handler: (c: Context<Env>, input: RouteInput<R>) => Awaitable<Response>,
   options: MountOptions<R> & { bodies?: Bodies } = {},
 ): void {
   app.openAPIRegistry.registerPath(route);
@@ -130,7 +148,8 @@ function mount<R extends RouteConfig & { getRoutingPath(): string }>(
     const input = { param: param(c), text: undefined as string | undefined };
     before?.(c, input.param);
     input.text = await readText(c, bodies, length);
-    const answer = early?.(c, input.param, input.text);
+    const pending = early?.(c, input.param, input.text);
+    const answer = pending instanceof Promise ? await pending : pending;
     if (answer !== undefined) return answer;
     const json = valid(body, parseJson(input.text), "json");
     return handler(c, { ...input, json } as RouteInput<R>);
@@ -471,9 +490,12 @@ const forbidden = (id: string) =>
   });
 
 /** Options of {@link createApp}. */
-export interface AppOptions extends RegistryOptions, BodyLimits {
-  /** The state to serve; by default a new one with these options (`ttl`, `now`, bounds). */
-  registry?: Registry;
+export interface AppOptions extends RegistryOptions, BodyLimits, HttpRulesOptions {
+  /**
+   * The state to serve: a {@link Registry}, or the state replicas share in Redis; by default a
+   * new Registry with these options (`ttl`, `now`, bounds).
+   */
+  registry?: DirectoryStore;
   /**
    * List a peer at the `host` its state names, as trackers do only when told: otherwise the
    * directory lists it at the address its request came from, so nobody can aim downloaders at a
@@ -516,19 +538,26 @@ export function createApp(options: AppOptions = {}): OpenAPIHono<Env> {
       const headers = error.res ? Object.fromEntries(error.res.headers) : undefined;
       return c.json(errorBody(errorCode(status), error.message), status, headers);
     }
+    if (error instanceof StoreUnavailableError) {
+      return c.json(errorBody(ERROR_CODES[503], error.message), 503, { "retry-after": "1" });
+    }
     console.error(`[DIRECTORY] ${c.req.method} ${c.req.path} failed:`, error);
     return c.json(errorBody(ERROR_CODES[500], "Internal server error"), 500);
   });
   const notFound = (message: string) => errorBody(ERROR_CODES[404], message);
-  app.notFound((c) => c.json(notFound(`No route for ${c.req.method} "${c.req.path}"`), 404));
+  // A path some route has answers another method with a 405 that lists the ones it takes.
+  app.notFound((c) =>
+    methodNotAllowed(c, app) ??
+      c.json(notFound(`No route for ${answeredMethod(c)} "${c.req.path}"`), 404)
+  );
+  // Ahead of every route: the 414, CORS (reads from any origin) and HEAD's Content-Length.
+  app.use(httpRules(app, options));
   app.openAPIRegistry.registerComponent("securitySchemes", PEER_SECRET_SCHEME, PEER_SECRET);
-  mount(app, healthRoute, (c) =>
-    c.json({
-      status: "ok" as const,
-      peers: registry.peerCount,
-      fragments: registry.fragmentCount,
-      files: registry.fileCount,
-    }, 200));
+  mount(
+    app,
+    healthRoute,
+    async (c) => c.json({ status: "ok" as const, ...await registry.counts() }, 200),
+  );
 
   /**
    * Where the directory lists a peer: the address its request came from, or, trusting
@@ -594,13 +623,13 @@ export function createApp(options: AppOptions = {}): OpenAPIHono<Env> {
     }
   }
 
-  mount(app, registerRoute, (c, { json, text }) => {
+  mount(app, registerRoute, async (c, { json, text }) => {
     const host = listedHost(json, c.env);
     if (host === undefined) throw noHost();
     const secret = bearer(c) ?? newSecret();
     const id = crypto.randomUUID();
     const claim = { secret, source: remoteHost(c.env), body: text };
-    const outcome = registry.upsert(id, { ...json, host }, claim);
+    const outcome = await registry.upsert(id, { ...json, host }, claim);
     return refusal(c, id, `${host}:${json.port}`, outcome) ??
       c.json({ id, ttl: registry.ttl, secret, host }, 201);
   }, {
@@ -608,11 +637,11 @@ export function createApp(options: AppOptions = {}): OpenAPIHono<Env> {
     before: (c) => void bearer(c), // a malformed secret is refused before the body is read
   });
 
-  mount(app, heartbeatRoute, (c, { param: { id }, json, text }) => {
+  mount(app, heartbeatRoute, async (c, { param: { id }, json, text }) => {
     const host = listedHost(json, c.env);
     if (host === undefined) throw noHost();
     const claim = { secret: c.get("secret"), source: remoteHost(c.env), body: text };
-    const outcome = registry.upsert(id, { ...json, host }, claim);
+    const outcome = await registry.upsert(id, { ...json, host }, claim);
     return refusal(c, id, `${host}:${json.port}`, outcome) ??
       c.json({ id, ttl: registry.ttl, recreated: outcome === "created" }, 200);
   }, {
@@ -622,16 +651,18 @@ export function createApp(options: AppOptions = {}): OpenAPIHono<Env> {
     before: (c) => void c.set("secret", requireSecret(c)),
     // The usual heartbeat repeats the last one byte for byte: it needs no parsing.
     early: (c, { id }, text) =>
-      registry.refresh(id, c.get("secret"), text, () => remoteHost(c.env) ?? "")
-        ? c.json({ id, ttl: registry.ttl, recreated: false }, 200)
-        : undefined,
+      then(
+        registry.refresh(id, c.get("secret"), text, () => remoteHost(c.env) ?? ""),
+        (refreshed) =>
+          refreshed ? c.json({ id, ttl: registry.ttl, recreated: false }, 200) : undefined,
+      ),
   });
 
-  mount(app, leaveRoute, (c, { param: { id } }) => {
-    const owns = registry.owns(id, requireSecret(c));
+  mount(app, leaveRoute, async (c, { param: { id } }) => {
+    const owns = await registry.owns(id, requireSecret(c));
     if (owns === undefined) return c.json(notFound(`No peer "${id}"`), 404);
     if (!owns) throw forbidden(id);
-    registry.remove(id);
+    await registry.remove(id);
     return c.body(null, 204);
   });
 
@@ -642,34 +673,62 @@ export function createApp(options: AppOptions = {}): OpenAPIHono<Env> {
   });
   const next = (cursor: number | undefined) => cursor === undefined ? {} : { next: String(cursor) };
 
-  mount(app, listPeersRoute, (c, { query }) => {
-    const { entries, next: after } = registry.peers(page(query));
+  mount(app, listPeersRoute, async (c, { query }) => {
+    const { entries, next: after } = await registry.peers(page(query));
     return c.json({ peers: entries, ...next(after) }, 200);
   });
-  mount(app, listFragmentsRoute, (c, { query }) => {
-    const { entries, next: after } = registry.fragments(query?.file, page(query));
+  /**
+   * The id of the file `ref` names (an id, an id prefix or a name), or the answer to send: 404
+   * when no file has it, 409 listing the files when several share it.
+   */
+  const fileId = (ref: string): Awaitable<string | { status: 404 | 409; body: object }> =>
+    then(registry.resolve(ref), (resolution): string | { status: 404 | 409; body: object } => {
+      if (resolution === undefined) return { status: 404, body: notFound(`No file "${ref}"`) };
+      if ("id" in resolution) return resolution.id;
+      const files = resolution.ambiguous;
+      const listed = files.map((file) =>
+        `${file.id} (${file.file}, ${file.seeders} seeder${file.seeders === 1 ? "" : "s"})`
+      )
+        .join(", ");
+      const message = `"${ref}" names ${files.length} files: ${listed}; name one by its id ` +
+        `(${MIN_ID_PREFIX} or more of its first hex digits)`;
+      return { status: 409, body: { error: { code: AMBIGUOUS_FILE, message, files } } };
+    });
+
+  mount(app, listFragmentsRoute, async (c, { query }) => {
+    const id = query?.file === undefined ? undefined : await fileId(query.file);
+    if (typeof id === "object") return c.json(id.body, id.status);
+    const { entries, next: after } = await registry.fragments(id, page(query));
     return c.json({ fragments: entries, ...next(after) }, 200);
   });
 
   mount(app, locateRoute, (c, { param: { name }, query }) => {
     const file = query?.file;
-    const holders = registry.locateJson(name, file);
-    if (holders === undefined) {
-      const of = file === undefined ? "" : ` of "${file}"`;
-      return c.json(notFound(`No live peer holds "${name}"${of}`), 404);
-    }
-    // What c.json({ name, holders }) would send, with the holders serialized once, not per call.
-    return c.body(`{"name":${JSON.stringify(name)},"holders":${holders}}`, 200, JSON_HEADERS);
+    const located = (id: string | undefined) =>
+      then(registry.locateJson(name, id), (holders) => {
+        if (holders === undefined) {
+          const of = file === undefined ? "" : ` of "${file}"`;
+          return c.json(notFound(`No live peer holds "${name}"${of}`), 404);
+        }
+        // What c.json({ name, holders }) would send, with the holders serialized once.
+        return c.body(`{"name":${JSON.stringify(name)},"holders":${holders}}`, 200, JSON_HEADERS);
+      });
+    if (file === undefined) return located(undefined);
+    return then(
+      fileId(file),
+      (id) => typeof id === "object" ? c.json(id.body, id.status) : located(id),
+    );
   });
 
-  mount(app, publishRoute, (c, { json: manifest }) => {
+  mount(app, publishRoute, async (c, { json: manifest }) => {
     // The schema checks each field; this checks that they agree (offsets, sizes, indexes), as
     // a peer will before it trusts the manifest.
     const problem = manifestProblem(manifest);
     if (problem) return c.json(errorBody(ERROR_CODES[400], `Invalid manifest: ${problem}`), 400);
-    const outcome = registry.publish(manifest);
+    const outcome = await registry.publish(manifest);
     if (outcome === "conflict") {
-      const message = `File "${manifest.file}" is already published with other contents`;
+      const message = `File ${manifest.sha256} ("${manifest.file}") is already published ` +
+        "split another way";
       return c.json(errorBody(ERROR_CODES[409], message), 409);
     }
     if (outcome === "too many files" || outcome === "too many fragments") {
@@ -681,14 +740,16 @@ export function createApp(options: AppOptions = {}): OpenAPIHono<Env> {
         "holds is dropped within a ttl";
       return c.json(errorBody(TOO_MANY_FILES, message), 429);
     }
-    const body = { file: manifest.file, fragments: manifest.fragments.length };
+    const body = { id: manifest.sha256, file: manifest.file, fragments: manifest.fragments.length };
     return outcome === "created" ? c.json(body, 201) : c.json(body, 200);
   }, { bodies });
 
-  mount(app, listFilesRoute, (c) => c.json({ files: registry.files() }, 200));
+  mount(app, listFilesRoute, async (c) => c.json({ files: await registry.files() }, 200));
 
-  mount(app, getFileRoute, (c, { param: { file } }) => {
-    const detail = registry.file(file);
+  mount(app, getFileRoute, async (c, { param: { file } }) => {
+    const id = await fileId(file);
+    if (typeof id === "object") return c.json(id.body, id.status);
+    const detail = await registry.file(id);
     if (detail === undefined) return c.json(notFound(`No file "${file}"`), 404);
     return c.json(detail, 200);
   });
@@ -696,6 +757,9 @@ export function createApp(options: AppOptions = {}): OpenAPIHono<Env> {
   // OpenAPI 3.0 rather than 3.1: validators check 3.0 schema objects strictly, 3.1 barely.
   app.doc("/openapi.json", {
     openapi: "3.0.3",
+    // Relative: the directory that served the document, at whatever address the client used
+    // (behind a port mapping or a proxy too).
+    servers: [{ url: "/", description: "The directory that served this document" }],
     info: {
       title: "P2P video directory",
       version: "1.0.0",
@@ -703,7 +767,11 @@ export function createApp(options: AppOptions = {}): OpenAPIHono<Env> {
         "A peer's entry is its owner's: registering answers a secret, which heartbeats and " +
         "leaves carry as `Authorization: Bearer <secret>`. The directory caps its connections " +
         "(in all and per client address), closes those that send no request for a while, and " +
-        "answers a connection it has no room for with a 503 in the error shape.",
+        "answers a connection it has no room for with a 503 in the error shape. Every route " +
+        "answers HEAD as GET, another method with a 405 that lists the ones it takes, and a " +
+        "request target over 8 KiB with a 414. Pages of any origin may read (CORS); only the " +
+        "origins the directory's --cors names may write.",
+      license: { name: "MIT", url: "https://opensource.org/license/mit" },
     },
   });
   app.get(

@@ -1,6 +1,8 @@
 /**
  * The directory's typed client, as peers use it: register, heartbeat, leave, locate, publish
  * and read files, each call with a timeout and one {@link DirectoryError} for every failure.
+ * Given several directories (replicas on one Redis), it fails over to the next when one is
+ * unreachable or answers 503, and goes back to the first a while later.
  * @module
  */
 import {
@@ -20,6 +22,8 @@ import {
 import type { Manifest } from "../split.ts";
 
 const DEFAULT_CLIENT_TIMEOUT_MS = 5_000;
+/** How long a client that failed over keeps to the directory it found, then tries the first. */
+export const DEFAULT_FAILBACK_MS = 30_000;
 /**
  * The largest answer a directory call reads: a directory's biggest (a page of 10,000 names or
  * holders, a 5,000-fragment manifest with 50 holders each) stays far below it, and a hostile or
@@ -53,7 +57,8 @@ export class DirectoryError extends Error {
 export interface LocateOptions {
   /**
    * Only holders whose fragments belong to this file (as their state says): fragment names are
-   * not unique across files.
+   * not unique across files. Its id; or 6 or more of its id's first hex digits, or its name, when
+   * only one listed file has them (else status 409, code AMBIGUOUS_FILE).
    */
   file?: string;
 }
@@ -74,6 +79,25 @@ export interface DirectoryClientOptions {
   timeoutMs?: number;
   /** Give up on an answer whose body is longer than this many bytes. @default 8 MiB */
   maxResponseBytes?: number;
+  /**
+   * Having failed over from the first directory, try it again after this long. @default 30000
+   */
+  failbackMs?: number;
+}
+
+/**
+ * The directories of `text`: one URL, or several separated by commas (`--directory URL1,URL2`,
+ * or `DIRECTORY_URL`), each http:// or https://, without trailing slashes. A RangeError naming
+ * the first that is not one.
+ */
+export function parseDirectoryUrls(text: string): string[] {
+  const urls = text.split(",").map((url) => url.trim().replace(/\/+$/, ""));
+  for (const url of urls) {
+    if (!/^https?:$/.test(URL.parse(url)?.protocol ?? "")) {
+      throw new RangeError(`"${url}" is not an http:// URL, e.g. http://localhost:5000`);
+    }
+  }
+  return urls;
 }
 
 /**
@@ -89,15 +113,31 @@ export interface DirectoryClientOptions {
  * ```
  */
 export class DirectoryClient {
-  /** The directory's base URL, without a trailing slash. */
-  readonly url: string;
+  /** Every directory it may call, in order of preference, without trailing slashes. */
+  readonly urls: readonly string[];
   readonly #timeoutMs: number;
   readonly #maxResponseBytes: number;
+  readonly #failbackMs: number;
+  /** The directory calls go to now: an index in {@link urls}. */
+  #current = 0;
+  /** When to try the first directory again, having failed over from it. */
+  #failbackAt = Infinity;
 
-  constructor(url: string | URL, options: DirectoryClientOptions = {}) {
-    this.url = String(url).replace(/\/+$/, "");
+  /**
+   * @param url a directory's base URL; several (replicas), as a list or separated by commas,
+   * are called in turn while one fails.
+   */
+  constructor(url: string | URL | (string | URL)[], options: DirectoryClientOptions = {}) {
+    const list = Array.isArray(url) ? url.map(String) : String(url).split(",");
+    this.urls = list.map((one) => one.trim().replace(/\/+$/, ""));
     this.#timeoutMs = options.timeoutMs ?? DEFAULT_CLIENT_TIMEOUT_MS;
     this.#maxResponseBytes = options.maxResponseBytes ?? DEFAULT_MAX_RESPONSE_BYTES;
+    this.#failbackMs = options.failbackMs ?? DEFAULT_FAILBACK_MS;
+  }
+
+  /** The base URL of the directory calls go to now. */
+  get url(): string {
+    return this.urls[this.#current]!;
   }
 
   /** Liveness, with the sizes of the directory's state. */
@@ -177,7 +217,10 @@ export class DirectoryClient {
     return all;
   }
 
-  /** Publishes a file's manifest (status 409 when another file has its name). */
+  /**
+   * Publishes a file's manifest (status 409 when its id is published split another way or under
+   * another name).
+   */
   async publishFile(manifest: Manifest): Promise<void> {
     await this.#call("POST", "/files", manifest);
   }
@@ -194,7 +237,40 @@ export class DirectoryClient {
     return this.#call("GET", `/files/${encodeURIComponent(file)}`);
   }
 
+  /**
+   * One call, to the directory of the moment, then to the next while one is unreachable or
+   * answers 503 (too slow counts too, but for a registration, which may have gone through).
+   * The directory that answers is the one of the next calls; the first gets another try once
+   * `failbackMs` has passed since the client left it.
+   */
   async #call<T>(method: string, path: string, body?: unknown, secret?: string): Promise<T> {
+    if (this.#current !== 0 && Date.now() >= this.#failbackAt) this.#current = 0;
+    const start = this.#current;
+    for (let tried = 0;; tried++) {
+      const index = (start + tried) % this.urls.length;
+      try {
+        const answer = await this.#callOne<T>(this.urls[index]!, method, path, body, secret);
+        if (index !== this.#current) {
+          if (this.#current === 0) this.#failbackAt = Date.now() + this.#failbackMs;
+          this.#current = index;
+        }
+        return answer;
+      } catch (error) {
+        const next = tried + 1 < this.urls.length && error instanceof DirectoryError &&
+          (error.code === "UNREACHABLE" || error.status === 503 ||
+            (error.code === "TIMEOUT" && !(method === "POST" && path === "/peers")));
+        if (!next) throw error;
+      }
+    }
+  }
+
+  async #callOne<T>(
+    base: string,
+    method: string,
+    path: string,
+    body?: unknown,
+    secret?: string,
+  ): Promise<T> {
     const controller = new AbortController();
     // A timer of our own, not AbortSignal.timeout(), so it is cleared the moment we are done.
     const timer = setTimeout(() => controller.abort(), this.#timeoutMs);
@@ -205,7 +281,7 @@ export class DirectoryClient {
     let text: string;
     let status = 0;
     try {
-      response = await fetch(this.url + path, {
+      response = await fetch(base + path, {
         method,
         headers,
         body: body === undefined ? undefined : JSON.stringify(body),
@@ -218,20 +294,20 @@ export class DirectoryClient {
         const max = this.#maxResponseBytes;
         const limit = max % 1024 ** 2 === 0 ? `${max / 1024 ** 2} MiB` : `${max} bytes`;
         const message = `${method} ${path} answered more than ${limit}: ` +
-          `is "${this.url}" a directory?`;
+          `is "${base}" a directory?`;
         throw new DirectoryError(message, status, "BAD_RESPONSE");
       }
       if (controller.signal.aborted) {
-        const message = `Directory at "${this.url}" did not answer within ${this.#timeoutMs} ms`;
+        const message = `Directory at "${base}" did not answer within ${this.#timeoutMs} ms`;
         throw new DirectoryError(message, 0, "TIMEOUT", { cause: error });
       }
-      const message = `Cannot reach directory at "${this.url}": ${fetchFailure(error)}`;
+      const message = `Cannot reach directory at "${base}": ${fetchFailure(error)}`;
       throw new DirectoryError(message, 0, "UNREACHABLE", { cause: error });
     } finally {
       clearTimeout(timer);
     }
     if (!response.ok) {
-      const { code, message } = parseError(text, response.status, this.url);
+      const { code, message } = parseError(text, response.status, base);
       throw new DirectoryError(`${method} ${path} failed: ${message}`, response.status, code, {
         detail: message,
       });
@@ -241,7 +317,7 @@ export class DirectoryClient {
       return JSON.parse(text) as T;
     } catch (error) {
       // Some other web server at that address, most likely.
-      const message = `${method} ${path} did not answer JSON: is "${this.url}" a directory?`;
+      const message = `${method} ${path} did not answer JSON: is "${base}" a directory?`;
       throw new DirectoryError(message, response.status, "BAD_RESPONSE", { cause: error });
     }
   }
@@ -285,7 +361,13 @@ async function readCapped(response: Response, max: number): Promise<string> {
 function fetchFailure(error: unknown): string {
   const inner = error instanceof Error && error.cause instanceof Error ? error.cause : error;
   const text = inner instanceof Error ? inner.message : String(inner);
-  return /connection refused/i.test(text) ? "connection refused" : text;
+  if (/connection refused/i.test(text)) return "connection refused";
+  // Something listens there, but does not speak HTTP (a broker's or a peer's TCP port, say).
+  if (/invalid HTTP|SendRequest|message completed|unexpected EOF|ConnectionReset/i.test(text)) {
+    return "it answered, but not in HTTP: is it a directory? (the directory is an http:// URL, " +
+      "port 5000 by default)";
+  }
+  return text;
 }
 
 /**

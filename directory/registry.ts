@@ -23,8 +23,9 @@ import {
   type PeerState,
 } from "./schemas.ts";
 import type { Manifest } from "../split.ts";
+import { FILE_ID_PATTERN, isIdPrefix } from "../common/file_ref.ts";
 
-/** The `file` of a peer whose state names none: its fragments belong to no file it says. */
+/** The `file` of a peer whose state gives no file id: its fragments belong to no file it says. */
 const UNKNOWN = "";
 
 interface PeerRecord {
@@ -37,8 +38,13 @@ interface PeerRecord {
   holder: Holder;
   /** As last sent, without duplicates: the next heartbeat usually sends the same list. */
   fragments: string[];
-  /** The file its fragments belong to, as its state says; {@link UNKNOWN} when it says none. */
+  /**
+   * The id of the file its fragments belong to, as its state says; {@link UNKNOWN} when it says
+   * none. What groups it among a fragment's holders.
+   */
   file: string;
+  /** That file's name, as its state says: shown, never matched. */
+  fileName: string | undefined;
   expiresAt: number;
   /** The body of its last registration or heartbeat, which {@link Registry.refresh} compares. */
   body: string | undefined;
@@ -60,7 +66,7 @@ export interface Claim {
  * Whether two secrets are the same, in a time that depends on their length only: no answer
  * tells a client how much of a guess was right.
  */
-function sameSecret(a: string, b: string): boolean {
+export function sameSecret(a: string, b: string): boolean {
   if (a.length !== b.length) return false;
   let difference = 0;
   for (let i = 0; i < a.length; i++) difference |= a.charCodeAt(i) ^ b.charCodeAt(i);
@@ -218,9 +224,14 @@ export interface RegistryOptions {
 }
 
 /**
+ * Which file a reference names ({@link Registry.resolve}): one file's id, or several files that
+ * share the name (or the id prefix) it gives.
+ */
+export type Resolution = { id: string } | { ambiguous: FileSummary[] };
+
+/**
  * What {@link Registry.publish} did with a manifest: stored a new file, found the same one
- * (which gets another ttl to be backed), found another file under its name (other contents, or
- * split another way), or refused it: the directory lists `maxFiles` files already, or the files'
+ * (which gets another ttl to be backed), found the same id split another way, or refused it: the directory lists `maxFiles` files already, or the files'
  * manifests would hold more than `maxFileFragments` fragments.
  */
 export type PublishOutcome =
@@ -230,13 +241,68 @@ export type PublishOutcome =
   | "too many files"
   | "too many fragments";
 
+/** A value, or a promise of it: the in-memory store answers at once, one in Redis later. */
+export type Awaitable<T> = T | Promise<T>;
+
+/** The sizes of a store's state, as `GET /health` shows them. */
+export interface StoreCounts {
+  peers: number;
+  fragments: number;
+  files: number;
+}
+
+/**
+ * What the directory's app serves from: the in-memory {@link Registry} (the default), or the
+ * state that replicas share in Redis (`directory/redis_store.ts`). Every method means what the
+ * {@link Registry}'s of the same name means.
+ */
+export interface DirectoryStore {
+  readonly ttl: number;
+  readonly maxFiles: number;
+  readonly maxFileFragments: number;
+  readonly maxPeers: number;
+  readonly maxPeersPerAddress: number;
+  readonly maxIndexedFragments: number;
+  counts(): Awaitable<StoreCounts>;
+  /** Frees the memory of the expired; a store whose state expires by itself does nothing. */
+  sweep(): void;
+  owns(id: string, secret: string): Awaitable<boolean | undefined>;
+  refresh(
+    id: string,
+    secret: string,
+    body: string | undefined,
+    source: () => string,
+  ): Awaitable<boolean>;
+  upsert(id: string, state: KnownPeerState, claim: Claim): Awaitable<UpsertOutcome>;
+  remove(id: string): Awaitable<boolean>;
+  locateJson(name: string, file?: string): Awaitable<string | undefined>;
+  peers(page?: Page): Awaitable<Paged<PeerInfo>>;
+  fragments(file?: string, page?: Page): Awaitable<Paged<FragmentHolders>>;
+  publish(manifest: Manifest): Awaitable<PublishOutcome>;
+  files(): Awaitable<FileSummary[]>;
+  resolve(ref: string): Awaitable<Resolution | undefined>;
+  file(id: string): Awaitable<FileDetail | undefined>;
+  /** Lets go of what it holds open (a connection); nothing for the in-memory one. */
+  close?(): Promise<void>;
+}
+
+/**
+ * What a store throws while its backing service is unreachable: the app answers 503, and the
+ * store recovers by itself.
+ */
+export class StoreUnavailableError extends Error {
+  override name = "StoreUnavailableError";
+}
+
 /**
  * The directory's in-memory state: peers, which of them holds which fragment of which file, and
  * files. Reads skip expired peers, so answers hold only live ones; {@link Registry.sweep} (run
  * on a timer by `startDirectory()`) frees the memory of the dead.
  *
- * A peer's state may name the file its fragments belong to (its store's manifest's file). A
- * file's holders are the peers that name it: fragment names are not unique across files
+ * Files are content-addressed: a file's id is its whole-file SHA-256, and files that share a
+ * name are listed side by side. A peer's state may give the id of the file its fragments belong
+ * to (its store's manifest's). A file's holders are the peers that give its id: fragment names
+ * are not unique across files
  * (split.ts names every file's fragments fragment_<i>.bin). A locate without a file lists every
  * holder of the name.
  *
@@ -244,7 +310,7 @@ export type PublishOutcome =
  * fragments, and is dropped once none has for one ttl. Publishing it (again) counts as backing
  * it, so a peer may publish before it registers its first fragment.
  */
-export class Registry {
+export class Registry implements DirectoryStore {
   /** Seconds a peer stays listed after its last heartbeat. */
   readonly ttl: number;
   /** Files listed at most. */
@@ -299,6 +365,11 @@ export class Registry {
     );
     this.#ttlMs = this.ttl * 1000;
     this.#now = options.now ?? Date.now;
+  }
+
+  /** Live peers, fragment names with a live holder, and listed files. */
+  counts(): StoreCounts {
+    return { peers: this.peerCount, fragments: this.fragmentCount, files: this.fileCount };
   }
 
   /** Live peers. */
@@ -374,13 +445,14 @@ export class Registry {
     const known = this.#peers.get(id);
     const live = known !== undefined && known.expiresAt > now;
     if (live && !sameSecret(known.secret, secret)) return "forbidden";
-    const file = state.file ?? UNKNOWN;
+    const file = state.fileId ?? UNKNOWN;
     // The usual heartbeat repeats the peer's state: only the expiry moves, and only later, so
     // no cached locate answer goes stale. (Same host and port means same address, which
     // #byAddress already maps to this id.)
     if (
       live && known.source === source && sameHolder(known.holder, state) &&
-      known.file === file && sameList(known.fragments, state.fragments)
+      known.file === file && known.fileName === state.file &&
+      sameList(known.fragments, state.fragments)
     ) {
       known.expiresAt = now + this.#ttlMs;
       known.body = body;
@@ -418,6 +490,7 @@ export class Registry {
         holder,
         fragments,
         file,
+        fileName: state.file,
         expiresAt: 0,
         body,
         place: UNPLACED,
@@ -430,6 +503,7 @@ export class Registry {
       if (!sameHolder(peer.holder, state)) peer.holder = toHolder(id, state);
       peer.address = address;
       peer.secret = secret;
+      peer.fileName = state.file;
       if (peer.source !== source) {
         this.#count(peer.source, -1);
         this.#count(source, 1);
@@ -528,7 +602,7 @@ export class Registry {
         entry: {
           ...peer.holder,
           fragments: peer.fragments,
-          ...(peer.file === UNKNOWN ? {} : { file: peer.file }),
+          ...(peer.fileName === undefined ? {} : { file: peer.fileName }),
         },
         items: peer.fragments.length,
       }),
@@ -554,19 +628,20 @@ export class Registry {
   }
 
   /**
-   * Stores a manifest, unless another file has its name or the directory is full (see
-   * {@link PublishOutcome}). The same manifest again gives the file another ttl to be backed.
+   * Stores a manifest under its id (its whole-file SHA-256), unless the same id is split another
+   * way or the directory is full (see {@link PublishOutcome}). The same manifest again gives the
+   * file another ttl to be backed. Files that share a name are listed side by side.
    */
   publish(manifest: Manifest): PublishOutcome {
     const now = this.#now();
-    let known = this.#files.get(manifest.file);
+    let known = this.#files.get(manifest.sha256);
     if (known !== undefined && this.#expired(known, now)) {
       this.#drop(known);
       known = undefined;
     }
     if (known !== undefined) {
       // The same file split another way (other fragments) is not the same publication.
-      const same = known.manifest.sha256 === manifest.sha256 &&
+      const same = known.manifest.file === manifest.file &&
         JSON.stringify(known.manifest.fragments) === JSON.stringify(manifest.fragments);
       if (!same) return "conflict";
       known.backedAt = Math.max(known.backedAt, now);
@@ -583,47 +658,80 @@ export class Registry {
     const refused = full();
     if (refused !== undefined) return refused;
     const names = new Set(manifest.fragments.map((fragment) => fragment.name));
-    this.#files.set(manifest.file, { manifest, names, backedAt: now, releasedAt: -Infinity });
+    this.#files.set(manifest.sha256, { manifest, names, backedAt: now, releasedAt: -Infinity });
     this.#fileFragments += manifest.fragments.length;
     return "created";
   }
 
-  /** Every listed file with its fragment count and whether all fragments are held. */
+  /**
+   * Every listed file with its id, its fragment count, whether all fragments are held, and how
+   * many live peers of it hold them all.
+   */
   files(): FileSummary[] {
     const now = this.#now();
     this.#sweepFiles(now);
-    return [...this.#files.values()].map(({ manifest }) => ({
+    return [...this.#files.values()].map((record) => this.#summary(record, now));
+  }
+
+  /**
+   * The file `ref` names: a listed file's id, or any id (64 hex digits, listed or not: holders
+   * may give it before its manifest is published); the name of listed files; or a prefix of
+   * listed files' ids ({@link isIdPrefix}). Undefined when none.
+   */
+  resolve(ref: string): Resolution | undefined {
+    if (FILE_ID_PATTERN.test(ref)) return { id: ref };
+    const now = this.#now();
+    this.#sweepFiles(now);
+    let matches = [...this.#files.values()].filter(({ manifest }) => manifest.file === ref);
+    if (matches.length === 0 && isIdPrefix(ref)) {
+      matches = [...this.#files.values()].filter(({ manifest }) => manifest.sha256.startsWith(ref));
+    }
+    if (matches.length === 0) return undefined;
+    if (matches.length === 1) return { id: matches[0]!.manifest.sha256 };
+    return { ambiguous: matches.map((record) => this.#summary(record, now)) };
+  }
+
+  #summary({ manifest, names }: FileRecord, now: number): FileSummary {
+    const groups = manifest.fragments.map((fragment) =>
+      this.#fragments.get(fragment.name)?.groups.get(manifest.sha256)
+    );
+    let seeders = 0;
+    for (const peer of groups[0]?.peers ?? []) {
+      if (peer.expiresAt <= now || peer.fragments.length < names.size) continue;
+      if (groups.every((group) => group?.peers.has(peer))) seeders++;
+    }
+    return {
+      id: manifest.sha256,
       file: manifest.file,
       mime: manifest.mime,
       size: manifest.size,
       sha256: manifest.sha256,
       fragments: manifest.fragments.length,
-      available: manifest.fragments.every((fragment) =>
-        this.#anyLive(this.#fragments.get(fragment.name)?.groups.get(manifest.file), now)
-      ),
-    }));
+      available: groups.every((group) => this.#anyLive(group, now)),
+      seeders,
+    };
   }
 
   /**
-   * The manifest of `file` with each fragment's live holders of that file, or undefined when
+   * The manifest of file `id` with each fragment's live holders of that file, or undefined when
    * not listed.
    */
-  file(file: string): FileDetail | undefined {
-    const record = this.#files.get(file);
+  file(id: string): FileDetail | undefined {
+    const record = this.#files.get(id);
     if (record === undefined) return undefined;
     if (this.#expired(record, this.#now())) {
       this.#drop(record);
       return undefined;
     }
     const fragments = record.manifest.fragments.map((fragment) => {
-      const holders = this.locate(fragment.name, file);
+      const holders = this.locate(fragment.name, id);
       return {
         ...fragment,
         holders: sample(holders, MAX_FILE_HOLDERS),
         holderCount: holders.length,
       };
     });
-    return { ...record.manifest, fragments };
+    return { ...record.manifest, id, fragments };
   }
 
   /** The holders of `fragment` (of `file`, when given), whether live or not. */
@@ -651,7 +759,7 @@ export class Registry {
     let backedAt = Math.max(file.backedAt, file.releasedAt);
     for (const { name } of file.manifest.fragments) {
       // A peer expired but not swept yet held it until its expiry.
-      for (const peer of this.#fragments.get(name)?.groups.get(file.manifest.file)?.peers ?? []) {
+      for (const peer of this.#fragments.get(name)?.groups.get(file.manifest.sha256)?.peers ?? []) {
         if (peer.expiresAt > now) {
           file.backedAt = now;
           return false;
@@ -670,7 +778,7 @@ export class Registry {
   }
 
   #drop(file: FileRecord): void {
-    this.#files.delete(file.manifest.file);
+    this.#files.delete(file.manifest.sha256);
     this.#fileFragments -= file.manifest.fragments.length;
   }
 
@@ -807,11 +915,12 @@ function sameList(a: string[], b: string[]): boolean {
 }
 
 function toHolder(id: string, state: KnownPeerState): Holder {
-  const { host, port, grpcPort, httpPort } = state;
-  return { id, host, port, grpcPort, httpPort };
+  const { host, port, grpcPort, httpPort, fileId } = state;
+  return { id, host, port, grpcPort, httpPort, ...(fileId === undefined ? {} : { fileId }) };
 }
 
 function sameHolder(holder: Holder, state: KnownPeerState): boolean {
   return holder.host === state.host && holder.port === state.port &&
-    holder.grpcPort === state.grpcPort && holder.httpPort === state.httpPort;
+    holder.grpcPort === state.grpcPort && holder.httpPort === state.httpPort &&
+    holder.fileId === state.fileId;
 }

@@ -1,77 +1,33 @@
 /**
  * The directory's contract: the zod schemas of every body it takes and gives (the validation
- * and the OpenAPI document at once), the routes declared with them, its limits, and the codes
- * of its error shape. Only declarations: the registry, the app and the client import them.
+ * and the OpenAPI document at once), the routes declared with them, and the codes of its error
+ * shape; it re-exports its limits (`directory/limits.ts`). Only declarations: the registry, the
+ * app and the client import them.
  * @module
  */
 import { createRoute, z } from "@hono/zod-openapi";
 import { type Manifest, NAME_PATTERN } from "../split.ts";
+import { FILE_ID_PATTERN, MIN_ID_PREFIX } from "../common/file_ref.ts";
+import {
+  DEFAULT_BODY_TIMEOUT,
+  DEFAULT_MAX_BODY_MEMORY,
+  DEFAULT_MAX_FILE_FRAGMENTS,
+  DEFAULT_MAX_FILES,
+  DEFAULT_MAX_INDEXED_FRAGMENTS,
+  DEFAULT_MAX_PEERS,
+  DEFAULT_MAX_PEERS_PER_ADDRESS,
+  DEFAULT_MIN_BODY_RATE,
+  DEFAULT_PAGE_LIMIT,
+  MAX_BODY_BYTES,
+  MAX_FILE_HOLDERS,
+  MAX_PAGE_ITEMS,
+  MAX_PAGE_LIMIT,
+  MAX_PEER_FRAGMENTS,
+  MAX_TARGET,
+} from "./limits.ts";
 
-/** Seconds a peer stays listed after its last heartbeat. */
-export const DEFAULT_TTL = 30;
-/** The longest ttl there is: a day. */
-export const MAX_TTL = 86_400;
-/** Files the directory lists at most, unless told otherwise. */
-export const DEFAULT_MAX_FILES = 1_000;
-/**
- * Fragments the listed files' manifests hold at most, together, unless told otherwise: what
- * bounds their memory (a manifest of 1 MiB, the largest body, lists about 7,000 fragments and
- * takes about 1.4 MiB of heap).
- */
-export const DEFAULT_MAX_FILE_FRAGMENTS = 100_000;
-/** Live peers the directory lists at most, unless told otherwise. */
-export const DEFAULT_MAX_PEERS = 100_000;
-/**
- * Fragments one peer's state names at most: a store holds one file, of at most 5,000 fragments
- * (split.ts), and room is left for loose ones fetched by name.
- */
-export const MAX_PEER_FRAGMENTS = 10_000;
-/** Request bodies larger than this get a 413. */
-export const MAX_BODY_BYTES = 1024 * 1024;
-/**
- * Live peers registered from one client address at most, unless told otherwise: one client
- * cannot fill the directory by itself. Every address counts, loopback too.
- */
-export const DEFAULT_MAX_PEERS_PER_ADDRESS = 100;
-/**
- * Fragments indexed at most, across all peers (each peer's list counts whole), unless told
- * otherwise: what bounds the index's memory. A fragment takes about 40 bytes when peers share
- * its name (as split.ts names every file's), and about 1.3 KiB of the process's memory when
- * every peer names its own (the attack): 500,000 of those take the directory to about 700 MiB.
- */
-export const DEFAULT_MAX_INDEXED_FRAGMENTS = 500_000;
-/** Connections open at once at most, and from one client address, unless told otherwise. */
-export const DEFAULT_MAX_CONNECTIONS = 1_024;
-/** See {@link DEFAULT_MAX_CONNECTIONS}. */
-export const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS = 64;
-/**
- * Seconds a connection may go without a request: to send a request's headers once it opened,
- * or once it had its last answer (so idle keep-alive connections go too).
- */
-export const DEFAULT_HEADER_TIMEOUT = 30;
-/**
- * Seconds a request body may take, and the rate a longer one must keep: each
- * {@link DEFAULT_MIN_BODY_RATE} bytes received buy one second more (a 1 MiB body gets 74 s).
- */
-export const DEFAULT_BODY_TIMEOUT = 10;
-/** Bytes per second: see {@link DEFAULT_BODY_TIMEOUT}. */
-export const DEFAULT_MIN_BODY_RATE = 16 * 1024;
-/**
- * Bytes of request bodies held at once, across all requests being read; those of one client
- * address may hold a quarter of it (at least one body of {@link MAX_BODY_BYTES}).
- */
-export const DEFAULT_MAX_BODY_MEMORY = 64 * 1024 * 1024;
-/** Entries a list page holds unless `?limit=` says otherwise, and at most. */
-export const DEFAULT_PAGE_LIMIT = 100;
-/** See {@link DEFAULT_PAGE_LIMIT}. */
-export const MAX_PAGE_LIMIT = 1_000;
-/**
- * A list page ends early once its entries hold this many fragment names (`GET /peers`) or
- * holders (`GET /fragments`), after at least one entry.
- */
-export const MAX_PAGE_ITEMS = 10_000;
-/** Holders `GET /files/{file}` lists per fragment at most (a random sample of them past that). */
-export const MAX_FILE_HOLDERS = 50;
+export * from "./limits.ts";
+export { FILE_ID_PATTERN, MIN_ID_PREFIX };
 /** A peer's secret: what `POST /peers` gives, and what a peer may choose itself. */
 export const SECRET_PATTERN = /^[A-Za-z0-9_-]{32,128}$/;
 
@@ -101,10 +57,16 @@ const PeerStateSchema = z.object({
   fragments: z.array(Name).max(MAX_PEER_FRAGMENTS).openapi({
     example: ["fragment_0.bin", "fragment_3.bin"],
   }),
+  fileId: Sha256.optional().openapi({
+    description: "The id of the file these fragments belong to: the `sha256` of the store's " +
+      "manifest; absent when unknown, e.g. loose fragments fetched by name. Split files all " +
+      "name their fragments fragment_<i>.bin: a file's holders are only the peers that give " +
+      "its id",
+    example: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+  }),
   file: Name.optional().openapi({
-    description: "The file these fragments belong to (the `file` of the store's manifest); " +
-      "absent when unknown, e.g. loose fragments fetched by name. Split files all name their " +
-      "fragments fragment_<i>.bin: a file's holders are only the peers that name it",
+    description: "The name of that file (the `file` of the store's manifest), for people: two " +
+      "files may share a name, never an id",
     example: "sample.webm",
   }),
 }).openapi("PeerState");
@@ -115,12 +77,15 @@ const HolderSchema = z.object({
   port: Port,
   grpcPort: ServicePort,
   httpPort: ServicePort,
+  fileId: z.string().optional().openapi({
+    description: "The id of the file the holder's fragments belong to, when it gave one",
+  }),
 }).openapi("Holder");
 
 const PeerSchema = HolderSchema.extend({
   fragments: z.array(z.string()),
   file: z.string().optional().openapi({
-    description: "The file its fragments belong to, if known",
+    description: "The name of the file its fragments belong to, if known",
   }),
 }).openapi("Peer");
 const RegistrationSchema = z.object({
@@ -184,16 +149,23 @@ const ManifestSchema = z.object({
   });
 }).openapi("Manifest") satisfies z.ZodType<Manifest>;
 
-const PublishedSchema = z.object({ file: z.string(), fragments: Count }).openapi("Published");
+const PublishedSchema = z.object({
+  id: z.string().openapi({ description: "The file's id: its whole-file SHA-256" }),
+  file: z.string(),
+  fragments: Count,
+}).openapi("Published");
 const FileSummarySchema = z.object({
+  id: z.string().openapi({ description: "The file's id: its whole-file SHA-256" }),
   file: z.string(),
   mime: z.string(),
   size: Count,
   sha256: z.string(),
   fragments: Count,
   available: z.boolean().openapi({ description: "Every fragment has at least one live holder" }),
+  seeders: Count.openapi({ description: "Live peers of this file that hold every fragment" }),
 }).openapi("FileSummary");
 const FileDetailSchema = ManifestSchema.safeExtend({
+  id: z.string().openapi({ description: "The file's id: its whole-file SHA-256" }),
   fragments: z.array(FragmentEntrySchema.extend({
     holders: z.array(HolderSchema),
     holderCount: Count.openapi({ description: "Live holders: fetch the rarest first" }),
@@ -208,10 +180,14 @@ const HealthSchema = z.object({
 }).openapi("Health");
 const ErrorSchema = z.object({
   error: z.object({
+    files: z.array(FileSummarySchema).optional().openapi({
+      description: "With AMBIGUOUS_FILE (409): the files the name could mean",
+    }),
     code: z.string().openapi({
       description: "BAD_REQUEST (400), UNAUTHORIZED (401), FORBIDDEN (403), NOT_FOUND (404), " +
-        "REQUEST_TIMEOUT (408), CONFLICT (409), PAYLOAD_TOO_LARGE (413), UNSUPPORTED_MEDIA_TYPE " +
-        "(415), TOO_MANY_FILES, TOO_MANY_PEERS, TOO_MANY_PEERS_FROM_ADDRESS or " +
+        "METHOD_NOT_ALLOWED (405), REQUEST_TIMEOUT (408), CONFLICT (409), PAYLOAD_TOO_LARGE " +
+        "(413), URI_TOO_LONG (414), UNSUPPORTED_MEDIA_TYPE (415), AMBIGUOUS_FILE (409: a name " +
+        "several files share), TOO_MANY_FILES, TOO_MANY_PEERS, TOO_MANY_PEERS_FROM_ADDRESS or " +
         "TOO_MANY_FRAGMENTS (429), INTERNAL (500), SERVICE_UNAVAILABLE (503)",
       example: "NOT_FOUND",
     }),
@@ -270,6 +246,7 @@ const ERROR_DESCRIPTIONS = {
     `each ${DEFAULT_MIN_BODY_RATE} bytes of it (by default)`,
   409: "Conflicts with what the directory holds",
   413: `Body larger than ${MAX_BODY_BYTES} bytes`,
+  414: `URI_TOO_LONG: a request target (path and query) longer than ${MAX_TARGET} bytes`,
   415: 'A body without a Content-Type, or one other than "application/json" (or "+json")',
   429: `TOO_MANY_FILES: the directory lists as many files as it may (${DEFAULT_MAX_FILES} by ` +
     `default), or their manifests as many fragments (${DEFAULT_MAX_FILE_FRAGMENTS} by ` +
@@ -288,6 +265,15 @@ const ADDRESS_TAKEN_RESPONSE = {
   ),
 };
 
+/** The 409 of the routes that take a file by its name or a prefix of its id. */
+const AMBIGUOUS_FILE_RESPONSE = {
+  409: json(
+    ErrorSchema,
+    "AMBIGUOUS_FILE: several files have that name (or id prefix); `error.files` lists them " +
+      "with their ids and seeders: name one by its id",
+  ),
+};
+
 /** The 429 of the routes that add a peer or change its fragments. */
 const TOO_MANY_PEERS_RESPONSE = {
   429: json(
@@ -302,11 +288,14 @@ const TOO_MANY_PEERS_RESPONSE = {
 };
 type ErrorStatus = keyof typeof ERROR_DESCRIPTIONS;
 
-/** The declared error responses of a route, all with the error shape. */
+/** The declared error responses of a route, all with the error shape; every route has the 414. */
 function errors<const S extends ErrorStatus[]>(...statuses: S) {
   return Object.fromEntries(
-    statuses.map((status) => [status, json(ErrorSchema, ERROR_DESCRIPTIONS[status])]),
-  ) as { [K in S[number]]: ReturnType<typeof json<typeof ErrorSchema>> };
+    [...statuses, 414 as const].map((status) => [
+      status,
+      json(ErrorSchema, ERROR_DESCRIPTIONS[status]),
+    ]),
+  ) as { [K in S[number] | 414]: ReturnType<typeof json<typeof ErrorSchema>> };
 }
 
 function jsonBody<T extends z.ZodType>(schema: T) {
@@ -314,10 +303,14 @@ function jsonBody<T extends z.ZodType>(schema: T) {
 }
 
 const pathParam = (name: string) => Name.openapi({ param: { name, in: "path" } });
+const FILE_REF = "A file: its id (the whole-file SHA-256), a prefix of its id (at least " +
+  `${MIN_ID_PREFIX} hex digits), or its name when no other file has that name (else 409 ` +
+  "AMBIGUOUS_FILE, listing the files)";
 /** `?file=`: only the holders whose fragments belong to that file. */
 const FileParam = Name.optional().openapi({
   param: { name: "file", in: "query" },
-  description: "Only holders whose fragments belong to this file (as their state says)",
+  description:
+    `Only holders whose fragments belong to this file (as their state says). ${FILE_REF}`,
   example: "sample.webm",
 });
 const fileQuery = z.object({ file: FileParam });
@@ -344,8 +337,9 @@ const Next = z.string().optional().openapi({
 /** The page of a list a request asked for. */
 export type PageQuery = z.output<typeof pageQuery>;
 
-const FILE_LIFETIME = "A file stays listed while a live peer of that file (one whose state " +
-  "names it) holds any of its fragments, and is dropped once none has for one ttl; a new " +
+const FILE_LIFETIME = "Files are content-addressed: a file's id is its whole-file SHA-256, and " +
+  "two files may share a name. A file stays listed while a live peer of that file (one whose " +
+  "state gives its id) holds any of its fragments, and is dropped once none has for one ttl; a new " +
   "publication has one ttl to be backed, so a peer may publish before it registers its first " +
   "fragment.";
 
@@ -353,17 +347,22 @@ const ADDRESS_RULE = "The directory lists a peer at the address the request came
   "a directory started with --trust-advertise takes the `host` a peer names.";
 
 const SECURED = [{ [PEER_SECRET_SCHEME]: [] }];
+/** Open to anyone: said explicitly, so that no tool takes the operation's security as forgotten. */
+const PUBLIC: typeof SECURED = [];
 
 export const healthRoute = createRoute({
   method: "get",
   path: "/health",
+  operationId: "getHealth",
+  security: PUBLIC,
   summary: "Liveness, with the number of live peers, fragments and files",
-  responses: { 200: json(HealthSchema, "The directory is up") },
+  responses: { 200: json(HealthSchema, "The directory is up"), ...errors() },
 });
 
 export const registerRoute = createRoute({
   method: "post",
   path: "/peers",
+  operationId: "registerPeer",
   tags: TAG_PEERS,
   summary: "Register a peer with its state; the answer holds its secret",
   description: ADDRESS_RULE + " A request with `Authorization: Bearer <secret>` registers with " +
@@ -383,6 +382,7 @@ export const registerRoute = createRoute({
 export const heartbeatRoute = createRoute({
   method: "put",
   path: "/peers/{id}",
+  operationId: "heartbeatPeer",
   tags: TAG_PEERS,
   summary: "Heartbeat with the peer's full state (idempotent; recreates a forgotten peer)",
   description: "Needs the peer's secret. A peer the directory does not know (after a restart, " +
@@ -401,6 +401,7 @@ export const heartbeatRoute = createRoute({
 export const leaveRoute = createRoute({
   method: "delete",
   path: "/peers/{id}",
+  operationId: "leavePeer",
   tags: TAG_PEERS,
   summary: "Leave: forget the peer now (needs its secret)",
   security: SECURED,
@@ -411,6 +412,8 @@ export const leaveRoute = createRoute({
 export const listPeersRoute = createRoute({
   method: "get",
   path: "/peers",
+  operationId: "listPeers",
+  security: PUBLIC,
   tags: TAG_PEERS,
   summary: "Live peers with their fragments, a page at a time",
   request: { query: pageQuery },
@@ -423,32 +426,44 @@ export const listPeersRoute = createRoute({
 export const listFragmentsRoute = createRoute({
   method: "get",
   path: "/fragments",
+  operationId: "listFragments",
+  security: PUBLIC,
   tags: TAG_FRAGMENTS,
   summary: "Fragments with their live holders (of one file, with ?file=), a page at a time",
   request: { query: fileQuery.extend(pageQuery.shape) },
   responses: {
     200: json(z.object({ fragments: z.array(FragmentHoldersSchema), next: Next }), "Fragments"),
-    ...errors(400),
+    ...errors(400, 404),
+    ...AMBIGUOUS_FILE_RESPONSE,
   },
 });
 
 export const locateRoute = createRoute({
   method: "get",
   path: "/fragments/{name}",
+  operationId: "locateFragment",
+  security: PUBLIC,
   tags: TAG_FRAGMENTS,
   summary: "Locate a fragment: its live holders (of one file, with ?file=)",
   description: "Every file split.ts makes names its fragments fragment_<i>.bin: without ?file= " +
     "this lists the holders of that name in any file.",
   request: { params: z.object({ name: pathParam("name") }), query: fileQuery },
-  responses: { 200: json(FragmentHoldersSchema, "Its holders"), ...errors(400, 404) },
+  responses: {
+    200: json(FragmentHoldersSchema, "Its holders"),
+    ...errors(400, 404),
+    ...AMBIGUOUS_FILE_RESPONSE,
+  },
 });
 
 export const publishRoute = createRoute({
   method: "post",
   path: "/files",
+  operationId: "publishFile",
+  security: PUBLIC,
   tags: TAG_FILES,
   summary: "Publish a file's manifest",
-  description: FILE_LIFETIME + " Publishing the same manifest again (200) counts as backing it.",
+  description: FILE_LIFETIME + " Publishing the same manifest again (200) counts as backing " +
+    "it; another manifest with the same id (split another way) is a 409.",
   request: jsonBody(ManifestSchema),
   responses: {
     200: json(PublishedSchema, "Already published, unchanged"),
@@ -460,21 +475,34 @@ export const publishRoute = createRoute({
 export const listFilesRoute = createRoute({
   method: "get",
   path: "/files",
+  operationId: "listFiles",
+  security: PUBLIC,
   tags: TAG_FILES,
   summary: "Every published file",
   description: FILE_LIFETIME,
-  responses: { 200: json(z.object({ files: z.array(FileSummarySchema) }), "Files") },
+  responses: {
+    200: json(z.object({ files: z.array(FileSummarySchema) }), "Files"),
+    ...errors(),
+  },
 });
 
 export const getFileRoute = createRoute({
   method: "get",
   path: "/files/{file}",
+  operationId: "getFile",
+  security: PUBLIC,
   tags: TAG_FILES,
   summary: "A file's manifest with each fragment's live holders of that file and their count",
   description: `Each fragment lists ${MAX_FILE_HOLDERS} of its holders at most, a random ` +
     "sample of them past that; `holderCount` counts them all.",
-  request: { params: z.object({ file: pathParam("file") }) },
-  responses: { 200: json(FileDetailSchema, "The manifest with holders"), ...errors(400, 404) },
+  request: {
+    params: z.object({ file: pathParam("file").openapi({ description: FILE_REF }) }),
+  },
+  responses: {
+    200: json(FileDetailSchema, "The manifest with holders"),
+    ...errors(400, 404),
+    ...AMBIGUOUS_FILE_RESPONSE,
+  },
 });
 
 /**
@@ -488,13 +516,17 @@ export const ERROR_CODES = {
   401: "UNAUTHORIZED",
   403: "FORBIDDEN",
   404: "NOT_FOUND",
+  405: "METHOD_NOT_ALLOWED",
   408: "REQUEST_TIMEOUT",
   409: "CONFLICT",
   413: "PAYLOAD_TOO_LARGE",
+  414: "URI_TOO_LONG",
   415: "UNSUPPORTED_MEDIA_TYPE",
   500: "INTERNAL",
   503: "SERVICE_UNAVAILABLE",
 } as const;
+/** The code of a 409 to a file named by a name that several files share. */
+export const AMBIGUOUS_FILE = "AMBIGUOUS_FILE";
 /** The code of a 429 to a publication: the directory lists as many files as it may. */
 export const TOO_MANY_FILES = "TOO_MANY_FILES";
 /** The code of a 429 to a new peer: the directory lists as many live peers as it may. */

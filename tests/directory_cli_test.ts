@@ -119,6 +119,7 @@ Deno.test("deno task directory --ttl 1 forgets a peer that stops heartbeating, t
     grpcPort: 50051,
     httpPort: 8001,
     fragments: ["x.bin"],
+    fileId: MANIFEST.sha256,
     file: "x.webm",
   });
   await client.publishFile(MANIFEST);

@@ -4,17 +4,24 @@
  * @module
  */
 import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
 import { DirectoryClient, DirectoryError, newSecret, startDirectory } from "../directory.ts";
 import type { Manifest } from "../split.ts";
 import { clampTtl, Presence } from "../peer/presence.ts";
 
 const SHA = "0".repeat(64);
+
+/** The id the tests give file `file`: a SHA-256 of its name, so that each name has its own. */
+function idOf(file: string): string {
+  return createHash("sha256").update(file).digest("hex");
+}
+
 const MANIFEST: Manifest = {
   version: 1,
   file: "clip.webm",
   mime: "video/webm",
   size: 10,
-  sha256: SHA,
+  sha256: idOf("clip.webm"),
   fragments: [
     { index: 0, name: "clip_0.bin", offset: 0, size: 5, sha256: SHA },
     { index: 1, name: "clip_1.bin", offset: 5, size: 5, sha256: SHA },
@@ -27,9 +34,24 @@ function state(port: number, fragments: string[], file?: string) {
     grpcPort: port + 44050,
     httpPort: port + 2000,
     fragments,
-    ...(file ? { file } : {}),
+    ...(file ? { fileId: idOf(file), file } : {}),
   };
 }
+
+/** A manifest of file `file`, of id `idOf(file)`, whose fragments are named as split.ts names them. */
+function manifestOf(file: string): Manifest {
+  const fragments = MANIFEST.fragments.map((fragment) => ({
+    ...fragment,
+    name: `fragment_${fragment.index}.bin`,
+  }));
+  return { ...MANIFEST, file, sha256: idOf(file), fragments };
+}
+
+/** MANIFEST's file split another way: the same id, one fragment. */
+const RESPLIT: Manifest = {
+  ...MANIFEST,
+  fragments: [{ index: 0, name: "clip.bin", offset: 0, size: 10, sha256: SHA }],
+};
 
 /** Runs `work` and returns the DirectoryError it must throw. */
 async function rejection(work: () => Promise<unknown>): Promise<DirectoryError> {
@@ -56,7 +78,14 @@ Deno.test("DirectoryClient registers, heartbeats, locates, publishes and leaves 
     host: "seed.example",
   });
   assert.deepEqual(await client.locate("clip_0.bin"), [
-    { id, host: "127.0.0.1", port: 6001, grpcPort: 50051, httpPort: 8001 },
+    {
+      id,
+      host: "127.0.0.1",
+      port: 6001,
+      grpcPort: 50051,
+      httpPort: 8001,
+      fileId: idOf("clip.webm"),
+    },
   ]);
   assert.deepEqual(
     await client.heartbeat(me, state(6001, ["clip_0.bin", "clip_1.bin"], "clip.webm")),
@@ -75,7 +104,9 @@ Deno.test("DirectoryClient registers, heartbeats, locates, publishes and leaves 
     ["clip.webm", true],
   ]);
   const detail = await client.getFile("clip.webm");
+  assert.deepEqual(detail.id, MANIFEST.sha256);
   assert.deepEqual(detail.fragments.map((fragment) => fragment.holderCount), [1, 2]);
+  assert.deepEqual((await client.getFile(MANIFEST.sha256.slice(0, 6))).id, MANIFEST.sha256);
 
   assert.equal((await client.listPeers()).length, 2);
   assert.deepEqual((await client.listFragments()).map((fragment) => fragment.name), [
@@ -98,20 +129,34 @@ Deno.test("DirectoryClient throws a DirectoryError with the status and code of a
   assert.match(invalid.message, /"fragments\.0"/);
 
   await client.publishFile(MANIFEST);
-  const conflict = await rejection(() =>
-    client.publishFile({ ...MANIFEST, sha256: "1".repeat(64) })
-  );
-  assert.deepEqual([conflict.status, conflict.code], [409, "CONFLICT"]);
+  for (const other of [RESPLIT, { ...MANIFEST, file: "other.webm" }]) {
+    const conflict = await rejection(() => client.publishFile(other));
+    assert.deepEqual([conflict.status, conflict.code], [409, "CONFLICT"]);
+  }
 
   const missing = await rejection(() => client.getFile("other.webm"));
   assert.deepEqual([missing.status, missing.code], [404, "NOT_FOUND"]);
+
+  // Another clip.webm is listed beside it: the name alone no longer says which.
+  await client.publishFile({ ...MANIFEST, sha256: "1".repeat(64) });
+  for (
+    const call of [
+      () => client.getFile("clip.webm"),
+      () => client.locate("clip_0.bin", { file: "clip.webm" }),
+      () => client.listFragments({ file: "clip.webm" }),
+    ]
+  ) {
+    const ambiguous = await rejection(call);
+    assert.deepEqual([ambiguous.status, ambiguous.code], [409, "AMBIGUOUS_FILE"]);
+    assert.match(ambiguous.detail, /^"clip\.webm" names 2 files: /);
+  }
 });
 
 Deno.test("DirectoryClient gets a TOO_MANY_FILES error from a directory at its bound", async () => {
   await using directory = startDirectory({ port: 0, hostname: "127.0.0.1", maxFiles: 1 });
   const client = new DirectoryClient(directory.url);
   await client.publishFile(MANIFEST);
-  const full = await rejection(() => client.publishFile({ ...MANIFEST, file: "other.webm" }));
+  const full = await rejection(() => client.publishFile(manifestOf("other.webm")));
   assert.deepEqual([full.status, full.code], [429, "TOO_MANY_FILES"]);
   assert.match(full.message, /POST \/files failed: Cannot publish "other\.webm"/);
 });
@@ -251,21 +296,28 @@ Deno.test("startDirectory() close() is idempotent and frees the port", async () 
 Deno.test("DirectoryClient registers a peer's file, and locate() and listFragments() narrow to one file", async () => {
   await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
   const client = new DirectoryClient(directory.url);
-  const a = await client.register({ ...state(6001, ["fragment_0.bin"]), file: "a.webm" });
+  const a = await client.register(state(6001, ["fragment_0.bin"], "a.webm"));
   const b = await client.register(state(6002, ["fragment_0.bin"]));
   assert.deepEqual(
-    await client.heartbeat(b, { ...state(6002, ["fragment_0.bin"]), file: "b.webm" }),
+    await client.heartbeat(b, state(6002, ["fragment_0.bin"], "b.webm")),
     { id: b.id, ttl: 30, recreated: false },
   );
   const ids = (holders: { id: string }[]) => holders.map((holder) => holder.id);
   assert.deepEqual(ids(await client.locate("fragment_0.bin")), [a.id, b.id]);
+  // By id, published or not; by name once published.
+  assert.deepEqual(ids(await client.locate("fragment_0.bin", { file: idOf("a.webm") })), [a.id]);
+  assert.deepEqual(await client.locate("fragment_0.bin", { file: "a.webm" }), []);
+  await client.publishFile(manifestOf("a.webm"));
   assert.deepEqual(ids(await client.locate("fragment_0.bin", { file: "a.webm" })), [a.id]);
-  assert.deepEqual(await client.locate("fragment_0.bin", { file: "c.webm" }), []);
+  assert.deepEqual(await client.locate("fragment_0.bin", { file: idOf("c.webm") }), []);
   assert.deepEqual(
-    (await client.listFragments({ file: "b.webm" })).map((f) => [f.name, ids(f.holders)]),
+    (await client.listFragments({ file: idOf("b.webm") })).map((f) => [f.name, ids(f.holders)]),
     [["fragment_0.bin", [b.id]]],
   );
-  assert.deepEqual((await client.listPeers()).map((peer) => peer.file), ["a.webm", "b.webm"]);
+  assert.deepEqual((await client.listPeers()).map((peer) => [peer.file, peer.fileId]), [
+    ["a.webm", idOf("a.webm")],
+    ["b.webm", idOf("b.webm")],
+  ]);
 });
 
 Deno.test("DirectoryClient gets a TOO_MANY_PEERS error from a directory at its bound", async () => {
@@ -399,11 +451,8 @@ function counted(url: string) {
 for (const refusal of ["conflict", "full"] as const) {
   Deno.test(`Presence says once that the directory refused its file (${refusal}), heartbeats at ttl/3, and does not retry every second`, async () => {
     await using directory = startDirectory({ port: 0, hostname: "127.0.0.1", ttl: 3, maxFiles: 1 });
-    // The directory already lists a file: another under our name, or one that fills it.
-    const other = refusal === "conflict" ? { ...MANIFEST, sha256: "1".repeat(64) } : {
-      ...MANIFEST,
-      file: "other.webm",
-    };
+    // The directory already lists a file: ours split another way, or another that fills it.
+    const other = refusal === "conflict" ? RESPLIT : manifestOf("other.webm");
     await new DirectoryClient(directory.url).publishFile(other);
     const { client, calls } = counted(directory.url);
     const { lines, log } = logged();
@@ -425,39 +474,69 @@ for (const refusal of ["conflict", "full"] as const) {
     }
     assert.equal(lines.length, 1, lines.join("\n"));
     const why = refusal === "conflict"
-      ? "another file is published under that name"
+      ? "the same file \\(its id, the whole-file SHA-256\\) is published split another way"
       : "the directory lists as many files as it may";
     assert.match(lines[0], new RegExp(`^\\[DIRECTORY\\] Cannot publish "clip\\.webm": ${why}`));
   });
 }
 
-Deno.test("a peer refused as another file of the same name is not listed as that file's holder", async () => {
+Deno.test("a peer refused as its file split another way is not listed as that file's holder", async () => {
   await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
   const client = new DirectoryClient(directory.url);
-  await client.publishFile({ ...MANIFEST, sha256: "1".repeat(64) }); // the clip.webm listed
+  await client.publishFile(RESPLIT); // the file listed, split another way
   const { lines, log } = logged();
   const presence = new Presence(new DirectoryClient(directory.url), {
     state: () => state(6001, ["clip_0.bin"]),
-    manifest: () => MANIFEST, // another clip.webm
+    manifest: () => MANIFEST,
     log,
   });
   try {
     await eventually(() => Promise.resolve(lines.length === 1));
     await eventually(async () => {
       const peers = await client.listPeers();
-      return peers.length === 1 && peers[0]!.file === undefined;
+      return peers.length === 1 && peers[0]!.fileId === undefined;
     });
-    const file = await client.getFile("clip.webm");
-    assert.deepEqual(file.fragments.map((f) => f.holders.length), [0, 0]);
+    const file = await client.getFile(MANIFEST.sha256);
+    assert.deepEqual(file.fragments.map((f) => f.holders.length), [0]);
+    assert.deepEqual(await client.locate("clip_0.bin", { file: MANIFEST.sha256 }), []);
   } finally {
     await presence.close();
   }
 });
 
+Deno.test("Presence of a file that shares its name with another publishes it beside that one, as the holder of its own", async () => {
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
+  const client = new DirectoryClient(directory.url);
+  const other = "1".repeat(64);
+  await client.publishFile({ ...MANIFEST, sha256: other }); // another clip.webm, first
+  const { lines, log } = logged();
+  const presence = new Presence(client, {
+    state: () => state(6001, ["clip_0.bin"]),
+    manifest: () => MANIFEST,
+    log,
+  });
+  try {
+    await eventually(async () =>
+      (await client.getFile(MANIFEST.sha256).catch(() => undefined))?.fragments[0]
+        .holderCount === 1
+    );
+    assert.deepEqual((await client.listFiles()).map((file) => [file.id, file.file]), [
+      [other, "clip.webm"],
+      [MANIFEST.sha256, "clip.webm"],
+    ]);
+    assert.deepEqual((await client.getFile(other)).fragments.map((f) => f.holderCount), [0, 0]);
+    assert.deepEqual(await client.locate("clip_0.bin", { file: other }), []);
+    assert.equal((await rejection(() => client.getFile("clip.webm"))).code, "AMBIGUOUS_FILE");
+  } finally {
+    await presence.close();
+  }
+  assert.equal(lines.filter((line) => /Cannot publish/.test(line)).length, 0, lines.join("\n"));
+});
+
 Deno.test("Presence publishes a refused file again later, once the directory has room", async () => {
   await using directory = startDirectory({ port: 0, hostname: "127.0.0.1", ttl: 1, maxFiles: 1 });
   const client = new DirectoryClient(directory.url);
-  await client.publishFile({ ...MANIFEST, file: "other.webm" }); // unbacked: gone within a ttl
+  await client.publishFile(manifestOf("other.webm")); // unbacked: gone within a ttl
   const { lines, log } = logged();
   const presence = new Presence(client, {
     state: () => state(6001, ["clip_0.bin"]),
@@ -514,7 +593,9 @@ Deno.test("Presence tells the directory the file of the manifest it publishes, s
     await eventually(async () =>
       (await client.getFile("clip.webm")).fragments[0].holderCount === 1
     );
-    assert.deepEqual((await client.listPeers()).map((peer) => peer.file), ["clip.webm"]);
+    assert.deepEqual((await client.listPeers()).map((peer) => [peer.file, peer.fileId]), [
+      ["clip.webm", MANIFEST.sha256],
+    ]);
   } finally {
     await presence.close();
   }
@@ -652,7 +733,8 @@ Deno.test("Presence registers again with its own secret when the answer to its r
 });
 
 Deno.test("Presence says once that the directory lists it elsewhere than the host it advertised", async () => {
-  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
+  // A ttl of 3 s: a heartbeat every second, so that three beats come well within the wait.
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1", ttl: 3 });
   const client = new DirectoryClient(directory.url);
   const { lines, log } = logged();
   let beats = 0;

@@ -8,6 +8,7 @@
  */
 import SwaggerParser from "@apidevtools/swagger-parser";
 import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
 import {
   type AppOptions,
   createApp,
@@ -85,9 +86,17 @@ function peer(port: number, fragments: string[], host?: string): PeerState {
   };
 }
 
-/** A peer that says which file its fragments belong to, as a peer with a manifest does. */
+/** The id the tests give file `file`: a SHA-256 of its name, so that each name has its own. */
+function idOf(file: string): string {
+  return createHash("sha256").update(file).digest("hex");
+}
+
+/**
+ * A peer that says which file its fragments belong to, by its id and name, as a peer with a
+ * manifest does.
+ */
 function seeder(port: number, file: string, fragments: string[]): PeerState {
-  return { ...peer(port, fragments), file };
+  return { ...peer(port, fragments), fileId: idOf(file), file };
 }
 
 function manifest(file = "movie.webm", names = ["movie_0.bin", "movie_1.bin"]): Manifest {
@@ -96,7 +105,7 @@ function manifest(file = "movie.webm", names = ["movie_0.bin", "movie_1.bin"]): 
     file,
     mime: "video/webm",
     size: 200,
-    sha256: SHA,
+    sha256: idOf(file),
     fragments: names.map((name, index) => ({
       index,
       name,
@@ -410,19 +419,32 @@ Deno.test("PUT /peers/{id} with no body refuses a peer added without one, naming
   assertError(await call("PUT", "/peers/p9"), 400, "BAD_REQUEST", /"port" is required/);
 });
 
-Deno.test("POST /files publishes a manifest once and refuses another file under its name", async () => {
+Deno.test("POST /files publishes a manifest once, lists another file of its name beside it, and refuses its id split another way or under another name", async () => {
   const { call } = fixture();
-  assert.deepEqual(await call("POST", "/files", manifest()), {
-    status: 201,
-    body: { file: "movie.webm", fragments: 2 },
-  });
-  assert.deepEqual((await call("POST", "/files", manifest())).status, 200);
+  const id = idOf("movie.webm");
+  const published = { id, file: "movie.webm", fragments: 2 };
+  assert.deepEqual(await call("POST", "/files", manifest()), { status: 201, body: published });
+  assert.deepEqual(await call("POST", "/files", manifest()), { status: 200, body: published });
+  // Other contents under the same name: another file, with its own id.
   const other = { ...manifest(), sha256: "b".repeat(64) };
-  assertError(await call("POST", "/files", other), 409, "CONFLICT", /"movie\.webm"/);
-  // The same file split another way is another publication, not the same one again.
+  assert.deepEqual(await call("POST", "/files", other), {
+    status: 201,
+    body: { ...published, id: "b".repeat(64) },
+  });
+  // The same file split another way, or named otherwise, is not the same publication.
   const resplit = manifest("movie.webm", ["movie_0.bin"]);
   resplit.fragments[0]!.size = 200;
-  assertError(await call("POST", "/files", resplit), 409, "CONFLICT", /"movie\.webm"/);
+  assertError(await call("POST", "/files", resplit), 409, "CONFLICT", new RegExp(id));
+  const renamed = { ...manifest(), file: "renamed.webm" };
+  assertError(await call("POST", "/files", renamed), 409, "CONFLICT", new RegExp(id));
+  const { body: { files } } = await call("GET", "/files");
+  assert.deepEqual(
+    files.map((f: { id: string; file: string; fragments: number }) => [f.id, f.file, f.fragments]),
+    [
+      [id, "movie.webm", 2],
+      ["b".repeat(64), "movie.webm", 2],
+    ],
+  );
 });
 
 Deno.test("POST /files refuses a manifest whose fields do not add up, keeping nothing", async () => {
@@ -453,17 +475,34 @@ Deno.test("POST /files refuses a manifest with a bad name, hash, index or duplic
   }
 });
 
-Deno.test("GET /files lists files and says whether every fragment has a live holder", async () => {
+Deno.test("GET /files lists files with their ids, whether every fragment has a live holder, and their seeders", async () => {
   const { call } = fixture();
   await call("POST", "/files", manifest());
   await call("POST", "/peers", seeder(6001, "movie.webm", ["movie_0.bin"]));
-  const summary = { file: "movie.webm", mime: "video/webm", size: 200, sha256: SHA, fragments: 2 };
+  const id = idOf("movie.webm");
+  const summary = {
+    id,
+    file: "movie.webm",
+    mime: "video/webm",
+    size: 200,
+    sha256: id,
+    fragments: 2,
+  };
   assert.deepEqual((await call("GET", "/files")).body, {
-    files: [{ ...summary, available: false }],
+    files: [{ ...summary, available: false, seeders: 0 }],
   });
+  // Every fragment held, but by no one peer: available, and no seeder yet.
   await call("POST", "/peers", seeder(6002, "movie.webm", ["movie_1.bin"]));
   assert.deepEqual((await call("GET", "/files")).body, {
-    files: [{ ...summary, available: true }],
+    files: [{ ...summary, available: true, seeders: 0 }],
+  });
+  // A peer of no file, and one of another file, holding both names are no seeders of it.
+  await call("POST", "/peers", peer(6003, ["movie_0.bin", "movie_1.bin"]));
+  await call("POST", "/peers", seeder(6004, "other.webm", ["movie_0.bin", "movie_1.bin"]));
+  assert.deepEqual((await call("GET", "/files")).body.files[0].seeders, 0);
+  await call("POST", "/peers", seeder(6005, "movie.webm", ["movie_0.bin", "movie_1.bin"]));
+  assert.deepEqual((await call("GET", "/files")).body, {
+    files: [{ ...summary, available: true, seeders: 1 }],
   });
 });
 
@@ -474,7 +513,7 @@ Deno.test("GET /files/{file} gives each fragment's live holders and their count"
   await call("POST", "/peers", seeder(6002, "movie.webm", ["movie_1.bin"]));
   const { status, body } = await call("GET", "/files/movie.webm");
   assert.deepEqual(status, 200);
-  assert.deepEqual(body.sha256, SHA);
+  assert.deepEqual([body.id, body.sha256], [idOf("movie.webm"), idOf("movie.webm")]);
   assert.deepEqual(body.fragments.map((f: { holderCount: number }) => f.holderCount), [1, 2]);
   assert.deepEqual(body.fragments[0].holders[0], {
     id: a,
@@ -482,16 +521,23 @@ Deno.test("GET /files/{file} gives each fragment's live holders and their count"
     port: 6001,
     grpcPort: 50051,
     httpPort: 8001,
+    fileId: idOf("movie.webm"),
   });
   assert.deepEqual(body.fragments[1].offset, 100);
   assertError(await call("GET", "/files/other.webm"), 404, "NOT_FOUND", /"other\.webm"/);
+  assertError(await call("GET", `/files/${idOf("other.webm")}`), 404, "NOT_FOUND");
   assertError(await call("GET", "/files/..%2Fx"), 400, "BAD_REQUEST", /"file"/);
 });
 
 Deno.test("an unknown route is a 404 in the error shape", async () => {
   const { call } = fixture();
   assertError(await call("GET", "/nowhere"), 404, "NOT_FOUND", /GET "\/nowhere"/);
-  assertError(await call("PATCH", "/peers"), 404, "NOT_FOUND");
+});
+
+Deno.test("a known route asked with another method is a 405 that names the methods it answers", async () => {
+  const { call } = fixture();
+  const result = await call("PATCH", "/peers");
+  assertError(result, 405, "METHOD_NOT_ALLOWED", /answers GET, HEAD, POST, not PATCH/);
 });
 
 Deno.test("a handler that throws becomes a logged, generic 500 that leaks nothing", async () => {
@@ -531,19 +577,19 @@ Deno.test("GET /openapi.json is an OpenAPI 3 document that a real validator acce
   assert.deepEqual(Object.keys(peers).sort(), ["delete", "put"]);
   assert.deepEqual(
     Object.keys(peers.put.responses).sort(),
-    ["200", "400", "401", "403", "408", "409", "413", "415", "429", "503"],
+    ["200", "400", "401", "403", "408", "409", "413", "414", "415", "429", "503"],
   );
   assert.deepEqual(
     Object.keys(peers.delete.responses).sort(),
-    ["204", "400", "401", "403", "404"],
+    ["204", "400", "401", "403", "404", "414"],
   );
   assert.deepEqual(
     Object.keys(body.paths["/peers"].post.responses).sort(),
-    ["201", "400", "401", "408", "409", "413", "415", "429", "503"],
+    ["201", "400", "401", "408", "409", "413", "414", "415", "429", "503"],
   );
   assert.deepEqual(
     Object.keys(body.paths["/files"].post.responses).sort(),
-    ["200", "201", "400", "408", "409", "413", "415", "429", "503"],
+    ["200", "201", "400", "408", "409", "413", "414", "415", "429", "503"],
   );
   assert.deepEqual(body.components.schemas.Error.properties.error.required, ["code", "message"]);
   // and the validator is not a rubber stamp
@@ -721,12 +767,17 @@ const WALK_SECRET = newSecret();
 
 /**
  * Sends every route of the OpenAPI document good and bad requests (bad paths, bodies, media
- * types, sizes), on a directory that lists one file and one peer at most, so that publishing or
- * registering a second answers what a full directory answers. Every request carries the same
- * secret, so the peers it makes are all one owner's.
+ * types, sizes), on a directory that lists two files and one peer at most: it lists two files
+ * named probe.webm already, so that naming that file is ambiguous and publishing another answers
+ * what a full directory answers, and registering a second peer does too. Every request carries
+ * the same secret, so the peers it makes are all one owner's.
  */
 async function walkRoutes(): Promise<Walked[]> {
-  const { app, call } = fixture(30, { maxFiles: 1, maxPeers: 1 });
+  const { app, call } = fixture(30, { maxFiles: 2, maxPeers: 1 });
+  for (const id of [idOf("probe.webm"), "c".repeat(64)]) {
+    const probe = { ...single("probe.webm", "probe_0.bin"), sha256: id };
+    assert.deepEqual((await call("POST", "/files", probe)).status, 201);
+  }
   const { body: api } = await call("GET", "/openapi.json");
   const big = JSON.stringify({ padding: "x".repeat(1024 * 1024) });
   const walked: Walked[] = [];
@@ -735,7 +786,7 @@ async function walkRoutes(): Promise<Walked[]> {
     for (const [method, operation] of Object.entries(operations)) {
       const documented = Object.keys(operation.responses).map(Number);
       const urls = path.includes("{")
-        ? [path.replace(/\{\w+\}/g, "probe.bin"), path.replace(/\{\w+\}/g, "..%2Fx")]
+        ? ["probe.bin", "probe.webm", "..%2Fx"].map((value) => path.replace(/\{\w+\}/g, value))
         : [path];
       const bodySchema = operation.requestBody?.content["application/json"].schema.$ref
         ?.replace("#/components/schemas/", "");
@@ -793,6 +844,14 @@ Deno.test("every status a route answers is one its OpenAPI document lists", asyn
       );
     }
   }
+  // Every route that takes a file by name answered 409 to the name two files share.
+  const ambiguous = walked.filter((w) => w.status === 409 && w.request.startsWith("GET "));
+  assert.deepEqual([...new Set(ambiguous.map((w) => w.request))].sort(), [
+    "GET /files/probe.webm",
+    "GET /fragments/probe.bin?file=probe.webm",
+    "GET /fragments/probe.webm?file=probe.webm",
+    "GET /fragments?file=probe.webm",
+  ]);
 });
 
 Deno.test("every error code the directory answers is the one ERROR_CODES or its OpenAPI response names", async () => {
@@ -801,16 +860,20 @@ Deno.test("every error code the directory answers is the one ERROR_CODES or its 
   for (const { request, status, code, operation } of walked) {
     if (code === undefined) continue;
     codes.add(code);
-    // A status with one code answers that code; a 429 has one per bound, each one documented.
+    // A status answers the code ERROR_CODES gives it, or one its response names: a 429 has one
+    // per bound, and a 409 to a name several files share is AMBIGUOUS_FILE.
     const declared = ERROR_CODES[status as keyof typeof ERROR_CODES];
-    if (declared !== undefined) {
-      assert.deepEqual(code, declared, `${request} answered ${status} ${code}`);
-    } else {
-      const description = (operation.responses[status] as { description: string }).description;
-      assert.ok(description.includes(code), `${request}: ${code} not in "${description}"`);
+    const description = (operation.responses[status] as { description: string }).description;
+    if (code !== declared) {
+      assert.ok(
+        description.includes(code),
+        `${request}: ${status} ${code} not in "${description}"`,
+      );
     }
   }
-  assert.ok(codes.has("TOO_MANY_FILES") && codes.has("TOO_MANY_PEERS"), [...codes].join());
+  for (const code of ["TOO_MANY_FILES", "TOO_MANY_PEERS", "AMBIGUOUS_FILE"]) {
+    assert.ok(codes.has(code), `${code} not among ${[...codes].join()}`);
+  }
 });
 
 interface OpenApiOperation {
@@ -826,8 +889,7 @@ interface OpenApiOperation {
 async function twoFiles(call: ReturnType<typeof fixture>["call"]) {
   const names = ["fragment_0.bin", "fragment_1.bin"];
   assert.deepEqual((await call("POST", "/files", manifest("a.webm", names))).status, 201);
-  const b = { ...manifest("b.webm", names), sha256: "b".repeat(64) };
-  assert.deepEqual((await call("POST", "/files", b)).status, 201);
+  assert.deepEqual((await call("POST", "/files", manifest("b.webm", names))).status, 201);
 }
 
 const ids = (holders: { id: string }[]) => holders.map((holder) => holder.id);
@@ -870,11 +932,18 @@ Deno.test("GET /fragments/{name} lists every holder of the name, and ?file= narr
     assert.deepEqual(await located("?file=b.webm"), [b]);
     assert.deepEqual(await located(), [a, b, c]);
   }
+  // A file no one published: none by that name, and no holder of that id.
   assertError(
     await call("GET", "/fragments/fragment_0.bin?file=c.webm"),
     404,
     "NOT_FOUND",
-    /"fragment_0\.bin" of "c\.webm"/,
+    /^No file "c\.webm"$/,
+  );
+  assertError(
+    await call("GET", `/fragments/fragment_0.bin?file=${idOf("c.webm")}`),
+    404,
+    "NOT_FOUND",
+    new RegExp(`"fragment_0\\.bin" of "${idOf("c.webm")}"`),
   );
   assertError(
     await call("GET", "/fragments/fragment_0.bin?file=..%2Fx"),
@@ -907,7 +976,8 @@ Deno.test("GET /fragments lists every fragment with its holders, and ?file= only
     ) => [f.name, ids(f.holders)]);
   assert.deepEqual(await listed(), [["fragment_0.bin", [a, b]], ["fragment_1.bin", [a]]]);
   assert.deepEqual(await listed("?file=b.webm"), [["fragment_0.bin", [b]]]);
-  assert.deepEqual(await listed("?file=c.webm"), []);
+  assert.deepEqual(await listed(`?file=${idOf("c.webm")}`), []); // an id no one gave
+  assertError(await call("GET", "/fragments?file=c.webm"), 404, "NOT_FOUND", /"c\.webm"/);
   assertError(await call("GET", "/fragments?file=.x"), 400, "BAD_REQUEST", /"file"/);
 });
 
@@ -934,10 +1004,7 @@ Deno.test("a peer whose fragments stop belonging to a file backs it until then, 
   await call("PUT", `/peers/${id}`, state("a.webm"));
   clock.now += 20_000; // b.webm was never backed: gone
   await call("PUT", `/peers/${id}`, state("b.webm")); // its store now holds b.webm
-  await call("POST", "/files", {
-    ...manifest("b.webm", ["fragment_0.bin", "fragment_1.bin"]),
-    sha256: "b".repeat(64),
-  });
+  await call("POST", "/files", manifest("b.webm", ["fragment_0.bin", "fragment_1.bin"]));
   assertError(await call("GET", "/fragments/fragment_0.bin?file=a.webm"), 404, "NOT_FOUND");
   const held = async (file: string) =>
     ((await call("GET", `/files/${file}`)).body?.fragments ?? []).map((
@@ -953,15 +1020,18 @@ Deno.test("a peer whose fragments stop belonging to a file backs it until then, 
   assert.deepEqual(await held("b.webm"), [1, 1]);
 });
 
-Deno.test("GET /peers shows the file a peer's fragments belong to, and POST /peers refuses a bad one", async () => {
+Deno.test("GET /peers shows the id and name of the file a peer's fragments belong to, and POST /peers refuses a bad one", async () => {
   const { call } = fixture();
   await call("POST", "/peers", seeder(6001, "a.webm", ["fragment_0.bin"]));
   await call("POST", "/peers", peer(6002, ["fragment_0.bin"]));
   const { body: { peers } } = await call("GET", "/peers");
-  assert.deepEqual(peers.map((p: { port: number; file?: string }) => [p.port, p.file]), [
-    [6001, "a.webm"],
-    [6002, undefined],
-  ]);
+  assert.deepEqual(
+    peers.map((p: { port: number; fileId?: string; file?: string }) => [p.port, p.fileId, p.file]),
+    [
+      [6001, idOf("a.webm"), "a.webm"],
+      [6002, undefined, undefined],
+    ],
+  );
   for (const bad of ["../a.webm", "", 7]) {
     assertError(
       await call("POST", "/peers", { ...peer(6003, []), file: bad }),
@@ -970,14 +1040,34 @@ Deno.test("GET /peers shows the file a peer's fragments belong to, and POST /pee
       /"file"/,
     );
   }
+  for (const bad of ["a".repeat(63), "A".repeat(64), `${"a".repeat(63)}g`, "a.webm", 7]) {
+    assertError(
+      await call("POST", "/peers", { ...peer(6003, []), fileId: bad }),
+      400,
+      "BAD_REQUEST",
+      /"fileId"/,
+    );
+  }
+  assert.deepEqual((await call("GET", "/peers")).body.peers.length, 2);
 });
 
-Deno.test("GET /openapi.json describes the file of a peer's state and the file query of locate", async () => {
+Deno.test("GET /openapi.json describes the file id of a peer's state and holders, the ids of files, and the file query of locate with its 409", async () => {
   const { call } = fixture();
   const { body } = await call("GET", "/openapi.json");
   const state = body.components.schemas.PeerState;
-  assert.ok(state.properties.file, "PeerState has no file");
-  assert.ok(!state.required.includes("file"), "file should be optional");
+  for (const field of ["file", "fileId"]) {
+    assert.ok(state.properties[field], `PeerState has no ${field}`);
+    assert.ok(!state.required.includes(field), `${field} should be optional`);
+  }
+  assert.ok(body.components.schemas.Holder.properties.fileId, "Holder has no fileId");
+  for (const schema of ["FileSummary", "FileDetail", "Published"]) {
+    assert.ok(body.components.schemas[schema].required.includes("id"), `${schema} has no id`);
+  }
+  assert.ok(body.components.schemas.FileSummary.required.includes("seeders"));
+  assert.ok(body.components.schemas.Error.properties.error.properties.files);
+  for (const path of ["/files/{file}", "/fragments/{name}", "/fragments"]) {
+    assert.ok(body.paths[path].get.responses["409"], `GET ${path} documents no 409`);
+  }
   for (const path of ["/fragments/{name}", "/fragments"]) {
     const parameters: { name: string; in: string; required?: boolean }[] =
       body.paths[path].get.parameters;
@@ -985,6 +1075,229 @@ Deno.test("GET /openapi.json describes the file of a peer's state and the file q
     assert.deepEqual([query?.name, query?.required ?? false], ["file", false], path);
   }
   assert.ok(body.paths["/fragments"].get.responses["400"], "GET /fragments documents no 400");
+});
+
+// ---------------------------------------------------------------------------------------------
+// Content-addressed files: a file's id is its whole-file SHA-256, and names may be shared
+
+/** The ids of two files named sample.webm: an impostor's, published first, and the real one. */
+const IMPOSTOR = idOf("the impostor's sample.webm");
+const REAL = idOf("the real sample.webm");
+
+/** A manifest of sample.webm, split as split.ts splits it, with contents of id `id`. */
+function sample(id: string): Manifest {
+  return { ...manifest("sample.webm", ["fragment_0.bin", "fragment_1.bin"]), sha256: id };
+}
+
+/** A peer of the sample.webm of id `id` that holds `fragments` of it. */
+function sampleSeeder(port: number, id: string, fragments: string[]): PeerState {
+  return { ...seeder(port, "sample.webm", fragments), fileId: id };
+}
+
+/**
+ * Publishes the impostor's sample.webm and then the real one, each with its seeders: one of the
+ * impostor's, two of the real file's (holding both fragments) and one that holds the real file's
+ * first fragment alone. Returns the impostor's peer id, the real file's peers' ids, and `beat`
+ * to heartbeat the real file's peers.
+ */
+async function impostorAndReal(fixtureOf: ReturnType<typeof fixture>) {
+  const { call, register } = fixtureOf;
+  const both = ["fragment_0.bin", "fragment_1.bin"];
+  assert.deepEqual((await call("POST", "/files", sample(IMPOSTOR))).status, 201);
+  const impostor = await register(sampleSeeder(6001, IMPOSTOR, both));
+  assert.deepEqual((await call("POST", "/files", sample(REAL))).status, 201);
+  const states = [
+    sampleSeeder(6002, REAL, both),
+    sampleSeeder(6003, REAL, both),
+    sampleSeeder(6004, REAL, ["fragment_0.bin"]),
+  ];
+  const real: string[] = [];
+  for (const state of states) real.push(await register(state));
+  /** Heartbeats the real file's peers, as they do. */
+  const beat = async () => {
+    for (const [i, id] of real.entries()) await call("PUT", `/peers/${id}`, states[i]);
+  };
+  return { impostor, real, beat };
+}
+
+/** The FileSummary of the sample.webm of id `id`, fully held, with `seeders`. */
+const summaryOf = (id: string, seeders: number) => ({
+  id,
+  file: "sample.webm",
+  mime: "video/webm",
+  size: 200,
+  sha256: id,
+  fragments: 2,
+  available: true,
+  seeders,
+});
+
+Deno.test("GET /files lists two files of one name side by side, each with its id and its seeders", async () => {
+  const fixed = fixture();
+  await impostorAndReal(fixed);
+  assert.deepEqual((await fixed.call("GET", "/files")).body, {
+    files: [summaryOf(IMPOSTOR, 1), summaryOf(REAL, 2)],
+  });
+  assert.deepEqual((await fixed.call("GET", "/health")).body.files, 2);
+});
+
+Deno.test("GET /files/{file} of a name two files share is a 409 AMBIGUOUS_FILE listing both ids and their seeders", async () => {
+  const fixed = fixture();
+  await impostorAndReal(fixed);
+  const answer = await fixed.call("GET", "/files/sample.webm");
+  assertError(answer, 409, "AMBIGUOUS_FILE");
+  const { message, files } = answer.body.error;
+  assert.ok(message.includes(`${IMPOSTOR} (sample.webm, 1 seeder)`), message);
+  assert.ok(message.includes(`${REAL} (sample.webm, 2 seeders)`), message);
+  assert.deepEqual(files, [summaryOf(IMPOSTOR, 1), summaryOf(REAL, 2)]);
+});
+
+Deno.test("GET /files/{file} takes a file's id or a prefix of it of 6 hex digits or more, and a shorter one is no file", async () => {
+  const fixed = fixture();
+  const { real } = await impostorAndReal(fixed);
+  assert.notEqual(REAL.slice(0, 6), IMPOSTOR.slice(0, 6)); // what the prefixes below rely on
+  for (const ref of [REAL, REAL.slice(0, 6), REAL.slice(0, 20)]) {
+    const { status, body } = await fixed.call("GET", `/files/${ref}`);
+    assert.deepEqual([status, body.id, body.file], [200, REAL, "sample.webm"], ref);
+    assert.deepEqual(body.fragments.map((f: { holders: { id: string }[] }) => ids(f.holders)), [
+      real,
+      real.slice(0, 2),
+    ]);
+  }
+  assert.deepEqual((await fixed.call("GET", `/files/${IMPOSTOR.slice(0, 6)}`)).body.id, IMPOSTOR);
+  for (const ref of [REAL.slice(0, 5), REAL.slice(0, 6).toUpperCase(), `${REAL.slice(0, 6)}x`]) {
+    assertError(await fixed.call("GET", `/files/${ref}`), 404, "NOT_FOUND", /^No file "/);
+  }
+});
+
+Deno.test("a file's id prefix that several files share is a 409 AMBIGUOUS_FILE, and a file's exact name wins over a prefix", async () => {
+  const { call } = fixture();
+  const one = `abcdef1${"0".repeat(57)}`;
+  const two = `abcdef2${"0".repeat(57)}`;
+  assert.deepEqual(
+    (await call("POST", "/files", { ...manifest("one.webm"), sha256: one })).status,
+    201,
+  );
+  assert.deepEqual(
+    (await call("POST", "/files", { ...manifest("two.webm"), sha256: two })).status,
+    201,
+  );
+  for (
+    const path of ["/files/abcdef", "/fragments?file=abcdef", "/fragments/one_0.bin?file=abcdef"]
+  ) {
+    const answer = await call("GET", path);
+    assertError(answer, 409, "AMBIGUOUS_FILE", /one\.webm, 0 seeders\).*two\.webm, 0 seeders\)/);
+    assert.deepEqual(answer.body.error.files.map((f: { id: string }) => f.id), [one, two], path);
+  }
+  assert.deepEqual((await call("GET", "/files/abcdef2")).body.id, two);
+  // A file whose name looks like a prefix: the name is what it means.
+  const named = idOf("abcdef");
+  assert.deepEqual((await call("POST", "/files", single("abcdef", "abcdef_0.bin"))).status, 201);
+  assert.deepEqual((await call("GET", "/files/abcdef")).body.id, named);
+});
+
+Deno.test("?file= takes an id, an id prefix or a name one file has, and a name several files share is a 409 AMBIGUOUS_FILE", async () => {
+  const fixed = fixture();
+  const { impostor, real, beat } = await impostorAndReal(fixed);
+  const { call } = fixed;
+  for (const ref of [REAL, REAL.slice(0, 6)]) {
+    const located = await call("GET", `/fragments/fragment_0.bin?file=${ref}`);
+    assert.deepEqual(ids(located.body.holders), real, ref);
+    const listed = await call("GET", `/fragments?file=${ref}`);
+    assert.deepEqual(
+      listed.body.fragments.map((f: { name: string; holders: { id: string }[] }) => [
+        f.name,
+        ids(f.holders),
+      ]),
+      [["fragment_0.bin", real], ["fragment_1.bin", real.slice(0, 2)]],
+      ref,
+    );
+  }
+  for (
+    const path of ["/fragments/fragment_0.bin?file=sample.webm", "/fragments?file=sample.webm"]
+  ) {
+    const answer = await call("GET", path);
+    assertError(answer, 409, "AMBIGUOUS_FILE", /^"sample\.webm" names 2 files: /);
+    assert.deepEqual(answer.body.error.files, [summaryOf(IMPOSTOR, 1), summaryOf(REAL, 2)]);
+  }
+  // Once the impostor's file is gone (its seeder left a ttl ago), the name is the real file's.
+  await call("DELETE", `/peers/${impostor}`);
+  fixed.clock.now += 20_000;
+  await beat();
+  fixed.clock.now += 10_000;
+  const answer = await call("GET", "/files/sample.webm");
+  assert.deepEqual([answer.status, answer.body.id], [200, REAL]);
+  assert.deepEqual(
+    ids((await call("GET", "/fragments/fragment_0.bin?file=sample.webm")).body.holders),
+    real,
+  );
+});
+
+Deno.test("an impostor that publishes a file's name first gets its own id, and its holders are never listed as the real file's", async () => {
+  const fixed = fixture();
+  const { call } = fixed;
+  const { impostor, real } = await impostorAndReal(fixed);
+  const holdersOf = async (name: string, ref: string) =>
+    (await call("GET", `/fragments/${name}?file=${ref}`)).body.holders;
+  const realHolders: [string, string[]][] = [
+    ["fragment_0.bin", real],
+    ["fragment_1.bin", real.slice(0, 2)],
+  ];
+  for (const [name, expected] of realHolders) {
+    const holders = await holdersOf(name, REAL);
+    assert.deepEqual(ids(holders), expected, `${name}: ${JSON.stringify(holders)}`);
+    assert.deepEqual(holders.map((h: { fileId: string }) => h.fileId), holders.map(() => REAL));
+    assert.deepEqual(ids(await holdersOf(name, IMPOSTOR)), [impostor]);
+  }
+  const detail = (await call("GET", `/files/${REAL}`)).body;
+  for (const fragment of detail.fragments) {
+    assert.ok(!ids(fragment.holders).includes(impostor));
+    assert.ok(fragment.holders.every((h: { fileId: string }) => h.fileId === REAL));
+  }
+  const listed = (await call("GET", `/fragments?file=${REAL}`)).body.fragments;
+  assert.ok(listed.every((f: { holders: { id: string }[] }) => !ids(f.holders).includes(impostor)));
+  // A locate without a file lists every holder of the name, each with the id it gave.
+  const all = (await call("GET", "/fragments/fragment_0.bin")).body.holders;
+  assert.deepEqual(all.map((h: { id: string; fileId: string }) => [h.id, h.fileId]), [
+    [impostor, IMPOSTOR],
+    ...real.map((id) => [id, REAL]),
+  ]);
+});
+
+Deno.test("a peer that names its file but gives no id belongs to no file: only a locate without a file lists it", async () => {
+  const { call, register } = fixture();
+  assert.deepEqual((await call("POST", "/files", single("a.webm", "fragment_0.bin"))).status, 201);
+  const named = await register({ ...peer(6001, ["fragment_0.bin"]), file: "a.webm" });
+  const located = (await call("GET", "/fragments/fragment_0.bin")).body.holders;
+  assert.deepEqual(located, [
+    { id: named, host: "10.0.0.9", port: 6001, grpcPort: 50051, httpPort: 8001 },
+  ]);
+  for (const ref of ["a.webm", idOf("a.webm")]) {
+    assertError(await call("GET", `/fragments/fragment_0.bin?file=${ref}`), 404, "NOT_FOUND");
+    assert.deepEqual((await call("GET", `/fragments?file=${ref}`)).body, { fragments: [] });
+  }
+  assert.deepEqual((await call("GET", "/files/a.webm")).body.fragments[0].holderCount, 0);
+  assert.deepEqual((await call("GET", "/files")).body.files[0].seeders, 0);
+  const { body: { peers } } = await call("GET", "/peers");
+  assert.deepEqual([peers[0].file, peers[0].fileId], ["a.webm", undefined]);
+});
+
+Deno.test("a peer's file id is what groups it: the same id under another name is the same file, and changing ids moves it", async () => {
+  const { call, register } = fixture();
+  assert.deepEqual((await call("POST", "/files", sample(REAL))).status, 201);
+  const id = await register({
+    ...sampleSeeder(6001, REAL, ["fragment_0.bin"]),
+    file: "renamed.webm",
+  });
+  assert.deepEqual(
+    ids((await call("GET", "/fragments/fragment_0.bin?file=sample.webm")).body.holders),
+    [id],
+  );
+  const moved = await call("PUT", `/peers/${id}`, sampleSeeder(6001, IMPOSTOR, ["fragment_0.bin"]));
+  assert.deepEqual(moved.status, 200);
+  assertError(await call("GET", `/fragments/fragment_0.bin?file=${REAL}`), 404, "NOT_FOUND");
+  const [holder] = (await call("GET", `/fragments/fragment_0.bin?file=${IMPOSTOR}`)).body.holders;
+  assert.deepEqual([holder.id, holder.fileId], [id, IMPOSTOR]);
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -1306,7 +1619,9 @@ Deno.test("GET /peers and GET /fragments answer a page at a time, and following 
   ]);
   // Without ?limit= a page holds 100, so these fit in one, with no next.
   assert.deepEqual(Object.keys((await call("GET", "/peers")).body), ["peers"]);
-  assert.deepEqual((await call("GET", "/fragments?file=x.webm&limit=1")).body, { fragments: [] });
+  assert.deepEqual((await call("GET", `/fragments?file=${idOf("x.webm")}&limit=1`)).body, {
+    fragments: [],
+  });
 });
 
 Deno.test("a page of GET /peers or GET /fragments ends once it holds 10,000 fragment names or holders", async () => {

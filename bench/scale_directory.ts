@@ -1,0 +1,275 @@
+/**
+ * The directory section of `deno task bench scale`: locate (`GET /fragments/{name}?file=`) and
+ * heartbeat (`PUT /peers/{id}`, repeating the registration) with 10,000 peers, through two
+ * directory replicas on one Debian redis-server against one in-memory directory, all measured in
+ * the same run; then the memory Redis uses for 100,000 peers (INFO memory).
+ *
+ * Peers are as in `bench/directory_bench.ts`: 10 fragments each, peer i seeding file i % 1,000,
+ * so a locate for one file lists 10 holders. The load generator (keep-alive fetch, a few workers)
+ * shares the 2 cores with the servers, so each side's CPU per request (its servers' utime +
+ * stime from /proc, Redis included) is given beside its req/s.
+ *
+ * Target: two replicas on Redis serve at least 1.2x the locate rate of one in-memory directory.
+ * @module
+ */
+import { createClient } from "@redis/client";
+import { createHash } from "node:crypto";
+import { RedisStore } from "../directory.ts";
+import { startRedisServer } from "../tests/_redis_server.ts";
+import { type Child, startTask } from "../tests/_util.ts";
+import { ratio, type Row } from "./_report.ts";
+
+const PEERS = 10_000;
+const MEMORY_PEERS = 100_000;
+const FRAGMENTS_PER_PEER = 10;
+const FILES = 1_000;
+const WORKERS = 8;
+const WARMUP = 2_000;
+const REQUESTS = 10_000;
+const ROUNDS = 2;
+const PHASE_DEADLINE_MS = 30_000;
+/** Upserts in flight at once while filling Redis directly: node-redis pipelines them. */
+const FILL_BATCH = 500;
+const CLOCK_TICKS_PER_SECOND = 100;
+const LISTENING = /Listening on (http:\/\/\S+)/;
+const JSON_HEADERS = { "content-type": "application/json" };
+
+const fileId = (file: number) => createHash("sha256").update(`file${file}`).digest("hex");
+
+function peerState(i: number) {
+  return {
+    host: `10.${i >> 16}.${(i >> 8) & 255}.${i & 255}`,
+    port: 6001,
+    grpcPort: 50051,
+    httpPort: 8001,
+    fragments: Array.from({ length: FRAGMENTS_PER_PEER }, (_, j) => `fragment_${j}.bin`),
+    fileId: fileId(i % FILES),
+    file: `file${i % FILES}.webm`,
+  };
+}
+
+/** CPU seconds (user + system) a process has used so far, read with `cat` (no /proc grant). */
+function cpuSeconds(pid: number): number {
+  const { success, stdout } = new Deno.Command("cat", { args: [`/proc/${pid}/stat`] })
+    .outputSync();
+  if (!success) throw new Error(`Cannot read "/proc/${pid}/stat"`);
+  const stat = new TextDecoder().decode(stdout);
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return (Number(fields[11]) + Number(fields[12])) / CLOCK_TICKS_PER_SECOND;
+}
+
+type Call = [string, RequestInit?];
+
+/** A side's figures: req/s, its servers' CPU per request, that of the last of them alone. */
+interface Figures {
+  perSecond: number;
+  cpuMicros: number;
+  lastMicros: number;
+  failures: number;
+}
+
+/** Sends `count` requests from WORKERS keep-alive workers: req/s and CPU per request. */
+async function load(
+  pids: number[],
+  count: number,
+  request: (i: number, worker: number) => Call,
+): Promise<Figures> {
+  let next = 0;
+  let done = 0;
+  let failures = 0;
+  const deadline = Date.now() + PHASE_DEADLINE_MS;
+  const cpuBefore = pids.map(cpuSeconds);
+  const start = performance.now();
+  await Promise.all(Array.from({ length: WORKERS }, async (_, worker) => {
+    for (let i = next++; i < count && Date.now() < deadline; i = next++) {
+      const [url, init] = request(i, worker);
+      const response = await fetch(url, init);
+      await response.arrayBuffer();
+      if (!response.ok) failures++;
+      done++;
+    }
+  }));
+  const seconds = (performance.now() - start) / 1000;
+  const each = pids.map((pid, k) => (cpuSeconds(pid) - cpuBefore[k]!) / done * 1e6);
+  const cpuMicros = each.reduce((sum, micros) => sum + micros, 0);
+  return { perSecond: done / seconds, cpuMicros, lastMicros: each.at(-1)!, failures };
+}
+
+/** A directory process with these flags, its URL and pid. */
+async function startDirectoryProcess(args: string[]): Promise<{ child: Child; url: string }> {
+  const child = startTask("directory", [
+    ...["--port", "0", "--hostname", "127.0.0.1", "--ttl", "600", "--trust-advertise"],
+    ...["--max-peers-per-address", String(PEERS * 2)],
+    ...args,
+  ]);
+  try {
+    return { child, url: (await child.waitFor(LISTENING))[1]! };
+  } catch (error) {
+    await child[Symbol.asyncDispose]();
+    throw error;
+  }
+}
+
+/** One side of the comparison: where each worker sends, and whose CPU counts. */
+interface Side {
+  urls: string[];
+  pids: number[];
+  peers: { id: string; secret: string; body: string }[];
+}
+
+/** Registers PEERS peers through the side's first URL. */
+async function register(side: Side): Promise<void> {
+  const bodies = Array.from({ length: PEERS }, (_, i) => JSON.stringify(peerState(i)));
+  let next = 0;
+  await Promise.all(Array.from({ length: WORKERS }, async () => {
+    for (let i = next++; i < PEERS; i = next++) {
+      const response = await fetch(`${side.urls[0]}/peers`, {
+        method: "POST",
+        headers: JSON_HEADERS,
+        body: bodies[i],
+      });
+      if (response.status !== 201) throw new Error(`Registering failed: ${response.status}`);
+      const { id, secret } = await response.json();
+      side.peers[i] = { id, secret, body: bodies[i]! };
+    }
+  }));
+}
+
+const locate = (side: Side) => (i: number, worker: number): Call => [
+  `${side.urls[worker % side.urls.length]}/fragments/fragment_${i % FRAGMENTS_PER_PEER}.bin` +
+  `?file=${fileId(i % FILES)}`,
+];
+
+const heartbeat = (side: Side) => (i: number, worker: number): Call => {
+  const peer = side.peers[i % PEERS]!;
+  return [`${side.urls[worker % side.urls.length]}/peers/${peer.id}`, {
+    method: "PUT",
+    headers: { ...JSON_HEADERS, authorization: `Bearer ${peer.secret}` },
+    body: peer.body,
+  }];
+};
+
+/** The best of ROUNDS after a warm-up, the two sides taking turns. */
+async function compare(
+  sides: Side[],
+  request: (side: Side) => (i: number, worker: number) => Call,
+) {
+  for (const side of sides) await load(side.pids, WARMUP, request(side));
+  const best = sides.map((): Figures => ({
+    perSecond: 0,
+    cpuMicros: Infinity,
+    lastMicros: Infinity,
+    failures: 0,
+  }));
+  for (let round = 0; round < ROUNDS; round++) {
+    for (const [k, side] of sides.entries()) {
+      const result = await load(side.pids, REQUESTS, request(side));
+      best[k]!.perSecond = Math.max(best[k]!.perSecond, result.perSecond);
+      if (result.cpuMicros < best[k]!.cpuMicros) {
+        best[k]!.cpuMicros = result.cpuMicros;
+        best[k]!.lastMicros = result.lastMicros;
+      }
+      best[k]!.failures += result.failures;
+    }
+  }
+  return best;
+}
+
+/** Redis's used_memory in bytes. */
+async function usedMemory(url: string): Promise<number> {
+  const client = createClient({ url });
+  await client.connect();
+  try {
+    const info = await client.info("memory");
+    return Number(info.match(/^used_memory:(\d+)/m)?.[1] ?? NaN);
+  } finally {
+    await client.close();
+  }
+}
+
+/** Fills an empty Redis with MEMORY_PEERS peers through the store itself; bytes it took. */
+async function memoryFor100k(url: string): Promise<number> {
+  const store = new RedisStore(url, {
+    ttl: 600,
+    maxPeers: MEMORY_PEERS,
+    maxPeersPerAddress: MEMORY_PEERS,
+    maxIndexedFragments: MEMORY_PEERS * FRAGMENTS_PER_PEER,
+  });
+  try {
+    await store.ready();
+    const before = await usedMemory(url);
+    for (let start = 0; start < MEMORY_PEERS; start += FILL_BATCH) {
+      await Promise.all(Array.from({ length: FILL_BATCH }, async (_, k) => {
+        const i = start + k;
+        const state = peerState(i);
+        const outcome = await store.upsert(`peer-${i}`, state, {
+          secret: `secret-${i}-${"x".repeat(32)}`,
+          source: "127.0.0.1",
+          body: JSON.stringify(state),
+        });
+        if (outcome !== "created") throw new Error(`Filling Redis: ${outcome}`);
+      }));
+    }
+    return await usedMemory(url) - before;
+  } finally {
+    await store.close();
+  }
+}
+
+/** The section: its rows. */
+export async function directoryScale(): Promise<Row[]> {
+  await using redis = await startRedisServer();
+  const memory = await startDirectoryProcess([]);
+  await using _memory = memory.child;
+  const replicas = [
+    await startDirectoryProcess(["--store", redis.url]),
+    await startDirectoryProcess(["--store", redis.url]),
+  ];
+  await using _a = replicas[0]!.child;
+  await using _b = replicas[1]!.child;
+  const inMemory: Side = { urls: [memory.url], pids: [memory.child.process.pid], peers: [] };
+  const onRedis: Side = {
+    urls: replicas.map((replica) => replica.url),
+    pids: [...replicas.map((replica) => replica.child.process.pid), redis.child.process.pid],
+    peers: [],
+  };
+  await register(inMemory);
+  await register(onRedis);
+  const [memLocate, redisLocate] = await compare([inMemory, onRedis], locate);
+  const [memBeat, redisBeat] = await compare([inMemory, onRedis], heartbeat);
+  // The HTTP side is done: the same Redis, emptied, is filled with 100k peers directly.
+  const client = createClient({ url: redis.url });
+  await client.connect();
+  await client.flushAll();
+  await client.close();
+  const bytes = await memoryFor100k(redis.url);
+
+  const rate = (figures: { perSecond: number }) => `${Math.round(figures.perSecond)} req/s`;
+  const cpu = (figures: Figures) => `${Math.round(figures.cpuMicros)} µs CPU/req`;
+  const split = (figures: Figures) =>
+    `${cpu(figures)} (replicas ${Math.round(figures.cpuMicros - figures.lastMicros)}, Redis ` +
+    `${Math.round(figures.lastMicros)})`;
+  const failures = memLocate!.failures + redisLocate!.failures + memBeat!.failures +
+    redisBeat!.failures;
+  return [
+    { name: "locate, 1 directory in memory", value: `${rate(memLocate!)}, ${cpu(memLocate!)}` },
+    {
+      name: "locate, 2 replicas on Redis",
+      value: `${rate(redisLocate!)} (${ratio(redisLocate!.perSecond / memLocate!.perSecond)}), ` +
+        split(redisLocate!),
+      target: ">= 1.2x in memory",
+      pass: redisLocate!.perSecond >= 1.2 * memLocate!.perSecond,
+    },
+    { name: "heartbeat, 1 directory in memory", value: `${rate(memBeat!)}, ${cpu(memBeat!)}` },
+    {
+      name: "heartbeat, 2 replicas on Redis",
+      value: `${rate(redisBeat!)} (${ratio(redisBeat!.perSecond / memBeat!.perSecond)}), ` +
+        split(redisBeat!),
+    },
+    { name: "failed requests", value: String(failures), target: "0", pass: failures === 0 },
+    {
+      name: `Redis used memory, ${MEMORY_PEERS / 1000}k peers of ${FRAGMENTS_PER_PEER} fragments`,
+      value: `${(bytes / 2 ** 20).toFixed(1)} MiB (${Math.round(bytes / MEMORY_PEERS)} B/peer)`,
+    },
+  ];
+}

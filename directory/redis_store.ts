@@ -1,0 +1,382 @@
+/**
+ * The directory's state in Redis, shared by any number of directory processes
+ * (`deno task directory --store redis://host:port[/db]`): peers and their ttl and secrets, the
+ * fragment index, files and the limits. Every change is one Lua script (`redis_scripts.ts`), so
+ * replicas racing never corrupt it, and expiry needs no timer on any replica. While Redis is
+ * unreachable every call throws a {@link StoreUnavailableError} (the app's 503) at once; the
+ * client reconnects by itself, with back-off and jitter.
+ * @module
+ */
+import { createClient, ErrorReply } from "@redis/client";
+import { createHash } from "node:crypto";
+import type { Manifest } from "../split.ts";
+import { FILE_ID_PATTERN, isIdPrefix } from "../common/file_ref.ts";
+import {
+  type Claim,
+  type DirectoryStore,
+  type KnownPeerState,
+  type Page,
+  type Paged,
+  type PublishOutcome,
+  type Resolution,
+  sameSecret,
+  type StoreCounts,
+  StoreUnavailableError,
+  type UpsertOutcome,
+} from "./registry.ts";
+import {
+  DEFAULT_MAX_FILE_FRAGMENTS,
+  DEFAULT_MAX_FILES,
+  DEFAULT_MAX_INDEXED_FRAGMENTS,
+  DEFAULT_MAX_PEERS,
+  DEFAULT_MAX_PEERS_PER_ADDRESS,
+  DEFAULT_PAGE_LIMIT,
+  DEFAULT_TTL,
+  type FileDetail,
+  type FileSummary,
+  type FragmentHolders,
+  type Holder,
+  MAX_FILE_HOLDERS,
+  MAX_PAGE_ITEMS,
+  MAX_TTL,
+  type PeerInfo,
+} from "./schemas.ts";
+import { SCRIPTS } from "./redis_scripts.ts";
+
+/** The keys' prefix unless told otherwise: one Redis may hold other things too. */
+export const DEFAULT_REDIS_PREFIX = "fragmentos:directory:";
+/** A call that Redis has not answered in this long counts as Redis being unreachable. */
+const CALL_TIMEOUT_MS = 2_000;
+/** Reconnecting waits this long at first, doubling up to the max, each with jitter. */
+const RECONNECT_MS = 50;
+const MAX_RECONNECT_MS = 2_000;
+
+/** Options of a {@link RedisStore}. */
+export interface RedisStoreOptions {
+  /** Seconds a peer stays listed after its last heartbeat. @default 30 */
+  ttl?: number;
+  maxFiles?: number;
+  maxFileFragments?: number;
+  maxPeers?: number;
+  maxPeersPerAddress?: number;
+  maxIndexedFragments?: number;
+  /** Prefix of every key. @default "fragmentos:directory:" */
+  prefix?: string;
+  /** Where the lines "Redis is unreachable" and "back" go. @default console.error */
+  warn?: (line: string) => void;
+}
+
+/**
+ * A `--store` URL checked: `redis://host:port[/db]`; a RangeError saying what is wrong
+ * otherwise.
+ */
+export function parseRedisUrl(text: string): URL {
+  let url: URL;
+  try {
+    url = new URL(text);
+  } catch {
+    throw new RangeError(`"${text}" is not a URL: expected memory or redis://host:port[/db]`);
+  }
+  if (url.protocol !== "redis:" || url.hostname === "") {
+    throw new RangeError(`"${text}" is not a redis:// URL: expected redis://host:port[/db]`);
+  }
+  if (!/^(\/\d{0,2})?$/.test(url.pathname)) {
+    throw new RangeError(`"${text}" names no database: expected redis://host:port/0 to /15`);
+  }
+  return url;
+}
+
+type Client = ReturnType<typeof createClient>;
+type ScriptName = keyof typeof SCRIPTS;
+
+/** A nested answer of a script, as RESP2 gives it. */
+type Reply = string | number | null | Reply[];
+
+/**
+ * The directory's state in Redis; see the module. Connects at once, and keeps reconnecting
+ * while Redis is away; {@link RedisStore.close} stops it.
+ */
+export class RedisStore implements DirectoryStore {
+  readonly ttl: number;
+  readonly maxFiles: number;
+  readonly maxFileFragments: number;
+  readonly maxPeers: number;
+  readonly maxPeersPerAddress: number;
+  readonly maxIndexedFragments: number;
+  readonly #prefix: string;
+  readonly #ttlMs: number;
+  readonly #client: Client;
+  readonly #shas = new Map<ScriptName, string>();
+  readonly #where: string;
+  readonly #warn: (line: string) => void;
+  /** Whether the last connection attempt failed: said once per outage. */
+  #down = false;
+  #closed = false;
+
+  constructor(url: string | URL, options: RedisStoreOptions = {}) {
+    const parsed = parseRedisUrl(String(url));
+    this.ttl = options.ttl ?? DEFAULT_TTL;
+    if (!(this.ttl > 0 && this.ttl <= MAX_TTL)) {
+      throw new RangeError(`The ttl must be more than 0 and at most ${MAX_TTL} seconds`);
+    }
+    this.#ttlMs = Math.round(this.ttl * 1000);
+    this.maxFiles = options.maxFiles ?? DEFAULT_MAX_FILES;
+    this.maxFileFragments = options.maxFileFragments ?? DEFAULT_MAX_FILE_FRAGMENTS;
+    this.maxPeers = options.maxPeers ?? DEFAULT_MAX_PEERS;
+    this.maxPeersPerAddress = options.maxPeersPerAddress ?? DEFAULT_MAX_PEERS_PER_ADDRESS;
+    this.maxIndexedFragments = options.maxIndexedFragments ?? DEFAULT_MAX_INDEXED_FRAGMENTS;
+    this.#prefix = options.prefix ?? DEFAULT_REDIS_PREFIX;
+    this.#warn = options.warn ?? ((line) => console.error(line));
+    this.#where = parsed.host;
+    this.#client = createClient({
+      url: parsed.href,
+      // A call while Redis is away fails at once (a 503), rather than waiting in a queue.
+      disableOfflineQueue: true,
+      socket: {
+        connectTimeout: CALL_TIMEOUT_MS,
+        reconnectStrategy: (retries: number) =>
+          Math.min(RECONNECT_MS * 2 ** Math.min(retries, 10), MAX_RECONNECT_MS) *
+          (0.5 + Math.random() / 2),
+      },
+    });
+    this.#client.on("error", (error: Error) => {
+      if (this.#down || this.#closed) return;
+      this.#down = true;
+      this.#warn(
+        `[DIRECTORY] Redis at ${this.#where} is unreachable (${error.message}); ` +
+          "answering 503 until it is back",
+      );
+    });
+    this.#client.on("ready", () => {
+      if (this.#down) this.#warn(`[DIRECTORY] Redis at ${this.#where} is back`);
+      this.#down = false;
+    });
+    // The first connection is retried like any other; until then calls answer 503.
+    this.#client.connect().catch(() => {});
+  }
+
+  /** Resolves once connected to Redis, or rejects after `timeoutMs`. */
+  async ready(timeoutMs = 10_000): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    while (!this.#client.isReady) {
+      if (Date.now() > deadline) {
+        throw new StoreUnavailableError(`Redis at ${this.#where} did not answer in time`);
+      }
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    if (this.#client.isOpen) await this.#client.close().catch(() => this.#client.destroy());
+    else this.#client.destroy();
+  }
+
+  /** Nothing to do: expired entries are left out of answers and reaped by the next change. */
+  sweep(): void {}
+
+  async counts(): Promise<StoreCounts> {
+    const [peers, fragments, files] = await this.#run("COUNTS", []) as number[];
+    return { peers: peers!, fragments: fragments!, files: files! };
+  }
+
+  async owns(id: string, secret: string): Promise<boolean | undefined> {
+    const known = await this.#run("SECRET", [id]) as string | null;
+    return known === null ? undefined : sameSecret(known, secret);
+  }
+
+  async refresh(
+    id: string,
+    secret: string,
+    body: string | undefined,
+    source: () => string,
+  ): Promise<boolean> {
+    if (body === undefined) return false;
+    return await this.#run("REFRESH", [id, String(this.#ttlMs), secret, body, source()]) === 1;
+  }
+
+  async upsert(id: string, state: KnownPeerState, claim: Claim): Promise<UpsertOutcome> {
+    const { host, port, grpcPort, httpPort, fileId } = state;
+    const holder: Holder = {
+      id,
+      host,
+      port,
+      grpcPort,
+      httpPort,
+      ...(fileId === undefined ? {} : { fileId }),
+    };
+    return await this.#run("UPSERT", [
+      id,
+      String(this.#ttlMs),
+      claim.secret,
+      claim.source ?? "",
+      claim.body ?? "",
+      JSON.stringify(holder),
+      `${host}:${port}`,
+      fileId ?? "",
+      JSON.stringify(state.file ?? null),
+      JSON.stringify([...new Set(state.fragments)]),
+      String(this.maxPeers),
+      String(this.maxPeersPerAddress),
+      String(this.maxIndexedFragments),
+    ]) as UpsertOutcome;
+  }
+
+  async remove(id: string): Promise<boolean> {
+    return await this.#run("REMOVE", [id]) === 1;
+  }
+
+  async locateJson(name: string, file?: string): Promise<string | undefined> {
+    const key = file === undefined ? `f:${name}` : `g:${file}:${name}`;
+    const holders = await this.#run("LOCATE", [key]) as string[];
+    return holders.length === 0 ? undefined : `[${holders.join(",")}]`;
+  }
+
+  async peers(page: Page = {}): Promise<Paged<PeerInfo>> {
+    const [next, rows] = await this.#run("PEERS", [
+      String(page.cursor ?? 0),
+      String(page.limit ?? DEFAULT_PAGE_LIMIT),
+      String(MAX_PAGE_ITEMS),
+    ]) as [string, [string, string, string][]];
+    const entries = rows.map(([holder, fragments, name]) => {
+      const file = JSON.parse(name) as string | null;
+      return {
+        ...JSON.parse(holder) as Holder,
+        fragments: JSON.parse(fragments) as string[],
+        ...(file === null ? {} : { file }),
+      };
+    });
+    return { entries, next: next === "" ? undefined : Number(next) };
+  }
+
+  async fragments(file?: string, page: Page = {}): Promise<Paged<FragmentHolders>> {
+    const [next, rows] = await this.#run("FRAGMENTS", [
+      String(page.cursor ?? 0),
+      String(page.limit ?? DEFAULT_PAGE_LIMIT),
+      String(MAX_PAGE_ITEMS),
+      file ?? "",
+      file === undefined ? "0" : "1",
+    ]) as [string, [string, string[]][]];
+    const entries = rows.map(([name, holders]) => ({
+      name,
+      holders: holders.map((holder) => JSON.parse(holder) as Holder),
+    }));
+    return { entries, next: next === "" ? undefined : Number(next) };
+  }
+
+  async publish(manifest: Manifest): Promise<PublishOutcome> {
+    // The same file split another way (other fragments) is not the same publication.
+    const shape = createHash("sha256")
+      .update(JSON.stringify([manifest.file, manifest.fragments])).digest("base64");
+    return await this.#run("PUBLISH", [
+      manifest.sha256,
+      JSON.stringify(manifest),
+      shape,
+      String(manifest.fragments.length),
+      manifest.file,
+      String(this.#ttlMs),
+      String(this.maxFiles),
+      String(this.maxFileFragments),
+    ]) as PublishOutcome;
+  }
+
+  async files(): Promise<FileSummary[]> {
+    return await this.#summaries([]);
+  }
+
+  async resolve(ref: string): Promise<Resolution | undefined> {
+    if (FILE_ID_PATTERN.test(ref)) return { id: ref };
+    const listed = await this.#run("FILE_NAMES", []) as string[];
+    const ids: string[] = [];
+    const prefixed: string[] = [];
+    for (let i = 0; i < listed.length; i += 2) {
+      const id = listed[i]!;
+      if (listed[i + 1] === ref) ids.push(id);
+      else if (id.startsWith(ref)) prefixed.push(id);
+    }
+    const matches = ids.length > 0 ? ids : isIdPrefix(ref) ? prefixed : [];
+    if (matches.length === 0) return undefined;
+    if (matches.length === 1) return { id: matches[0]! };
+    const ambiguous = await this.#summaries(matches);
+    // Dropped between the two calls: what is left decides.
+    if (ambiguous.length === 0) return undefined;
+    if (ambiguous.length === 1) return { id: ambiguous[0]!.id };
+    return { ambiguous };
+  }
+
+  async file(id: string): Promise<FileDetail | undefined> {
+    const reply = await this.#run("FILE", [id, String(MAX_FILE_HOLDERS)]) as
+      | [string, [number, string[]][]]
+      | null;
+    if (reply === null) return undefined;
+    const manifest = JSON.parse(reply[0]) as Manifest;
+    const fragments = manifest.fragments.map((fragment, i) => {
+      const [holderCount, holders] = reply[1][i]!;
+      return {
+        ...fragment,
+        holders: holders.map((holder) => JSON.parse(holder) as Holder),
+        holderCount,
+      };
+    });
+    return { ...manifest, id, fragments };
+  }
+
+  async #summaries(ids: string[]): Promise<FileSummary[]> {
+    const rows = await this.#run("SUMMARIES", ids) as [string, number, number][];
+    return rows.map(([text, available, seeders]) => {
+      const manifest = JSON.parse(text) as Manifest;
+      return {
+        id: manifest.sha256,
+        file: manifest.file,
+        mime: manifest.mime,
+        size: manifest.size,
+        sha256: manifest.sha256,
+        fragments: manifest.fragments.length,
+        available: available === 1,
+        seeders,
+      };
+    });
+  }
+
+  /**
+   * Runs script `name` with `args` after the prefix: by its SHA once Redis knows it (a Redis
+   * that restarted has forgotten it: then by its text again). A {@link StoreUnavailableError}
+   * while Redis is unreachable or slower than {@link CALL_TIMEOUT_MS}.
+   */
+  async #run(name: ScriptName, args: string[]): Promise<Reply> {
+    if (!this.#client.isReady) throw this.#unavailable();
+    const options = { keys: [], arguments: [this.#prefix, ...args] };
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const late = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(this.#unavailable()), CALL_TIMEOUT_MS);
+    });
+    const call = async () => {
+      const sha = this.#shas.get(name);
+      if (sha !== undefined) {
+        try {
+          return await this.#client.evalSha(sha, options);
+        } catch (error) {
+          if (!String((error as Error).message).startsWith("NOSCRIPT")) throw error;
+        }
+      }
+      this.#shas.set(name, await this.#client.scriptLoad(SCRIPTS[name]));
+      return await this.#client.evalSha(this.#shas.get(name)!, options);
+    };
+    try {
+      return await Promise.race([call(), late]) as Reply;
+    } catch (error) {
+      // A script's own error is a bug: the app answers 500. Anything else is the connection.
+      if (!(error instanceof ErrorReply)) throw this.#unavailable();
+      throw error;
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  #unavailable(): StoreUnavailableError {
+    return new StoreUnavailableError(
+      "The directory's store is unreachable; try again in a second",
+    );
+  }
+}
