@@ -13,7 +13,11 @@
  * address), subscriptions per connection, output waiting (per client and in all), line length,
  * and how long a line may take to arrive or output may wait unread. See `--help`.
  *
- * Usage: `deno run broker.ts [--port 5555] [--max-pending BYTES] [--max-line BYTES]`
+ * Where one machine is not enough, NATS carries the announcements: {@link connect} speaks NATS
+ * for a `nats://` address (`broker/nats_client.ts`), and `--nats URL` bridges this broker's
+ * clients to NATS both ways (`broker/nats_bridge.ts`).
+ *
+ * Usage: `deno run broker.ts [--port 5555] [--nats nats://localhost:4222] [--max-line BYTES]`
  * @module
  */
 import { parseArgs } from "node:util";
@@ -30,8 +34,23 @@ import {
   startBroker,
   WRITE_TIMEOUT_MS,
 } from "./broker/server.ts";
-import { DEFAULT_PORT, MAX_LINE, MAX_PENDING, parseAddress, quote } from "./broker/wire.ts";
+import {
+  DEFAULT_PORT,
+  isNatsAddress,
+  MAX_LINE,
+  MAX_PENDING,
+  parseAddress,
+  parseNatsAddress,
+  quote,
+} from "./broker/wire.ts";
+import {
+  type BrokerConnection,
+  type ClientOptions,
+  connect as connectLine,
+} from "./broker/client.ts";
+import type { BridgedBroker } from "./broker/nats_bridge.ts";
 import { isValidName } from "./split.ts";
+import { FILE_ID_PATTERN } from "./common/file_ref.ts";
 
 export {
   BrokerError,
@@ -41,13 +60,62 @@ export {
   parseAddress,
 } from "./broker/wire.ts";
 export { type Broker, type BrokerOptions, type BrokerStats, startBroker } from "./broker/server.ts";
+/**
+ * The line-protocol client's old name for what {@link connect} returns.
+ * @deprecated Use {@link BrokerConnection}: `connect()` may now return a NATS connection.
+ */
+export type BrokerClient = BrokerConnection;
 export {
-  BrokerClient,
+  BrokerClient as LineBrokerClient,
+  type BrokerConnection,
   type ClientOptions,
-  connect,
   type Message,
   type Subscription,
 } from "./broker/client.ts";
+export { isNatsAddress, isNatsSubject } from "./broker/wire.ts";
+export type { BridgedBroker, BridgedBrokerStats } from "./broker/nats_bridge.ts";
+
+/**
+ * Connects to a broker: NATS for a `nats://host:port` address (several comma-separated for a
+ * cluster), else our own broker at `host:port`. Rejects with a {@link BrokerError} when it cannot
+ * be reached (unless `waitForBroker`); after that it reconnects by itself.
+ * @example
+ * await using client = await connect("nats://localhost:4222");
+ * client.publish("fragmentos", "fragment_5.bin");
+ * await client.flush();
+ */
+export async function connect(
+  address: string,
+  options: ClientOptions = {},
+): Promise<BrokerConnection> {
+  if (!isNatsAddress(address)) return await connectLine(address, options);
+  // Loaded only when asked for, so that a line-protocol client never loads the NATS client.
+  const { NatsBrokerClient } = await import("./broker/nats_client.ts");
+  const client = new NatsBrokerClient(address, options);
+  await client.ready;
+  return client;
+}
+
+/**
+ * Checks a broker address as {@link connect} takes it (`host:port`, or `nats://host:port`,
+ * several comma-separated); throws a TypeError saying what is wrong.
+ */
+export function checkBrokerAddress(address: string): void {
+  if (isNatsAddress(address)) parseNatsAddress(address);
+  else parseAddress(address);
+}
+
+/**
+ * Starts a broker bridged to NATS at `natsAddress`: see `broker/nats_bridge.ts`. The broker
+ * serves at once; its bridge connects when NATS can be reached.
+ */
+export async function startBridgedBroker(
+  natsAddress: string,
+  options: BrokerOptions = {},
+): Promise<BridgedBroker> {
+  const bridge = await import("./broker/nats_bridge.ts");
+  return bridge.startBridgedBroker(natsAddress, options);
+}
 
 /** The topic on which peers announce the fragments they hold. */
 export const ANNOUNCE_TOPIC = "fragmentos";
@@ -57,40 +125,52 @@ export const ANNOUNCE_TOPIC = "fragmentos";
 
 /**
  * A fragment announcement on topic `fragmentos`: a fragment, maybe a peer that holds it, and the
- * file it is a fragment of. Peers take it as a HAVE message: every split names its fragments
- * `fragment_<i>.bin`, so only the file tells two files' fragments apart.
+ * file it is a fragment of, by name and id (its whole-file SHA-256). Peers take it as a HAVE
+ * message: every split names its fragments `fragment_<i>.bin`, and two files may share a name,
+ * so only the id tells two files' fragments apart.
  */
 export interface Announcement {
   name: string;
   holder?: { hostname: string; port: number };
   file?: string;
+  fileId?: string;
 }
 
 /**
- * Formats an announcement: `fragment_5.bin`, `fragment_5.bin 10.0.0.7:6001`, or with the file,
- * `fragment_5.bin 10.0.0.7:6001 sample.webm` (read left to right, it still says who has what).
+ * Formats an announcement: `fragment_5.bin`, `fragment_5.bin 10.0.0.7:6001`, with the file,
+ * `fragment_5.bin 10.0.0.7:6001 sample.webm`, and with its id, `fragment_5.bin 10.0.0.7:6001
+ * sample.webm 9f86d0...` (read left to right, it still says who has what).
  */
 export function formatAnnouncement(
   name: string,
   holder?: { hostname: string; port: number },
   file?: string,
+  fileId?: string,
 ): string {
   if (!isValidName(name)) throw new TypeError(`Invalid fragment name ${quote(name)}`);
   if (!holder) return name;
   const host = holder.hostname.includes(":") ? `[${holder.hostname}]` : holder.hostname;
   if (file === undefined) return `${name} ${host}:${holder.port}`;
   if (!isValidName(file)) throw new TypeError(`Invalid file name ${quote(file)}`);
-  return `${name} ${host}:${holder.port} ${file}`;
+  if (fileId === undefined) return `${name} ${host}:${holder.port} ${file}`;
+  if (!FILE_ID_PATTERN.test(fileId)) throw new TypeError(`Invalid file id ${quote(fileId)}`);
+  return `${name} ${host}:${holder.port} ${file} ${fileId}`;
 }
 
-/** Parses an announcement; undefined when it is not one (a bad name, address or file). */
+/** Parses an announcement; undefined when it is not one (a bad name, address, file or id). */
 export function parseAnnouncement(message: string): Announcement | undefined {
-  const [name, address, file, ...extra] = message.trim().split(/\s+/);
+  const [name, address, file, fileId, ...extra] = message.trim().split(/\s+/);
   if (extra.length > 0 || !isValidName(name)) return undefined;
   if (address === undefined) return { name };
   if (file !== undefined && !isValidName(file)) return undefined;
+  if (fileId !== undefined && !FILE_ID_PATTERN.test(fileId)) return undefined;
   try {
-    return { name, holder: parseAddress(address), ...(file === undefined ? {} : { file }) };
+    return {
+      name,
+      holder: parseAddress(address),
+      ...(file === undefined ? {} : { file }),
+      ...(fileId === undefined ? {} : { fileId }),
+    };
   } catch {
     return undefined;
   }
@@ -110,6 +190,8 @@ Options:
   --port PORT            port to listen on; 0 picks a free one (default ${DEFAULT_PORT})
   --hostname HOST        interface to listen on (default 0.0.0.0)
   --ping-interval SECS   how often idle clients are pinged (default ${PING_INTERVAL_MS / 1000})
+  --nats URL             bridge to NATS both ways: clients' publications go to NATS, and NATS
+                         messages reach subscribers (nats://host:port, several comma-separated)
   --verbose              log connections, subscriptions and refusals on stderr
   -h, --help             show this help
 
@@ -138,8 +220,9 @@ function positive(flag: string, text: string, { zero = false } = {}): number {
   return value;
 }
 
-function main(args = Deno.args) {
+async function main(args = Deno.args) {
   let options: BrokerOptions;
+  let nats: string | undefined;
   try {
     const { values } = parseArgs({
       args,
@@ -156,6 +239,7 @@ function main(args = Deno.args) {
         "write-timeout": { type: "string", default: String(WRITE_TIMEOUT_MS / 1000) },
         "ping-interval": { type: "string", default: String(PING_INTERVAL_MS / 1000) },
         verbose: { type: "boolean", default: false },
+        nats: { type: "string" },
         help: { type: "boolean", short: "h", default: false },
       },
     });
@@ -189,6 +273,8 @@ function main(args = Deno.args) {
       pingIntervalMs: positive("ping-interval", values["ping-interval"]) * 1000,
       log: values.verbose ? (line) => console.error(line) : undefined,
     };
+    nats = values.nats;
+    if (nats !== undefined) parseNatsAddress(nats);
   } catch (error) {
     if (!(error instanceof TypeError)) throw error;
     console.error(`error: ${userMessage(error)}`);
@@ -197,7 +283,7 @@ function main(args = Deno.args) {
 
   let broker: Broker;
   try {
-    broker = startBroker(options);
+    broker = nats === undefined ? startBroker(options) : await startBridgedBroker(nats, options);
   } catch (error) {
     if (error instanceof Deno.errors.AddrInUse) {
       console.error(`error: Port ${options.port} is already in use`);
@@ -210,7 +296,8 @@ function main(args = Deno.args) {
     } else throw error;
     Deno.exit(1);
   }
-  console.log(`[BROKER] Listening on port ${broker.port}`);
+  const bridged = nats === undefined ? "" : `, bridged to NATS at "${nats}"`;
+  console.log(`[BROKER] Listening on port ${broker.port}${bridged}`);
 
   const stop = async () => {
     Deno.removeSignalListener("SIGINT", stop);
@@ -221,4 +308,4 @@ function main(args = Deno.args) {
   Deno.addSignalListener("SIGTERM", stop);
 }
 
-if (import.meta.main) main();
+if (import.meta.main) await main();

@@ -3,7 +3,7 @@
  * Announces on the broker that a fragment is available, waits until the broker has taken the
  * message (`PING`/`PONG`), and exits 0; exits 1 with one line on stderr when it cannot.
  *
- * Usage: `deno run notify.ts fragment_5.bin [--topic fragmentos] [--broker localhost:5555]`
+ * Usage: `deno run notify.ts fragment_5.bin [--topic fragmentos] [--broker localhost:5555 or nats://...]`
  * @module
  */
 import { parseArgs } from "node:util";
@@ -21,13 +21,14 @@ import { isValidName } from "./split.ts";
 /** How long the broker may take to confirm it has the message. */
 const FLUSH_TIMEOUT_MS = 5_000;
 
-const USAGE = `Usage: deno run notify.ts FRAGMENT [--topic ${ANNOUNCE_TOPIC}] [--broker HOST:PORT]
+const USAGE = `Usage: deno run notify.ts FRAGMENT [--topic ${ANNOUNCE_TOPIC}] [--broker ADDRESS]
 
 Publishes that FRAGMENT (e.g. fragment_5.bin) is available, and waits until the broker has it.
 
 Options:
   --topic TOPIC        the topic to publish on (default ${ANNOUNCE_TOPIC})
-  --broker HOST:PORT   the broker to use (default ${DEFAULT_ADDRESS})
+  --broker ADDRESS     the broker: host:port of ours, or nats://host:port for NATS (several
+                       comma-separated for a cluster) (default ${DEFAULT_ADDRESS})
   -h, --help           show this help`;
 
 async function main(args = Deno.args) {

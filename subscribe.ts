@@ -3,7 +3,7 @@
  * Subscribes to broker topics and prints each message as `[topic] message` on stdout; status
  * lines go to stderr. It survives a broker restart (the client reconnects and resubscribes).
  *
- * Usage: `deno run subscribe.ts fragmentos [more topics] [--broker localhost:5555]`
+ * Usage: `deno run subscribe.ts fragmentos [more topics] [--broker localhost:5555 or nats://...]`
  * @module
  */
 import { parseArgs } from "node:util";
@@ -11,12 +11,13 @@ import { escapeControl, userMessage } from "./common/cli.ts";
 import { LineBuffer } from "./common/lines.ts";
 import { BrokerError, connect, DEFAULT_ADDRESS, isValidTopic } from "./broker.ts";
 
-const USAGE = `Usage: deno run subscribe.ts [TOPIC...] [--broker HOST:PORT]
+const USAGE = `Usage: deno run subscribe.ts [TOPIC...] [--broker ADDRESS]
 
 Prints every message published on the topics as "[topic] message". With no topic, asks for one.
 
 Options:
-  --broker HOST:PORT   the broker to use (default ${DEFAULT_ADDRESS})
+  --broker ADDRESS     the broker: host:port of ours, or nats://host:port for NATS (several
+                       comma-separated for a cluster) (default ${DEFAULT_ADDRESS})
   -h, --help           show this help`;
 
 /** Asks for topics on stderr and reads one line of stdin (several topics may be typed). */

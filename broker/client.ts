@@ -34,6 +34,29 @@ export interface Subscription extends AsyncIterable<Message>, AsyncDisposable {
   unsubscribe(): Promise<void>;
 }
 
+/**
+ * A connection to a broker, whichever kind: our own line-protocol broker ({@link BrokerClient})
+ * or NATS (`NatsBrokerClient`). broker.ts's `connect()` picks by the address. Both reconnect by
+ * themselves, restore their subscriptions, and say so through {@link ClientOptions}.
+ */
+export interface BrokerConnection extends AsyncDisposable {
+  /** The address it was given (`host:port`, or `nats://...`). */
+  readonly address: string;
+  /** True while a connection is up. */
+  readonly isConnected: boolean;
+  /**
+   * Subscribes to `topic`; messages come by iterating the subscription, or to `onMessage` as
+   * they arrive. Resolves once the broker has it (at once while disconnected: it is restored).
+   */
+  subscribe(topic: string, onMessage?: (message: Message) => void): Promise<Subscription>;
+  /** Publishes; false when dropped (closed, or too much held). Delivery is at most once. */
+  publish(topic: string, message: string): boolean;
+  /** Resolves when the broker has taken everything published so far. */
+  flush(): Promise<void>;
+  /** Sends what is queued (briefly), ends the subscriptions and closes the connection. */
+  close(): Promise<void>;
+}
+
 /** Options for {@link connect}. */
 export interface ClientOptions {
   /**
@@ -83,7 +106,7 @@ export async function connect(address: string, options: ClientOptions = {}): Pro
 }
 
 /** A broker connection that comes back by itself. Make one with {@link connect}. */
-export class BrokerClient implements AsyncDisposable {
+export class BrokerClient implements BrokerConnection {
   /** The `host:port` it connects to. */
   readonly address: string;
   /** Settles after the first attempt to connect; {@link connect} awaits it. */
@@ -125,12 +148,13 @@ export class BrokerClient implements AsyncDisposable {
   /**
    * Subscribes to `topic`. Resolves once the broker has the subscription (or at once when the
    * connection is down: it is then restored on reconnection). Rejects with a
-   * {@link BrokerError} when the broker refuses it (past its `--max-subscriptions`).
+   * {@link BrokerError} when the broker refuses it (past its `--max-subscriptions`). With
+   * `onMessage`, each message goes to it as it arrives instead of waiting to be iterated.
    */
-  async subscribe(topic: string): Promise<Subscription> {
+  async subscribe(topic: string, onMessage?: (message: Message) => void): Promise<Subscription> {
     if (!isValidTopic(topic)) throw new TypeError(`Invalid topic ${quote(topic)}`);
     if (this.#closed) throw new BrokerError("The broker client is closed");
-    const inbox = new Inbox(topic, (it) => this.#unsubscribe(it));
+    const inbox = new Inbox(topic, (it) => this.#unsubscribe(it), onMessage);
     const inboxes = this.#topics.get(topic);
     if (inboxes) {
       inboxes.add(inbox);
@@ -352,10 +376,14 @@ export class BrokerClient implements AsyncDisposable {
   }
 }
 
-/** Messages of one subscription, queued until the iterating code takes them. */
-class Inbox implements Subscription {
+/**
+ * Messages of one subscription, queued until the iterating code takes them (or handed to its
+ * callback at once). The NATS client uses it too.
+ */
+export class Inbox implements Subscription {
   readonly topic: string;
   readonly #onUnsubscribe: (inbox: Inbox) => Promise<void>;
+  readonly #onMessage: ((message: Message) => void) | undefined;
   #messages: Message[] = [];
   #next = 0;
   #ended = false;
@@ -363,13 +391,19 @@ class Inbox implements Subscription {
   /** Why the broker refused this subscription, if it did. */
   refusal: string | undefined;
 
-  constructor(topic: string, onUnsubscribe: (inbox: Inbox) => Promise<void>) {
+  constructor(
+    topic: string,
+    onUnsubscribe: (inbox: Inbox) => Promise<void>,
+    onMessage?: (message: Message) => void,
+  ) {
     this.topic = topic;
     this.#onUnsubscribe = onUnsubscribe;
+    this.#onMessage = onMessage;
   }
 
   deliver(message: Message) {
     if (this.#ended) return;
+    if (this.#onMessage) return this.#onMessage(message);
     this.#messages.push(message);
     this.#wake?.();
   }

@@ -100,6 +100,11 @@ export interface BrokerOptions {
   /** Receives one line per connection, subscription and cut-off (the CLI's `--verbose`). */
   log?: (line: string) => void;
   /**
+   * Called with each message a client publishes (after the broker has fanned it out), such as
+   * to bridge it to NATS. Messages given to {@link Broker.deliver} do not come here.
+   */
+  onPublish?: (topic: string, message: string) => void;
+  /**
    * Receives one line per failure that is not a client leaving: a connection ended by a socket
    * error other than the usual ones (that connection only), or accepting that fails (the broker
    * keeps trying). @default console.error
@@ -125,6 +130,11 @@ export interface Broker extends AsyncDisposable {
   /** The port it listens on (the real one when started on port 0). */
   readonly port: number;
   stats(): BrokerStats;
+  /**
+   * Sends `message` to this broker's subscribers of `topic` as if a client had published it,
+   * without passing it to `onPublish` (a bridge delivers what it received this way).
+   */
+  deliver(topic: string, message: string): void;
   /** Stops accepting, tells every client `ERR:shutting down`, and closes them (under 1 s). */
   close(): Promise<void>;
 }
@@ -151,6 +161,7 @@ class BrokerServer implements Broker {
   readonly writeTimeoutMs: number;
   readonly log: (line: string) => void;
   readonly warn: (line: string) => void;
+  readonly #onPublish: ((topic: string, message: string) => void) | undefined;
   /** Output waiting for every session together. */
   readonly output: Tally = { bytes: 0 };
   readonly #listener: Deno.TcpListener;
@@ -179,6 +190,7 @@ class BrokerServer implements Broker {
     this.writeTimeoutMs = options.writeTimeoutMs ?? WRITE_TIMEOUT_MS;
     this.log = options.log ?? (() => {});
     this.warn = options.warn ?? ((line) => console.error(line));
+    this.#onPublish = options.onPublish;
     this.#listener = Deno.listen({
       hostname: options.hostname ?? "0.0.0.0",
       port: options.port ?? DEFAULT_PORT,
@@ -208,6 +220,13 @@ class BrokerServer implements Broker {
       queued: this.output.bytes,
       refused: this.#refused,
     };
+  }
+
+  deliver(topic: string, message: string): void {
+    const subscribers = this.#topics.get(topic);
+    if (!subscribers) return;
+    const line = this.#encoder.encode(`${topic}:${message}`, "MSG:");
+    for (const subscriber of subscribers) subscriber.sendBytes(line);
   }
 
   close(): Promise<void> {
@@ -247,10 +266,12 @@ class BrokerServer implements Broker {
       const topic = rest.slice(0, split);
       if (!isValidTopic(topic)) return session.send(`ERR:invalid topic ${quote(topic)}`);
       const subscribers = this.#topics.get(topic);
-      if (!subscribers) return;
-      // The message is `MSG:` followed by the same topic and text, encoded once for everyone.
-      const message = this.#encoder.encode(rest, "MSG:");
-      for (const subscriber of subscribers) subscriber.sendBytes(message);
+      if (subscribers) {
+        // The message is `MSG:` followed by the same topic and text, encoded once for everyone.
+        const message = this.#encoder.encode(rest, "MSG:");
+        for (const subscriber of subscribers) subscriber.sendBytes(message);
+      }
+      this.#onPublish?.(topic, rest.slice(split + 1));
       return;
     }
     if (verb !== "SUB" && verb !== "UNSUB") {

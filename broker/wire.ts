@@ -345,3 +345,42 @@ export function parseAddress(address: string): { hostname: string; port: number 
   }
   return { hostname, port };
 }
+
+// ---------------------------------------------------------------------------------------------
+// NATS addresses and subjects (here, so that checking them never loads the NATS client)
+
+/** True when `address` names NATS servers (`nats://...`) rather than one of our brokers. */
+export function isNatsAddress(address: string): boolean {
+  return /^nats:\/\//i.test(address);
+}
+
+/**
+ * The servers of `nats://host:port[,nats://host:port...]` (the port defaults to 4222); throws a
+ * TypeError naming the address when one is malformed.
+ */
+export function parseNatsAddress(address: string): string[] {
+  const servers = address.split(",").map((server) => server.trim());
+  for (const server of servers) {
+    const url = URL.parse(server);
+    const port = url?.port === "" ? 4222 : Number(url?.port);
+    if (
+      !url || url.protocol !== "nats:" || url.hostname === "" || !(port >= 1 && port <= 65535) ||
+      !["", "/"].includes(url.pathname) || url.search !== "" || url.hash !== ""
+    ) {
+      throw new TypeError(
+        `Invalid NATS address ${
+          quote(server)
+        }: expected nats://host:port, e.g. nats://localhost:4222`,
+      );
+    }
+  }
+  return servers;
+}
+
+/**
+ * True when `topic` is a valid topic and also a NATS subject: its `.`-separated tokens are not
+ * empty (`a..b`, `.a` and `a.` are topics of our broker, but not subjects).
+ */
+export function isNatsSubject(topic: string): boolean {
+  return isValidTopic(topic) && !topic.split(".").includes("");
+}
