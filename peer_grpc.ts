@@ -1,18 +1,22 @@
 #!/usr/bin/env -S deno run --allow-net --allow-read --allow-write
 /**
  * The peer's gRPC half (DESIGN.md "gRPC", proto/file_transfer.proto): the `FileTransfer` server
- * over a fragment store, the client peer.ts fetches and pushes with, and a supervisor that runs
- * the server as a child process. Why a child: Deno 2.9.6's `node:http2` can abort the whole
- * process inside nghttp2 when a client closes its connection (denoland/deno#36788), so a remote
- * client must only ever be able to cost a restart of this child, never the peer.
+ * over a fragment store (with the standard health and reflection services), the client peer.ts
+ * fetches and pushes with, and a supervisor that runs the server as a child process, started by
+ * the peer's gRPC port (peer/grpc_front.ts) only when a client first talks gRPC. Why a child:
+ * Deno 2.9.6's `node:http2` can abort the whole process inside nghttp2 when a client closes its
+ * connection (denoland/deno#36788), so a remote client must only ever be able to cost a restart
+ * of this child, never the peer.
  *
  * This file is that child's command line and the API the rest of the project imports; the work
- * is in four modules beside it:
+ * is in the modules beside it:
  *
  * - `peer/grpc_wire.ts`: what both ends share: the proto, the message shapes and limits, GrpcError;
  * - `peer/grpc_server.ts`: startGrpcServer and one handler per RPC;
+ * - `peer/grpc_services.ts`: the standard health and reflection services;
  * - `peer/grpc_client.ts`: GrpcClient, one channel per peer;
- * - `peer/grpc_supervisor.ts`: superviseGrpcServer, which runs this file as a child and restarts it.
+ * - `peer/grpc_supervisor.ts`: superviseGrpcServer, which runs this file as a child and restarts it;
+ * - `peer/grpc_front.ts`: startGrpcFront, the port in the peer's process that starts it on first use.
  *
  * Usage: `deno task grpc fragments/6001 --port 50051 [--hostname 0.0.0.0] [--directory URL]`
  * @module
@@ -44,6 +48,7 @@ export {
   superviseGrpcServer,
   type SupervisorOptions,
 } from "./peer/grpc_supervisor.ts";
+export { type GrpcFront, type GrpcFrontOptions, startGrpcFront } from "./peer/grpc_front.ts";
 
 const USAGE = `Usage: deno task grpc <store dir> [options]
 
@@ -85,7 +90,7 @@ async function main(args = Deno.args): Promise<number> {
     // Only loaded when asked for: it brings the REST stack along.
     const { DirectoryClient } = await import("./directory.ts");
     const directory = new DirectoryClient(values.directory);
-    locate = (name) => directory.locate(name);
+    locate = (name, file) => directory.locate(name, file === undefined ? {} : { file });
   }
   let maxUpload;
   try {

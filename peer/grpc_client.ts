@@ -3,7 +3,7 @@
  * restarted, and Download, Upload, ListFiles, Locate and Echo as promises and async iterables.
  * @module
  */
-import "./grpc_env.ts"; // before grpc-js, which reads the environment as it loads
+import "./grpc_env_check.ts"; // before grpc-js, which reads the environment as it loads
 import * as grpc from "@grpc/grpc-js";
 import type { FragmentInfo } from "./store.ts";
 import {
@@ -77,19 +77,26 @@ export class GrpcClient implements Disposable {
 
   /** What the peer at `address` (`host:port`) holds. */
   async listFiles(address: string): Promise<FileList> {
-    const reply = await this.#unary<{ file: string; fragments: WireFragment[] }>(
+    const reply = await this.#unary<{ file: string; file_id: string; fragments: WireFragment[] }>(
       address,
       "ListFiles",
       {},
     );
-    return { file: reply.file, fragments: reply.fragments.map(fromWireFragment) };
+    return {
+      file: reply.file,
+      fileId: reply.file_id,
+      fragments: reply.fragments.map(fromWireFragment),
+    };
   }
 
-  /** Whether the peer at `address` holds fragment `name`, and which holders it knows of. */
-  async locate(address: string, name: string): Promise<Location> {
+  /**
+   * Whether the peer at `address` holds fragment `name`, and which holders of it it knows of:
+   * of the file `file` names (an id, id prefix or name), else of the peer's own file.
+   */
+  async locate(address: string, name: string, options: { file?: string } = {}): Promise<Location> {
     const reply = await this.#unary<
-      { held: boolean; fragment: WireFragment | null; holders: WireHolder[] }
-    >(address, "Locate", { name });
+      { held: boolean; fragment: WireFragment | null; holders: WireHolder[]; file_id: string }
+    >(address, "Locate", { name, file: options.file ?? "" });
     return {
       held: reply.held,
       ...reply.fragment && reply.held ? { fragment: fromWireFragment(reply.fragment) } : {},
@@ -98,7 +105,9 @@ export class GrpcClient implements Disposable {
         port: h.port,
         grpcPort: h.grpc_port,
         httpPort: h.http_port,
+        ...h.file_id ? { fileId: h.file_id } : {},
       })),
+      ...reply.file_id ? { fileId: reply.file_id } : {},
     };
   }
 

@@ -1,14 +1,13 @@
 /**
- * The environment variables grpc-js reads, and a check of them that runs before grpc-js loads:
- * it reads them as it is imported, so without access the import itself throws, with a stack from
- * deep inside grpc-js. Every module that imports grpc-js imports this first.
+ * The environment variables grpc-js reads, as a list only: importing this loads nothing, so the
+ * peer's own process can name them (for its gRPC child's permissions) without loading grpc-js.
+ * grpc_env_check.ts checks them before grpc-js loads.
  * @module
  */
-import { exitForPermission } from "../common/cli.ts";
-
 /**
- * The environment variables grpc-js reads (logging, tracing, proxies): a process that loads it
- * needs `--allow-env` for these names, as the `grpc` permission set in deno.json grants.
+ * The environment variables grpc-js reads (logging, tracing, proxies) as it is imported: a
+ * process that loads it needs `--allow-env` for these names, as the `grpc` permission set in
+ * deno.json grants.
  */
 export const GRPC_ENV = [
   "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",
@@ -26,11 +25,3 @@ export const GRPC_ENV = [
   "no_grpc_proxy",
   "no_proxy",
 ];
-
-// In a terminal Deno asks for each one when grpc-js reads it; elsewhere say so in one line.
-if (!Deno.stdin.isTerminal()) {
-  const denied = GRPC_ENV.find((variable) =>
-    Deno.permissions.querySync({ name: "env", variable }).state !== "granted"
-  );
-  if (denied !== undefined) exitForPermission(`Requires env access to "${denied}"`);
-}

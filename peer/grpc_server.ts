@@ -5,10 +5,11 @@
  * The peer runs this in a supervised child (see grpc_supervisor.ts), never in its own process.
  * @module
  */
-import "./grpc_env.ts"; // before grpc-js, which reads the environment as it loads
+import "./grpc_env_check.ts"; // before grpc-js, which reads the environment as it loads
 import * as grpc from "@grpc/grpc-js";
 import { Buffer } from "node:buffer";
 import { UserError } from "../common/cli.ts";
+import { isValidName } from "../split.ts";
 import { createThrottle } from "../common/throttle.ts";
 import {
   BadNameError,
@@ -31,6 +32,7 @@ import {
 } from "./grpc_wire.ts";
 import { ELSEWHERE_KEY } from "./grpc_wire.ts";
 import type { Steering } from "./steering.ts";
+import { addStandardServices } from "./grpc_services.ts";
 
 // The largest fragment an Upload may announce (the splitter's fragments are far smaller).
 const MAX_UPLOAD_SIZE = 4 * 1024 ** 3;
@@ -45,8 +47,11 @@ export interface GrpcServerOptions {
   port?: number;
   /** @default "0.0.0.0" */
   hostname?: string;
-  /** Who else holds a fragment (e.g. the directory's answer); Locate returns no holders without. */
-  locate?: (name: string) => Promise<Holder[]>;
+  /**
+   * Who else holds a fragment of `file` (an id, id prefix or name; undefined for any file), e.g.
+   * the directory's answer; Locate returns no holders without.
+   */
+  locate?: (name: string, file?: string) => Promise<Holder[]>;
   /** Called after an Upload stored a verified fragment. */
   onStored?: (info: FragmentInfo) => void;
   /** Downloads served at once; more are refused with RESOURCE_EXHAUSTED. @default 64 */
@@ -82,6 +87,7 @@ export async function startGrpcServer(
   });
   const active = new Set<Promise<void>>();
   server.addService(serverDefinition(), fileTransferHandlers(store, options, active));
+  addStandardServices(server);
   const host = options.hostname ?? "0.0.0.0";
   const address = `${host.includes(":") ? `[${host}]` : host}:${options.port ?? DEFAULT_PORT}`;
   const port = await new Promise<number>((resolve, reject) => {
@@ -165,18 +171,28 @@ function fileTransferHandlers(
   ) {
     // The peer stores what it fetches in the same folder: pick that up first.
     store.adoptAll().then(
-      () => callback(null, { fragments: store.list(), file: store.manifest?.file ?? "" }),
+      () =>
+        callback(null, {
+          fragments: store.list(),
+          file: store.manifest?.file ?? "",
+          file_id: store.manifest?.sha256 ?? "",
+        }),
       (error) => callback(statusError(grpc.status.INTERNAL, String(error))),
     );
   }
 
   async function Locate(
-    call: grpc.ServerUnaryCall<{ name: string }, unknown>,
+    call: grpc.ServerUnaryCall<{ name: string; file: string }, unknown>,
     callback: grpc.sendUnaryData<unknown>,
   ) {
     const { name } = call.request;
     if (!isFragmentName(name)) {
       return callback(statusError(grpc.status.INVALID_ARGUMENT, `Invalid name ${quote(name)}`));
+    }
+    // A file id, id prefix or name; none asked for means this peer's own file.
+    const file = call.request.file || store.manifest?.sha256 || undefined;
+    if (file !== undefined && !isValidName(file)) {
+      return callback(statusError(grpc.status.INVALID_ARGUMENT, `Invalid file ${quote(file)}`));
     }
     let fragment;
     try {
@@ -185,8 +201,13 @@ function fileTransferHandlers(
       return callback(internal(`Locate of ${quote(name)}`, error, "Could not read the fragment"));
     }
     // The directory being down is no reason to fail: the answer just knows fewer holders.
-    const holders = await options.locate?.(name).catch(() => []) ?? [];
-    callback(null, { held: fragment !== undefined, fragment, holders: holders.map(toWireHolder) });
+    const holders = await options.locate?.(name, file).catch(() => []) ?? [];
+    callback(null, {
+      held: fragment !== undefined,
+      fragment,
+      holders: holders.map(toWireHolder),
+      file_id: askedFileId(file, holders),
+    });
   }
 
   // Its messages are Chunks encoded by encodeChunk (see serverDefinition).
@@ -262,7 +283,19 @@ function toWireHolder(holder: Holder): WireHolder {
     port: holder.port,
     grpc_port: holder.grpcPort,
     http_port: holder.httpPort,
+    file_id: holder.fileId ?? "",
   };
+}
+
+/**
+ * The id of the file holders were asked for: `file` when it is a whole id, else the one id the
+ * holders all carry (a prefix or a name the directory resolved), else "" (not known).
+ */
+function askedFileId(file: string | undefined, holders: Holder[]): string {
+  if (file !== undefined && SHA256_HEX.test(file)) return file;
+  const ids = new Set(holders.map((holder) => holder.fileId));
+  const [only] = ids;
+  return ids.size === 1 && only !== undefined && SHA256_HEX.test(only) ? only : "";
 }
 
 /** Streams fragment `name`: the first chunk carries size and sha256, none is over 1 MiB. */

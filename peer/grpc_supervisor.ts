@@ -11,7 +11,7 @@ import { fileURLToPath } from "node:url";
 import { GRPC_ENV } from "./grpc_env.ts";
 import { describe, UserError } from "../common/cli.ts";
 import { LineBuffer } from "../common/lines.ts";
-import { DEFAULT_PORT, PROTO_PATH } from "./grpc_wire.ts";
+import { DEFAULT_PORT, PROTO_PATH, standardProtoDirs } from "./grpc_constants.ts";
 
 // The child runs peer_grpc.ts's command line, with this project's deno.json (its import map).
 const SCRIPT_PATH = fileURLToPath(new URL("../peer_grpc.ts", import.meta.url));
@@ -36,8 +36,13 @@ const STORED = /^STORED (\S+)$/;
 export interface SupervisorOptions {
   /** The store's folder: the child may read and write there only. */
   dir: string;
-  /** 0 picks a free port once; restarts reuse the port it got. @default 50051 */
+  /** 0 picks a free port once; restarts reuse the port it got (see `samePort`). @default 50051 */
   port?: number;
+  /**
+   * Restarts reuse the port the first child got. The front (grpc_front.ts) says false: its
+   * child's port is private, and a fresh free one cannot be taken by then. @default true
+   */
+  samePort?: boolean;
   hostname?: string;
   /** The directory's URL, so Locate can name other holders. */
   directory?: string;
@@ -51,7 +56,7 @@ export interface SupervisorOptions {
 
 /** A gRPC server running in a child process that is restarted whenever it dies. */
 export interface GrpcSupervisor extends AsyncDisposable {
-  /** The port the server listens on (the same across restarts). */
+  /** The port the server listens on (the same across restarts, unless `samePort` is false). */
   readonly port: number;
   /** The child's process id, while one runs. */
   readonly pid: number | undefined;
@@ -149,7 +154,13 @@ class Supervisor implements GrpcSupervisor {
       const why = "error" in ended
         ? `Cannot start the server (${describe(ended.error)})`
         : `Server exited (${ended.status.signal ?? `code ${ended.status.code}`})`;
-      this.#options.onLog?.(`[gRPC] ${why}; restarting in ${Math.round(delay)} ms`);
+      // Ctrl-C in a terminal reaches the whole process group, and the child stops cleanly (code
+      // 0) or by the signal: the peer is stopping too, quietly.
+      const interrupted = "status" in ended &&
+        (ended.status.signal === "SIGINT" || ended.status.code === 0);
+      if (!interrupted) {
+        this.#options.onLog?.(`[gRPC] ${why}; restarting in ${Math.round(delay)} ms`);
+      }
       await new Promise<void>((resolve) => {
         const timer = setTimeout(resolve, delay);
         this.#wake = () => {
@@ -178,12 +189,14 @@ class Supervisor implements GrpcSupervisor {
         CONFIG_PATH,
         "--allow-net",
         `--allow-env=${GRPC_ENV.join(",")}`,
-        `--allow-read=${dir},${PROTO_PATH}`,
+        // grpc-health-check finds its proto with fs.existsSync, which Deno checks the uid for.
+        "--allow-sys=uid",
+        `--allow-read=${[dir, PROTO_PATH, ...standardProtoDirs()].join(",")}`,
         `--allow-write=${dir}`,
         SCRIPT_PATH,
         dir,
         "--port",
-        String(this.#port),
+        String(this.#options.samePort === false ? this.#options.port ?? DEFAULT_PORT : this.#port),
         "--supervised",
         ...hostname ? ["--hostname", hostname] : [],
         ...directory ? ["--directory", directory] : [],

@@ -3,30 +3,34 @@
  * shapes of its messages, the limits they keep to, and how a failed call is reported.
  * @module
  */
-import "./grpc_env.ts"; // before grpc-js, which reads the environment as it loads
+import "./grpc_env_check.ts"; // before grpc-js, which reads the environment as it loads
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
-import { fileURLToPath } from "node:url";
+import { PROTO_PATH } from "./grpc_constants.ts";
 import type { FragmentInfo } from "./store.ts";
 import type { Holder as DirectoryHolder } from "../directory.ts";
 
-/** A peer that holds a fragment, as the directory names it. */
-export type Holder = Pick<DirectoryHolder, "host" | "port" | "grpcPort" | "httpPort">;
+export { DEFAULT_PORT, PROTO_PATH } from "./grpc_constants.ts";
 
-/** Where the service is declared; the supervised child may read it and the store, nothing else. */
-export const PROTO_PATH = fileURLToPath(new URL("../proto/file_transfer.proto", import.meta.url));
+/**
+ * A peer that holds a fragment, as the directory names it; `fileId` is the id (whole-file
+ * SHA-256) of the file its store holds, when the directory says.
+ */
+export type Holder = Pick<DirectoryHolder, "host" | "port" | "grpcPort" | "httpPort"> & {
+  fileId?: string;
+};
 
 /** The largest piece of a fragment in one message. */
 export const CHUNK_SIZE = 1024 * 1024;
 /** A chunk plus room for the other fields: a bigger message is refused with RESOURCE_EXHAUSTED. */
 export const MAX_MESSAGE = CHUNK_SIZE + 64 * 1024;
-/** The port the server listens on unless told otherwise. */
-export const DEFAULT_PORT = 50051;
 
 /** `FileTransfer.ListFiles`: what a peer holds, and the file its manifest describes. */
 export interface FileList {
   /** The manifest's file name; empty when the peer has no manifest. */
   file: string;
+  /** The file's id, its whole-file SHA-256 (the manifest's sha256); empty without a manifest. */
+  fileId: string;
   fragments: FragmentInfo[];
 }
 
@@ -35,6 +39,8 @@ export interface Location {
   held: boolean;
   fragment?: FragmentInfo;
   holders: Holder[];
+  /** The id of the file the holders were asked for, when known. */
+  fileId?: string;
 }
 
 /** A fragment arriving, over gRPC as over TCP: the TCP protocol's type, so `fetch.ts` takes either. */
@@ -52,6 +58,7 @@ export interface WireHolder {
   port: number;
   grpc_port: number;
   http_port: number;
+  file_id: string;
 }
 /** A `Chunk` of a Download: only the first carries size and sha256. */
 export interface Chunk {
@@ -64,17 +71,23 @@ export interface UploadChunk extends Chunk {
   name?: string;
 }
 
+let definition: protoLoader.PackageDefinition | undefined;
 let service: grpc.ServiceClientConstructor | undefined;
+
+/** The proto as proto-loader loads it (with its descriptors, which reflection serves), once. */
+export function fileTransferDefinition(): protoLoader.PackageDefinition {
+  definition ??= protoLoader.loadSync(PROTO_PATH, {
+    keepCase: true,
+    longs: Number, // sizes are uint64 on the wire, but a fragment fits a JS number
+    defaults: true,
+  });
+  return definition;
+}
 
 /** The `p2p.FileTransfer` service, loaded from the proto on first use only. */
 export function fileTransfer(): grpc.ServiceClientConstructor {
   if (!service) {
-    const definition = protoLoader.loadSync(PROTO_PATH, {
-      keepCase: true,
-      longs: Number, // sizes are uint64 on the wire, but a fragment fits a JS number
-      defaults: true,
-    });
-    const p2p = grpc.loadPackageDefinition(definition).p2p as grpc.GrpcObject;
+    const p2p = grpc.loadPackageDefinition(fileTransferDefinition()).p2p as grpc.GrpcObject;
     service = p2p.FileTransfer as grpc.ServiceClientConstructor;
   }
   return service;

@@ -222,6 +222,19 @@ Deno.test("superviseGrpcServer() restarts a killed child on the same port, and a
   assertMatch(logs.join("\n"), /Server exited \(SIGKILL\); restarting/);
 });
 
+Deno.test("superviseGrpcServer() restarts a child stopped by Ctrl-C (SIGINT) without a line", async () => {
+  await using dir = await tempDir();
+  await makeStoreDir(dir.path);
+  const logs: string[] = [];
+  await using supervisor = await supervise(dir.path, logs);
+  const first = supervisor.pid!;
+  // Ctrl-C in a terminal reaches the peer and its child at once; the peer stops quietly.
+  Deno.kill(first, "SIGINT");
+  await eventually(() => supervisor.restarts === 1 && supervisor.pid !== first);
+  await supervisor.ready();
+  assertEquals(logs.filter((line) => /restarting/.test(line)), []);
+});
+
 Deno.test("superviseGrpcServer() rejects when its first start fails (the port is taken)", async () => {
   await using dir = await tempDir();
   using taken = Deno.listen({ hostname: "127.0.0.1", port: 0 });

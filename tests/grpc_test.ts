@@ -76,6 +76,7 @@ Deno.test("ListFiles names every fragment held with its size and hash, and the f
   using client = new GrpcClient();
   const list = await client.listFiles(`127.0.0.1:${server.port}`);
   assertEquals(list.file, "video.webm");
+  assertEquals(list.fileId, manifest.sha256, "the file's id is its whole-file SHA-256");
   assertEquals(list.fragments, store.list());
   assertEquals(
     list.fragments.slice(0, 4),
@@ -86,11 +87,22 @@ Deno.test("ListFiles names every fragment held with its size and hash, and the f
 Deno.test("Locate says whether the peer holds a fragment and names the holders it knows", async () => {
   await using dir = await tempDir();
   const { store, manifest } = await makeStore(dir.path);
-  const holder = { id: "x", host: "10.0.0.7", port: 6002, grpcPort: 50052, httpPort: 8002 };
+  const holder = {
+    id: "x",
+    host: "10.0.0.7",
+    port: 6002,
+    grpcPort: 50052,
+    httpPort: 8002,
+    fileId: manifest.sha256,
+  };
+  const asked: (string | undefined)[] = [];
   await using server = await startGrpcServer(store, {
     port: 0,
     hostname: "127.0.0.1",
-    locate: (name) => Promise.resolve(name === "elsewhere.bin" ? [holder] : []),
+    locate: (name, file) => {
+      asked.push(file);
+      return Promise.resolve(name === "elsewhere.bin" ? [holder] : []);
+    },
   });
   using client = new GrpcClient();
   const address = `127.0.0.1:${server.port}`;
@@ -99,15 +111,55 @@ Deno.test("Locate says whether the peer holds a fragment and names the holders i
     held: true,
     fragment: { name: first.name, size: first.size, sha256: first.sha256 },
     holders: [],
+    fileId: manifest.sha256,
   });
   const { id: _, ...where } = holder;
-  assertEquals(await client.locate(address, "elsewhere.bin"), { held: false, holders: [where] });
+  assertEquals(await client.locate(address, "elsewhere.bin"), {
+    held: false,
+    holders: [where],
+    fileId: manifest.sha256,
+  });
+  // No file named: holders of the peer's own file, by its id.
+  assertEquals(asked, [manifest.sha256, manifest.sha256]);
   assertEquals(await failure(() => client.locate(address, "../elsewhere.bin")), "INVALID_ARGUMENT");
+});
+
+Deno.test("Locate asks for the file named by id, id prefix or name, and says the id when known", async () => {
+  await using dir = await tempDir();
+  const store = await Store.open(join(dir.path, "store")); // no manifest: any file
+  const id = "ab".repeat(32);
+  const holder = { host: "10.0.0.7", port: 6002, grpcPort: 50052, httpPort: 8002, fileId: id };
+  const asked: (string | undefined)[] = [];
+  await using server = await startGrpcServer(store, {
+    port: 0,
+    hostname: "127.0.0.1",
+    locate: (_name, file) => {
+      asked.push(file);
+      return Promise.resolve([holder]);
+    },
+  });
+  using client = new GrpcClient();
+  const address = `127.0.0.1:${server.port}`;
+  const located = await client.locate(address, "fragment_0.bin", { file: "abab" });
+  assertEquals(
+    located,
+    { held: false, holders: [holder], fileId: id },
+    "a prefix the holders share",
+  );
+  assertEquals((await client.locate(address, "fragment_0.bin", { file: id })).fileId, id);
+  await client.locate(address, "fragment_0.bin", { file: "video.webm" });
+  await client.locate(address, "fragment_0.bin");
+  assertEquals(asked, ["abab", id, "video.webm", undefined]);
+  assertEquals((await client.listFiles(address)).fileId, "", "no manifest, no id");
+  assertEquals(
+    await failure(() => client.locate(address, "fragment_0.bin", { file: "../x" })),
+    "INVALID_ARGUMENT",
+  );
 });
 
 Deno.test("Locate still answers when the directory behind it fails", async () => {
   await using dir = await tempDir();
-  const { store } = await makeStore(dir.path);
+  const { store, manifest } = await makeStore(dir.path);
   await using server = await startGrpcServer(store, {
     port: 0,
     hostname: "127.0.0.1",
@@ -117,6 +169,7 @@ Deno.test("Locate still answers when the directory behind it fails", async () =>
   assertEquals(await client.locate(`127.0.0.1:${server.port}`, "nowhere.bin"), {
     held: false,
     holders: [],
+    fileId: manifest.sha256,
   });
 });
 
