@@ -18,9 +18,13 @@
  * ```
  * @module
  */
+import { join } from "node:path";
 import type { Store } from "./store.ts";
-import type { FragmentEntry, Manifest } from "../split.ts";
+import { type FragmentEntry, type Manifest, MANIFEST_NAME } from "../split.ts";
 import { type ConnectionLimits, serveConnections } from "../directory/server.ts";
+import { errorCode } from "../directory/schemas.ts";
+import { refersTo } from "../common/file_ref.ts";
+import { Origins, serveEvents } from "./player_events.ts";
 
 /** What the player needs from a peer. */
 export interface PlayerSource {
@@ -39,10 +43,11 @@ export interface PlayerSource {
   /** The current state of every fragment, for a page that just opened. */
   snapshot(): FragmentEvent[];
   /**
-   * Called when a page opens and the store has no manifest yet: an empty viewer finds one (from
-   * the directory) and adopts it into the store; the page shows it as soon as it is there.
+   * Called when a page or `/stream/<ref>` opens and the store has no manifest yet: an empty
+   * viewer finds one (from the directory; the file `ref` names, as the URL had it: a name, an id
+   * or an id's prefix) and adopts it into the store; the page shows it as soon as it is there.
    */
-  findManifest?(): Promise<unknown>;
+  findManifest?(ref?: string): Promise<unknown>;
 }
 
 /** A change on the fragment map: held, in flight (and from whom), missing, or failed. */
@@ -51,6 +56,11 @@ export interface FragmentEvent {
   index: number;
   state: "held" | "inflight" | "missing" | "failed";
   from?: string;
+  /**
+   * Set by the player on a held fragment no one sent while it ran: it was in the store when the
+   * player started (the page says "held at start" where it would name the holder).
+   */
+  heldAtStart?: boolean;
 }
 
 /**
@@ -93,19 +103,16 @@ export interface ByteRange {
 }
 
 /**
- * An open-ended range (`bytes=a-`) is answered with at most this many bytes: the browser then
- * streams progressively and asks again, instead of one response holding the whole file hostage.
+ * The longest request target (path and query) answered; a longer one gets a 414. Past about
+ * 64 KiB Deno's HTTP server answers a bare 400 itself, before the handler sees the request.
  */
-export const MAX_OPEN_RANGE = 4 * 1024 * 1024;
+export const MAX_TARGET = 8 * 1024;
+/** The methods every route answers; any other gets a 405 that lists them. */
+const ALLOW = "GET, HEAD";
 const CHUNK = 64 * 1024;
-const HEARTBEAT_MS = 15_000;
-const MANIFEST_POLL_MS = 250;
 /** Fragments past the one being read that a stream asks for ahead of everything else. */
 const READAHEAD = 2;
-/** Events queued for a page that stopped reading; past this it is cut off (it reconnects). */
-const MAX_QUEUED_EVENTS = 1000;
 const PAGE_URL = new URL("./player.html", import.meta.url);
-const encoder = new TextEncoder();
 
 // The page may talk to this server only: no CDN, no internet, as the issue asks.
 const PAGE_HEADERS = {
@@ -128,21 +135,28 @@ export function startPlayer(source: PlayerSource, options: PlayerOptions = {}): 
   // Aborted on close: ends event streams and wakes every request waiting for a fragment, since
   // shutdown() waits for open responses to finish.
   const closing = new AbortController();
+  const origins = new Origins(source);
+  closing.signal.addEventListener("abort", () => origins.stop());
 
   function handle(request: Request): Response | Promise<Response> {
-    if (request.method !== "GET" && request.method !== "HEAD") {
-      return text(405, "Method not allowed", { allow: "GET, HEAD" });
+    const { pathname, search } = new URL(request.url);
+    if (pathname.length + search.length > MAX_TARGET) {
+      return problem(414, `The request target is longer than ${MAX_TARGET} bytes`);
     }
-    const { pathname } = new URL(request.url);
+    if (request.method !== "GET" && request.method !== "HEAD") {
+      return problem(405, `The player answers ${ALLOW} only, not ${request.method}`, {
+        allow: ALLOW,
+      });
+    }
     if (pathname === "/") return new Response(page, { headers: PAGE_HEADERS });
-    if (pathname === "/events") return serveEvents(source, request, closing.signal);
+    if (pathname === "/events") return serveEvents(source, origins, request, closing.signal);
     if (pathname.startsWith("/stream/")) {
       // Not request.signal: Deno's legacy behaviour aborts it once a response is sent, and warns.
       // A browser that drops a response cancels its body stream instead.
       const name = pathname.slice("/stream/".length);
       return serveFile(source, request, name, waitMs, closing.signal);
     }
-    return text(404, "Not found");
+    return problem(404, `Nothing at "${pathname.slice(0, 100)}"`);
   }
 
   async function handleSafely(request: Request): Promise<Response> {
@@ -152,7 +166,7 @@ export function startPlayer(source: PlayerSource, options: PlayerOptions = {}): 
       // A stream that broke off for want of a fragment is expected; anything else is a bug.
       if (error instanceof UnavailableError) console.error(`[!] Player: ${error.message}`);
       else console.error("[!] Player:", error);
-      return text(500, "Internal error");
+      return problem(500, "Internal error");
     }
   }
 
@@ -201,7 +215,9 @@ export function parseRange(
   const start = Number(first);
   if (last !== "" && Number(last) < start) return undefined;
   if (start >= size) return "unsatisfiable";
-  const end = last === "" ? start + MAX_OPEN_RANGE - 1 : Number(last);
+  // An open-ended range is the rest of the file (RFC 9110), so `curl -C -` and `wget -c` resume
+  // to the whole; it streams as the fragments arrive, so the first bytes need not wait for it.
+  const end = last === "" ? size - 1 : Number(last);
   return { start, end: Math.min(end, size - 1) };
 }
 
@@ -216,23 +232,36 @@ async function serveFile(
   try {
     name = decodeURIComponent(encodedName);
   } catch {
-    return text(404, "Not found");
+    return problem(404, "Not a file name");
   }
   // An empty peer finds the file in the directory first: a media player opens the URL with no
-  // page to do it (mpv, ffplay, ffprobe).
-  if (!source.store.manifest && source.findManifest) await within(source.findManifest(), waitMs);
+  // page to do it (mpv, ffplay, ffprobe). The reference goes as it came: a name, an id or a prefix.
+  if (!source.store.manifest && source.findManifest) {
+    await within(source.findManifest(name), waitMs);
+  }
   const manifest = source.store.manifest;
   // Only the manifest's own file is served, so no name can reach anything else on disk.
-  if (!manifest || name !== manifest.file) {
-    return text(404, `Unknown file "${name.slice(0, 100)}"`);
+  if (!manifest || !refersTo(name, manifest)) {
+    return problem(404, `Unknown file "${name.slice(0, 100)}"`);
   }
-  const range = parseRange(request.headers.get("range"), manifest.size);
+  // The file's hash is a strong validator: the same bytes on every peer, whatever they hold.
+  const validators: Record<string, string> = { etag: `"${manifest.sha256}"` };
+  const modified = await manifestTime(source.store);
+  if (modified) validators["last-modified"] = modified.toUTCString();
+  if (notModified(request.headers, validators.etag!, modified)) {
+    return new Response(null, { status: 304, headers: validators });
+  }
   const headers: Record<string, string> = {
+    ...validators,
     "accept-ranges": "bytes",
     "content-type": manifest.mime,
   };
+  // A Range whose If-Range names another version of the file is ignored: the whole file goes.
+  const range = sameVersion(request.headers.get("if-range"), validators)
+    ? parseRange(request.headers.get("range"), manifest.size)
+    : undefined;
   if (range === "unsatisfiable") {
-    return text(416, "Range not satisfiable", {
+    return problem(416, `The file is ${manifest.size} bytes long`, {
       ...headers,
       "content-range": `bytes */${manifest.size}`,
     });
@@ -257,9 +286,9 @@ async function serveFile(
   try {
     first = await bytes.next();
   } catch (error) {
-    if (signal.aborted) return text(503, "The player is closing");
+    if (signal.aborted) return problem(503, "The player is closing");
     if (!(error instanceof UnavailableError)) throw error;
-    return text(503, error.message, { "retry-after": "1" });
+    return problem(503, error.message, { "retry-after": "1" });
   }
   let pending: Uint8Array | undefined = first.value;
   const body = new ReadableStream<Uint8Array>({
@@ -279,6 +308,47 @@ async function serveFile(
     },
   });
   return new Response(body, { status, headers });
+}
+
+/**
+ * When the store got its manifest (the file's time on disk), to whole seconds as HTTP dates
+ * have it; undefined if it cannot be read.
+ */
+async function manifestTime(store: Store): Promise<Date | undefined> {
+  try {
+    const { mtime } = await Deno.stat(join(store.dir, MANIFEST_NAME));
+    return mtime ? new Date(Math.floor(mtime.getTime() / 1000) * 1000) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * Whether a GET or HEAD is answered 304 (RFC 9110 13.1.2-3): If-None-Match names the file's
+ * tag (or is `*`), or, without If-None-Match, If-Modified-Since is no earlier than `modified`.
+ */
+function notModified(headers: Headers, etag: string, modified: Date | undefined): boolean {
+  const noneMatch = headers.get("if-none-match");
+  if (noneMatch !== null) {
+    // A weak comparison: W/"x" matches "x".
+    return noneMatch.trim() === "*" ||
+      noneMatch.split(",").some((tag) => tag.trim().replace(/^W\//, "") === etag);
+  }
+  const since = Date.parse(headers.get("if-modified-since") ?? "");
+  return modified !== undefined && !Number.isNaN(since) && modified.getTime() <= since;
+}
+
+/**
+ * Whether a Range applies under `ifRange` (RFC 9110 13.1.5): no If-Range, the file's strong tag
+ * exactly, or exactly its Last-Modified date.
+ */
+function sameVersion(ifRange: string | null, validators: Record<string, string>): boolean {
+  if (ifRange === null) return true;
+  const value = ifRange.trim();
+  if (value.startsWith('"') || value.startsWith("W/")) return value === validators.etag;
+  const date = Date.parse(value);
+  const modified = Date.parse(validators["last-modified"] ?? "");
+  return !Number.isNaN(date) && date === modified;
 }
 
 /** Waits for `work` at most `ms`; what it resolves or rejects with is not needed. */
@@ -382,81 +452,14 @@ async function openFragment(
   return opened.file;
 }
 
-/**
- * `GET /events`: the manifest (once the store has one), a snapshot of every fragment, then each
- * event as it happens; a comment every 15 s keeps proxies from closing an idle stream.
- */
-function serveEvents(source: PlayerSource, request: Request, closing: AbortSignal): Response {
-  const headers = {
-    "content-type": "text/event-stream; charset=utf-8",
-    // no-transform also keeps Deno from compressing, which would hold events back.
-    "cache-control": "no-cache, no-transform",
-  };
-  if (request.method === "HEAD") return new Response(null, { headers });
-  const stops: (() => void)[] = [];
-  const stop = () => stops.splice(0).forEach((fn) => fn());
-  const body = new ReadableStream<Uint8Array>({
-    start(controller) {
-      const write = (chunk: string) => {
-        if ((controller.desiredSize ?? 0) < -MAX_QUEUED_EVENTS) {
-          stop(); // EventSource reconnects and starts again from a fresh snapshot
-          controller.error(new Error("The page stopped reading events"));
-          return;
-        }
-        controller.enqueue(encoder.encode(chunk));
-      };
-      const send = (event: string, data: unknown) =>
-        write(`event: ${event}\ndata: ${JSON.stringify(data)}\n\n`);
-      const introduce = (manifest: Manifest) => {
-        const { file, mime, size, fragments } = manifest;
-        send("manifest", {
-          file,
-          mime,
-          size,
-          fragments: fragments.map(({ index, name, offset, size }) => ({
-            index,
-            name,
-            offset,
-            size,
-          })),
-        });
-        send("snapshot", source.snapshot());
-      };
-
-      stops.push(source.onEvent((event) => send("fragment", event)));
-      const heartbeat = setInterval(() => write(": heartbeat\n\n"), HEARTBEAT_MS);
-      stops.push(() => clearInterval(heartbeat));
-      const onClosing = () => {
-        stop();
-        controller.close(); // what is queued still goes out
-      };
-      closing.addEventListener("abort", onClosing);
-      stops.push(() => closing.removeEventListener("abort", onClosing));
-
-      const manifest = source.store.manifest;
-      if (manifest) return introduce(manifest);
-      // An empty viewer learns the manifest later (from the directory); the store has no
-      // event for that, so look now and then until it is there.
-      send("snapshot", []);
-      source.findManifest?.().catch((error) =>
-        send("problem", { message: error instanceof Error ? error.message : String(error) })
-      );
-      const poll = setInterval(() => {
-        const manifest = source.store.manifest;
-        if (!manifest) return;
-        clearInterval(poll);
-        introduce(manifest);
-      }, MANIFEST_POLL_MS);
-      stops.push(() => clearInterval(poll));
-    },
-    cancel: stop, // the page went away
-  }, new CountQueuingStrategy({ highWaterMark: 16 }));
-  return new Response(body, { headers });
-}
-
-function text(status: number, message: string, headers: Record<string, string> = {}): Response {
-  return new Response(message + "\n", {
+/** An error answer in the shape the directory's have: `{"error":{"code","message"}}`. */
+function problem(
+  status: number,
+  message: string,
+  headers: Record<string, string> = {},
+): Response {
+  return Response.json({ error: { code: errorCode(status), message } }, {
     status,
-    headers: { ...headers, "content-type": "text/plain; charset=utf-8" },
+    headers: { ...headers, "content-type": "application/json" },
   });
 }

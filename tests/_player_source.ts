@@ -1,11 +1,20 @@
 /**
- * A swarm-less {@link PlayerSource} for the player's unit tests: it fetches from fixed holders,
- * so a test controls exactly what arrives when.
+ * A swarm-less {@link PlayerSource} for the player's tests: it fetches from fixed holders, so a
+ * test controls exactly what arrives when; and {@link startScene}, a seeder, a viewer store and
+ * the player over it.
  * @module
  */
-import { type Fetcher, type Holder, holderAddress } from "../peer/fetch.ts";
-import type { FragmentEvent, PlayerSource } from "../peer/player.ts";
-import type { Store } from "../peer/store.ts";
+import { join } from "node:path";
+import { Fetcher, type Holder, holderAddress } from "../peer/fetch.ts";
+import {
+  type FragmentEvent,
+  type PlayerServer,
+  type PlayerSource,
+  startPlayer,
+} from "../peer/player.ts";
+import { Store } from "../peer/store.ts";
+import { startTcpServer } from "../peer/tcp.ts";
+import { type Manifest, MANIFEST_NAME, SAMPLE_VIDEO, splitFile } from "../split.ts";
 
 /** A {@link PlayerSource} that also lists the `need()` calls made for missing fragments. */
 export interface FetchingSource extends PlayerSource {
@@ -80,3 +89,90 @@ export function fetchingSource(
     },
   };
 }
+
+/** The player over a viewer store, a seeder behind it; dispose it to stop them all. */
+export interface Scene extends AsyncDisposable {
+  manifest: Manifest;
+  /** The original file's bytes. */
+  video: Uint8Array;
+  viewer: Store;
+  source: FetchingSource;
+  player: PlayerServer;
+  /** `http://127.0.0.1:<port>` */
+  url: string;
+  /** `<url>/stream/<file>` */
+  stream: string;
+  /** `127.0.0.1:<port>` of the seeder's TCP server. */
+  seeder: string;
+}
+
+/** What {@link startScene} sets up. */
+export interface SceneOptions {
+  /** The file to split. @default the sample video */
+  video?: string;
+  fragments?: number;
+  /** Indexes of the fragments the viewer starts with. @default all */
+  held?: number[];
+  /** Whether the viewer starts with the manifest. @default true */
+  withManifest?: boolean;
+  /** Indexes of fragments the seeder lacks too, so nobody can provide them. */
+  lost?: number[];
+  waitMs?: number;
+  /** Wraps the source, e.g. to make need() hang. */
+  wrap?: (source: FetchingSource) => PlayerSource;
+}
+
+/** A seeder with the whole file on TCP, a viewer holding `held`, and the player over it. */
+export async function startScene(root: string, options: SceneOptions = {}): Promise<Scene> {
+  const { video = SAMPLE_VIDEO, fragments = 10, withManifest = true, lost = [] } = options;
+  const seederDir = join(root, "seeder");
+  const viewerDir = join(root, "viewer");
+  const manifest = await splitFile(video, { out: seederDir, fragments });
+  const held = options.held ?? manifest.fragments.map((f) => f.index);
+  await Deno.mkdir(viewerDir);
+  if (withManifest) {
+    await Deno.copyFile(join(seederDir, MANIFEST_NAME), join(viewerDir, MANIFEST_NAME));
+  }
+  for (const index of held) {
+    const { name } = manifest.fragments[index]!;
+    await Deno.copyFile(join(seederDir, name), join(viewerDir, name));
+  }
+  for (const index of lost) await Deno.remove(join(seederDir, manifest.fragments[index]!.name));
+
+  const seeder = startTcpServer(await Store.open(seederDir), { port: 0, hostname: "127.0.0.1" });
+  const viewer = await Store.open(viewerDir);
+  const fetcher = new Fetcher(viewer);
+  const source = fetchingSource(viewer, fetcher, [
+    { host: "127.0.0.1", port: seeder.port, grpcPort: 1 },
+  ]);
+  const player = startPlayer(options.wrap?.(source) ?? source, {
+    port: 0,
+    hostname: "127.0.0.1",
+    waitMs: options.waitMs,
+  });
+  const url = `http://127.0.0.1:${player.port}`;
+  return {
+    manifest,
+    video: await Deno.readFile(video),
+    viewer,
+    source,
+    player,
+    url,
+    stream: `${url}/stream/${manifest.file}`,
+    seeder: `127.0.0.1:${seeder.port}`,
+    async [Symbol.asyncDispose]() {
+      await player.close();
+      fetcher[Symbol.dispose]();
+      await seeder.close();
+    },
+  };
+}
+
+/** fetch() and the whole body. */
+export async function get(url: string, init: RequestInit = {}) {
+  const response = await fetch(url, init);
+  return { response, body: new Uint8Array(await response.arrayBuffer()) };
+}
+
+/** Request options with a Range header. */
+export const range = (value: string) => ({ headers: { range: value } });

@@ -19,22 +19,41 @@ import { join } from "node:path";
 import type { Page } from "playwright-core"; // types only: nothing is loaded at import
 import { startDirectory } from "../directory.ts";
 import { startPeer } from "../peer.ts";
-import { type Manifest, SAMPLE_VIDEO, splitFile } from "../split.ts";
+import { type Manifest, MANIFEST_NAME, SAMPLE_VIDEO, splitFile } from "../split.ts";
 import { startTask } from "./_util.ts";
 
 /** The sample's length in seconds: the rate that keeps up with playback is its size over this. */
 export const SAMPLE_SECONDS = 24;
 
-/** What to play: `seek` (the browser test), `first-frame` or `stall` (the bench). */
+/**
+ * What to play: `seek` and `page` (the browser test), `first-frame` or `stall` (the bench). The
+ * browser's window is a laptop's, 1280x800.
+ */
 export interface Scene {
   chromium: string;
-  scene: "seek" | "first-frame" | "stall";
+  scene: "seek" | "first-frame" | "stall" | "page";
   /** The seeder's upload in bytes per second; 0 for unlimited. */
   rate: number;
   /** Whether the viewer runs with --fetch-all; without it, it fetches what the player asks. */
   fetchAll: boolean;
   /** Where to save a screenshot taken mid-playback. */
   screenshot?: string;
+  /** How many of the first fragments (and the manifest) the viewer holds at start. @default 0 */
+  held?: number;
+}
+
+/** What the `page` scene saw of the page itself. */
+export interface PageReport {
+  /** The legend's box, and the window's height it should fit in. */
+  legend: { top: number; bottom: number; visible: boolean };
+  windowHeight: number;
+  /** Cells that say "at start", and cells that name the holder ("from <address>"). */
+  atStart: number;
+  fromHolder: number;
+  /** The unmute button while the video plays muted, and after a click on it. */
+  unmuteShownWhileMuted: boolean;
+  mutedAfterClick: boolean;
+  unmuteShownAfterClick: boolean;
 }
 
 /** What the driver saw, printed as JSON for the test or the bench to judge. */
@@ -55,7 +74,11 @@ export interface PlayerReport {
   outside: string[];
   /** Video errors and page errors. */
   errors: string[];
+  page?: PageReport;
 }
+
+/** A laptop's screen, where the whole page is to be seen. */
+const WINDOW = { width: 1280, height: 800 };
 
 // Installed before the page's own script: media events do not bubble, but a capturing listener
 // on the document sees them all.
@@ -95,6 +118,15 @@ const sawFirstFrame = () => {
   const { probe } = globalThis as unknown as InPage;
   return probe.frameMs ?? probe.loadedMs;
 };
+const namesAHolder = () =>
+  [
+    ...(globalThis as unknown as {
+      document: { querySelectorAll(s: string): Iterable<{ textContent: string | null }> };
+    }).document.querySelectorAll("#map .cell small"),
+  ].some((cell) => /^from \S+:\d+$/.test(cell.textContent ?? ""));
+const isMuted = () =>
+  (globalThis as unknown as { document: { querySelector(s: "video"): { muted: boolean } } })
+    .document.querySelector("video").muted;
 const ended = () => (globalThis as unknown as InPage).probe.ended;
 
 async function play(scene: Scene, root: string): Promise<PlayerReport> {
@@ -113,6 +145,13 @@ async function play(scene: Scene, root: string): Promise<PlayerReport> {
   });
   await published(directory.url);
   const viewerDir = join(root, "viewer");
+  await Deno.mkdir(viewerDir);
+  if (scene.held) {
+    await Deno.copyFile(join(root, "seeder", MANIFEST_NAME), join(viewerDir, MANIFEST_NAME));
+  }
+  for (const { name } of manifest.fragments.slice(0, scene.held ?? 0)) {
+    await Deno.copyFile(join(root, "seeder", name), join(viewerDir, name));
+  }
   await using viewer = startTask("peer", [
     "0",
     "--hostname",
@@ -149,7 +188,7 @@ async function play(scene: Scene, root: string): Promise<PlayerReport> {
     ],
   });
   try {
-    const page = await browser.newPage({ viewport: { width: 1000, height: 900 } });
+    const page = await browser.newPage({ viewport: WINDOW });
     const origin = `http://127.0.0.1:${playerPort}`;
     const report: PlayerReport = {
       fragments: manifest.fragments.length,
@@ -213,6 +252,31 @@ const sceneSteps: Record<Scene["scene"], Steps> = {
       polling: 50,
     });
     report.afterSeek = (await page.evaluate(readVideo)).currentTime;
+  },
+  /**
+   * Plays until cells say both "at start" and a holder's address, then looks at the legend and
+   * the unmute button, and clicks it.
+   */
+  async page(page, _held, _manifest, report) {
+    await page.waitForFunction(playedPast, 1, { timeout: 20_000, polling: 50 });
+    const cells = page.locator("#map .cell small");
+    const count = async (pattern: RegExp) =>
+      (await cells.allTextContents()).filter((text) => pattern.test(text)).length;
+    await page.waitForFunction(namesAHolder, null, { timeout: 20_000, polling: 50 });
+    const legend = page.locator("#legend");
+    const box = (await legend.boundingBox())!;
+    const unmute = page.locator("#unmute");
+    const shownWhileMuted = await unmute.isVisible();
+    if (shownWhileMuted) await unmute.click();
+    report.page = {
+      legend: { top: box.y, bottom: box.y + box.height, visible: await legend.isVisible() },
+      windowHeight: WINDOW.height,
+      atStart: await count(/^at start$/),
+      fromHolder: await count(/^from \S+:\d+$/),
+      unmuteShownWhileMuted: shownWhileMuted,
+      mutedAfterClick: await page.evaluate(isMuted),
+      unmuteShownAfterClick: await unmute.isVisible(),
+    };
   },
   /** Waits for the first frame. */
   async "first-frame"(page) {
