@@ -13,16 +13,21 @@ import { parseArgs } from "node:util";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { runMain, UserError } from "./common/cli.ts";
+import { canListen, isServed, TIME_WAIT_MS } from "./common/ports.ts";
 import { SAMPLE_VIDEO, splitFile } from "./split.ts";
 
 const ROOT = fileURLToPath(new URL("./", import.meta.url));
 const SEEDERS = [6001, 6002, 6003];
 const VIEWER = 6004;
-/** Each seeder's upload limit: slow enough to watch the map fill, fast enough to play. */
-const SEED_RATE = "250KB/s";
+/**
+ * Each seeder's upload limit. Together the three send 120 KB/s, about 1.2x the sample's bitrate
+ * (813 kbit/s, 24 s): fast enough to play from the start without a stall, and slow enough that
+ * the map fills over some 20 s while it plays, which is what there is to see.
+ */
+const SEED_RATE = "40KB/s";
+/** With --check nobody watches: as fast as the check may go. */
+const CHECK_SEED_RATE = "250KB/s";
 const CHECK_TIMEOUT_MS = 90_000;
-// Linux keeps a closed connection's local port in TIME_WAIT for 60 s.
-const TIME_WAIT_MS = 65_000;
 
 /** What the demo needs free, with who needs it. */
 function neededPorts(): [number, string][] {
@@ -45,7 +50,7 @@ async function checkPorts(): Promise<void> {
   for (const [port, who] of neededPorts()) {
     const deadline = Date.now() + TIME_WAIT_MS;
     for (let said = false; !canListen(port); said = true) {
-      if (await listenedOn(port) || Date.now() > deadline) {
+      if (await isServed(port) || Date.now() > deadline) {
         throw new UserError(
           `Port ${port} is taken (${who} needs it): stop what holds it and retry`,
         );
@@ -55,26 +60,6 @@ async function checkPorts(): Promise<void> {
       }
       await new Promise((resolve) => setTimeout(resolve, 500));
     }
-  }
-}
-
-function canListen(port: number): boolean {
-  try {
-    Deno.listen({ port }).close();
-    return true;
-  } catch (error) {
-    if (error instanceof Deno.errors.AddrInUse) return false;
-    throw error;
-  }
-}
-
-/** Whether a server accepts connections on `port` here. */
-async function listenedOn(port: number): Promise<boolean> {
-  try {
-    (await Deno.connect({ hostname: "127.0.0.1", port })).close();
-    return true;
-  } catch {
-    return false;
   }
 }
 
@@ -149,6 +134,9 @@ arrive from the swarm. Ctrl-C stops everything.
   console.log(`[DEMO] Split the sample into ${fragments} and dealt it to ${SEEDERS.join(", ")}`);
 
   const services: Service[] = [];
+  // Ctrl-C reaches every child at once (they share the terminal): what they say while they all
+  // stop (a holder gone mid-fragment, say) is noise, not news.
+  let stopping = false;
   const start = (
     name: string,
     set: string,
@@ -160,7 +148,7 @@ arrive from the swarm. Ctrl-C stops everything.
     const signal = Promise.withResolvers<void>();
     const service = new Service(name, set, script, args, (line) => {
       if (readyLine.test(line)) signal.resolve();
-      if (show(line)) console.log(line.startsWith("[") ? line : `[${name}] ${line}`);
+      if (!stopping && show(line)) console.log(line.startsWith("[") ? line : `[${name}] ${line}`);
     });
     services.push(service);
     const died = service.done.then(({ code }) => {
@@ -192,7 +180,12 @@ arrive from the swarm. Ctrl-C stops everything.
           `peer ${port}`,
           "peer",
           "peer.ts",
-          [String(port), "--no-console", "--max-upload", SEED_RATE],
+          [
+            String(port),
+            "--no-console",
+            "--max-upload",
+            values.check ? CHECK_SEED_RATE : SEED_RATE,
+          ],
           /Node listening/,
           errors,
         )
@@ -208,7 +201,7 @@ arrive from the swarm. Ctrl-C stops everything.
     services.push(
       new Service(`peer ${VIEWER}`, "peer", "peer.ts", viewerArgs, (line) => {
         if (/complete: .*sha256 verified/.test(line)) complete.resolve();
-        if (errors(line) || /complete|\[swarm\]/.test(line)) console.log(line);
+        if (!stopping && (errors(line) || /complete|\[swarm\]/.test(line))) console.log(line);
       }),
     );
     console.log(`[DEMO] Player:     http://localhost:${VIEWER + 2000}/`);
@@ -232,7 +225,10 @@ arrive from the swarm. Ctrl-C stops everything.
     console.log("[DEMO] Running; Ctrl-C stops everything");
     const stop = Promise.withResolvers<void>();
     for (const signal of ["SIGINT", "SIGTERM"] as const) {
-      Deno.addSignalListener(signal, () => stop.resolve());
+      Deno.addSignalListener(signal, () => {
+        stopping = true;
+        stop.resolve();
+      });
     }
     await stop.promise;
     console.log("\n[DEMO] Stopping");

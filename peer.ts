@@ -12,7 +12,16 @@
 import { parseArgs } from "node:util";
 import { isValidName, type Manifest, SplitError } from "./split.ts";
 import { join } from "node:path";
-import { isLookupError, isUserError, lookupMessage, runMain, UserError } from "./common/cli.ts";
+import {
+  askOncePerKind,
+  envIfGranted,
+  isDiskFull,
+  isLookupError,
+  isUserError,
+  lookupMessage,
+  runMain,
+  UserError,
+} from "./common/cli.ts";
 import {
   Fetcher,
   FetchError,
@@ -24,17 +33,20 @@ import {
   StoreWriteError,
   type Transport,
 } from "./peer/fetch.ts";
-import { DirectoryClient, HOST_PATTERN } from "./directory.ts";
+import { DirectoryClient, HOST_PATTERN, parseDirectoryUrls } from "./directory.ts";
 import { startTcpServer, type TcpServer } from "./peer/tcp.ts";
 import { Presence } from "./peer/presence.ts";
 import { type FragmentEvent, type Progress, Swarm } from "./peer/swarm.ts";
 import { isFragmentName, Store } from "./peer/store.ts";
+import { isServed, TIME_WAIT_MS } from "./common/ports.ts";
 import { createThrottle, parseRate } from "./common/throttle.ts";
-import { GrpcClient, type GrpcSupervisor, superviseGrpcServer } from "./peer_grpc.ts";
+import { type GrpcFront, startGrpcFront } from "./peer/grpc_front.ts";
+import { LazyGrpcClient } from "./peer/grpc_lazy_client.ts";
 import { type PlayerServer, startPlayer } from "./peer/player.ts";
 import {
   ANNOUNCE_TOPIC,
-  type BrokerClient,
+  type BrokerConnection,
+  checkBrokerAddress,
   connect as connectBroker,
   formatAnnouncement,
   parseAddress,
@@ -59,7 +71,7 @@ export interface PeerOptions {
   dir?: string;
   /** Directory URL, or null for none. @default "http://localhost:5000" */
   directory?: string | null;
-  /** Broker `host:port`, or null for none. @default "localhost:5555" */
+  /** Broker `host:port` or `nats://…`, or null for none. @default "localhost:5555" */
   broker?: string | null;
   /** The host other machines reach this peer at; the directory sees the request's address otherwise. */
   advertise?: string;
@@ -67,6 +79,11 @@ export interface PeerOptions {
   hostname?: string;
   /** @default port + 44050 (a free one when port is 0); null for no gRPC server */
   grpcPort?: number | null;
+  /**
+   * The player's address as the user reaches it, printed at start: in a container, the one
+   * published on the host. @default `http://ADVERTISE:HTTP_PORT/`
+   */
+  playerUrl?: string;
   /** The player's HTTP port. @default port + 2000 (a free one when port is 0); null for none */
   httpPort?: number | null;
   /** Upload limit in bytes per second, across all connections. */
@@ -124,45 +141,53 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
   const throttle = options.maxUpload ? createThrottle(options.maxUpload) : undefined;
   const hostname = options.hostname ?? "0.0.0.0";
   const steering = new Steering(store);
-  const tcp: TcpServer = listening("TCP", requestedPort, hostname, () =>
-    startTcpServer(store, {
-      port: requestedPort,
-      hostname,
-      throttle,
-      steering,
-      onConnect: (remote) => log(`[+] Connected from ${remote}`),
-      onSent: (name, remote) => log(`[✓] Fragment '${name}' sent to ${remote}`),
-    }));
+  const tcp: TcpServer = await listening(
+    "TCP",
+    requestedPort,
+    hostname,
+    () =>
+      startTcpServer(store, {
+        port: requestedPort,
+        hostname,
+        throttle,
+        steering,
+        onConnect: (remote) => log(`[+] Connected from ${remote}`),
+        onSent: (name, remote) => log(`[✓] Fragment '${name}' sent to ${remote}`),
+      }),
+  );
   const port = tcp.port;
   // gRPC runs in a supervised child process: a remote client can crash Deno's http2 server
-  // (denoland/deno#36788), and that must cost a restart of the child, never the peer.
-  let grpc: GrpcSupervisor | undefined;
+  // (denoland/deno#36788), and that must cost a restart of the child, never the peer. This
+  // process holds the port and starts the child only when a client first talks gRPC.
+  let grpc: GrpcFront | undefined;
   if (options.grpcPort !== null) {
+    const wanted = options.grpcPort ?? (requestedPort === 0 ? 0 : port + GRPC_PORT_OFFSET);
     try {
-      grpc = await superviseGrpcServer({
-        dir,
-        port: options.grpcPort ?? (requestedPort === 0 ? 0 : port + GRPC_PORT_OFFSET),
-        hostname,
-        directory: options.directory ?? undefined,
-        // Its own pace, in its own process: TCP and gRPC are each held to the rate.
-        maxUpload: options.maxUpload,
-        onStored: (name) => {
-          store.adopt(name).catch((error) => log(`[!] Cannot read '${name}': ${error.message}`));
-        },
-        onLog: (line) => log(line),
-      });
+      grpc = await listening("gRPC", wanted, hostname, () =>
+        startGrpcFront({
+          dir,
+          port: wanted,
+          hostname,
+          directory: options.directory ?? undefined,
+          // Its own pace, in its own process: TCP and gRPC are each held to the rate.
+          maxUpload: options.maxUpload,
+          onStored: (name) => {
+            store.adopt(name).catch((error) => log(`[!] Cannot read '${name}': ${error.message}`));
+          },
+          onLog: (line) => log(line),
+        }), options.grpcPort === undefined ? log : undefined);
     } catch (error) {
       await tcp.close();
       throw error;
     }
   }
   const grpcPort = grpc?.port ?? 0;
-  const grpcClient = new GrpcClient();
+  const grpcClient = new LazyGrpcClient();
 
   const directory = options.directory === null
     ? undefined
     : new DirectoryClient(options.directory ?? "http://localhost:5000", { timeoutMs: 3_000 });
-  let broker: BrokerClient | undefined;
+  let broker: BrokerConnection | undefined;
   if (options.broker !== null) {
     const address = options.broker ?? "localhost:5555";
     let said = false;
@@ -185,7 +210,12 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
     presence?.poke();
     broker?.publish(
       ANNOUNCE_TOPIC,
-      formatAnnouncement(info.name, { hostname: self.host, port }, store.manifest?.file),
+      formatAnnouncement(
+        info.name,
+        { hostname: self.host, port },
+        store.manifest?.file,
+        store.manifest?.sha256,
+      ),
     );
   });
   const fetcher = new Fetcher(store, {
@@ -216,7 +246,7 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
   if (options.httpPort !== null) {
     const httpPort = options.httpPort ?? (requestedPort === 0 ? 0 : port + HTTP_PORT_OFFSET);
     try {
-      player = listening("HTTP player", httpPort, hostname, () =>
+      player = await listening("HTTP player", httpPort, hostname, () =>
         startPlayer({
           store,
           need: (name, signal) => {
@@ -225,8 +255,8 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
           },
           onEvent: (listener) => swarm.onEvent(listener),
           snapshot: () => swarm.snapshot(),
-          findManifest: () => swarm.manifest(),
-        }, { port: httpPort, hostname }));
+          findManifest: (ref?: string) => swarm.manifest(ref),
+        }, { port: httpPort, hostname }), options.httpPort === undefined ? log : undefined);
     } catch (error) {
       swarm[Symbol.dispose]();
       await Promise.all([broker?.close(), tcp.close(), grpc?.close()]);
@@ -238,7 +268,13 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
   // Only now that every server listens: a start that fails claims nothing.
   log(`[SERVER] Node listening on port ${port}`);
   if (grpc) log(`[gRPC] Listening on port ${grpcPort}`);
-  if (player) log(`[PLAYER] Watch at http://${options.advertise ?? "localhost"}:${httpPort}/`);
+  if (player) {
+    log(
+      `[PLAYER] Watch at ${
+        options.playerUrl ?? `http://${options.advertise ?? "localhost"}:${httpPort}/`
+      }`,
+    );
+  }
   // Last, so the directory learns every port that is really open.
   if (directory) {
     presence = new Presence(directory, {
@@ -268,7 +304,7 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
   async function holders(name: string): Promise<Holder[]> {
     // Every split names its fragments fragment_<i>.bin: ask for the holders of this store's file.
     const located = directory
-      ? await directory.locate(name, { file: store.manifest?.file }).catch(() => [])
+      ? await directory.locate(name, { file: store.manifest?.sha256 }).catch(() => [])
       : [];
     // Neighbours first; the directory knows a neighbour's real gRPC port, the command line only
     // the conventional one.
@@ -352,7 +388,7 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
  * (whom to point requesters at); runs until the broker client closes.
  */
 async function listenForHaves(
-  broker: BrokerClient,
+  broker: BrokerConnection,
   { store, swarm, steering, isSelf }: {
     store: Store;
     swarm: Swarm;
@@ -364,12 +400,13 @@ async function listenForHaves(
   if (!subscription) return; // closed before it began
   for await (const { message } of subscription) {
     const announcement = parseAnnouncement(message);
-    if (!announcement?.holder || announcement.file === undefined) continue;
-    const { name, holder: { hostname, port }, file } = announcement;
+    // Only an announcement that gives the file's id is a HAVE: names are not unique.
+    if (!announcement?.holder || announcement.fileId === undefined) continue;
+    const { name, holder: { hostname, port }, fileId } = announcement;
     const holder = { host: hostname, port, grpcPort: 0 };
     if (isSelf(holder)) continue; // our own, back from the broker
-    swarm.have(name, holder, file);
-    if (file === store.manifest?.file) steering.have(name, holderAddress(hostname, port));
+    swarm.have(name, holder, fileId);
+    if (fileId === store.manifest?.sha256) steering.have(name, holderAddress(hostname, port));
   }
 }
 
@@ -403,27 +440,50 @@ function checkDerivedPorts(port: number, options: PeerOptions) {
 }
 
 /** Runs `start`, turning "address in use" and "not an address here" into a {@link ListenError}. */
-function listening<T>(server: string, port: number, hostname: string, start: () => T): T {
-  try {
-    return start();
-  } catch (error) {
-    if (error instanceof Deno.errors.AddrInUse) {
-      throw new ListenError(
-        `Port ${port} is already in use (the peer's ${server} port): choose another or stop what holds it`,
-        { cause: error },
-      );
+async function listening<T>(
+  server: string,
+  port: number,
+  hostname: string,
+  start: () => T,
+  waitSaying?: (line: string) => void,
+): Promise<T> {
+  const deadline = Date.now() + TIME_WAIT_MS;
+  for (let said = false;; said = true) {
+    try {
+      return start();
+    } catch (error) {
+      // A derived port that only a recent connection holds frees itself within a minute.
+      const wait = waitSaying && error instanceof Deno.errors.AddrInUse && port !== 0 &&
+        Date.now() < deadline && !(await isServed(port, hostname));
+      if (!wait) throw listenError(error, server, port, hostname);
+      if (!said) {
+        waitSaying(
+          `[SERVER] Port ${port} (the peer's ${server} port) is held by a recent connection, ` +
+            `not a server; waiting up to ${TIME_WAIT_MS / 1000} s for it to free itself`,
+        );
+      }
+      await new Promise((resolve) => setTimeout(resolve, 500));
     }
-    if (error instanceof Deno.errors.AddrNotAvailable) {
-      throw new ListenError(
-        `Cannot listen on "${hostname}": it is not an address of this machine`,
-        { cause: error },
-      );
-    }
-    if (isLookupError(error)) {
-      throw new ListenError(lookupMessage(hostname, error), { cause: error });
-    }
-    throw error;
   }
+}
+
+/** What a failed listen means, in words: the port is taken, or the address is not ours. */
+function listenError(error: unknown, server: string, port: number, hostname: string): unknown {
+  if (error instanceof Deno.errors.AddrInUse) {
+    return new ListenError(
+      `Port ${port} is already in use (the peer's ${server} port): choose another or stop what holds it`,
+      { cause: error },
+    );
+  }
+  if (error instanceof Deno.errors.AddrNotAvailable) {
+    return new ListenError(`Cannot listen on "${hostname}": it is not an address of this machine`, {
+      cause: error,
+    });
+  }
+  if (isLookupError(error)) {
+    return new ListenError(lookupMessage(hostname, error), { cause: error });
+  }
+  return error;
 }
 
 const PROMPT = "Fragment to request (or 'exit'): ";
@@ -491,6 +551,19 @@ function isFetchFailure(error: unknown): error is Error {
     error instanceof SplitError;
 }
 
+/**
+ * What to say when a peer starts with nothing to serve: how to fill its store (split deals the
+ * sample into `fragments/<port>/` for each port it names), or how to fetch into it.
+ */
+function emptyStoreHint(dir: string, port: number, neighbours: string[]): string {
+  const ports = [port, ...neighbours.map((neighbour) => neighbour.split(":").at(-1))];
+  const fill = dir === join("fragments", String(port))
+    ? `deno task split --peers ${ports.join(",")}`
+    : `deno task split --out ${dir}`;
+  return `The store "${dir}" is empty: fill it with \`${fill}\` and restart, or fetch into it ` +
+    "from other peers (type a fragment name or 'all', or start with --fetch-all)";
+}
+
 /** Draws the swarm's progress on one terminal line. */
 function drawProgress(state: Progress): void {
   const width = 24;
@@ -533,18 +606,24 @@ from NEIGHBOURs (host:port) or any holder the directory knows, verifying every b
 
 Options:
   --dir DIR              fragment store (default fragments/PORT)
-  --directory URL        directory (default $DIRECTORY_URL or http://localhost:5000)
-  --broker HOST:PORT     pub/sub broker (default $BROKER_ADDR or localhost:5555)
+  --directory URL[,URL...]
+                         directory, or replicas to fail over between, comma-separated
+                         (default $DIRECTORY_URL or http://localhost:5000)
+  --broker ADDRESS       pub/sub broker: host:port, or nats://host:4222[,...] for NATS
+                         (default $BROKER_ADDR or localhost:5555)
   --advertise HOST       the host other machines reach this peer at (default: as the directory sees it)
   --hostname HOST        interface to listen on (default 0.0.0.0)
   --grpc-port PORT       gRPC port (default PORT + 44050)
   --http-port PORT       HTTP player port (default PORT + 2000)
+  --player-url URL       the player's address as printed, e.g. the one a container publishes
+                         (default http://ADVERTISE:HTTP_PORT/)
   --max-upload RATE      upload limit, e.g. 20MB/s or 512KiB/s
   --max-fragment SIZE    the largest fragment fetched without a manifest, e.g. 4GiB (default 1GiB)
   --fetch-all            fetch the whole video from the swarm, join and verify it, keep seeding
   --exit-when-done       with --fetch-all: exit 0 once the video is complete instead of seeding
-  --file NAME            the file to fetch when the store has none yet and the directory lists
-                         several (default: the directory's only file)
+  --file NAME|ID         the file to fetch when the store has none yet: its name, or its id (the
+                         whole-file SHA-256) or 6+ of its first hex digits when several files
+                         share the name (default: the directory's only file)
   --grpc                 fetch over gRPC instead of TCP at the console
   --no-console           no prompt: serve until SIGINT or SIGTERM (for containers)
   -h, --help             show this help
@@ -571,6 +650,7 @@ async function main(args = Deno.args): Promise<number> {
       hostname: { type: "string" },
       "grpc-port": { type: "string" },
       "http-port": { type: "string" },
+      "player-url": { type: "string" },
       "max-upload": { type: "string" },
       "max-fragment": { type: "string" },
       grpc: { type: "boolean" },
@@ -612,20 +692,31 @@ async function main(args = Deno.args): Promise<number> {
   }
   if (values.file !== undefined && !isValidName(values.file)) {
     throw new UserError(
-      `Invalid --file "${values.file}": expected a file name such as sample.webm`,
+      `Invalid --file "${values.file}": expected a file name such as sample.webm, or its id`,
     );
   }
-  const directory = values.directory ?? Deno.env.get("DIRECTORY_URL") ?? "http://localhost:5000";
-  if (!/^https?:$/.test(URL.parse(directory)?.protocol ?? "")) {
-    throw new UserError(
-      `Invalid directory "${directory}": expected an http:// URL, e.g. http://localhost:5000`,
-    );
-  }
-  const broker = values.broker ?? Deno.env.get("BROKER_ADDR") ?? "localhost:5555";
+  const directory = values.directory ?? envIfGranted("DIRECTORY_URL") ?? "http://localhost:5000";
   try {
-    parseAddress(broker);
+    parseDirectoryUrls(directory);
   } catch {
-    throw new UserError(`Invalid broker "${broker}": expected host:port, e.g. localhost:5555`);
+    throw new UserError(
+      `Invalid directory "${directory}": expected an http:// URL, or several separated by ` +
+        `commas, e.g. http://localhost:5000`,
+    );
+  }
+  const playerUrl = values["player-url"];
+  if (playerUrl !== undefined && !/^https?:$/.test(URL.parse(playerUrl)?.protocol ?? "")) {
+    throw new UserError(
+      `Invalid --player-url "${playerUrl}": expected an http:// URL, e.g. http://localhost:8004/`,
+    );
+  }
+  const broker = values.broker ?? envIfGranted("BROKER_ADDR") ?? "localhost:5555";
+  try {
+    checkBrokerAddress(broker);
+  } catch {
+    throw new UserError(
+      `Invalid broker "${broker}": expected host:port or nats://host:port, e.g. localhost:5555`,
+    );
   }
   if (values.advertise !== undefined && !HOST_PATTERN.test(values.advertise)) {
     throw new UserError(
@@ -634,6 +725,13 @@ async function main(args = Deno.args): Promise<number> {
   }
   const port = parsePort(portText, "port");
   const dir = values.dir ?? join("fragments", String(port));
+  // `deno run peer.ts 6001 localhost:6002`, as the design card has it: one question per kind.
+  await askOncePerKind([
+    { name: "read", path: dir },
+    { name: "write", path: dir },
+    { name: "net", host: `0.0.0.0:${port}` },
+    { name: "run", command: Deno.execPath() }, // the gRPC server's child, at its first client
+  ]);
   const dirInfo = await Deno.stat(dir).catch(() => undefined);
   if (dirInfo && !dirInfo.isDirectory) {
     throw new UserError(`The store "${dir}" is a file, not a folder: give --dir a folder`);
@@ -656,6 +754,7 @@ async function main(args = Deno.args): Promise<number> {
       httpPort: values["http-port"] === undefined
         ? undefined
         : parsePort(values["http-port"], "HTTP port"),
+      playerUrl: values["player-url"],
       maxUpload,
       maxFragment,
       file: values.file,
@@ -671,6 +770,9 @@ async function main(args = Deno.args): Promise<number> {
     if (error instanceof ListenError) throw new UserError(error.message);
     throw error;
   }
+  if (!values["fetch-all"] && !peer.store.manifest && peer.store.list().length === 0) {
+    console.log(`[SERVER] ${emptyStoreHint(dir, port, neighbours)}`);
+  }
   // Before the fetch-all, so that Ctrl-C during it still leaves the directory.
   const stop = Promise.withResolvers<void>();
   for (const signal of ["SIGINT", "SIGTERM"] as const) {
@@ -685,8 +787,13 @@ async function main(args = Deno.args): Promise<number> {
       }
     } catch (error) {
       if (!isFetchFailure(error)) throw error;
-      await peer.close();
-      throw new UserError(error.message);
+      // Out of disk: what is held is whole and verified, so the peer goes on seeding it.
+      if (isDiskFull(error.cause) && !values["exit-when-done"]) {
+        console.log(`[!] ${error.message}; seeding the ${peer.store.list().length} fragments held`);
+      } else {
+        await peer.close();
+        throw new UserError(error.message);
+      }
     }
     if (values["exit-when-done"]) {
       // Leaving in the middle of uploads would cut off the crowd that counts on them.

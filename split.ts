@@ -19,7 +19,7 @@ import { createHash } from "node:crypto";
 import { parseArgs } from "node:util";
 import { basename, dirname, extname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
-import { runMain, UserError } from "./common/cli.ts";
+import { isDiskFull, runMain, UserError } from "./common/cli.ts";
 import { LocalHash, WorkerHash } from "./common/hash_worker.ts";
 
 /** What a fragment or peer folder may be called: this rule keeps `../` out of every store. */
@@ -67,6 +67,9 @@ export interface Manifest {
   sha256: string;
   fragments: FragmentEntry[];
 }
+
+/** What a write that ran out of disk says; nothing it began is left behind. */
+const FULL = "the disk is full (no space left on device); nothing was written";
 
 /** A mistake in what the user asked for (bad path, bad count, corrupt store): one clear line. */
 export class SplitError extends UserError {
@@ -149,6 +152,12 @@ export async function splitFile(input: string, options: SplitOptions = {}): Prom
       await dealToPeer(out, join(out, peer), manifest, subset);
     }
     return manifest;
+  } catch (error) {
+    // Every store is staged and swapped whole: one that did not fit is left as it was.
+    if (isDiskFull(error)) {
+      throw new SplitError(`Cannot split "${input}" into "${out}": ${FULL}`, { cause: error });
+    }
+    throw error;
   } finally {
     await Deno.remove(staging, { recursive: true }).catch(() => {});
   }
@@ -204,6 +213,9 @@ export async function joinFragments(dir: string, output?: string): Promise<Manif
     return manifest;
   } catch (error) {
     await Deno.remove(temp).catch(() => {});
+    if (isDiskFull(error)) {
+      throw new SplitError(`Cannot write "${target}": ${FULL}`, { cause: error });
+    }
     throw error;
   }
 }

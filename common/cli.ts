@@ -19,6 +19,15 @@ export function isUserError(error: unknown): error is Error {
 }
 
 /**
+ * True for an error that says the disk is full (or the user's disk quota is): no retry helps,
+ * and the one line that says so is all a user needs, not a stack.
+ */
+export function isDiskFull(error: unknown): boolean {
+  const code = (error as { code?: unknown } | null)?.code;
+  return code === "ENOSPC" || code === "EDQUOT";
+}
+
+/**
  * A user mistake's message on one line. parseArgs explains its errors at length, over several
  * lines and with quotes it leaves open; its first sentence says what is wrong.
  */
@@ -78,6 +87,28 @@ export function exitForPermission(message: string): never {
   const task = TASKS[script] ?? script;
   console.error(`error: ${message}; \`deno task ${task}\` runs it with the ones it needs`);
   Deno.exit(1);
+}
+
+/**
+ * The environment variable `name` where env access to it is granted, else undefined, with no
+ * prompt: under a bare `deno run` in a terminal, a variable with a default is not worth a question.
+ */
+export function envIfGranted(name: string): string | undefined {
+  const { state } = Deno.permissions.querySync({ name: "env", variable: name });
+  return state === "granted" ? Deno.env.get(name) : undefined;
+}
+
+/**
+ * In a terminal, asks once for the whole kind of each permission in `needs` that is not granted
+ * yet: a bare `deno run` would otherwise prompt once for every port, host and path. Not in a
+ * terminal, or once granted (`deno task`), it asks nothing; a refusal surfaces at first use.
+ */
+export async function askOncePerKind(needs: Deno.PermissionDescriptor[]): Promise<void> {
+  if (!Deno.stdin.isTerminal()) return;
+  for (const need of needs) {
+    if ((await Deno.permissions.query(need)).state !== "prompt") continue;
+    await Deno.permissions.request({ name: need.name } as Deno.PermissionDescriptor);
+  }
 }
 
 /** Runs `main` and exits with its code; a user mistake prints `error: <message>` and exits 1. */

@@ -7,7 +7,7 @@
 import { type Download, formatHostPort, PeerError, TcpPeerClient } from "./tcp.ts";
 import { parseAddress } from "../broker.ts";
 import { IntegrityError, type Store } from "./store.ts";
-import { escapeControl } from "../common/cli.ts";
+import { escapeControl, isDiskFull } from "../common/cli.ts";
 
 /**
  * The largest fragment fetched when the store has no manifest to say its size (the peer's
@@ -170,7 +170,8 @@ export class Fetcher implements Disposable {
       // Its text quotes what the holder said: shown on a terminal, it must stay plain text.
       failure.text = escapeControl(failure.text);
       failures.push(failure);
-      if (failure.kind === "bad" || failure.kind === "down") {
+      // Not once the fetch is called off (Ctrl-C): a holder stopping with it is no news.
+      if ((failure.kind === "bad" || failure.kind === "down") && !signal?.aborted) {
         this.#options.log?.(`[!] ${failure.text}; trying the next holder`);
       }
       if (failure.kind === "elsewhere" && follow) {
@@ -271,12 +272,12 @@ export class Fetcher implements Disposable {
             text: `${address} failed mid-fragment (${message(error.cause)})`,
           };
         }
-        throw new StoreWriteError(
-          `Cannot store '${name}' in "${this.#store.dir}": ${message(error)}`,
-          {
-            cause: error,
-          },
-        );
+        const why = isDiskFull(error)
+          ? "the disk is full (no space left on device)"
+          : message(error);
+        throw new StoreWriteError(`Cannot store '${name}' in "${this.#store.dir}": ${why}`, {
+          cause: error,
+        });
       } finally {
         rate.stop();
       }

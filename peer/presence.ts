@@ -173,11 +173,12 @@ export class Presence implements AsyncDisposable {
   async #beat(): Promise<void> {
     const manifest = this.#options.manifest();
     const given = this.#options.state();
-    // The file the fragments belong to (split files all name theirs fragment_<i>.bin), unless
-    // the directory lists another file under that name: these fragments are not its.
+    // The file the fragments belong to, by its id (split files all name theirs
+    // fragment_<i>.bin), unless the directory lists that id split another way: these fragments
+    // are not its.
     const claim = () =>
-      given.file === undefined && manifest && !this.#conflicts(manifest)
-        ? { ...given, file: manifest.file }
+      given.fileId === undefined && manifest && !this.#conflicts(manifest)
+        ? { ...given, fileId: manifest.sha256, file: manifest.file }
         : given;
     const state = claim();
     if (this.#key !== undefined) {
@@ -207,8 +208,8 @@ export class Presence implements AsyncDisposable {
     const backed = (state.fragments?.length ?? 0) > 0;
     if (manifest && (this.#published !== manifest.sha256 || (backed && !this.#publishedBacked))) {
       await this.#publish(manifest, backed);
-      // Refused as another file of that name just now: take back the claim at once.
-      if (state.file !== undefined && this.#conflicts(manifest)) {
+      // Refused as that id split another way just now: take back the claim at once.
+      if (state.fileId !== undefined && this.#conflicts(manifest)) {
         await this.client.heartbeat(this.#key!, claim());
       }
     }
@@ -225,7 +226,7 @@ export class Presence implements AsyncDisposable {
     );
   }
 
-  /** Whether the directory refused `manifest` because another file has its name. */
+  /** Whether the directory refused `manifest` because it lists its id split another way. */
   #conflicts(manifest: Manifest): boolean {
     return this.#refusal?.status === 409 && this.#refusal.sha256 === manifest.sha256;
   }
@@ -233,7 +234,8 @@ export class Presence implements AsyncDisposable {
   /**
    * Publishes `manifest`, unless the directory refused it lately. A refusal is said once and
    * tried again after one ttl, then twice as long each time: a full directory makes room
-   * within a ttl of a file losing its last holder, and a file of the same name goes that way.
+   * within a ttl of a file losing its last holder, and another split of the same file goes that
+   * way.
    */
   async #publish(manifest: Manifest, backed: boolean): Promise<void> {
     const now = Date.now();
@@ -284,7 +286,7 @@ export class Presence implements AsyncDisposable {
 /** What a refused publication means for the peer, in words. */
 function refusalMeaning(error: DirectoryError): string {
   if (error.status === 409) {
-    return "another file is published under that name, with other contents or split another way";
+    return "the same file (its id, the whole-file SHA-256) is published split another way";
   }
   if (error.status === 429) return "the directory lists as many files as it may";
   if (error.status >= 500) return `the directory failed: ${escapeControl(error.detail)}`;

@@ -27,7 +27,14 @@ import {
 } from "./fetch.ts";
 import type { Store } from "./store.ts";
 import { parseAddress } from "../broker.ts";
-import { type DirectoryClient, DirectoryError } from "../directory.ts";
+import {
+  AMBIGUOUS_FILE,
+  type DirectoryClient,
+  DirectoryError,
+  type FileSummary,
+} from "../directory.ts";
+import { escapeControl } from "../common/cli.ts";
+import { refersTo, shortId } from "../common/file_ref.ts";
 import { type FragmentEntry, joinFragments, type Manifest } from "../split.ts";
 
 /** A change on the fragment map: held, in flight (and from whom), missing, or failed. */
@@ -89,6 +96,8 @@ interface Attempt {
 
 // How long #settle waits before restarting a scheduler that stopped with work left.
 const RESTART_MS = 250;
+/** How often a swarm that waits for holders says so, when no progress bar shows it. */
+const WAIT_LINE_MS = 5_000;
 // How long a holder heard of through HAVE counts without the directory confirming it.
 const HEARD_MS = 10_000;
 
@@ -129,6 +138,8 @@ export class Swarm implements Disposable {
   #fatal: Error | undefined;
   #closed = new AbortController();
   #lastProgress = Date.now();
+  /** How many waiting lines have been said since the last progress. */
+  #waitLines = 0;
   #received = 0;
   #started = performance.now();
   #finding: Promise<Manifest> | undefined;
@@ -234,13 +245,13 @@ export class Swarm implements Disposable {
   }
 
   /**
-   * A HAVE message: `holder` now holds fragment `name` of `file` (a peer's announcement on the
+   * A HAVE message: `holder` now holds fragment `name` of file `fileId` (a peer's announcement on the
    * broker). It is asked for the fragment from now on, without waiting for the directory, which
    * stays the source of truth: a holder it does not confirm within a few seconds is forgotten.
    */
-  have(name: string, holder: Holder, file: string | undefined): void {
+  have(name: string, holder: Holder, fileId: string | undefined): void {
     const manifest = this.#store.manifest;
-    if (!manifest || file !== manifest.file || this.#isSelf(holder)) return;
+    if (!manifest || fileId !== manifest.sha256 || this.#isSelf(holder)) return;
     if (!manifest.fragments.some((f) => f.name === name)) return;
     const key = holderKey(holder);
     const heard = this.#heard.get(name) ?? new Map();
@@ -320,6 +331,7 @@ export class Swarm implements Disposable {
   // stopped it, if any.
   async #run(): Promise<Error | undefined> {
     this.#lastProgress = Date.now();
+    this.#waitLines = 0;
     try {
       while (!this.#closed.signal.aborted) {
         if (this.#fatal) return this.#fatal;
@@ -333,9 +345,11 @@ export class Swarm implements Disposable {
         for (const name of pending) this.#start(name);
         this.#chaseLate(pending);
         this.#report();
-        if (this.#inflight.size === 0 && Date.now() - this.#lastProgress > this.#options.stallMs) {
+        const idle = Date.now() - this.#lastProgress;
+        if (this.#inflight.size === 0 && idle > this.#options.stallMs) {
           return new FetchError(`No holder could provide ${this.#nameList(pending)}`);
         }
+        if (this.#inflight.size === 0) this.#sayWaiting(pending, idle);
         await new Promise<void>((resolve) => {
           const timer = setTimeout(resolve, 250);
           this.#wake = () => {
@@ -351,6 +365,21 @@ export class Swarm implements Disposable {
       // its result would restart the run, resetting the stall clock and losing the error.
       this.#fatal = undefined;
     }
+  }
+
+  /**
+   * Says, every {@link WAIT_LINE_MS} while nothing is in flight, what the swarm waits for and how
+   * long it still waits: a terminal shows its progress bar instead, but a log would go silent.
+   */
+  #sayWaiting(pending: string[], idleMs: number): void {
+    if (this.#options.progress || idleMs < WAIT_LINE_MS || pending.length === 0) return;
+    const step = Math.floor(idleMs / WAIT_LINE_MS);
+    if (step <= this.#waitLines) return;
+    this.#waitLines = step;
+    const left = Math.max(0, Math.round((this.#options.stallMs - idleMs) / 1000));
+    this.#options.log?.(
+      `[swarm] Waiting for a holder of ${this.#nameList(pending)}; giving up in ${left} s`,
+    );
   }
 
   /**
@@ -469,6 +498,7 @@ export class Swarm implements Disposable {
     ).then(
       () => {
         this.#lastProgress = Date.now();
+        this.#waitLines = 0;
       },
       (error) => this.#failed(name, address, error),
     ).finally(() => {
@@ -502,7 +532,7 @@ export class Swarm implements Disposable {
       for (const peer of pointer.elsewhere ?? []) {
         try {
           const { hostname, port } = parseAddress(peer);
-          this.have(name, { host: hostname, port, grpcPort: 0 }, this.#store.manifest?.file);
+          this.have(name, { host: hostname, port, grpcPort: 0 }, this.#store.manifest?.sha256);
         } catch { /* not an address: ignored */ }
       }
       return;
@@ -544,10 +574,10 @@ export class Swarm implements Disposable {
 
   async #refresh(): Promise<void> {
     this.#refreshed = Date.now();
-    const file = this.#store.manifest?.file;
-    if (!this.#directory || !file) return;
+    const id = this.#store.manifest?.sha256;
+    if (!this.#directory || !id) return;
     try {
-      const detail = await this.#directory.getFile(file);
+      const detail = await this.#directory.getFile(id);
       this.#listed.clear();
       for (const f of detail.fragments) {
         const holders = f.holders.map((h) => ({
@@ -574,31 +604,33 @@ export class Swarm implements Disposable {
   }
 
   /**
-   * The store's manifest; when it has none, the manifest of the file the `file` option names (or
-   * of the directory's only file), adopted. Rejects when the store holds another file than the
-   * one named, and when the directory lists several files and none is named.
+   * The store's manifest; when it has none, the manifest of the file `ref` names (by default
+   * the `file` option: a name, an id or an id prefix; else the directory's only file), adopted.
+   * Rejects when the store holds another file than the one named, when the name is several
+   * files', and when the directory lists several files and none is named.
    */
-  manifest(): Promise<Manifest> {
+  manifest(ref = this.#options.file): Promise<Manifest> {
     const held = this.#store.manifest;
-    const wanted = this.#options.file;
-    if (held && wanted !== undefined && held.file !== wanted) {
+    if (held && ref !== undefined && !refersTo(ref, held)) {
       return Promise.reject(
         new FetchError(
-          `The store "${this.#store.dir}" holds fragments of "${held.file}", not "${wanted}": use another store for it`,
+          `The store "${this.#store.dir}" holds fragments of "${held.file}" (${
+            shortId(held.sha256)
+          }), not "${ref}": use another store for it`,
         ),
       );
     }
     if (held) return Promise.resolve(held);
     // One search at a time: the player and a fetch-all may both ask.
-    return this.#finding ??= this.#findManifest().finally(() => this.#finding = undefined);
+    return this.#finding ??= this.#findManifest(ref).finally(() => this.#finding = undefined);
   }
 
-  async #findManifest(): Promise<Manifest> {
+  async #findManifest(wanted: string | undefined): Promise<Manifest> {
     const directory = this.#directory;
     if (!directory) throw new FetchError("No manifest here and no directory to ask for one");
-    const wanted = this.#options.file;
     const deadline = Date.now() + this.#options.stallMs;
-    let said = false; // that it waits, once
+    let said = false; // that it waits
+    let saidAt = 0; // ms into the wait
     while (true) {
       if (this.#closed.signal.aborted) throw new FetchError("Cancelled");
       let problem;
@@ -606,6 +638,10 @@ export class Swarm implements Disposable {
         const file = wanted ?? await this.#onlyFile(directory);
         if (file !== undefined) {
           const detail = await directory.getFile(file);
+          // The directory resolved the reference; an answer for another file is not taken.
+          if (wanted !== undefined && !refersTo(wanted, detail)) {
+            throw new FetchError(`The directory answered "${wanted}" with another file`);
+          }
           const { version, mime, size, sha256 } = detail;
           const fragments: FragmentEntry[] = detail.fragments.map((
             { index, name, offset, size, sha256 },
@@ -619,20 +655,25 @@ export class Swarm implements Disposable {
         problem = `The directory at "${directory.url}" knows no file to fetch`;
       } catch (error) {
         if (!(error instanceof DirectoryError)) throw error;
+        // A name several files share: waiting will not tell them apart.
+        if (error.code === AMBIGUOUS_FILE) throw new FetchError(escapeControl(error.detail));
         problem = error.status === 404 && wanted !== undefined
           ? `The directory at "${directory.url}" does not list "${wanted}"`
           : error.status === 0
           ? `Cannot reach the directory at "${directory.url}" to find a file to fetch`
           : error.message;
       }
-      if (!said) {
-        const seconds = Math.round(this.#options.stallMs / 1000);
-        this.#options.log?.(`[swarm] ${problem}; waiting up to ${seconds} s`);
+      // Said at once, then every few seconds when no terminal shows that it still waits.
+      const waited = Date.now() - (deadline - this.#options.stallMs);
+      if (!said || (!this.#options.progress && waited >= saidAt + WAIT_LINE_MS)) {
+        const seconds = Math.max(0, Math.round((deadline - Date.now()) / 1000));
+        this.#options.log?.(`[swarm] ${problem}; waiting up to ${seconds} s more`);
         said = true;
+        saidAt = waited;
       }
       if (Date.now() > deadline) {
         const others = wanted === undefined ? [] : await directory.listFiles().catch(() => []);
-        const listed = others.map((f) => f.file).sort().join(", ");
+        const listed = others.map(describeFile).sort().join(", ");
         throw new FetchError(problem + (listed ? ` (it lists ${listed})` : ""));
       }
       // The seeders may not have published yet, or the directory may be restarting.
@@ -640,15 +681,18 @@ export class Swarm implements Disposable {
     }
   }
 
-  // The directory's only file, undefined when it lists none; several are not guessed between.
+  // The id of the directory's only file, undefined when it lists none; several are not guessed
+  // between.
   async #onlyFile(directory: DirectoryClient): Promise<string | undefined> {
-    const files = (await directory.listFiles()).map((f) => f.file).sort();
+    const files = await directory.listFiles();
     if (files.length > 1) {
+      const listed = files.map(describeFile).sort().join(", ");
       throw new FetchError(
-        `The directory lists ${files.length} files (${files.join(", ")}): choose one with --file`,
+        `The directory lists ${files.length} files (${listed}): choose one with --file NAME ` +
+          "or --file ID (the first 6 or more hex digits of its id)",
       );
     }
-    return files[0];
+    return files[0]?.id;
   }
 
   #emit(name: string, state: FragmentEvent["state"], from?: string): void {
@@ -683,4 +727,10 @@ export class Swarm implements Disposable {
     for (const attempts of this.#inflight.values()) attempts.forEach((a) => a.controller.abort());
     this.#wake?.();
   }
+}
+
+/** A listed file for a console line: its name, the start of its id, and its seeders. */
+function describeFile(file: FileSummary): string {
+  const seeders = `${file.seeders} seeder${file.seeders === 1 ? "" : "s"}`;
+  return escapeControl(`${file.file} ${shortId(file.id)} (${seeders})`);
 }

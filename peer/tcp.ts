@@ -72,6 +72,10 @@ export interface TcpServerOptions {
   uploadSlots?: number;
   /** Decides when a request is pointed at other holders instead of sent (super-seeding). */
   steering?: Steering;
+  /**
+   * Called once per connection, at its first request other than `PING` (`HELLO`, `LIST`, `GET`, or
+   * a bad line): a health probe that only PINGs, every 2 s in compose, is no news.
+   */
   onConnect?: (remote: string) => void;
   onSent?: (name: string, remote: string) => void;
   /**
@@ -202,7 +206,6 @@ async function serveConnection(
   options: ConnectionOptions,
   closed: AbortSignal,
 ): Promise<void> {
-  options.onConnect?.(remote);
   const { idleTimeoutMs, minBodyRate, bodyRateWindowMs } = options;
   const cut = () => {
     try {
@@ -221,6 +224,7 @@ async function serveConnection(
     closed,
     usedAt: performance.now(),
     fetching: 0,
+    introduced: false,
     send: (bytes, paced) => send(bytes, paced), // defined below, with the rate meter
   };
   // And a connection that asks for nothing (GET, LIST) for as long is closed too, however
@@ -314,6 +318,8 @@ interface Client {
   usedAt: number;
   /** Fragment requests being answered (waiting for a slot, or sending). */
   fetching: number;
+  /** Whether onConnect has been told of it: at its first request other than PING. */
+  introduced: boolean;
   /** Writes to the connection; only fragment bodies are `paced` (--max-upload). */
   send: (bytes: Uint8Array, paced?: boolean) => Promise<void>;
   /** A fragment's body starts (true) or ends (false): its pace is watched meanwhile. */
@@ -332,8 +338,12 @@ async function answer(
   options: TcpServerOptions & { slots: UploadSlots },
 ): Promise<void> {
   const request = parseRequest(line);
+  if ("verb" in request && request.verb === "PING") return reply(client, "PONG");
+  if (!client.introduced) {
+    client.introduced = true;
+    options.onConnect?.(client.remote);
+  }
   if ("error" in request) return reply(client, `ERR BAD_REQUEST ${request.error}`);
-  if (request.verb === "PING") return reply(client, "PONG");
   if (request.verb === "HELLO") {
     client.peer = request.peer;
     return reply(client, "OK");

@@ -590,6 +590,7 @@ async function registerFakes(
       grpcPort: 0,
       httpPort: 0,
       fragments,
+      fileId: manifest.sha256,
       file: manifest.file,
     });
   }
@@ -803,9 +804,11 @@ Deno.test("the swarm refuses to guess between the directory's files, and names t
   using viewer = await startSwarm(join(dir.path, "viewer"), directory.url, { stallMs: 2000 });
   const error = await viewer.swarm.fetchAll().then(() => undefined, (error) => error);
   assert(error instanceof FetchError, String(error));
+  const [idA, idB] = [a.manifest.sha256.slice(0, 12), b.manifest.sha256.slice(0, 12)];
   assertEquals(
     error.message,
-    "The directory lists 2 files (a.webm, b.webm): choose one with --file",
+    `The directory lists 2 files (a.webm ${idA} (0 seeders), b.webm ${idB} (0 seeders)): ` +
+      "choose one with --file NAME or --file ID (the first 6 or more hex digits of its id)",
   );
   assertEquals(viewer.store.manifest, undefined, "no manifest adopted");
 });
@@ -851,7 +854,9 @@ Deno.test("the swarm keeps to the file its store holds, and refuses another", as
       assert(error instanceof FetchError, String(error));
       assertEquals(
         error.message,
-        `The store "${viewerDir}" holds fragments of "b.webm", not "a.webm": use another store for it`,
+        `The store "${viewerDir}" holds fragments of "b.webm" (${
+          b.manifest.sha256.slice(0, 12)
+        }), not "a.webm": use another store for it`,
       );
       assertEquals(viewer.store.list(), [], "nothing fetched");
     }
@@ -879,11 +884,13 @@ Deno.test("the swarm names the directory's files when the one it is told to fetc
   assert(error instanceof FetchError, String(error));
   assertEquals(
     error.message,
-    `The directory at "${directory.url}" does not list "c.webm" (it lists a.webm, b.webm)`,
+    `The directory at "${directory.url}" does not list "c.webm" (it lists a.webm ${
+      a.manifest.sha256.slice(0, 12)
+    } (0 seeders), b.webm ${b.manifest.sha256.slice(0, 12)} (0 seeders))`,
   );
-  // It said at once that it waits, and only once.
+  // It said at once that it waits, and only once (it waits less than the time between lines).
   assertEquals(lines, [
-    `[swarm] The directory at "${directory.url}" does not list "c.webm"; waiting up to 1 s`,
+    `[swarm] The directory at "${directory.url}" does not list "c.webm"; waiting up to 1 s more`,
   ]);
 });
 
