@@ -31,8 +31,8 @@
  * six empty viewers, without `--fetch-all`, upload at the same rate. Each is watched by its own
  * player, `ffmpeg -re` reading `/stream/sample.webm` from the viewer's HTTP port in real time, all
  * six started together. First, as the page does, each viewer's `/events` stream is opened until
- * it sends the manifest: that is what makes an empty viewer find the video in the directory (its
- * `/stream/` answers 404 until then). ffmpeg's `-progress` reports the media time it has reached
+ * it sends the manifest, so the time an empty viewer takes to find the video in the directory is
+ * reported apart from ffmpeg's (`/stream/` alone would find it too, as mpv's request does). ffmpeg's `-progress` reports the media time it has reached
  * every 0.1 s, which gives, per viewer:
  *
  * - the first frame: from ffmpeg's start to its first report with a media time above 0. Not a

@@ -2,10 +2,10 @@
  * A 100 MiB fragment over gRPC, from a peer's supervised gRPC server to a client that writes it
  * through Store.write (so it is verified), beside a raw Deno TCP copy of the same file (a 1 MiB
  * read/write loop from another process into a file), measured in the same run. Each side runs
- * ROUNDS times, alternating; the median counts. Target: gRPC at least 0.4x the raw copy.
+ * ROUNDS times, alternating; the median counts; the ratio to the raw copy is printed.
  *
- * Beside them, for the record, what this runtime allows any gRPC at all (as split_bench prints
- * its ceiling): the same 100 MiB over a bare `node:http2` stream, no gRPC in between (a child
+ * The target is a share (0.8x) of what this runtime allows any gRPC at all (as split_bench
+ * measures its ceiling): the same 100 MiB over a bare `node:http2` stream, no gRPC in between (a child
  * writes the file in 1 MiB writes; this process regroups the DATA into 1 MiB pieces, the one copy
  * any gRPC decoder makes, and feeds them to Store.write), asking for the largest frames and the
  * same 8 MiB window the gRPC client asks for. It also prints the largest DATA chunk the client
@@ -25,6 +25,11 @@ import { peakRssMiB, printTable, ratio } from "./_report.ts";
 
 const SIZE = 100 * 1024 * 1024;
 const ROUNDS = 5;
+/**
+ * gRPC must reach this share of what a bare HTTP/2 stream reaches in the same run: a target on
+ * the ratio to a raw TCP copy alone would pass or fail with the runtime's HTTP/2, not with our code.
+ */
+const MIN_SHARE = 0.8;
 const CHUNK = 1024 * 1024;
 const NAME = "fragment_0.bin";
 const SELF = fileURLToPath(import.meta.url);
@@ -262,14 +267,15 @@ async function main() {
     const ok = printTable([
       { name: "raw TCP copy, 100 MiB (median of 5)", value: mibps(rawS) },
       { name: "gRPC Download -> Store.write, 100 MiB", value: mibps(grpcS) },
-      {
-        name: "gRPC / raw",
-        value: ratio(rawS / grpcS),
-        target: ">= 0.40x",
-        pass: rawS / grpcS >= 0.4,
-      },
+      { name: "gRPC / raw", value: ratio(rawS / grpcS) },
       { name: "ceiling: bare node:http2 stream -> Store.write, 100 MiB", value: mibps(h2S) },
       { name: "ceiling: bare node:http2 / raw", value: ratio(rawS / h2S) },
+      {
+        name: "gRPC: share of its ceiling (bare node:http2)",
+        value: ratio(h2S / grpcS),
+        target: `>= ${ratio(MIN_SHARE)}`,
+        pass: h2S / grpcS >= MIN_SHARE,
+      },
       {
         name: `largest HTTP/2 DATA chunk received (asked maxFrameSize ${H2_MAX_FRAME})`,
         value: `${stats.largestData} B`,
