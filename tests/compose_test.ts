@@ -319,6 +319,7 @@ Deno.test("every port a service listens on is the one compose publishes, exposes
     // A player prints the address a browser on the host opens, not the container's own name.
     const playerUrl = options.get("player-url");
     if (playerUrl !== undefined) {
+      assert(typeof playerUrl === "string", `${name}: --player-url wants a URL`);
       const url = new URL(playerUrl);
       assertEquals(url.hostname, "localhost", `${name}: --player-url ${playerUrl}`);
       assertEquals(
