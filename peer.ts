@@ -33,7 +33,10 @@ import {
   StoreWriteError,
   type Transport,
 } from "./peer/fetch.ts";
-import { DirectoryClient, HOST_PATTERN, parseDirectoryUrls } from "./directory.ts";
+// The directory's client and protocol, not directory.ts: that loads its server too (Hono, zod,
+// Redis), a quarter of a second of every peer's start.
+import { DirectoryClient, parseDirectoryUrls } from "./directory/client.ts";
+import { HOST_PATTERN } from "./directory/protocol.ts";
 import { startTcpServer, type TcpServer } from "./peer/tcp.ts";
 import { Presence } from "./peer/presence.ts";
 import { type FragmentEvent, type Progress, Swarm } from "./peer/swarm.ts";

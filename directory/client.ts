@@ -5,20 +5,21 @@
  * unreachable or answers 503, and goes back to the first a while later.
  * @module
  */
-import {
-  errorCode,
-  type FileDetail,
-  type FileSummary,
-  type FragmentHolders,
-  type Health,
-  type Heartbeat,
-  type Holder,
-  MAX_PAGE_LIMIT,
-  type PeerInfo,
-  type PeerKey,
-  type PeerState,
-  type Registration,
+// Types only from the schemas: a peer that loads this client loads no zod (see protocol.ts).
+import type {
+  FileDetail,
+  FileSummary,
+  FragmentHolders,
+  Health,
+  Heartbeat,
+  Holder,
+  PeerInfo,
+  PeerKey,
+  PeerState,
+  Registration,
 } from "./schemas.ts";
+import { MAX_PAGE_LIMIT } from "./limits.ts";
+import { errorCode } from "./protocol.ts";
 import type { Manifest } from "../split.ts";
 
 const DEFAULT_CLIENT_TIMEOUT_MS = 5_000;

@@ -1,8 +1,8 @@
 /**
  * The directory's contract: the zod schemas of every body it takes and gives (the validation
  * and the OpenAPI document at once), the routes declared with them, and the codes of its error
- * shape; it re-exports its limits (`directory/limits.ts`). Only declarations: the registry, the
- * app and the client import them.
+ * shape; it re-exports its limits (`directory/limits.ts`) and what clients need without zod
+ * (`directory/protocol.ts`). Only declarations: the registry and the app import them.
  * @module
  */
 import { createRoute, z } from "@hono/zod-openapi";
@@ -25,11 +25,11 @@ import {
   MAX_PEER_FRAGMENTS,
   MAX_TARGET,
 } from "./limits.ts";
+import { HOST_PATTERN } from "./protocol.ts";
 
 export * from "./limits.ts";
+export * from "./protocol.ts";
 export { FILE_ID_PATTERN, MIN_ID_PREFIX };
-/** A peer's secret: what `POST /peers` gives, and what a peer may choose itself. */
-export const SECRET_PATTERN = /^[A-Za-z0-9_-]{32,128}$/;
 
 // ---------------------------------------------------------------------------------------------
 // Schemas
@@ -37,8 +37,6 @@ export const SECRET_PATTERN = /^[A-Za-z0-9_-]{32,128}$/;
 const NAME_RULE = "a name of letters, digits, '.', '_' or '-' (at most 200, not starting with a " +
   "symbol)";
 const Name = z.string().regex(NAME_PATTERN, `Must be ${NAME_RULE}`);
-/** A peer's host: a hostname or an IP address (with a %zone for IPv6). */
-export const HOST_PATTERN = /^[A-Za-z0-9._:%-]{1,253}$/;
 const Host = z.string().regex(HOST_PATTERN, "Must be a hostname or an IP address");
 const Port = z.int().min(1).max(65535);
 /** A port a peer may not serve at all (a peer started without gRPC or without a player). */
@@ -504,46 +502,3 @@ export const getFileRoute = createRoute({
     ...AMBIGUOUS_FILE_RESPONSE,
   },
 });
-
-/**
- * The `code` of the error shape for each status that has one code: what the app answers with
- * (and the client assumes of a body not in the error shape). A 429 says which bound was met:
- * {@link TOO_MANY_FILES}, {@link TOO_MANY_PEERS}, {@link TOO_MANY_PEERS_FROM_ADDRESS} or
- * {@link TOO_MANY_FRAGMENTS}.
- */
-export const ERROR_CODES = {
-  400: "BAD_REQUEST",
-  401: "UNAUTHORIZED",
-  403: "FORBIDDEN",
-  404: "NOT_FOUND",
-  405: "METHOD_NOT_ALLOWED",
-  408: "REQUEST_TIMEOUT",
-  409: "CONFLICT",
-  413: "PAYLOAD_TOO_LARGE",
-  414: "URI_TOO_LONG",
-  415: "UNSUPPORTED_MEDIA_TYPE",
-  500: "INTERNAL",
-  503: "SERVICE_UNAVAILABLE",
-} as const;
-/** The code of a 409 to a file named by a name that several files share. */
-export const AMBIGUOUS_FILE = "AMBIGUOUS_FILE";
-/** The code of a 429 to a publication: the directory lists as many files as it may. */
-export const TOO_MANY_FILES = "TOO_MANY_FILES";
-/** The code of a 429 to a new peer: the directory lists as many live peers as it may. */
-export const TOO_MANY_PEERS = "TOO_MANY_PEERS";
-/** The code of a 429 to a new peer: as many live peers came from its client address as may. */
-export const TOO_MANY_PEERS_FROM_ADDRESS = "TOO_MANY_PEERS_FROM_ADDRESS";
-/** The code of a 429 to a peer's state: the index would hold more fragments than it may. */
-export const TOO_MANY_FRAGMENTS = "TOO_MANY_FRAGMENTS";
-
-/** The code for an error status: the one {@link ERROR_CODES} names, or `HTTP_<status>`. */
-export function errorCode(status: number): string {
-  return (ERROR_CODES as Record<number, string>)[status] ?? `HTTP_${status}`;
-}
-
-/** A new secret: 32 random bytes, base64url (43 characters), as {@link SECRET_PATTERN} has it. */
-export function newSecret(): string {
-  const bytes = crypto.getRandomValues(new Uint8Array(32));
-  return btoa(String.fromCharCode(...bytes)).replace(/\+/g, "-").replace(/\//g, "_")
-    .replace(/=+$/, "");
-}

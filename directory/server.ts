@@ -14,12 +14,13 @@
  * @module
  */
 import { describe } from "../common/cli.ts";
+// Not schemas.ts: the peer's player runs on this accept loop, and must not load zod with it.
 import {
   DEFAULT_HEADER_TIMEOUT,
   DEFAULT_MAX_CONNECTIONS,
   DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
-  ERROR_CODES,
-} from "./schemas.ts";
+} from "./limits.ts";
+import { ERROR_CODES } from "./protocol.ts";
 
 /** What answers a request: `app.fetch` of a Hono app, say. */
 export type Handler = (

@@ -22,7 +22,7 @@ import { join } from "node:path";
 import type { Store } from "./store.ts";
 import { type FragmentEntry, type Manifest, MANIFEST_NAME } from "../split.ts";
 import { type ConnectionLimits, serveConnections } from "../directory/server.ts";
-import { errorCode } from "../directory/schemas.ts";
+import { errorCode } from "../directory/protocol.ts";
 import { refersTo } from "../common/file_ref.ts";
 import { Origins, serveEvents } from "./player_events.ts";
 

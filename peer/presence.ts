@@ -9,13 +9,9 @@
  * time to time.
  * @module
  */
-import {
-  type DirectoryClient,
-  DirectoryError,
-  newSecret,
-  type PeerKey,
-  type PeerState,
-} from "../directory.ts";
+import { type DirectoryClient, DirectoryError } from "../directory/client.ts";
+import { newSecret } from "../directory/protocol.ts";
+import type { PeerKey, PeerState } from "../directory/schemas.ts";
 import type { Manifest } from "../split.ts";
 import { escapeControl } from "../common/cli.ts";
 

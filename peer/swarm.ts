@@ -27,12 +27,9 @@ import {
 } from "./fetch.ts";
 import type { Store } from "./store.ts";
 import { parseAddress } from "../broker.ts";
-import {
-  AMBIGUOUS_FILE,
-  type DirectoryClient,
-  DirectoryError,
-  type FileSummary,
-} from "../directory.ts";
+import { type DirectoryClient, DirectoryError } from "../directory/client.ts";
+import { AMBIGUOUS_FILE } from "../directory/protocol.ts";
+import type { FileSummary } from "../directory/schemas.ts";
 import { escapeControl } from "../common/cli.ts";
 import { refersTo, shortId } from "../common/file_ref.ts";
 import { type FragmentEntry, joinFragments, type Manifest } from "../split.ts";
