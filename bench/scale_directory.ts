@@ -7,9 +7,12 @@
  * Peers are as in `bench/directory_bench.ts`: 10 fragments each, peer i seeding file i % 1,000,
  * so a locate for one file lists 10 holders. The load generator (keep-alive fetch, a few workers)
  * shares the 2 cores with the servers, so each side's CPU per request (its servers' utime +
- * stime from /proc, Redis included) is given beside its req/s.
+ * stime from /proc, Redis included) is given beside its req/s, and the load generator's own.
  *
  * Target: two replicas on Redis serve at least 1.2x the locate rate of one in-memory directory.
+ * Beside it, the ceiling this machine allows, measured in the same run: the load generator's
+ * rate against the cheapest server there is (`GET /health` of two empty in-memory directories,
+ * which reads no index and serializes almost nothing), and the replicas' share of it.
  * @module
  */
 import { createClient } from "@redis/client";
@@ -60,11 +63,15 @@ function cpuSeconds(pid: number): number {
 
 type Call = [string, RequestInit?];
 
-/** A side's figures: req/s, its servers' CPU per request, that of the last of them alone. */
+/**
+ * A side's figures: req/s, its servers' CPU per request, that of the last of them alone, and
+ * the load generator's (this process).
+ */
 interface Figures {
   perSecond: number;
   cpuMicros: number;
   lastMicros: number;
+  loaderMicros: number;
   failures: number;
 }
 
@@ -79,6 +86,7 @@ async function load(
   let failures = 0;
   const deadline = Date.now() + PHASE_DEADLINE_MS;
   const cpuBefore = pids.map(cpuSeconds);
+  const loaderBefore = cpuSeconds(Deno.pid);
   const start = performance.now();
   await Promise.all(Array.from({ length: WORKERS }, async (_, worker) => {
     for (let i = next++; i < count && Date.now() < deadline; i = next++) {
@@ -90,9 +98,10 @@ async function load(
     }
   }));
   const seconds = (performance.now() - start) / 1000;
+  const loaderMicros = (cpuSeconds(Deno.pid) - loaderBefore) / done * 1e6;
   const each = pids.map((pid, k) => (cpuSeconds(pid) - cpuBefore[k]!) / done * 1e6);
   const cpuMicros = each.reduce((sum, micros) => sum + micros, 0);
-  return { perSecond: done / seconds, cpuMicros, lastMicros: each.at(-1)!, failures };
+  return { perSecond: done / seconds, cpuMicros, lastMicros: each.at(-1)!, loaderMicros, failures };
 }
 
 /** A directory process with these flags, its URL and pid. */
@@ -140,6 +149,11 @@ const locate = (side: Side) => (i: number, worker: number): Call => [
   `?file=${fileId(i % FILES)}`,
 ];
 
+/** The cheapest request a directory answers: its counts, no index read. */
+const health = (side: Side) => (_i: number, worker: number): Call => [
+  `${side.urls[worker % side.urls.length]}/health`,
+];
+
 const heartbeat = (side: Side) => (i: number, worker: number): Call => {
   const peer = side.peers[i % PEERS]!;
   return [`${side.urls[worker % side.urls.length]}/peers/${peer.id}`, {
@@ -159,6 +173,7 @@ async function compare(
     perSecond: 0,
     cpuMicros: Infinity,
     lastMicros: Infinity,
+    loaderMicros: Infinity,
     failures: 0,
   }));
   for (let round = 0; round < ROUNDS; round++) {
@@ -169,6 +184,7 @@ async function compare(
         best[k]!.cpuMicros = result.cpuMicros;
         best[k]!.lastMicros = result.lastMicros;
       }
+      best[k]!.loaderMicros = Math.min(best[k]!.loaderMicros, result.loaderMicros);
       best[k]!.failures += result.failures;
     }
   }
@@ -227,6 +243,9 @@ export async function directoryScale(): Promise<Row[]> {
   ];
   await using _a = replicas[0]!.child;
   await using _b = replicas[1]!.child;
+  const empty = [await startDirectoryProcess([]), await startDirectoryProcess([])];
+  await using _c = empty[0]!.child;
+  await using _d = empty[1]!.child;
   const inMemory: Side = { urls: [memory.url], pids: [memory.child.process.pid], peers: [] };
   const onRedis: Side = {
     urls: replicas.map((replica) => replica.url),
@@ -236,6 +255,12 @@ export async function directoryScale(): Promise<Row[]> {
   await register(inMemory);
   await register(onRedis);
   const [memLocate, redisLocate] = await compare([inMemory, onRedis], locate);
+  const cheapest: Side = {
+    urls: empty.map((directory) => directory.url),
+    pids: empty.map((directory) => directory.child.process.pid),
+    peers: [],
+  };
+  const [ceiling] = await compare([cheapest], health);
   const [memBeat, redisBeat] = await compare([inMemory, onRedis], heartbeat);
   // The HTTP side is done: the same Redis, emptied, is filled with 100k peers directly.
   const client = createClient({ url: redis.url });
@@ -245,20 +270,32 @@ export async function directoryScale(): Promise<Row[]> {
   const bytes = await memoryFor100k(redis.url);
 
   const rate = (figures: { perSecond: number }) => `${Math.round(figures.perSecond)} req/s`;
-  const cpu = (figures: Figures) => `${Math.round(figures.cpuMicros)} µs CPU/req`;
+  const cpu = (figures: Figures) =>
+    `${Math.round(figures.cpuMicros)} µs CPU/req (load generator ${
+      Math.round(figures.loaderMicros)
+    })`;
   const split = (figures: Figures) =>
-    `${cpu(figures)} (replicas ${Math.round(figures.cpuMicros - figures.lastMicros)}, Redis ` +
-    `${Math.round(figures.lastMicros)})`;
+    `${Math.round(figures.cpuMicros)} µs CPU/req (replicas ` +
+    `${Math.round(figures.cpuMicros - figures.lastMicros)}, Redis ` +
+    `${Math.round(figures.lastMicros)}, load generator ${Math.round(figures.loaderMicros)})`;
   const failures = memLocate!.failures + redisLocate!.failures + memBeat!.failures +
-    redisBeat!.failures;
+    redisBeat!.failures + ceiling!.failures;
+  // The most any side could show against the in-memory locate on this machine.
+  const ceilingRatio = ceiling!.perSecond / memLocate!.perSecond;
+  const redisRatio = redisLocate!.perSecond / memLocate!.perSecond;
   return [
     { name: "locate, 1 directory in memory", value: `${rate(memLocate!)}, ${cpu(memLocate!)}` },
     {
       name: "locate, 2 replicas on Redis",
-      value: `${rate(redisLocate!)} (${ratio(redisLocate!.perSecond / memLocate!.perSecond)}), ` +
+      value: `${rate(redisLocate!)} (${ratio(redisRatio)}; ceiling ${ratio(ceilingRatio)}), ` +
         split(redisLocate!),
       target: ">= 1.2x in memory",
       pass: redisLocate!.perSecond >= 1.2 * memLocate!.perSecond,
+    },
+    {
+      name: "ceiling: the load generator against GET /health of 2 empty directories in memory",
+      value: `${rate(ceiling!)} (${ratio(ceilingRatio)} the in-memory locate), ${cpu(ceiling!)}; ` +
+        `the replicas' locate reaches ${Math.round(redisRatio / ceilingRatio * 100)}% of it`,
     },
     { name: "heartbeat, 1 directory in memory", value: `${rate(memBeat!)}, ${cpu(memBeat!)}` },
     {

@@ -22,6 +22,13 @@
  * A peer's ttl is its score in `P peers`. Expired peers are left out of every answer, and
  * removed with their index entries by the next script that changes anything ({@link LIB}
  * `reap`), at most a few hundred at a time: no replica runs a timer.
+ *
+ * Replicas keep locate answers for a moment (`directory/locate_cache.ts`). A script that changes
+ * the holders of a holder set (`f:<name>`, `g:<file>:<name>`: an index entry added or removed, or
+ * a holder's address or ports changed) publishes those keys, as a JSON list, on channel
+ * `P locates`, and answers them to its caller too; every replica subscribes and drops them. A
+ * heartbeat that only moves a ttl publishes nothing, and neither do files (a locate never reads
+ * them).
  * @module
  */
 
@@ -47,16 +54,38 @@ local function set_expiry(id, e)
   redis.call('ZADD', P .. 'peers', e, id)
   redis.call('HSET', P .. 'p:' .. id, 'exp', e)
 end
+-- The holder sets (keys after P) whose live holders this script changed, for 'announce'.
+local touched, touched_list = {}, {}
+local function touch(key)
+  if not touched[key] then
+    touched[key] = true
+    touched_list[#touched_list + 1] = key
+  end
+end
+-- Publishes the touched keys to the replicas' locate caches; answers them as JSON, '' for none.
+local function announce()
+  if #touched_list == 0 then return '' end
+  local keys = cjson.encode(touched_list)
+  redis.call('PUBLISH', P .. 'locates', keys)
+  return keys
+end
 local function index(id, file, name)
   local f = P .. 'f:' .. name
-  if redis.call('SADD', f, id) == 1 and redis.call('SCARD', f) == 1 then
-    redis.call('ZADD', P .. 'names', 'NX', redis.call('INCR', P .. 'seq'), name)
+  if redis.call('SADD', f, id) == 1 then
+    touch('f:' .. name)
+    if redis.call('SCARD', f) == 1 then
+      redis.call('ZADD', P .. 'names', 'NX', redis.call('INCR', P .. 'seq'), name)
+    end
   end
-  redis.call('SADD', P .. 'g:' .. file .. ':' .. name, id)
+  if redis.call('SADD', P .. 'g:' .. file .. ':' .. name, id) == 1 then
+    touch('g:' .. file .. ':' .. name)
+  end
 end
 local function unindex(id, file, name)
-  redis.call('SREM', P .. 'f:' .. name, id)
-  redis.call('SREM', P .. 'g:' .. file .. ':' .. name, id)
+  if redis.call('SREM', P .. 'f:' .. name, id) == 1 then touch('f:' .. name) end
+  if redis.call('SREM', P .. 'g:' .. file .. ':' .. name, id) == 1 then
+    touch('g:' .. file .. ':' .. name)
+  end
   if redis.call('EXISTS', P .. 'f:' .. name) == 0 then redis.call('ZREM', P .. 'names', name) end
 end
 local function count_source(source, delta)
@@ -103,13 +132,19 @@ local function back(file, until_ms)
     redis.call('PEXPIREAT', m, until_ms, 'GT')
   end
 end
+-- The live holders of a holder set as JSON texts, and the first moment one of them expires
+-- (0 for none).
 local function live_holders(key, now)
-  local out = {}
+  local out, soonest = {}, 0
   for _, id in ipairs(redis.call('SMEMBERS', key)) do
     local r = redis.call('HMGET', P .. 'p:' .. id, 'holder', 'exp')
-    if r[2] and tonumber(r[2]) > now then out[#out + 1] = r[1] end
+    local e = tonumber(r[2])
+    if e and e > now then
+      out[#out + 1] = r[1]
+      if soonest == 0 or e < soonest then soonest = e end
+    end
   end
-  return out
+  return out, soonest
 end
 `;
 
@@ -118,7 +153,8 @@ export const REAP_BATCH = 256;
 
 /**
  * ARGV: P, id, ttl ms, secret, source, body, holder, address, file, name, frags (JSON, no
- * duplicates), max peers, max per address, max indexed. Answers an UpsertOutcome.
+ * duplicates), max peers, max per address, max indexed. Answers an UpsertOutcome (and the
+ * touched keys: see {@link announcing}).
  */
 const UPSERT = `
 local id, ttl, secret, source, body = ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5], ARGV[6]
@@ -200,6 +236,13 @@ if known then
     if known.file ~= file or not was[n] then index(id, file, n) end
   end
   redis.call('INCRBY', P .. 'indexed', #frags - #old)
+  -- Same names, another address or ports: every answer listing this peer reads otherwise.
+  if known.holder ~= holder then
+    for _, n in ipairs(frags) do
+      touch('f:' .. n)
+      touch('g:' .. file .. ':' .. n)
+    end
+  end
 else
   redis.call('ZADD', P .. 'order', redis.call('INCR', P .. 'seq'), id)
   count_source(source, 1)
@@ -233,7 +276,7 @@ if not is_live(ARGV[2], now_ms()) then return nil end
 return redis.call('HGET', P .. 'p:' .. ARGV[2], 'secret')
 `;
 
-/** ARGV: P, id. 1 when it removed a live peer. */
+/** ARGV: P, id. 1 when it removed a live peer (and the touched keys: see {@link announcing}). */
 const REMOVE = `
 local e = expiry(ARGV[2])
 if not e then return 0 end
@@ -242,8 +285,16 @@ if e > now_ms() then return 1 end
 return 0
 `;
 
-/** ARGV: P, the key of a holder set after P. The live holders as JSON texts. */
-const LOCATE = `return live_holders(P .. ARGV[2], now_ms())`;
+/**
+ * ARGV: P, the key of a holder set after P. { now, the first moment a holder expires (0 for
+ * none), { holder... } }: the live holders as JSON texts, and how long that answer holds by
+ * Redis's clock.
+ */
+const LOCATE = `
+local now = now_ms()
+local holders, soonest = live_holders(P .. ARGV[2], now)
+return { now, soonest, holders }
+`;
 
 /**
  * ARGV: P, cursor, limit, max items. { next or '', { holder, frags, name }... } of the live
@@ -423,13 +474,27 @@ end
 return { manifest, out }
 `;
 
+/**
+ * A script that may change holder sets, run so that it announces them: { its answer, the
+ * touched keys as a JSON list or '' }. Its returns end a function, not the script.
+ */
+function announcing(body: string): string {
+  return `
+local function body()
+${body}
+end
+local answer = body()
+return { answer, announce() }
+`;
+}
+
 /** The scripts, each with the helpers before it. */
 export const SCRIPTS = Object.fromEntries(
   Object.entries({
-    UPSERT,
+    UPSERT: announcing(UPSERT),
     REFRESH,
     SECRET,
-    REMOVE,
+    REMOVE: announcing(REMOVE),
     LOCATE,
     PEERS,
     FRAGMENTS,

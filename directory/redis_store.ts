@@ -5,6 +5,13 @@
  * replicas racing never corrupt it, and expiry needs no timer on any replica. While Redis is
  * unreachable every call throws a {@link StoreUnavailableError} (the app's 503) at once; the
  * client reconnects by itself, with back-off and jitter.
+ *
+ * Each replica keeps its locate answers for up to a second ({@link LocateCache}), so that most
+ * locates never reach Redis. Every script that changes an answer publishes the keys it touched on
+ * channel `<prefix>locates`; each replica listens on a second connection and drops them, and drops
+ * its own at once when its own change returns. A peer that expires by its ttl needs no message:
+ * an answer is kept no longer than its first holder is live. While the listening connection is
+ * down the cache is emptied and bypassed, until it listens again.
  * @module
  */
 import { createClient, ErrorReply } from "@redis/client";
@@ -42,6 +49,11 @@ import {
   type PeerInfo,
 } from "./schemas.ts";
 import { SCRIPTS } from "./redis_scripts.ts";
+import {
+  DEFAULT_LOCATE_CACHE_ENTRIES,
+  DEFAULT_LOCATE_MAX_AGE_MS,
+  LocateCache,
+} from "./locate_cache.ts";
 
 /** The keys' prefix unless told otherwise: one Redis may hold other things too. */
 export const DEFAULT_REDIS_PREFIX = "fragmentos:directory:";
@@ -64,6 +76,13 @@ export interface RedisStoreOptions {
   prefix?: string;
   /** Where the lines "Redis is unreachable" and "back" go. @default console.error */
   warn?: (line: string) => void;
+  /**
+   * How long a replica keeps a locate answer at most, in ms: what a change whose message is
+   * lost (the connection dying as it is sent) may stay unseen for. 0 keeps none. @default 1000
+   */
+  locateMaxAgeMs?: number;
+  /** Locate answers a replica keeps at most. @default 10_000 */
+  locateCacheEntries?: number;
 }
 
 /**
@@ -106,6 +125,11 @@ export class RedisStore implements DirectoryStore {
   readonly #prefix: string;
   readonly #ttlMs: number;
   readonly #client: Client;
+  /** The connection that listens for changes to locate answers, in subscriber mode. */
+  readonly #subscriber: Client;
+  readonly #cache: LocateCache;
+  /** Whether the subscription was made once: the client restores it on each reconnection. */
+  #subscribed = false;
   readonly #shas = new Map<ScriptName, string>();
   readonly #where: string;
   readonly #warn: (line: string) => void;
@@ -151,14 +175,52 @@ export class RedisStore implements DirectoryStore {
       if (this.#down) this.#warn(`[DIRECTORY] Redis at ${this.#where} is back`);
       this.#down = false;
     });
+    this.#cache = new LocateCache({
+      maxAgeMs: options.locateMaxAgeMs ?? DEFAULT_LOCATE_MAX_AGE_MS,
+      maxEntries: options.locateCacheEntries ?? DEFAULT_LOCATE_CACHE_ENTRIES,
+    });
+    this.#subscriber = this.#client.duplicate();
+    // Messages missed while it is down are unknown: what is held may be stale. Nothing is kept
+    // until it is ready again (the cache is bypassed), and it is emptied once more then.
+    this.#subscriber.on("error", () => this.#cache.clear());
+    this.#subscriber.on("ready", () => {
+      this.#cache.clear();
+      if (!this.#subscribed) this.#subscribe();
+    });
     // The first connection is retried like any other; until then calls answer 503.
     this.#client.connect().catch(() => {});
+    this.#subscriber.connect().catch(() => {});
   }
 
-  /** Resolves once connected to Redis, or rejects after `timeoutMs`. */
+  /** Listens for changed locate keys; tried again on the next connection if this one fails. */
+  #subscribe(): void {
+    const dropKeys = (message: string) => {
+      try {
+        this.#cache.drop(JSON.parse(message) as string[]);
+      } catch {
+        this.#cache.clear();
+      }
+    };
+    this.#subscriber.subscribe(`${this.#prefix}locates`, dropKeys).then(
+      () => {
+        this.#cache.clear();
+        this.#subscribed = true;
+      },
+      () => {},
+    );
+  }
+
+  /** Whether locate answers may be kept: changes are heard (see the module). */
+  get #caching(): boolean {
+    return this.#subscribed && this.#subscriber.isReady;
+  }
+
+  /**
+   * Resolves once connected to Redis and listening for changes, or rejects after `timeoutMs`.
+   */
   async ready(timeoutMs = 10_000): Promise<void> {
     const deadline = Date.now() + timeoutMs;
-    while (!this.#client.isReady) {
+    while (!this.#client.isReady || !this.#caching) {
       if (Date.now() > deadline) {
         throw new StoreUnavailableError(`Redis at ${this.#where} did not answer in time`);
       }
@@ -169,8 +231,11 @@ export class RedisStore implements DirectoryStore {
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
-    if (this.#client.isOpen) await this.#client.close().catch(() => this.#client.destroy());
-    else this.#client.destroy();
+    this.#cache.clear();
+    await Promise.all([this.#client, this.#subscriber].map(async (client) => {
+      if (client.isOpen) await client.close().catch(() => client.destroy());
+      else client.destroy();
+    }));
   }
 
   /** Nothing to do: expired entries are left out of answers and reaped by the next change. */
@@ -206,31 +271,59 @@ export class RedisStore implements DirectoryStore {
       httpPort,
       ...(fileId === undefined ? {} : { fileId }),
     };
-    return await this.#run("UPSERT", [
-      id,
-      String(this.#ttlMs),
-      claim.secret,
-      claim.source ?? "",
-      claim.body ?? "",
-      JSON.stringify(holder),
-      `${host}:${port}`,
-      fileId ?? "",
-      JSON.stringify(state.file ?? null),
-      JSON.stringify([...new Set(state.fragments)]),
-      String(this.maxPeers),
-      String(this.maxPeersPerAddress),
-      String(this.maxIndexedFragments),
-    ]) as UpsertOutcome;
+    return this.#changed(
+      await this.#run("UPSERT", [
+        id,
+        String(this.#ttlMs),
+        claim.secret,
+        claim.source ?? "",
+        claim.body ?? "",
+        JSON.stringify(holder),
+        `${host}:${port}`,
+        fileId ?? "",
+        JSON.stringify(state.file ?? null),
+        JSON.stringify([...new Set(state.fragments)]),
+        String(this.maxPeers),
+        String(this.maxPeersPerAddress),
+        String(this.maxIndexedFragments),
+      ]),
+    ) as UpsertOutcome;
   }
 
   async remove(id: string): Promise<boolean> {
-    return await this.#run("REMOVE", [id]) === 1;
+    return this.#changed(await this.#run("REMOVE", [id])) === 1;
   }
 
-  async locateJson(name: string, file?: string): Promise<string | undefined> {
+  /** From the cache while it is fresh (see the module), at once; else from Redis. */
+  locateJson(name: string, file?: string): string | undefined | Promise<string | undefined> {
+    // While Redis is away a locate answers 503, as every other route does.
+    if (!this.#client.isReady) return Promise.reject(this.#unavailable());
     const key = file === undefined ? `f:${name}` : `g:${file}:${name}`;
-    const holders = await this.#run("LOCATE", [key]) as string[];
-    return holders.length === 0 ? undefined : `[${holders.join(",")}]`;
+    if (!this.#caching) return this.#locate(key).then(({ json }) => json);
+    return this.#cache.get(key, () => this.#locate(key));
+  }
+
+  /** The answer for holder set `key`, and how long it holds (until its first holder expires). */
+  async #locate(key: string): Promise<{ json: string | undefined; validMs: number }> {
+    const [now, soonest, holders] = await this.#run("LOCATE", [key]) as [
+      number,
+      number,
+      string[],
+    ];
+    return {
+      json: holders.length === 0 ? undefined : `[${holders.join(",")}]`,
+      validMs: soonest === 0 ? Infinity : soonest - now,
+    };
+  }
+
+  /**
+   * The answer of a script that may change holder sets: the keys it touched are dropped from
+   * this replica's cache before anyone hears of the change (the others drop them on its message).
+   */
+  #changed(reply: Reply): Reply {
+    const [answer, keys] = reply as [Reply, string];
+    if (keys !== "") this.#cache.drop(JSON.parse(keys) as string[]);
+    return answer;
   }
 
   async peers(page: Page = {}): Promise<Paged<PeerInfo>> {

@@ -2,9 +2,12 @@
  * The directory on Redis (`--store redis://...`), against Debian's real redis-server: the main
  * API behaviours run against both stores, in memory and in Redis, through `app.request()`; then
  * two directory replicas as real processes on one Redis (one view, one killed, expiry across
- * them, Redis restarting), and the `--store` flag's errors.
+ * them, Redis restarting), and the `--store` flag's errors; then each replica's cache of locate
+ * answers: changes made at one replica seen at the other at once, and nothing stale kept while
+ * changes cannot be heard.
  * @module
  */
+import { createClient } from "@redis/client";
 import { createHash } from "node:crypto";
 import {
   createApp,
@@ -17,6 +20,7 @@ import {
   startDirectory,
 } from "../directory.ts";
 import type { Manifest } from "../split.ts";
+import { LocateCache } from "../directory/locate_cache.ts";
 import { assert, assertEquals, assertMatch } from "./_assert.ts";
 import { type RedisServer, startRedisServer } from "./_redis_server.ts";
 import { Child, runTask, startTask } from "./_util.ts";
@@ -511,4 +515,204 @@ Deno.test("replicas on one Redis share their limits", async () => {
     const third = await request(url, "POST", "/peers", seeder(7020, "a.webm", []));
     assertEquals([third.status, third.body.error?.code], [429, "TOO_MANY_PEERS"]);
   }
+});
+
+Deno.test("a change at one replica shows in the other's locate answers within a moment", async () => {
+  await using redis = await startRedisServer();
+  const a = await startReplica(redis);
+  await using _a = a.child;
+  const b = await startReplica(redis);
+  await using _b = b.child;
+  const one = (await request(a.url, "POST", "/peers", seeder(7000, "a.webm", ["f.bin"])))
+    .body as { id: string; secret: string };
+  const path = `/fragments/f.bin?file=${idOf("a.webm")}`;
+  // Asked twice: kept by B from then on.
+  for (let i = 0; i < 2; i++) assertEquals(holderIds(await request(b.url, "GET", path)), [one.id]);
+  // Well within the cache's max age (1 s): only the change's message can make B see it.
+  const soon = (what: string, check: (result: Result) => boolean) =>
+    until(what, async () => check(await request(b.url, "GET", path)), 500);
+
+  const two = (await request(a.url, "POST", "/peers", seeder(7010, "a.webm", ["f.bin"])))
+    .body as { id: string; secret: string };
+  await soon("B lists the new peer", (result) => holderIds(result)?.length === 2);
+  const moved = seeder(7000, "a.webm", ["g.bin"]);
+  assertEquals((await request(a.url, "PUT", `/peers/${one.id}`, moved, one.secret)).status, 200);
+  await soon("B forgets what the first let go", (result) => holderIds(result)?.[0] === two.id);
+  assertEquals(holderIds(await request(b.url, "GET", path)), [two.id]);
+  assertEquals(
+    (await request(a.url, "DELETE", `/peers/${two.id}`, undefined, two.secret)).status,
+    204,
+  );
+  await soon("B forgets the peer that left", (result) => result.status === 404);
+  // B's own change shows in its own answer at once.
+  const three = (await request(b.url, "POST", "/peers", seeder(7020, "a.webm", ["f.bin"])))
+    .body as { id: string };
+  assertEquals(holderIds(await request(b.url, "GET", path)), [three.id]);
+});
+
+/** A store on `redis` whose locate answers last `maxAgeMs` unless a change drops them. */
+async function cachingStore(redis: RedisServer, maxAgeMs: number): Promise<RedisStore> {
+  const store = new RedisStore(redis.url, { ttl: 30, locateMaxAgeMs: maxAgeMs, warn: () => {} });
+  await store.ready();
+  return store;
+}
+
+/** Registers (or changes) peer `id` at `store`, with `fragments` of a.webm. */
+async function upsertAt(store: RedisStore, id: string, port: number, fragments: string[]) {
+  const state = { ...seeder(port, "a.webm", fragments), host: "10.0.0.9" };
+  const outcome = await store.upsert(id, state, {
+    secret: `secret-${id}`,
+    source: "10.0.0.9",
+    body: JSON.stringify(state),
+  });
+  assert(outcome === "created" || outcome === "refreshed", outcome);
+}
+
+/** The ids and ports a store's locate lists; undefined when none. */
+async function located(store: RedisStore, name: string, file?: string) {
+  const json = await store.locateJson(name, file);
+  if (json === undefined) return undefined;
+  return (JSON.parse(json) as { id: string; port: number }[])
+    .map(({ id, port }) => `${id}:${port}`).sort();
+}
+
+/**
+ * Locates `name` at `store` until its answer is kept: given at once, not as a promise (a change's
+ * message that comes after a fetch drops what it fetched).
+ */
+async function kept(store: RedisStore, name: string): Promise<string | undefined> {
+  let held: Awaited<ReturnType<RedisStore["locateJson"]>> | Promise<unknown> = undefined;
+  await soon(`"${name}" is kept`, async () => {
+    await store.locateJson(name);
+    held = store.locateJson(name);
+    return !(held instanceof Promise);
+  });
+  return held as string | undefined;
+}
+
+/** Polls `check` every few ms until it is true; fails after `timeoutMs`. */
+async function soon(what: string, check: () => Promise<boolean>, timeoutMs = 1_000) {
+  const deadline = Date.now() + timeoutMs;
+  while (!await check()) {
+    if (Date.now() > deadline) throw new Error(`Timed out waiting until ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 5));
+  }
+}
+
+Deno.test("RedisStore keeps locate answers, and drops them on any change at any replica", async () => {
+  await using redis = await startRedisServer();
+  // A minute's max age: only the changes' messages can make the answers move within a second.
+  const a = await cachingStore(redis, 60_000);
+  const b = await cachingStore(redis, 60_000);
+  try {
+    await upsertAt(a, "one", 7000, ["f.bin"]);
+    assertEquals(await located(b, "f.bin"), ["one:7000"]);
+    assertEquals(await located(b, "f.bin", idOf("a.webm")), ["one:7000"]);
+    await kept(b, "f.bin");
+    // Its own change: seen at once.
+    await upsertAt(b, "two", 7010, ["f.bin"]);
+    assertEquals(await located(b, "f.bin"), ["one:7000", "two:7010"]);
+    // Another's: a new port, other fragments, a peer removed.
+    const at = (name: string, expected: string[] | undefined, file?: string) => async () =>
+      JSON.stringify(await located(b, name, file)) === JSON.stringify(expected);
+    await upsertAt(a, "two", 7020, ["f.bin"]);
+    await soon("the new port shows", at("f.bin", ["one:7000", "two:7020"]));
+    await upsertAt(a, "one", 7000, ["g.bin"]);
+    await soon("the fragment let go of goes", at("f.bin", ["two:7020"], idOf("a.webm")));
+    assertEquals(await located(b, "f.bin"), ["two:7020"]);
+    assert(await a.remove("two"));
+    await soon("the peer removed goes", at("f.bin", undefined));
+
+    // A heartbeat that repeats the state changes no answer, and drops none.
+    const held = await kept(b, "g.bin");
+    assertEquals(typeof held, "string");
+    await kept(b, "h.bin");
+    await upsertAt(a, "one", 7000, ["g.bin"]);
+    await upsertAt(a, "three", 7030, ["h.bin"]);
+    // Messages come in order: once h.bin's has come, the heartbeat's would have too.
+    await soon("h.bin's change shows", at("h.bin", ["three:7030"]));
+    assertEquals(b.locateJson("g.bin"), held);
+  } finally {
+    await a.close();
+    await b.close();
+  }
+});
+
+Deno.test("RedisStore keeps no locate answer while it cannot hear changes, nor past its max age", async () => {
+  await using redis = await startRedisServer();
+  const a = await cachingStore(redis, 60_000);
+  const b = await cachingStore(redis, 60_000);
+  const admin = createClient({ url: redis.url });
+  await admin.connect();
+  try {
+    await upsertAt(a, "one", 7000, ["f.bin"]);
+    assertEquals(await located(b, "f.bin"), ["one:7000"]);
+    // Its listening connection cut: what it missed meanwhile is not served from its cache.
+    await admin.sendCommand(["CLIENT", "KILL", "TYPE", "pubsub"]);
+    await upsertAt(a, "two", 7010, ["f.bin"]);
+    await soon(
+      "the change shows",
+      async () => (await located(b, "f.bin"))?.length === 2,
+    );
+    // Redis restarted empty: nothing held from before is served.
+    await b.ready();
+    await kept(b, "f.bin");
+    await admin.close();
+    await redis.restart();
+    await b.ready();
+    assertEquals(await located(b, "f.bin"), undefined);
+  } finally {
+    if (admin.isOpen) await admin.close();
+    await a.close();
+    await b.close();
+  }
+
+  // A change no message tells of (made behind the scripts' back) shows within the max age.
+  const maxAgeMs = 300;
+  const c = await cachingStore(redis, maxAgeMs);
+  const other = createClient({ url: redis.url });
+  await other.connect();
+  try {
+    await upsertAt(c, "four", 7040, ["f.bin"]);
+    assertEquals(await located(c, "f.bin"), ["four:7040"]);
+    const start = performance.now();
+    await other.sRem("fragmentos:directory:f:f.bin", "four");
+    assertEquals(await located(c, "f.bin"), ["four:7040"]);
+    await soon("the answer is too old", async () => await located(c, "f.bin") === undefined);
+    const elapsed = performance.now() - start;
+    assert(elapsed <= maxAgeMs + 200, `Served for ${Math.round(elapsed)} ms`);
+  } finally {
+    await other.close();
+    await c.close();
+  }
+});
+
+Deno.test("LocateCache shares a fetch, keeps answers for their age, and drops the oldest", async () => {
+  let now = 0;
+  const cache = new LocateCache({ maxEntries: 2, maxAgeMs: 1_000, now: () => now });
+  let fetches = 0;
+  const fetch = (json: string | undefined, validMs = Infinity) => () => {
+    fetches++;
+    return Promise.resolve({ json, validMs });
+  };
+  // Two calls while the first fetch is out: one fetch.
+  const [one, again] = [cache.get("a", fetch("[1]")), cache.get("a", fetch("[2]"))];
+  assertEquals([await one, await again, fetches], ["[1]", "[1]", 1]);
+  assertEquals(cache.get("a", fetch("[3]")), "[1]");
+  // Kept for its max age, or until its first holder expires if that is sooner.
+  now = 1_000;
+  assertEquals(await cache.get("a", fetch("[4]")), "[4]");
+  assertEquals(await cache.get("b", fetch("[5]", 10)), "[5]");
+  now = 1_010;
+  assertEquals(await cache.get("b", fetch(undefined)), undefined);
+  assertEquals(cache.get("b", fetch("[6]")), undefined);
+  // A third key drops the oldest.
+  assertEquals(await cache.get("c", fetch("[7]")), "[7]");
+  assertEquals(cache.size, 2);
+  assert(cache.get("a", fetch("[8]")) instanceof Promise);
+  // Dropped while it is being fetched: the answer is given, not kept.
+  const pending = cache.get("d", fetch("[9]"));
+  cache.drop(["d"]);
+  assertEquals(await pending, "[9]");
+  assert(cache.get("d", fetch("[10]")) instanceof Promise);
 });
