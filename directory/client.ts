@@ -378,7 +378,12 @@ function fetchFailure(error: unknown): string {
 function parseError(text: string, status: number, url: string): { code: string; message: string } {
   try {
     const { error } = JSON.parse(text);
-    if (typeof error?.code === "string" && typeof error?.message === "string") return error;
+    if (typeof error?.code === "string" && typeof error?.message === "string") {
+      // A directory has every route and method this client calls: a server that lacks one (a
+      // peer's player, say, which answers in the same shape) is something else.
+      if (status !== 405 && status !== 501) return error;
+      return { code: error.code, message: `${error.message}: is "${url}" a directory?` };
+    }
   } catch {
     // not our error shape: another web server at that address, or a proxy in between
   }

@@ -9,6 +9,7 @@ import { assert, assertEquals, assertMatch } from "./_assert.ts";
 import { peerArgs, ROOT, startTask, tempDir } from "./_util.ts";
 import { startBroker } from "../broker.ts";
 import { DirectoryClient } from "../directory.ts";
+import { startScene } from "./_player_source.ts";
 
 Deno.test("a --directory that answers but not in HTTP gets the hint, not a raw client error", async () => {
   await using broker = startBroker({ port: 0, hostname: "127.0.0.1" });
@@ -17,6 +18,21 @@ Deno.test("a --directory that answers but not in HTTP gets the hint, not a raw c
   assert(error instanceof Error, "listing files at a broker fails");
   assertMatch(error.message, /it answered, but not in HTTP: is it a directory\?/);
   assert(!/SendRequest|hyper|client error/.test(error.message), error.message);
+});
+
+Deno.test("a --directory that is a peer's player gets the hint too, though it answers in JSON", async () => {
+  await using dir = await tempDir();
+  await using scene = await startScene(dir.path);
+  const client = new DirectoryClient(scene.url);
+  const error = await client.register({ port: 6001, grpcPort: 7001, fragments: [] }).then(
+    () => undefined,
+    (error) => error,
+  );
+  assert(error instanceof Error, "registering at a player fails");
+  assertMatch(
+    error.message,
+    /GET, HEAD only, not POST: is "http:\/\/127\.0\.0\.1:\d+" a directory\?$/,
+  );
 });
 
 Deno.test("a peer pointed at a broker as its directory says so on one line, and serves", async () => {
