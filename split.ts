@@ -187,26 +187,24 @@ export async function joinFragments(dir: string, output?: string): Promise<Manif
   if (missing.length > 0) {
     throw new SplitError(`Cannot join "${dir}": missing ${missing.join(", ")}`);
   }
+  // A fragment of the wrong size is corrupt whatever its bytes: name them all, write nothing.
+  if (manifest.fragments.some((fragment, i) => sizes[i] !== fragment.size)) {
+    throw await corruptFragments(dir, manifest, sizes);
+  }
   await ensureFolder(dirname(target));
-  // One pass: the bytes are hashed on their way into a temporary file, which is renamed once
-  // every hash matched and removed otherwise.
+  // One pass: the bytes are hashed on their way into a temporary file, which is renamed once the
+  // whole file's hash matched and removed otherwise. The whole hash alone proves every fragment
+  // (SHA-256 of their concatenation), so fragments are hashed one by one only to name the
+  // corrupt ones after a mismatch: half the hashing of checking both on every join.
   const temp = await Deno.makeTempFile({ dir: dirname(target), prefix: `.${basename(target)}.` });
   try {
-    using copier = new HashedCopy(manifest.size);
-    const { legs, whole } = await copier.copy(manifest.fragments.map((fragment, i) => ({
+    using copier = new HashedCopy(manifest.size, { legs: false });
+    const { whole } = await copier.copy(manifest.fragments.map((fragment) => ({
       from: join(dir, fragment.name),
       to: temp,
-      length: Math.min(sizes[i]!, fragment.size),
+      length: fragment.size,
     })));
-    const corrupt = manifest.fragments
-      .filter((fragment, i) => sizes[i] !== fragment.size || legs[i] !== fragment.sha256)
-      .map((fragment) => fragment.name);
-    if (corrupt.length > 0) {
-      throw new SplitError(`Cannot join "${dir}": corrupt ${corrupt.join(", ")}`);
-    }
-    if (whole !== manifest.sha256) {
-      throw new SplitError(`Cannot join "${dir}": the joined file does not match the manifest`);
-    }
+    if (whole !== manifest.sha256) throw await corruptFragments(dir, manifest, sizes);
     // makeTempFile makes it private (0600); the joined video is an ordinary file, as fragments are.
     await Deno.chmod(temp, 0o644);
     await Deno.rename(temp, target);
@@ -218,6 +216,23 @@ export async function joinFragments(dir: string, output?: string): Promise<Manif
     }
     throw error;
   }
+}
+
+/**
+ * Why a join failed its hash: the fragments of the wrong size or whose own hash is wrong, or,
+ * when each matches, a manifest whose fragments do not make its file.
+ */
+async function corruptFragments(dir: string, manifest: Manifest, sizes: number[]) {
+  const corrupt = [];
+  for (const [i, fragment] of manifest.fragments.entries()) {
+    if (sizes[i] !== fragment.size || await checkFragment(dir, fragment) !== "ok") {
+      corrupt.push(fragment.name);
+    }
+  }
+  if (corrupt.length > 0) {
+    return new SplitError(`Cannot join "${dir}": corrupt ${corrupt.join(", ")}`);
+  }
+  return new SplitError(`Cannot join "${dir}": the joined file does not match the manifest`);
 }
 
 /** Checks every fragment the manifest in `dir` lists: ok, missing or corrupt. */
@@ -376,16 +391,23 @@ interface Leg {
 class HashedCopy implements Disposable {
   #buffers = Array.from({ length: BUFFERS }, () => new Uint8Array(new SharedArrayBuffer(CHUNK)));
   #whole: WorkerHash | LocalHash;
-  #legs: WorkerHash | LocalHash;
+  /** Undefined when legs are not hashed one by one (join: the whole hash proves them). */
+  #legs: WorkerHash | LocalHash | undefined;
 
-  /** Hashes on two worker threads, or on this one for `size` bytes up to LOCAL_HASH_MAX. */
-  constructor(size: number) {
+  /**
+   * Hashes on two worker threads (one without `legs`), or on this one for `size` bytes up to
+   * LOCAL_HASH_MAX.
+   */
+  constructor(size: number, { legs = true } = {}) {
     const Hash = size <= LOCAL_HASH_MAX ? LocalHash : WorkerHash;
     this.#whole = new Hash();
-    this.#legs = new Hash();
+    this.#legs = legs ? new Hash() : undefined;
   }
 
-  /** Copies every leg in order; returns each leg's SHA-256 and that of all of them in a row. */
+  /**
+   * Copies every leg in order; returns each leg's SHA-256 (none without `legs`) and that of all
+   * of them in a row.
+   */
   async copy(legs: Leg[]): Promise<{ legs: string[]; whole: string }> {
     const free: Promise<unknown>[] = this.#buffers.map(() => Promise.resolve());
     const digests: Promise<string>[] = [];
@@ -416,11 +438,11 @@ class HashedCopy implements Disposable {
           const chunk = readExact(source.file, view);
           left -= chunk.length;
           const hashed = [this.#whole.update(chunk)];
-          if (!first) hashed.push(this.#legs.update(chunk));
+          if (!first && this.#legs) hashed.push(this.#legs.update(chunk));
           free[b] = Promise.all(hashed);
           writeAll(sink.file, chunk);
         }
-        digests.push(first ? this.#whole.peek() : this.#legs.digest());
+        if (this.#legs) digests.push(first ? this.#whole.peek() : this.#legs.digest());
       }
       return { legs: await Promise.all(digests), whole: await this.#whole.digest() };
     } finally {
@@ -433,7 +455,7 @@ class HashedCopy implements Disposable {
 
   [Symbol.dispose](): void {
     this.#whole[Symbol.dispose]();
-    this.#legs[Symbol.dispose]();
+    this.#legs?.[Symbol.dispose]();
   }
 }
 
