@@ -106,6 +106,23 @@ export function checkBrokerAddress(address: string): void {
 }
 
 /**
+ * The `host:port` of each server a broker address names, as net permissions name them; throws
+ * a TypeError as {@link checkBrokerAddress} does.
+ */
+export function brokerHosts(address: string): string[] {
+  const hostPort = (hostname: string, port: number | string) =>
+    `${hostname.includes(":") && !hostname.startsWith("[") ? `[${hostname}]` : hostname}:${port}`;
+  if (!isNatsAddress(address)) {
+    const { hostname, port } = parseAddress(address);
+    return [hostPort(hostname, port)];
+  }
+  return parseNatsAddress(address).map((server) => {
+    const url = new URL(server);
+    return hostPort(url.hostname, url.port || 4222);
+  });
+}
+
+/**
  * Starts a broker bridged to NATS at `natsAddress`: see `broker/nats_bridge.ts`. The broker
  * serves at once; its bridge connects when NATS can be reached.
  */

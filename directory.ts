@@ -340,6 +340,13 @@ function parseCli(args: string[]): CliOptions | "help" {
   return options;
 }
 
+/** Where `--store` keeps the state, for the listening line: never a Redis password. */
+function stateWhere(store: string | undefined): string {
+  if (store === undefined || store === "memory") return "state in memory";
+  const url = parseRedisUrl(store);
+  return `state in Redis at "${url.protocol}//${url.host}${url.pathname}"`;
+}
+
 async function main(args = Deno.args): Promise<void> {
   const options = parseCli(args);
   if (options === "help") return console.log(USAGE);
@@ -363,7 +370,10 @@ async function main(args = Deno.args): Promise<void> {
   if (directory.registry instanceof RedisStore) {
     await directory.registry.ready(REDIS_STARTUP_WAIT_MS).catch(() => {});
   }
-  console.log(`[DIRECTORY] Listening on ${directory.url} (Swagger UI: ${directory.url}/apidocs)`);
+  console.log(
+    `[DIRECTORY] Listening on ${directory.url} (Swagger UI: ${directory.url}/apidocs), ` +
+      stateWhere(options.store),
+  );
   const stop = () => directory.close();
   Deno.addSignalListener("SIGINT", stop);
   Deno.addSignalListener("SIGTERM", stop);

@@ -7,10 +7,11 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { userMessage } from "./common/cli.ts";
+import { requireNet, userMessage } from "./common/cli.ts";
 import {
   ANNOUNCE_TOPIC,
   BrokerError,
+  brokerHosts,
   connect,
   DEFAULT_ADDRESS,
   formatAnnouncement,
@@ -58,6 +59,8 @@ async function main(args = Deno.args) {
     );
   }
 
+  // From a pipe, one line naming the task beats a refused connection; a terminal asks once.
+  await requireNet(brokerHosts(values.broker));
   await using client = await connect(values.broker);
   client.publish(values.topic, formatAnnouncement(name));
   // Bounded: something that accepts connections but is not a broker never answers PING.

@@ -556,15 +556,25 @@ function isFetchFailure(error: unknown): error is Error {
 
 /**
  * What to say when a peer starts with nothing to serve: how to fill its store (split deals the
- * sample into `fragments/<port>/` for each port it names), or how to fetch into it.
+ * sample into `fragments/<port>/` for each port it names), or how to fetch into it (typed at the
+ * console, unless there is none). Whether a neighbour already holds fragments is not known yet,
+ * so both are offered.
  */
-function emptyStoreHint(dir: string, port: number, neighbours: string[]): string {
+function emptyStoreHint(
+  dir: string,
+  port: number,
+  neighbours: string[],
+  hasConsole: boolean,
+): string {
   const ports = [port, ...neighbours.map((neighbour) => neighbour.split(":").at(-1))];
   const fill = dir === join("fragments", String(port))
     ? `deno task split --peers ${ports.join(",")}`
     : `deno task split --out ${dir}`;
-  return `The store "${dir}" is empty: fill it with \`${fill}\` and restart, or fetch into it ` +
-    "from other peers (type a fragment name or 'all', or start with --fetch-all)";
+  const how = hasConsole
+    ? "type a fragment name or 'all', or start with --fetch-all"
+    : "start with --fetch-all";
+  return `The store "${dir}" is empty: split a file into it with \`${fill}\` and restart, or ` +
+    `fetch from peers that have fragments (${how})`;
 }
 
 /** Draws the swarm's progress on one terminal line. */
@@ -741,6 +751,7 @@ async function main(args = Deno.args): Promise<number> {
   }
   const showProgress = values["fetch-all"] && Deno.stdout.isTerminal();
   let barShown = false;
+  let promptLast = false; // the console's prompt was the last thing written: no newline after it
   let peer: Peer;
   try {
     peer = await startPeer({
@@ -765,7 +776,7 @@ async function main(args = Deno.args): Promise<number> {
       // A line logged while the bar is drawn goes below it, not glued to it.
       log: (line) => {
         if (barShown) console.log();
-        barShown = false;
+        barShown = promptLast = false;
         console.log(line);
       },
     });
@@ -774,7 +785,7 @@ async function main(args = Deno.args): Promise<number> {
     throw error;
   }
   if (!values["fetch-all"] && !peer.store.manifest && peer.store.list().length === 0) {
-    console.log(`[SERVER] ${emptyStoreHint(dir, port, neighbours)}`);
+    console.log(`[SERVER] ${emptyStoreHint(dir, port, neighbours, !values["no-console"])}`);
   }
   // Before the fetch-all, so that Ctrl-C during it still leaves the directory.
   const stop = Promise.withResolvers<void>();
@@ -805,10 +816,14 @@ async function main(args = Deno.args): Promise<number> {
     }
   }
   if (!values["no-console"]) {
-    const write = (text: string) => Deno.stdout.writeSync(new TextEncoder().encode(text));
+    const write = (text: string) => {
+      Deno.stdout.writeSync(new TextEncoder().encode(text));
+      promptLast = text.endsWith(PROMPT);
+    };
     runConsole(peer, Deno.stdin.readable, write, values.grpc ? "grpc" : "tcp").then((exit) => {
-      if (exit) stop.resolve();
-      else console.error("[CONSOLE] Input ended; still serving (Ctrl-C to stop)");
+      if (exit) return stop.resolve();
+      if (promptLast) write("\n"); // the line below would end up on the prompt's
+      console.error("[CONSOLE] Input ended; still serving (Ctrl-C to stop)");
     }, (error) => {
       if (!isUserError(error)) stop.reject(error);
     });

@@ -7,9 +7,9 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { escapeControl, userMessage } from "./common/cli.ts";
+import { escapeControl, requireNet, userMessage } from "./common/cli.ts";
 import { LineBuffer } from "./common/lines.ts";
-import { BrokerError, connect, DEFAULT_ADDRESS, isValidTopic } from "./broker.ts";
+import { BrokerError, brokerHosts, connect, DEFAULT_ADDRESS, isValidTopic } from "./broker.ts";
 
 const USAGE = `Usage: deno run subscribe.ts [TOPIC...] [--broker ADDRESS]
 
@@ -34,6 +34,16 @@ async function askTopics(): Promise<string[]> {
   return line?.split(/[\s,]+/).filter((topic) => topic !== "") ?? [];
 }
 
+/** Throws a TypeError naming the first of `topics` that is not a valid topic. */
+function checkTopics(topics: string[]): void {
+  const invalid = topics.find((topic) => !isValidTopic(topic));
+  if (invalid !== undefined) {
+    throw new TypeError(
+      `Invalid topic "${invalid}": use 1 to 128 letters, digits, '.', '_' or '-'`,
+    );
+  }
+}
+
 async function main(args = Deno.args) {
   const { values, positionals } = parseArgs({
     args,
@@ -44,14 +54,12 @@ async function main(args = Deno.args) {
     },
   });
   if (values.help) return console.log(USAGE);
+  checkTopics(positionals);
+  // Before a topic is asked: from a pipe, one line naming the task beats a refused connection.
+  await requireNet(brokerHosts(values.broker));
   const topics = positionals.length > 0 ? positionals : await askTopics();
   if (topics.length === 0) throw new TypeError("No topic given");
-  const invalid = topics.find((topic) => !isValidTopic(topic));
-  if (invalid !== undefined) {
-    throw new TypeError(
-      `Invalid topic "${invalid}": use 1 to 128 letters, digits, '.', '_' or '-'`,
-    );
-  }
+  checkTopics(topics);
 
   const client = await connect(values.broker, {
     onDisconnect: (error) =>

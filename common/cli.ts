@@ -72,10 +72,11 @@ const SPECIAL_PATH = /^Requires all access to ("(?:[^"\\]|\\.)*")/;
 const TASKS: Record<string, string> = { peer_grpc: "grpc" };
 
 /**
- * Exits 1 with `message` (what Deno said was missing) and the task that grants what the main
- * script needs; or, for a path under /dev, /proc or /sys, which no task can grant, with why.
+ * Exits 1 with `message` (what Deno said was missing) and the command to run instead: the task
+ * that grants what the main script needs, with the same arguments; or, for a path under /dev,
+ * /proc or /sys, which no task can grant, with why.
  */
-export function exitForPermission(message: string): never {
+export function exitForPermission(message: string, args: string[] = Deno.args): never {
   const special = message.match(SPECIAL_PATH);
   if (special) {
     console.error(
@@ -84,9 +85,14 @@ export function exitForPermission(message: string): never {
     Deno.exit(1);
   }
   const script = basename(fileURLToPath(Deno.mainModule), ".ts");
-  const task = TASKS[script] ?? script;
-  console.error(`error: ${message}; \`deno task ${task}\` runs it with the ones it needs`);
+  const command = [`deno task ${TASKS[script] ?? script}`, ...args.map(shellWord)].join(" ");
+  console.error(`error: ${message}; \`${command}\` runs it with the ones it needs`);
   Deno.exit(1);
+}
+
+// `word` as a POSIX shell reads it back: bare when it is plain, else single-quoted.
+function shellWord(word: string): string {
+  return /^[\w@%+=:,./-]+$/.test(word) ? word : `'${word.replaceAll("'", `'\\''`)}'`;
 }
 
 /**
@@ -108,6 +114,29 @@ export async function askOncePerKind(needs: Deno.PermissionDescriptor[]): Promis
   for (const need of needs) {
     if ((await Deno.permissions.query(need)).state !== "prompt") continue;
     await Deno.permissions.request({ name: need.name } as Deno.PermissionDescriptor);
+  }
+}
+
+/**
+ * Makes sure net access to each of `hosts` (`host:port`) is granted: in a terminal it asks once
+ * for the whole kind ({@link askOncePerKind}); from a pipe, or refused, it exits as
+ * {@link exitForPermission} does, before anything is done half-way.
+ */
+export async function requireNet(hosts: string[]): Promise<void> {
+  // A host Deno cannot name is left to the connection, which says what is wrong with it.
+  const named = hosts.filter((host) => netState(host) !== undefined);
+  await askOncePerKind(named.map((host) => ({ name: "net", host })));
+  const missing = named.find((host) => netState(host) !== "granted");
+  if (missing === undefined) return;
+  exitForPermission(`Requires net access to "${missing}", run again with the --allow-net flag`);
+}
+
+// Net access to `host` as Deno has it, or undefined when it is not a host Deno can name.
+function netState(host: string): Deno.PermissionState | undefined {
+  try {
+    return Deno.permissions.querySync({ name: "net", host }).state;
+  } catch {
+    return undefined;
   }
 }
 

@@ -170,8 +170,10 @@ export class Fetcher implements Disposable {
       // Its text quotes what the holder said: shown on a terminal, it must stay plain text.
       failure.text = escapeControl(failure.text);
       failures.push(failure);
-      // Not once the fetch is called off (Ctrl-C): a holder stopping with it is no news.
-      if ((failure.kind === "bad" || failure.kind === "down") && !signal?.aborted) {
+      // Not once the fetch is called off (Ctrl-C): a holder stopping with it is no news. Nor
+      // after the last holder: the FetchError says it, and nothing is tried next.
+      const last = i + 1 === queue.length;
+      if ((failure.kind === "bad" || failure.kind === "down") && !last && !signal?.aborted) {
         this.#options.log?.(`[!] ${failure.text}; trying the next holder`);
       }
       if (failure.kind === "elsewhere" && follow) {

@@ -544,7 +544,13 @@ export class Swarm implements Disposable {
       this.#lied.set(name, (this.#lied.get(name) ?? new Set()).add(address));
       this.#liars.add(address);
     }
-    this.#options.log?.(`[!] ${error.message}`);
+    // Not final: the scheduler asks the next holder (or this one again later), and gives up
+    // only once nobody has had the fragment for `stallMs` ("No holder could provide ...").
+    const why = error.failures.map((f) => f.text).join("; ");
+    if (why === "" || this.#closed.signal.aborted) return; // cancelled: no news
+    this.#options.log?.(
+      `[!] ${why}; trying the next holder${why.includes(name) ? "" : ` of '${name}'`}`,
+    );
   }
 
   /**

@@ -7,9 +7,10 @@ import assert from "node:assert/strict";
 import { DirectoryClient } from "../directory.ts";
 import type { Manifest } from "../split.ts";
 import { runTask, startTask } from "./_util.ts";
+import { startRedisServer } from "./_redis_server.ts";
 
 const LISTENING =
-  /\[DIRECTORY\] Listening on (http:\/\/\S+) \(Swagger UI: (http:\/\/\S+\/apidocs)\)/;
+  /\[DIRECTORY\] Listening on (http:\/\/\S+) \(Swagger UI: (http:\/\/\S+\/apidocs)\), (state .*)/;
 
 /** Polls `check` until it returns true, or fails after `timeoutMs`. */
 async function eventually(check: () => Promise<boolean>, timeoutMs = 10_000): Promise<void> {
@@ -23,9 +24,10 @@ async function eventually(check: () => Promise<boolean>, timeoutMs = 10_000): Pr
 for (const signal of ["SIGTERM", "SIGINT"] as const) {
   Deno.test(`deno task directory prints its address and Swagger UI, and stops cleanly on ${signal}`, async () => {
     await using child = startTask("directory", ["--port", "0"]);
-    const [, url, docs] = await child.waitFor(LISTENING, { stream: "stdout" });
+    const [, url, docs, state] = await child.waitFor(LISTENING, { stream: "stdout" });
     assert.doesNotMatch(url, /:0$/);
     assert.equal(docs, `${url}/apidocs`);
+    assert.equal(state, "state in memory");
     const page = await (await fetch(docs)).text();
     const script = page.match(/src="([^"]+\.js)"/)?.[1];
     assert.ok(script, page);
@@ -40,6 +42,15 @@ for (const signal of ["SIGTERM", "SIGINT"] as const) {
     assert.equal(child.stderr, "");
   });
 }
+
+Deno.test("deno task directory --store redis:// says where its state is, without the password", async () => {
+  await using redis = await startRedisServer();
+  const store = `redis://:secret@127.0.0.1:${redis.port}/2`;
+  await using child = startTask("directory", ["--port", "0", "--store", store]);
+  const [, , , state] = await child.waitFor(LISTENING, { stream: "stdout" });
+  assert.equal(state, `state in Redis at "redis://127.0.0.1:${redis.port}/2"`);
+  assert.doesNotMatch(child.stdout + child.stderr, /secret/);
+});
 
 Deno.test("deno task directory --help prints the usage and exits 0", async () => {
   const { code, stdout, stderr } = await runTask("directory", ["--help"]);

@@ -431,3 +431,33 @@ Deno.test("parseSize() reads --max-fragment sizes, and formatSize() shows them",
   assertEquals(formatSize(1000), "1000 bytes");
   assertEquals(formatSize(1), "1 byte");
 });
+
+Deno.test("Fetcher says it tries the next holder only when there is one; after the last, the error says it", async () => {
+  await using dir = await tempDir();
+  const { seeder, manifest } = await seed(dir.path);
+  await using good = startTcpServer(seeder, { port: 0, hostname: "127.0.0.1" });
+  // A holder that is down: a port nothing listens on any more.
+  const gone = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const down = (gone.addr as Deno.NetAddr).port;
+  gone.close();
+  const logs: string[] = [];
+  using fetcher = new Fetcher(await Store.open(join(dir.path, "viewer")), {
+    log: (line) => logs.push(line),
+  });
+  await fetcher.fetch(manifest.fragments[0]!.name, [local(down), local(good.port)]);
+  assertEquals(logs.length, 1, logs.join("\n"));
+  assertMatch(
+    logs[0]!,
+    new RegExp(`^\\[!\\] 127\\.0\\.0\\.1:${down} failed .*; trying the next holder$`),
+  );
+  logs.length = 0;
+  const error = await assertRejects(
+    () => fetcher.fetch(manifest.fragments[1]!.name, [local(down)]),
+    FetchError,
+  );
+  assertEquals(logs, []);
+  assertMatch(
+    error.message,
+    new RegExp(`^Could not fetch 'fragment_1\\.bin': 127\\.0\\.0\\.1:${down} failed`),
+  );
+});

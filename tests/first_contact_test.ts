@@ -24,10 +24,11 @@ Deno.test("a --directory that is a peer's player gets the hint too, though it an
   await using dir = await tempDir();
   await using scene = await startScene(dir.path);
   const client = new DirectoryClient(scene.url);
-  const error = await client.register({ port: 6001, grpcPort: 7001, fragments: [] }).then(
-    () => undefined,
-    (error) => error,
-  );
+  const error = await client.register({ port: 6001, grpcPort: 7001, httpPort: 8001, fragments: [] })
+    .then(
+      () => undefined,
+      (error) => error,
+    );
   assert(error instanceof Error, "registering at a player fails");
   assertMatch(
     error.message,
@@ -66,7 +67,31 @@ Deno.test("a peer whose store is empty at start says so, and how to fill it", as
     "--no-console",
   ], { cwd: dir.path });
   const [line] = await peer.waitFor(/\[SERVER\] The store .* is empty.*/);
-  assertMatch(line, /"fragments\/0" is empty: fill it with `deno task split --peers 0,6002`/);
+  // Without a console there is nothing to type a name at; the neighbour may be full already.
+  assertEquals(
+    line,
+    '[SERVER] The store "fragments/0" is empty: split a file into it with ' +
+      "`deno task split --peers 0,6002` and restart, or fetch from peers that have fragments " +
+      "(start with --fetch-all)",
+  );
+});
+
+Deno.test("a peer with a console says a name can be typed, and ends the prompt's line when input ends", async () => {
+  await using dir = await tempDir();
+  const store = join(dir.path, "store");
+  await using peer = startTask("peer", ["0", ...peerArgs(store, "http://127.0.0.1:1")], {
+    stdin: true,
+  });
+  const [line] = await peer.waitFor(/\[SERVER\] The store .* is empty.*/);
+  assertMatch(line, /fetch from peers that have fragments \(type a fragment name or 'all', or/);
+  // Once it has said what it says by itself, an empty line gets a prompt that stays the last.
+  await peer.waitFor(/\[DIRECTORY\] Cannot reach/);
+  await peer.waitFor(/\[BROKER\] Cannot connect/);
+  await peer.write("\n");
+  await peer.waitFor(/\n\S.*\nFragment to request \(or 'exit'\): $/, { stream: "stdout" });
+  await peer.closeStdin();
+  await peer.waitFor(/\[CONSOLE\] Input ended; still serving/, { stream: "stderr" });
+  assert(peer.stdout.endsWith("Fragment to request (or 'exit'): \n"), JSON.stringify(peer.stdout));
 });
 
 // Python, because Deno cannot pick a connection's local port: it holds a port as the local end of

@@ -213,7 +213,7 @@ Deno.test("peer.ts and peer_grpc.ts run without their permissions say so in one 
     assertMatch(
       text,
       new RegExp(
-        `^error: Requires ${wanted}(, run again with the --allow-\\w+ flag)?; \`deno task ${task}\``,
+        `^error: Requires ${wanted}(, run again with the --allow-\\w+ flag)?; \`deno task ${task} 0\``,
       ),
     );
     assertEquals(text.trim().split("\n").length, 1, text);

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { startBroker } from "../broker.ts";
 import { escapeControl } from "../common/cli.ts";
-import { Child, runTask, startTask, taskArgv } from "./_util.ts";
+import { Child, ROOT, runTask, startTask, taskArgv } from "./_util.ts";
 
 /** Starts `deno task broker --port 0 ...` and reads back the port it got. */
 async function startBrokerTask(args: string[] = ["--port", "0"]): Promise<[Child, number]> {
@@ -128,6 +128,28 @@ Deno.test("the CLIs refuse user mistakes with one line on stderr and exit 1", as
     assert.match(stderr, error);
     assert.equal(stderr.trimEnd().split("\n").length, 1, `one line: ${stderr}`);
   }));
+});
+
+Deno.test("subscribe.ts and notify.ts run from a pipe without net access name the command to run instead", async () => {
+  // The design card's bare `deno run`, with no terminal to ask in.
+  for (
+    const [script, args] of [
+      ["subscribe", ["fragmentos", "--broker", "127.0.0.1:1"]],
+      ["notify", ["fragment_5.bin", "--broker", "nats://127.0.0.1:1"]],
+    ] as const
+  ) {
+    const { code, stderr } = await new Deno.Command(Deno.execPath(), {
+      args: ["run", "-q", "--config", `${ROOT}deno.json`, `${ROOT}${script}.ts`, ...args],
+      stdin: "null",
+      stderr: "piped",
+    }).output();
+    assert.equal(code, 1);
+    assert.equal(
+      new TextDecoder().decode(stderr),
+      `error: Requires net access to "127.0.0.1:1", run again with the --allow-net flag; ` +
+        `\`deno task ${script} ${args.join(" ")}\` runs it with the ones it needs\n`,
+    );
+  }
 });
 
 Deno.test("the CLIs print their usage with --help", async () => {

@@ -382,6 +382,14 @@ Deno.test("the swarm completes from the others when a seeder is killed mid-fragm
     lines.some((line) => line.startsWith(`[!] ${victimAddress} failed mid-fragment`)),
     lines.join("\n"),
   );
+  // Retried elsewhere, so not given up: one line says so, and none says it could not be fetched.
+  const said = lines.filter((line) => line.includes("mid-fragment") && line.includes(`'${cut}'`));
+  assertEquals(said.length, 1, lines.join("\n"));
+  assertMatch(
+    said[0]!,
+    /^\[!\] \S+ failed mid-fragment \(.*\); trying the next holder of '[^']+'$/,
+  );
+  assertEquals(lines.filter((line) => /Could not fetch/.test(line)), [], lines.join("\n"));
   assert(arrived.has(cut) && arrived.get(cut) !== victimAddress, `${cut} from ${arrived.get(cut)}`);
   assertEquals(manifest.fragments.filter((f) => !viewer.store.get(f.name)), []);
   assertEquals(
