@@ -5,9 +5,12 @@
  * the same run; then the memory Redis uses for 100,000 peers (INFO memory).
  *
  * Peers are as in `bench/directory_bench.ts`: 10 fragments each, peer i seeding file i % 1,000,
- * so a locate for one file lists 10 holders. The load generator (keep-alive fetch, a few workers)
- * shares the 2 cores with the servers, so each side's CPU per request (its servers' utime +
- * stime from /proc, Redis included) is given beside its req/s, and the load generator's own.
+ * so a locate for one file lists 10 holders. The load generator shares the 2 cores with the
+ * servers, so it must cost them as little as it can: 16 keep-alive connections over bare sockets,
+ * requests built beforehand and pipelined 8 deep (`_http_load.ts`; wrk's pipelining, in effect),
+ * about 10 µs of CPU a request where a `fetch` loop took 55 and left the servers under half the
+ * machine. Each side's CPU per request (its servers' utime + stime from /proc, Redis included) is
+ * given beside its req/s, and the load generator's own.
  *
  * Target: two replicas on Redis serve at least 1.2x the locate rate of one in-memory directory.
  * Beside it, the ceiling this machine allows, measured in the same run: the load generator's
@@ -21,15 +24,18 @@ import { RedisStore } from "../directory.ts";
 import { startRedisServer } from "../tests/_redis_server.ts";
 import { type Child, startTask } from "../tests/_util.ts";
 import { ratio, type Row } from "./_report.ts";
+import { type HttpCall, HttpConnection, pipeline } from "./_http_load.ts";
 
 const PEERS = 10_000;
 const MEMORY_PEERS = 100_000;
 const FRAGMENTS_PER_PEER = 10;
 const FILES = 1_000;
-const WORKERS = 8;
-const WARMUP = 2_000;
-const REQUESTS = 10_000;
-const ROUNDS = 2;
+const WORKERS = 16;
+/** Requests each connection sends back to back before it reads their answers. */
+const PIPELINE = 8;
+const WARMUP = 5_000;
+const REQUESTS = 40_000;
+const ROUNDS = 3;
 const PHASE_DEADLINE_MS = 30_000;
 /** Upserts in flight at once while filling Redis directly: node-redis pipelines them. */
 const FILL_BATCH = 500;
@@ -61,7 +67,8 @@ function cpuSeconds(pid: number): number {
   return (Number(fields[11]) + Number(fields[12])) / CLOCK_TICKS_PER_SECOND;
 }
 
-type Call = [string, RequestInit?];
+/** A request: the worker's URL (one per server) and what it sends. */
+type Call = [string, HttpCall];
 
 /**
  * A side's figures: req/s, its servers' CPU per request, that of the last of them alone, and
@@ -75,28 +82,44 @@ interface Figures {
   failures: number;
 }
 
-/** Sends `count` requests from WORKERS keep-alive workers: req/s and CPU per request. */
+/**
+ * Sends `count` requests from WORKERS keep-alive connections (bare sockets, the requests built
+ * beforehand: see `_http_load.ts`), worker w sending requests w, w + WORKERS, …: req/s and CPU
+ * per request.
+ */
 async function load(
   pids: number[],
   count: number,
   request: (i: number, worker: number) => Call,
 ): Promise<Figures> {
-  let next = 0;
   let done = 0;
   let failures = 0;
   const deadline = Date.now() + PHASE_DEADLINE_MS;
+  const workers = await Promise.all(Array.from({ length: WORKERS }, async (_, worker) => {
+    const connection = await HttpConnection.open(request(0, worker)[0]);
+    const batches: { bytes: Uint8Array; count: number }[] = [];
+    for (let first = worker; first < count; first += WORKERS * PIPELINE) {
+      const requests = [];
+      for (let i = first; i < count && requests.length < PIPELINE; i += WORKERS) {
+        requests.push(connection.encode(request(i, worker)[1]));
+      }
+      batches.push({ bytes: pipeline(requests), count: requests.length });
+    }
+    return { connection, batches };
+  }));
   const cpuBefore = pids.map(cpuSeconds);
   const loaderBefore = cpuSeconds(Deno.pid);
   const start = performance.now();
-  await Promise.all(Array.from({ length: WORKERS }, async (_, worker) => {
-    for (let i = next++; i < count && Date.now() < deadline; i = next++) {
-      const [url, init] = request(i, worker);
-      const response = await fetch(url, init);
-      await response.arrayBuffer();
-      if (!response.ok) failures++;
-      done++;
+  await Promise.all(workers.map(async ({ connection, batches }) => {
+    for (const batch of batches) {
+      if (Date.now() >= deadline) break;
+      for (const status of await connection.sendAll(batch.bytes, batch.count)) {
+        if (status < 200 || status > 299) failures++;
+        done++;
+      }
     }
   }));
+  for (const { connection } of workers) connection[Symbol.dispose]();
   const seconds = (performance.now() - start) / 1000;
   const loaderMicros = (cpuSeconds(Deno.pid) - loaderBefore) / done * 1e6;
   const each = pids.map((pid, k) => (cpuSeconds(pid) - cpuBefore[k]!) / done * 1e6);
@@ -145,19 +168,21 @@ async function register(side: Side): Promise<void> {
 }
 
 const locate = (side: Side) => (i: number, worker: number): Call => [
-  `${side.urls[worker % side.urls.length]}/fragments/fragment_${i % FRAGMENTS_PER_PEER}.bin` +
-  `?file=${fileId(i % FILES)}`,
+  side.urls[worker % side.urls.length]!,
+  { path: `/fragments/fragment_${i % FRAGMENTS_PER_PEER}.bin?file=${fileId(i % FILES)}` },
 ];
 
 /** The cheapest request a directory answers: its counts, no index read. */
 const health = (side: Side) => (_i: number, worker: number): Call => [
-  `${side.urls[worker % side.urls.length]}/health`,
+  side.urls[worker % side.urls.length]!,
+  { path: "/health" },
 ];
 
 const heartbeat = (side: Side) => (i: number, worker: number): Call => {
   const peer = side.peers[i % PEERS]!;
-  return [`${side.urls[worker % side.urls.length]}/peers/${peer.id}`, {
+  return [side.urls[worker % side.urls.length]!, {
     method: "PUT",
+    path: `/peers/${peer.id}`,
     headers: { ...JSON_HEADERS, authorization: `Bearer ${peer.secret}` },
     body: peer.body,
   }];

@@ -378,8 +378,13 @@ export class RedisStore implements DirectoryStore {
     return await this.#summaries([]);
   }
 
-  async resolve(ref: string): Promise<Resolution | undefined> {
+  resolve(ref: string): Resolution | undefined | Promise<Resolution | undefined> {
+    // A whole id needs no call: a locate by id (what peers send) stays on the cache's sync path.
     if (FILE_ID_PATTERN.test(ref)) return { id: ref };
+    return this.#resolveName(ref);
+  }
+
+  async #resolveName(ref: string): Promise<Resolution | undefined> {
     const listed = await this.#run("FILE_NAMES", []) as string[];
     const ids: string[] = [];
     const prefixed: string[] = [];
