@@ -13,6 +13,7 @@
  * @module
  */
 import { Hono } from "hono";
+import { createHash } from "node:crypto";
 import { fileURLToPath } from "node:url";
 import { newSecret } from "../directory.ts";
 import { Child, startTask } from "../tests/_util.ts";
@@ -35,6 +36,8 @@ const JSON_HEADERS = { "content-type": "application/json" };
 /** As split.ts names them: the same names in every file. */
 const fragmentName = (index: number) => `fragment_${index}.bin`;
 const fileName = (file: number) => `file${file}.webm`;
+/** Each file's id, its SHA-256 as a manifest gives it: distinct, as content ids are. */
+const fileId = (file: number) => createHash("sha256").update(fileName(file)).digest("hex");
 
 function peerState(i: number) {
   return {
@@ -44,6 +47,7 @@ function peerState(i: number) {
     httpPort: 8001,
     fragments: Array.from({ length: FRAGMENTS_PER_PEER }, (_, j) => fragmentName(j)),
     file: fileName(i % FILES),
+    fileId: fileId(i % FILES),
   };
 }
 
@@ -57,7 +61,7 @@ function manifest(file: number) {
     file: fileName(file),
     mime: "video/webm",
     size: FRAGMENTS_PER_PEER * FRAGMENT_SIZE,
-    sha256: SHA256,
+    sha256: fileId(file),
     fragments: Array.from({ length: FRAGMENTS_PER_PEER }, (_, index) => ({
       index,
       name: fragmentName(index),
@@ -237,7 +241,7 @@ async function main(): Promise<boolean> {
 
   const randomFragment = () =>
     `${fragmentName(Math.floor(Math.random() * FRAGMENTS_PER_PEER))}?file=${
-      fileName(Math.floor(Math.random() * FILES))
+      fileId(Math.floor(Math.random() * FILES))
     }`;
   const [bareLocate, locate] = await compare(
     { pid: barePid, request: () => [`${bareUrl}/fragments/${randomFragment()}`] },
