@@ -109,46 +109,32 @@ async function main() {
       joinStart: [] as number[],
     };
     let peak = 0;
+    const child = ["run", "-q", "-P=bench", CHILD];
+    const ours = join(dir, "ours"), theirs = join(dir, "theirs");
+    // Each side runs just after the other's output is gone, so both write into memory freed a
+    // moment ago: this VM hands freed memory back to its host within seconds, and such memory
+    // costs several times more to write (a join run just after a split, which had taken the
+    // freed memory, spent 0.8 to 2.1 s in the kernel; after a join or a cat, 0.4).
     for (let round = 0; round < ROUNDS; round++) {
-      const ours = join(dir, "ours"), theirs = join(dir, "theirs");
-      // Each side's pair runs just after the other's files are gone, so both write into memory
-      // freed a moment ago. This VM hands freed memory back to its host within seconds, and such
-      // memory costs several times more to write: with all four outputs kept to the end of the
-      // round, join, always fourth, spent 0.4 to 1.7 s in the kernel from round to round, cat 0.4.
       await Deno.mkdir(theirs);
       times.coreSplit.push((await run("split", ["-n", String(FRAGMENTS), input], theirs)).s);
-      const parts = [...Deno.readDirSync(theirs)].map((e) => e.name).sort();
-      times.cat.push((await run("sh", ["-c", `cat ${parts.join(" ")} > ../cat.out`], theirs)).s);
-      for (const path of [theirs, join(dir, "cat.out")]) {
-        await Deno.remove(path, { recursive: true });
-      }
-      const split = await run(Deno.execPath(), [
-        "run",
-        "-q",
-        "-P=bench",
-        CHILD,
-        "split",
-        input,
-        ours,
-      ]);
+      await Deno.remove(theirs, { recursive: true });
+      if (round > 0) await Deno.remove(ours, { recursive: true });
+      const split = await run(Deno.execPath(), [...child, "split", input, ours]);
       times.split.push(split.s);
-      const joined = await run(Deno.execPath(), [
-        "run",
-        "-q",
-        "-P=bench",
-        CHILD,
-        "join",
-        ours,
-        join(dir, "join.out"),
-      ]);
-      times.join.push(joined.s);
-      const child = ["run", "-q", "-P=bench", CHILD];
+      peak = Math.max(peak, JSON.parse(split.out).peakRssMiB);
       times.start.push((await run(Deno.execPath(), [...child, "start", "2"])).s);
       times.joinStart.push((await run(Deno.execPath(), [...child, "start", "1"])).s);
-      peak = Math.max(peak, JSON.parse(split.out).peakRssMiB, JSON.parse(joined.out).peakRssMiB);
-      for (const path of [ours, join(dir, "join.out")]) {
-        await Deno.remove(path, { recursive: true });
-      }
+    }
+    // Joins and cats read the same parts, split.ts's last ones, in turns.
+    const parts = Array.from({ length: FRAGMENTS }, (_, i) => `fragment_${i}.bin`).join(" ");
+    for (let round = 0; round < ROUNDS; round++) {
+      times.cat.push((await run("sh", ["-c", `cat ${parts} > ../cat.out`], ours)).s);
+      await Deno.remove(join(dir, "cat.out"));
+      const joined = await run(Deno.execPath(), [...child, "join", ours, join(dir, "join.out")]);
+      times.join.push(joined.s);
+      peak = Math.max(peak, JSON.parse(joined.out).peakRssMiB);
+      await Deno.remove(join(dir, "join.out"));
     }
     const hash = best([hashSeconds(SIZE), hashSeconds(SIZE), hashSeconds(SIZE)]);
     const cores = navigator.hardwareConcurrency;
