@@ -6,7 +6,7 @@
  * every file: each name has 10,000 holders, 10 of each file, and a locate asks for one file's.
  *
  * Both servers run as child processes: the directory exactly as its task runs it, the bare app as
- * this file with `--bare`. The load generator (keep-alive fetch, a few concurrent workers) shares
+ * this file with `--bare`. The load generator (keep-alive bare sockets, a few at once) shares
  * the 2 cores with them, so req/s alone flatters whoever is cheaper to call; each server's own
  * CPU time per request (utime + stime from /proc/<pid>/stat) is the fair figure and the one the
  * targets use.
@@ -18,6 +18,7 @@ import { fileURLToPath } from "node:url";
 import { newSecret } from "../directory.ts";
 import { Child, startTask } from "../tests/_util.ts";
 import { printTable, ratio, type Row } from "./_report.ts";
+import { HttpConnection } from "./_http_load.ts";
 
 const PEERS = 10_000;
 const FRAGMENTS_PER_PEER = 10;
@@ -126,8 +127,10 @@ interface LoadResult {
 }
 
 /**
- * Sends `count` requests from WORKERS keep-alive workers and measures them. `request(i)` builds
- * the i-th request; a non-2xx answer counts as a failure.
+ * Sends `count` requests from WORKERS keep-alive connections, one request in flight on each, and
+ * measures them. `request(i)` builds the i-th request; a non-2xx answer counts as a failure. The
+ * connections are bare sockets (`_http_load.ts`): a `fetch` loop cost this process more CPU than
+ * the servers it measures, and on 2 cores that came out of theirs.
  */
 async function load(
   pid: number,
@@ -138,20 +141,30 @@ async function load(
   let next = 0;
   let failures = 0;
   const deadline = Date.now() + PHASE_DEADLINE_MS;
+  const connections = await Promise.all(
+    Array.from({ length: WORKERS }, () => HttpConnection.open(request(0)[0])),
+  );
   const cpuBefore = cpuSeconds(pid);
   const start = performance.now();
-  await Promise.all(Array.from({ length: WORKERS }, async () => {
+  await Promise.all(connections.map(async (connection) => {
     for (let i = next++; i < count && Date.now() < deadline; i = next++) {
-      const [url, init] = request(i);
+      const [url, init = {}] = request(i);
+      const { pathname, search } = new URL(url);
+      const bytes = connection.encode({
+        method: init.method,
+        path: pathname + search,
+        headers: init.headers as Record<string, string> | undefined,
+        body: init.body as string | undefined,
+      });
       const sent = performance.now();
-      const response = await fetch(url, init);
-      await response.arrayBuffer();
+      const [status] = await connection.sendAll(bytes, 1);
       latencies.push(performance.now() - sent);
-      if (!response.ok) failures++;
+      if (status! < 200 || status! > 299) failures++;
     }
   }));
   const seconds = (performance.now() - start) / 1000;
   const cpu = cpuSeconds(pid) - cpuBefore;
+  for (const connection of connections) connection[Symbol.dispose]();
   return { requests: latencies.length, seconds, cpuSeconds: cpu, latencies, failures };
 }
 

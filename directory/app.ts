@@ -49,7 +49,13 @@ import {
   StoreUnavailableError,
   type UpsertOutcome,
 } from "./registry.ts";
-import { answeredMethod, httpRules, type HttpRulesOptions, methodNotAllowed } from "./http.ts";
+import {
+  answeredMethod,
+  CorsPolicy,
+  httpRules,
+  type HttpRulesOptions,
+  methodNotAllowed,
+} from "./http.ts";
 
 // ---------------------------------------------------------------------------------------------
 // Mounting: each route as one handler
@@ -550,8 +556,6 @@ export function createApp(options: AppOptions = {}): OpenAPIHono<Env> {
     methodNotAllowed(c, app) ??
       c.json(notFound(`No route for ${answeredMethod(c)} "${c.req.path}"`), 404)
   );
-  // Ahead of every route: the 414, CORS (reads from any origin) and HEAD's Content-Length.
-  app.use(httpRules(app, options));
   app.openAPIRegistry.registerComponent("securitySchemes", PEER_SECRET_SCHEME, PEER_SECRET);
   mount(
     app,
@@ -787,6 +791,8 @@ export function createApp(options: AppOptions = {}): OpenAPIHono<Env> {
       "cache-control": "public, max-age=86400",
     });
   });
+  // Around every route: the 414, CORS (reads from any origin) and HEAD's Content-Length.
+  app.fetch = httpRules(app, app.fetch, new CorsPolicy(options.cors));
   return app;
 }
 
