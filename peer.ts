@@ -752,6 +752,10 @@ async function main(args = Deno.args): Promise<number> {
   const showProgress = values["fetch-all"] && Deno.stdout.isTerminal();
   let barShown = false;
   let promptLast = false; // the console's prompt was the last thing written: no newline after it
+  const write = (text: string) => {
+    Deno.stdout.writeSync(new TextEncoder().encode(text));
+    promptLast = text.endsWith(PROMPT);
+  };
   let peer: Peer;
   try {
     peer = await startPeer({
@@ -773,11 +777,14 @@ async function main(args = Deno.args): Promise<number> {
       maxFragment,
       file: values.file,
       progress: showProgress ? (state) => (drawProgress(state), barShown = true) : undefined,
-      // A line logged while the bar is drawn goes below it, not glued to it.
+      // A line logged while the bar or the prompt is drawn goes below it, not glued to it, and
+      // the prompt is drawn again below the line (what was typed stays typed).
       log: (line) => {
-        if (barShown) console.log();
+        const prompted = promptLast;
+        if (barShown || prompted) console.log();
         barShown = promptLast = false;
         console.log(line);
+        if (prompted) write(PROMPT);
       },
     });
   } catch (error) {
@@ -816,10 +823,6 @@ async function main(args = Deno.args): Promise<number> {
     }
   }
   if (!values["no-console"]) {
-    const write = (text: string) => {
-      Deno.stdout.writeSync(new TextEncoder().encode(text));
-      promptLast = text.endsWith(PROMPT);
-    };
     runConsole(peer, Deno.stdin.readable, write, values.grpc ? "grpc" : "tcp").then((exit) => {
       if (exit) return stop.resolve();
       if (promptLast) write("\n"); // the line below would end up on the prompt's

@@ -94,6 +94,27 @@ Deno.test("a peer with a console says a name can be typed, and ends the prompt's
   assert(peer.stdout.endsWith("Fragment to request (or 'exit'): \n"), JSON.stringify(peer.stdout));
 });
 
+Deno.test("a line logged while the prompt waits goes below it, and the prompt comes again", async () => {
+  await using dir = await tempDir();
+  await using peer = startTask("peer", [
+    "0",
+    ...peerArgs(join(dir.path, "store"), "http://127.0.0.1:1"),
+  ], {
+    stdin: true,
+  });
+  const [, port] = await peer.waitFor(/Node listening on port (\d+)/);
+  await peer.waitFor(/\[BROKER\] Cannot connect/);
+  await peer.write("\n");
+  await peer.waitFor(/Fragment to request \(or 'exit'\): $/, { stream: "stdout" });
+  // A client's first request makes the peer log a line by itself, while the prompt waits.
+  using conn = await Deno.connect({ hostname: "127.0.0.1", port: Number(port) });
+  await conn.write(new TextEncoder().encode("GET fragment_0.bin\n"));
+  await peer.waitFor(/\n\[\+\] Connected from \S+\nFragment to request \(or 'exit'\): $/, {
+    stream: "stdout",
+  });
+  assert(!/: \[\+\]/.test(peer.stdout), JSON.stringify(peer.stdout));
+});
+
 // Python, because Deno cannot pick a connection's local port: it holds a port as the local end of
 // a connection, as a recent outgoing connection would, prints it, and lets go when told (the
 // server side closing first, so the port is not left in TIME_WAIT).
