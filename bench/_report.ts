@@ -36,13 +36,34 @@ export function rssMiB(pid: number = Deno.pid): number {
   return procStatusMiB(pid, "VmRSS");
 }
 
-/** Reads a field of /proc/<pid>/status through `cat`: Deno lets only --allow-all read /proc. */
+/** Linux's USER_HZ: /proc/<pid>/stat counts CPU time in these, whatever the kernel's HZ. */
+const CLOCK_TICKS_PER_SECOND = 100;
+
+/** CPU seconds (user + system) a process has used so far; this one by default. */
+export function cpuSeconds(pid: number = Deno.pid): number {
+  const stat = procFile(pid, "stat");
+  // The command name may hold spaces: fields are counted after its closing parenthesis.
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return (Number(fields[11]) + Number(fields[12])) / CLOCK_TICKS_PER_SECOND;
+}
+
 function procStatusMiB(pid: number, field: string): number {
-  const { stdout } = new Deno.Command("cat", { args: [`/proc/${pid}/status`] }).outputSync();
-  const status = new TextDecoder().decode(stdout);
+  const status = procFile(pid, "status");
   const kib = Number(status.match(new RegExp(`^${field}:\\s+(\\d+) kB`, "m"))?.[1] ?? NaN);
   return kib / 1024;
 }
+
+/**
+ * A file of a process's /proc folder, read through `cat`: Deno grants /proc only with
+ * --allow-all, and the benches run with -P=bench, which may run programs.
+ */
+function procFile(pid: number, name: string): string {
+  const { success, stdout } = new Deno.Command("cat", { args: [`/proc/${pid}/${name}`] })
+    .outputSync();
+  if (!success) throw new Error(`Cannot read "/proc/${pid}/${name}"`);
+  return new TextDecoder().decode(stdout);
+}
+
 /** Formats a ratio like `0.83x`. */
 export function ratio(value: number): string {
   return `${value.toFixed(2)}x`;

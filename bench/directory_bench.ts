@@ -17,7 +17,7 @@ import { createHash } from "node:crypto";
 import { fileURLToPath } from "node:url";
 import { newSecret } from "../directory.ts";
 import { Child, startTask } from "../tests/_util.ts";
-import { printTable, ratio, type Row } from "./_report.ts";
+import { cpuSeconds, printTable, ratio, type Row, rssMiB } from "./_report.ts";
 import { HttpConnection } from "./_http_load.ts";
 
 const PEERS = 10_000;
@@ -29,8 +29,6 @@ const WARMUP = 3_000;
 const ROUNDS = 3;
 const REQUESTS = 20_000;
 const PHASE_DEADLINE_MS = 60_000;
-/** Linux's USER_HZ: /proc/<pid>/stat counts CPU time in these. */
-const CLOCK_TICKS_PER_SECOND = 100;
 const LISTENING = /Listening on (http:\/\/\S+)/;
 const JSON_HEADERS = { "content-type": "application/json" };
 
@@ -89,30 +87,6 @@ function bareApp(): Hono {
     return c.json({ id: c.req.param("id"), ttl: 600, recreated: false }, 200);
   });
   return app;
-}
-
-/**
- * A file of another process's /proc folder. Deno grants those only with `-A`, and the bench runs
- * with `-P=bench`, which may run programs: so `cat` reads it.
- */
-function procFile(pid: number, name: string): string {
-  const { success, stdout } = new Deno.Command("cat", { args: [`/proc/${pid}/${name}`] })
-    .outputSync();
-  if (!success) throw new Error(`Cannot read "/proc/${pid}/${name}"`);
-  return new TextDecoder().decode(stdout);
-}
-
-/** CPU seconds (user + system) a process has used so far. */
-function cpuSeconds(pid: number): number {
-  const stat = procFile(pid, "stat");
-  // The command name may hold spaces: fields are counted after its closing parenthesis.
-  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  return (Number(fields[11]) + Number(fields[12])) / CLOCK_TICKS_PER_SECOND;
-}
-
-/** Resident memory of a process in MiB. */
-function rssMiB(pid: number): number {
-  return Number(procFile(pid, "status").match(/^VmRSS:\s+(\d+) kB/m)?.[1] ?? NaN) / 1024;
 }
 
 /** A request to send: the URL and its init, as fetch takes them. */

@@ -21,7 +21,7 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { GrpcClient, superviseGrpcServer } from "../peer_grpc.ts";
 import { Store } from "../peer/store.ts";
-import { peakRssMiB, printTable, ratio } from "./_report.ts";
+import { cpuSeconds, peakRssMiB, printTable, ratio } from "./_report.ts";
 
 const SIZE = 100 * 1024 * 1024;
 const ROUNDS = 5;
@@ -186,24 +186,12 @@ async function* regroup(
   }
 }
 
-/** User plus system CPU time of a process so far, in ms, read through `cat` (as _report.ts). */
-async function cpuMs(pid: number, ticksPerSecond: number): Promise<number> {
-  const { stdout } = await new Deno.Command("cat", { args: [`/proc/${pid}/stat`] }).output();
-  const stat = new TextDecoder().decode(stdout);
-  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" "); // field 3 on, by position
-  return (Number(fields[11]) + Number(fields[12])) * 1000 / ticksPerSecond;
-}
-
 /** Runs `copy` once, with the CPU time this process and the server `pid` spent meanwhile. */
-async function measure(
-  pid: number,
-  ticksPerSecond: number,
-  copy: () => Promise<number>,
-): Promise<Copy> {
-  const before = await cpuMs(Deno.pid, ticksPerSecond) + await cpuMs(pid, ticksPerSecond);
+async function measure(pid: number, copy: () => Promise<number>): Promise<Copy> {
+  const before = cpuSeconds() + cpuSeconds(pid);
   const seconds = await copy();
-  const after = await cpuMs(Deno.pid, ticksPerSecond) + await cpuMs(pid, ticksPerSecond);
-  return { seconds, cpuMs: after - before };
+  const after = cpuSeconds() + cpuSeconds(pid);
+  return { seconds, cpuMs: (after - before) * 1000 };
 }
 
 function median(values: number[]): number {
@@ -232,8 +220,6 @@ async function main() {
     await Deno.mkdir(join(root, "peer"));
     const fragment = join(root, "peer", NAME);
     const sha256 = await makeFragment(fragment, SIZE);
-    const { stdout: tck } = await new Deno.Command("getconf", { args: ["CLK_TCK"] }).output();
-    const ticks = Number(new TextDecoder().decode(tck).trim()) || 100;
     const raw = await spawnChild("--raw-server", fragment);
     children.push(raw.child);
     const h2 = await spawnChild("--h2-server", fragment);
@@ -252,10 +238,10 @@ async function main() {
     const h2Session = session;
     const rawOut = join(root, "raw.out"), grpcDir = join(root, "client"), h2Dir = join(root, "h2");
     for (let round = 0; round < ROUNDS; round++) {
-      copies.raw.push(await measure(raw.child.pid, ticks, () => rawCopy(raw.port, rawOut)));
-      copies.grpc.push(await measure(grpc.pid!, ticks, () => grpcCopy(client, address, grpcDir)));
+      copies.raw.push(await measure(raw.child.pid, () => rawCopy(raw.port, rawOut)));
+      copies.grpc.push(await measure(grpc.pid!, () => grpcCopy(client, address, grpcDir)));
       copies.h2.push(
-        await measure(h2.child.pid, ticks, () => h2Copy(h2Session, expected, h2Dir, stats)),
+        await measure(h2.child.pid, () => h2Copy(h2Session, expected, h2Dir, stats)),
       );
     }
     const peerRss = peakRssMiB(grpc.pid);

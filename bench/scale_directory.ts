@@ -23,7 +23,7 @@ import { createHash } from "node:crypto";
 import { RedisStore } from "../directory.ts";
 import { startRedisServer } from "../tests/_redis_server.ts";
 import { type Child, startTask } from "../tests/_util.ts";
-import { ratio, type Row } from "./_report.ts";
+import { cpuSeconds, ratio, type Row } from "./_report.ts";
 import { type HttpCall, HttpConnection, pipeline } from "./_http_load.ts";
 
 const PEERS = 10_000;
@@ -39,7 +39,6 @@ const ROUNDS = 3;
 const PHASE_DEADLINE_MS = 30_000;
 /** Upserts in flight at once while filling Redis directly: node-redis pipelines them. */
 const FILL_BATCH = 500;
-const CLOCK_TICKS_PER_SECOND = 100;
 const LISTENING = /Listening on (http:\/\/\S+)/;
 const JSON_HEADERS = { "content-type": "application/json" };
 
@@ -55,16 +54,6 @@ function peerState(i: number) {
     fileId: fileId(i % FILES),
     file: `file${i % FILES}.webm`,
   };
-}
-
-/** CPU seconds (user + system) a process has used so far, read with `cat` (no /proc grant). */
-function cpuSeconds(pid: number): number {
-  const { success, stdout } = new Deno.Command("cat", { args: [`/proc/${pid}/stat`] })
-    .outputSync();
-  if (!success) throw new Error(`Cannot read "/proc/${pid}/stat"`);
-  const stat = new TextDecoder().decode(stdout);
-  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  return (Number(fields[11]) + Number(fields[12])) / CLOCK_TICKS_PER_SECOND;
 }
 
 /** A request: the worker's URL (one per server) and what it sends. */
