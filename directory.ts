@@ -210,7 +210,7 @@ export function startDirectory(options: DirectoryOptions = {}): DirectoryServer 
 function newStore(options: DirectoryOptions): DirectoryStore {
   const store = options.store ?? "memory";
   if (store === "memory") return new Registry(options);
-  return new RedisStore(parseRedisUrl(store), options);
+  return new RedisStore(store, options);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -367,9 +367,7 @@ async function main(args = Deno.args): Promise<void> {
   }
   // Listening is said once the store answers, so that a client that waits for it gets no 503;
   // an unreachable Redis is said on stderr, and the directory serves 503 until it is back.
-  if (directory.registry instanceof RedisStore) {
-    await directory.registry.ready(REDIS_STARTUP_WAIT_MS).catch(() => {});
-  }
+  await directory.registry.ready?.(REDIS_STARTUP_WAIT_MS).catch(() => {});
   console.log(
     `[DIRECTORY] Listening on ${directory.url} (Swagger UI: ${directory.url}/apidocs), ` +
       stateWhere(options.store),

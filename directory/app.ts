@@ -41,6 +41,7 @@ import {
   TOO_MANY_PEERS,
   TOO_MANY_PEERS_FROM_ADDRESS,
 } from "./schemas.ts";
+import { errorBody } from "./protocol.ts";
 import {
   type Awaitable,
   type DirectoryStore,
@@ -417,10 +418,6 @@ function positiveNumber(value: number, option: string): number {
 // The app
 
 /** The error body every failure has: `{"error": {"code", "message"}}`. */
-function errorBody(code: string, message: string) {
-  return { error: { code, message } };
-}
-
 const TARGET_NAMES: Record<string, string> = {
   json: "Field",
   param: "Path parameter",

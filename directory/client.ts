@@ -86,13 +86,16 @@ export interface DirectoryClientOptions {
   failbackMs?: number;
 }
 
+/** A directory's URL as calls are made on it: no spaces around it, no trailing slash. */
+const baseUrl = (url: string) => url.trim().replace(/\/+$/, "");
+
 /**
  * The directories of `text`: one URL, or several separated by commas (`--directory URL1,URL2`,
  * or `DIRECTORY_URL`), each http:// or https://, without trailing slashes. A RangeError naming
  * the first that is not one.
  */
 export function parseDirectoryUrls(text: string): string[] {
-  const urls = text.split(",").map((url) => url.trim().replace(/\/+$/, ""));
+  const urls = text.split(",").map(baseUrl);
   for (const url of urls) {
     if (!/^https?:$/.test(URL.parse(url)?.protocol ?? "")) {
       throw new RangeError(`"${url}" is not an http:// URL, e.g. http://localhost:5000`);
@@ -130,7 +133,7 @@ export class DirectoryClient {
    */
   constructor(url: string | URL | (string | URL)[], options: DirectoryClientOptions = {}) {
     const list = Array.isArray(url) ? url.map(String) : String(url).split(",");
-    this.urls = list.map((one) => one.trim().replace(/\/+$/, ""));
+    this.urls = list.map(baseUrl);
     this.#timeoutMs = options.timeoutMs ?? DEFAULT_CLIENT_TIMEOUT_MS;
     this.#maxResponseBytes = options.maxResponseBytes ?? DEFAULT_MAX_RESPONSE_BYTES;
     this.#failbackMs = options.failbackMs ?? DEFAULT_FAILBACK_MS;

@@ -8,6 +8,7 @@
 import type { Context } from "hono";
 import type { RouterRoute } from "hono/types";
 import { ERROR_CODES, MAX_TARGET } from "./schemas.ts";
+import { errorBody } from "./protocol.ts";
 
 /** Methods that only read: open to every origin, as the tracker data they answer is public. */
 const READS = new Set(["GET", "HEAD"]);
@@ -87,7 +88,7 @@ export function httpRules<E, X>(
     const method = request.method;
     if (tooLong(request.url)) {
       const message = `The request target is longer than ${MAX_TARGET} bytes`;
-      const answer = Response.json({ error: { code: ERROR_CODES[414], message } }, { status: 414 });
+      const answer = Response.json(errorBody(ERROR_CODES[414], message), { status: 414 });
       return cors.apply(answer, request);
     }
     if (method === "OPTIONS") {
@@ -195,7 +196,7 @@ export function methodNotAllowed(c: Context, app: Routed): Response | undefined 
   if (methods === undefined || methods.includes(c.req.method)) return undefined;
   const allow = methods.join(", ");
   const message = `"${c.req.path}" answers ${allow}, not ${answeredMethod(c)}`;
-  return c.json({ error: { code: ERROR_CODES[405], message } }, 405, { allow });
+  return c.json(errorBody(ERROR_CODES[405], message), 405, { allow });
 }
 
 /**

@@ -42,6 +42,14 @@ export const TOO_MANY_PEERS_FROM_ADDRESS = "TOO_MANY_PEERS_FROM_ADDRESS";
 /** The code of a 429 to a peer's state: the index would hold more fragments than it may. */
 export const TOO_MANY_FRAGMENTS = "TOO_MANY_FRAGMENTS";
 
+/** The JSON every error answer of the directory has: `{"error":{"code","message"}}`. */
+export function errorBody(
+  code: string,
+  message: string,
+): { error: { code: string; message: string } } {
+  return { error: { code, message } };
+}
+
 /** The code for an error status: the one {@link ERROR_CODES} names, or `HTTP_<status>`. */
 export function errorCode(status: number): string {
   return (ERROR_CODES as Record<number, string>)[status] ?? `HTTP_${status}`;

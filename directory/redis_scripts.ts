@@ -149,7 +149,7 @@ end
 `;
 
 /** Expired peers a change reaps on its way, at most: a script blocks Redis while it runs. */
-export const REAP_BATCH = 256;
+const REAP_BATCH = 256;
 
 /**
  * ARGV: P, id, ttl ms, secret, source, body, holder, address, file, name, frags (JSON, no
@@ -488,34 +488,23 @@ return { answer, announce() }
 `;
 }
 
+/** The scripts' own bodies, by name. */
+const BODIES = {
+  UPSERT: announcing(UPSERT),
+  REFRESH,
+  SECRET,
+  REMOVE: announcing(REMOVE),
+  LOCATE,
+  PEERS,
+  FRAGMENTS,
+  PUBLISH,
+  COUNTS,
+  FILE_NAMES,
+  SUMMARIES,
+  FILE,
+};
+
 /** The scripts, each with the helpers before it. */
 export const SCRIPTS = Object.fromEntries(
-  Object.entries({
-    UPSERT: announcing(UPSERT),
-    REFRESH,
-    SECRET,
-    REMOVE: announcing(REMOVE),
-    LOCATE,
-    PEERS,
-    FRAGMENTS,
-    PUBLISH,
-    COUNTS,
-    FILE_NAMES,
-    SUMMARIES,
-    FILE,
-  }).map(([name, body]) => [name, LIB + body]),
-) as Record<
-  | "UPSERT"
-  | "REFRESH"
-  | "SECRET"
-  | "REMOVE"
-  | "LOCATE"
-  | "PEERS"
-  | "FRAGMENTS"
-  | "PUBLISH"
-  | "COUNTS"
-  | "FILE_NAMES"
-  | "SUMMARIES"
-  | "FILE",
-  string
->;
+  Object.entries(BODIES).map(([name, body]) => [name, LIB + body]),
+) as Record<keyof typeof BODIES, string>;

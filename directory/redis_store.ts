@@ -21,31 +21,28 @@ import { FILE_ID_PATTERN, isIdPrefix } from "../common/file_ref.ts";
 import {
   type Claim,
   type DirectoryStore,
+  fileSummary,
   type KnownPeerState,
   type Page,
   type Paged,
   type PublishOutcome,
+  type RegistryOptions,
   type Resolution,
   sameSecret,
   type StoreCounts,
+  storeLimits,
   StoreUnavailableError,
+  toHolder,
   type UpsertOutcome,
 } from "./registry.ts";
 import {
-  DEFAULT_MAX_FILE_FRAGMENTS,
-  DEFAULT_MAX_FILES,
-  DEFAULT_MAX_INDEXED_FRAGMENTS,
-  DEFAULT_MAX_PEERS,
-  DEFAULT_MAX_PEERS_PER_ADDRESS,
   DEFAULT_PAGE_LIMIT,
-  DEFAULT_TTL,
   type FileDetail,
   type FileSummary,
   type FragmentHolders,
   type Holder,
   MAX_FILE_HOLDERS,
   MAX_PAGE_ITEMS,
-  MAX_TTL,
   type PeerInfo,
 } from "./schemas.ts";
 import { SCRIPTS } from "./redis_scripts.ts";
@@ -63,15 +60,8 @@ const CALL_TIMEOUT_MS = 2_000;
 const RECONNECT_MS = 50;
 const MAX_RECONNECT_MS = 2_000;
 
-/** Options of a {@link RedisStore}. */
-export interface RedisStoreOptions {
-  /** Seconds a peer stays listed after its last heartbeat. @default 30 */
-  ttl?: number;
-  maxFiles?: number;
-  maxFileFragments?: number;
-  maxPeers?: number;
-  maxPeersPerAddress?: number;
-  maxIndexedFragments?: number;
+/** Options of a {@link RedisStore}: the ttl and limits of the in-memory store, and its own. */
+export interface RedisStoreOptions extends Omit<RegistryOptions, "now"> {
   /** Prefix of every key. @default "fragmentos:directory:" */
   prefix?: string;
   /** Where the lines "Redis is unreachable" and "back" go. @default console.error */
@@ -139,16 +129,15 @@ export class RedisStore implements DirectoryStore {
 
   constructor(url: string | URL, options: RedisStoreOptions = {}) {
     const parsed = parseRedisUrl(String(url));
-    this.ttl = options.ttl ?? DEFAULT_TTL;
-    if (!(this.ttl > 0 && this.ttl <= MAX_TTL)) {
-      throw new RangeError(`The ttl must be more than 0 and at most ${MAX_TTL} seconds`);
-    }
+    ({
+      ttl: this.ttl,
+      maxFiles: this.maxFiles,
+      maxFileFragments: this.maxFileFragments,
+      maxPeers: this.maxPeers,
+      maxPeersPerAddress: this.maxPeersPerAddress,
+      maxIndexedFragments: this.maxIndexedFragments,
+    } = storeLimits(options));
     this.#ttlMs = Math.round(this.ttl * 1000);
-    this.maxFiles = options.maxFiles ?? DEFAULT_MAX_FILES;
-    this.maxFileFragments = options.maxFileFragments ?? DEFAULT_MAX_FILE_FRAGMENTS;
-    this.maxPeers = options.maxPeers ?? DEFAULT_MAX_PEERS;
-    this.maxPeersPerAddress = options.maxPeersPerAddress ?? DEFAULT_MAX_PEERS_PER_ADDRESS;
-    this.maxIndexedFragments = options.maxIndexedFragments ?? DEFAULT_MAX_INDEXED_FRAGMENTS;
     this.#prefix = options.prefix ?? DEFAULT_REDIS_PREFIX;
     this.#warn = options.warn ?? ((line) => console.error(line));
     this.#where = parsed.host;
@@ -262,15 +251,8 @@ export class RedisStore implements DirectoryStore {
   }
 
   async upsert(id: string, state: KnownPeerState, claim: Claim): Promise<UpsertOutcome> {
-    const { host, port, grpcPort, httpPort, fileId } = state;
-    const holder: Holder = {
-      id,
-      host,
-      port,
-      grpcPort,
-      httpPort,
-      ...(fileId === undefined ? {} : { fileId }),
-    };
+    const { host, port, fileId } = state;
+    const holder = toHolder(id, state);
     return this.#changed(
       await this.#run("UPSERT", [
         id,
@@ -423,17 +405,7 @@ export class RedisStore implements DirectoryStore {
   async #summaries(ids: string[]): Promise<FileSummary[]> {
     const rows = await this.#run("SUMMARIES", ids) as [string, number, number][];
     return rows.map(([text, available, seeders]) => {
-      const manifest = JSON.parse(text) as Manifest;
-      return {
-        id: manifest.sha256,
-        file: manifest.file,
-        mime: manifest.mime,
-        size: manifest.size,
-        sha256: manifest.sha256,
-        fragments: manifest.fragments.length,
-        available: available === 1,
-        seeders,
-      };
+      return fileSummary(JSON.parse(text) as Manifest, available === 1, seeders);
     });
   }
 

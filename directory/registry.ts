@@ -223,6 +223,37 @@ export interface RegistryOptions {
   maxIndexedFragments?: number;
 }
 
+/** A store's ttl and limits: {@link RegistryOptions}, with their defaults. */
+export type StoreLimits = Required<Omit<RegistryOptions, "now">>;
+
+/**
+ * The ttl and limits `options` give, with their defaults; a RangeError for one out of range.
+ * Every store takes them so (memory and Redis alike).
+ */
+export function storeLimits(options: Omit<RegistryOptions, "now">): StoreLimits {
+  const ttl = options.ttl ?? DEFAULT_TTL;
+  if (!(ttl > 0 && ttl <= MAX_TTL)) {
+    throw new RangeError(`The ttl must be more than 0 and at most ${MAX_TTL} seconds`);
+  }
+  return {
+    ttl,
+    maxFiles: positive(options.maxFiles ?? DEFAULT_MAX_FILES, "maxFiles"),
+    maxFileFragments: positive(
+      options.maxFileFragments ?? DEFAULT_MAX_FILE_FRAGMENTS,
+      "maxFileFragments",
+    ),
+    maxPeers: positive(options.maxPeers ?? DEFAULT_MAX_PEERS, "maxPeers"),
+    maxPeersPerAddress: positive(
+      options.maxPeersPerAddress ?? DEFAULT_MAX_PEERS_PER_ADDRESS,
+      "maxPeersPerAddress",
+    ),
+    maxIndexedFragments: positive(
+      options.maxIndexedFragments ?? DEFAULT_MAX_INDEXED_FRAGMENTS,
+      "maxIndexedFragments",
+    ),
+  };
+}
+
 /**
  * Which file a reference names ({@link Registry.resolve}): one file's id, or several files that
  * share the name (or the id prefix) it gives.
@@ -284,6 +315,11 @@ export interface DirectoryStore {
   file(id: string): Awaitable<FileDetail | undefined>;
   /** Lets go of what it holds open (a connection); nothing for the in-memory one. */
   close?(): Promise<void>;
+  /**
+   * Resolves once its backing service answers, or rejects after `timeoutMs`; none for the
+   * in-memory one, which is ready at once.
+   */
+  ready?(timeoutMs?: number): Promise<void>;
 }
 
 /**
@@ -345,24 +381,14 @@ export class Registry implements DirectoryStore {
   #sweptAt = -Infinity;
 
   constructor(options: RegistryOptions = {}) {
-    this.ttl = options.ttl ?? DEFAULT_TTL;
-    if (!(this.ttl > 0 && this.ttl <= MAX_TTL)) {
-      throw new RangeError(`The ttl must be more than 0 and at most ${MAX_TTL} seconds`);
-    }
-    this.maxFiles = positive(options.maxFiles ?? DEFAULT_MAX_FILES, "maxFiles");
-    this.maxFileFragments = positive(
-      options.maxFileFragments ?? DEFAULT_MAX_FILE_FRAGMENTS,
-      "maxFileFragments",
-    );
-    this.maxPeers = positive(options.maxPeers ?? DEFAULT_MAX_PEERS, "maxPeers");
-    this.maxPeersPerAddress = positive(
-      options.maxPeersPerAddress ?? DEFAULT_MAX_PEERS_PER_ADDRESS,
-      "maxPeersPerAddress",
-    );
-    this.maxIndexedFragments = positive(
-      options.maxIndexedFragments ?? DEFAULT_MAX_INDEXED_FRAGMENTS,
-      "maxIndexedFragments",
-    );
+    ({
+      ttl: this.ttl,
+      maxFiles: this.maxFiles,
+      maxFileFragments: this.maxFileFragments,
+      maxPeers: this.maxPeers,
+      maxPeersPerAddress: this.maxPeersPerAddress,
+      maxIndexedFragments: this.maxIndexedFragments,
+    } = storeLimits(options));
     this.#ttlMs = this.ttl * 1000;
     this.#now = options.now ?? Date.now;
   }
@@ -700,16 +726,7 @@ export class Registry implements DirectoryStore {
       if (peer.expiresAt <= now || peer.fragments.length < names.size) continue;
       if (groups.every((group) => group?.peers.has(peer))) seeders++;
     }
-    return {
-      id: manifest.sha256,
-      file: manifest.file,
-      mime: manifest.mime,
-      size: manifest.size,
-      sha256: manifest.sha256,
-      fragments: manifest.fragments.length,
-      available: groups.every((group) => this.#anyLive(group, now)),
-      seeders,
-    };
+    return fileSummary(manifest, groups.every((group) => this.#anyLive(group, now)), seeders);
   }
 
   /**
@@ -914,7 +931,22 @@ function sameList(a: string[], b: string[]): boolean {
   return true;
 }
 
-function toHolder(id: string, state: KnownPeerState): Holder {
+/** How a file is listed: its manifest's fields, whether it is available, and its seeders. */
+export function fileSummary(manifest: Manifest, available: boolean, seeders: number): FileSummary {
+  return {
+    id: manifest.sha256,
+    file: manifest.file,
+    mime: manifest.mime,
+    size: manifest.size,
+    sha256: manifest.sha256,
+    fragments: manifest.fragments.length,
+    available,
+    seeders,
+  };
+}
+
+/** The holder a peer's state makes of it, as locate lists it. */
+export function toHolder(id: string, state: KnownPeerState): Holder {
   const { host, port, grpcPort, httpPort, fileId } = state;
   return { id, host, port, grpcPort, httpPort, ...(fileId === undefined ? {} : { fileId }) };
 }

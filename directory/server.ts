@@ -20,7 +20,7 @@ import {
   DEFAULT_MAX_CONNECTIONS,
   DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
 } from "./limits.ts";
-import { ERROR_CODES } from "./protocol.ts";
+import { ERROR_CODES, errorBody } from "./protocol.ts";
 
 /** What answers a request: `app.fetch` of a Hono app, say. */
 export type Handler = (
@@ -100,13 +100,10 @@ const SHUTDOWN_GRACE_MS = 3_000;
 
 /** The 503 that refuses a connection there is no room for, in the words of `name`. */
 function refusal(name: string): Uint8Array {
-  const body = JSON.stringify({
-    error: {
-      code: ERROR_CODES[503],
-      message: `The ${name} has as many connections as it may, all of them busy; try again ` +
-        "in a second",
-    },
-  });
+  const body = JSON.stringify(errorBody(
+    ERROR_CODES[503],
+    `The ${name} has as many connections as it may, all of them busy; try again in a second`,
+  ));
   return new TextEncoder().encode(
     "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n" +
       `retry-after: 1\r\nconnection: close\r\ncontent-length: ${body.length}\r\n\r\n${body}`,
@@ -293,7 +290,7 @@ export function serveConnections(options: ServeOptions, handler: Handler): Conne
   }, Math.min(ACCEPT_QUIET_MS, timeoutMs / 2));
   const onError = (error: unknown) => {
     console.error(`${tag} A request failed:`, error);
-    return Response.json({ error: { code: ERROR_CODES[500], message: "Internal server error" } }, {
+    return Response.json(errorBody(ERROR_CODES[500], "Internal server error"), {
       status: 500,
     });
   };
