@@ -21,9 +21,9 @@ import { cpuSeconds, printTable, ratio, type Row, rssMiB } from "./_report.ts";
 import { HttpConnection } from "./_http_load.ts";
 
 const PEERS = 10_000;
-const FRAGMENTS_PER_PEER = 10;
+export const FRAGMENTS_PER_PEER = 10;
 /** Peer i seeds file i % FILES whole, so every fragment has PEERS / FILES holders. */
-const FILES = 1_000;
+export const FILES = 1_000;
 const WORKERS = 8;
 const WARMUP = 3_000;
 const ROUNDS = 3;
@@ -36,9 +36,14 @@ const JSON_HEADERS = { "content-type": "application/json" };
 const fragmentName = (index: number) => `fragment_${index}.bin`;
 const fileName = (file: number) => `file${file}.webm`;
 /** Each file's id, its SHA-256 as a manifest gives it: distinct, as content ids are. */
-const fileId = (file: number) => createHash("sha256").update(fileName(file)).digest("hex");
+const FILE_IDS = Array.from(
+  { length: FILES },
+  (_, file) => createHash("sha256").update(fileName(file)).digest("hex"),
+);
+export const fileId = (file: number) => FILE_IDS[file]!;
 
-function peerState(i: number) {
+/** Peer i's state: one address per peer, seeding file i % FILES whole. */
+export function peerState(i: number) {
   return {
     host: `10.${i >> 16}.${(i >> 8) & 255}.${i & 255}`, // one address per peer: no dedupe
     port: 6001,
@@ -118,20 +123,23 @@ async function load(
   const connections = await Promise.all(
     Array.from({ length: WORKERS }, () => HttpConnection.open(request(0)[0])),
   );
+  // Built before the clock starts: the load generator's CPU comes out of the servers' cores.
+  const requests = Array.from({ length: count }, (_, i) => {
+    const [url, init = {}] = request(i);
+    const { pathname, search } = new URL(url);
+    return connections[0]!.encode({
+      method: init.method,
+      path: pathname + search,
+      headers: init.headers as Record<string, string> | undefined,
+      body: init.body as string | undefined,
+    });
+  });
   const cpuBefore = cpuSeconds(pid);
   const start = performance.now();
   await Promise.all(connections.map(async (connection) => {
     for (let i = next++; i < count && Date.now() < deadline; i = next++) {
-      const [url, init = {}] = request(i);
-      const { pathname, search } = new URL(url);
-      const bytes = connection.encode({
-        method: init.method,
-        path: pathname + search,
-        headers: init.headers as Record<string, string> | undefined,
-        body: init.body as string | undefined,
-      });
       const sent = performance.now();
-      const [status] = await connection.sendAll(bytes, 1);
+      const [status] = await connection.sendAll(requests[i]!, 1);
       latencies.push(performance.now() - sent);
       if (status! < 200 || status! > 299) failures++;
     }

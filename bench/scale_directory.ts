@@ -19,17 +19,15 @@
  * @module
  */
 import { createClient } from "@redis/client";
-import { createHash } from "node:crypto";
 import { RedisStore } from "../directory.ts";
 import { startRedisServer } from "../tests/_redis_server.ts";
 import { type Child, startTask } from "../tests/_util.ts";
 import { cpuSeconds, ratio, type Row } from "./_report.ts";
+import { fileId, FILES, FRAGMENTS_PER_PEER, peerState } from "./directory_bench.ts";
 import { type HttpCall, HttpConnection, pipeline } from "./_http_load.ts";
 
 const PEERS = 10_000;
 const MEMORY_PEERS = 100_000;
-const FRAGMENTS_PER_PEER = 10;
-const FILES = 1_000;
 const WORKERS = 16;
 /** Requests each connection sends back to back before it reads their answers. */
 const PIPELINE = 8;
@@ -41,20 +39,6 @@ const PHASE_DEADLINE_MS = 30_000;
 const FILL_BATCH = 500;
 const LISTENING = /Listening on (http:\/\/\S+)/;
 const JSON_HEADERS = { "content-type": "application/json" };
-
-const fileId = (file: number) => createHash("sha256").update(`file${file}`).digest("hex");
-
-function peerState(i: number) {
-  return {
-    host: `10.${i >> 16}.${(i >> 8) & 255}.${i & 255}`,
-    port: 6001,
-    grpcPort: 50051,
-    httpPort: 8001,
-    fragments: Array.from({ length: FRAGMENTS_PER_PEER }, (_, j) => `fragment_${j}.bin`),
-    fileId: fileId(i % FILES),
-    file: `file${i % FILES}.webm`,
-  };
-}
 
 /** A request: the worker's URL (one per server) and what it sends. */
 type Call = [string, HttpCall];
