@@ -7,6 +7,7 @@
 import { describe } from "../common/cli.ts";
 import { LineBuffer } from "../common/lines.ts";
 import {
+  BackOff,
   BrokerError,
   isConnectionError,
   isValidTopic,
@@ -128,13 +129,14 @@ export class BrokerClient implements BrokerConnection {
   // client away (too many connections, say), and reconnecting at once would only repeat that.
   #sentAway = false;
   #closed = false;
-  #wake: (() => void) | null = null;
+  readonly #backOff: BackOff;
   readonly #loop: Promise<void>;
 
   constructor(address: string, options: ClientOptions = {}) {
     this.address = address;
     ({ hostname: this.#hostname, port: this.#port } = parseAddress(address));
     this.#options = options;
+    this.#backOff = new BackOff(options.minBackoffMs, options.maxBackoffMs);
     const first = Promise.withResolvers<void>();
     this.ready = first.promise;
     this.#loop = this.#run(first);
@@ -202,7 +204,7 @@ export class BrokerClient implements BrokerConnection {
   async close(): Promise<void> {
     if (this.#closed) return this.#loop;
     this.#closed = true;
-    this.#wake?.();
+    this.#backOff.wake();
     if (this.#outbox) await within(this.#outbox.drained(), LAST_WORDS_MS);
     this.#conn?.close();
     for (const inboxes of this.#topics.values()) for (const inbox of inboxes) inbox.end();
@@ -233,7 +235,7 @@ export class BrokerClient implements BrokerConnection {
           first.resolve();
           this.#options.onDisconnect?.(error);
         }
-        await this.#backOff(failures++);
+        await this.#backOff.wait(failures++);
         continue;
       }
       if (this.#closed) {
@@ -249,7 +251,7 @@ export class BrokerClient implements BrokerConnection {
         // Sent away (too many connections, say): try again later, and later each time.
         if (this.#sentAway && !this.#closed) {
           this.#options.onDisconnect?.(error);
-          await this.#backOff(failures++);
+          await this.#backOff.wait(failures++);
           continue;
         }
         failures = 0;
@@ -263,7 +265,7 @@ export class BrokerClient implements BrokerConnection {
         this.#outbox = this.#conn = null;
         closeQuietly(conn);
         for (const pong of this.#pongs.splice(0)) pong.reject(error);
-        await this.#backOff(0); // a failure that repeats at once must not spin
+        await this.#backOff.wait(0); // a failure that repeats at once must not spin
       }
       if (!this.#closed) this.#options.onDisconnect?.(error);
     }
@@ -357,22 +359,6 @@ export class BrokerClient implements BrokerConnection {
     if (!inboxes?.delete(inbox) || inboxes.size > 0) return;
     this.#topics.delete(inbox.topic);
     if (this.#outbox?.send(`UNSUB:${inbox.topic}`)) await this.flush().catch(() => {});
-  }
-
-  // Waits min * 2^failures, capped, with "equal jitter" (half fixed, half random), so many
-  // clients cut off by one broker restart do not all come back at the same instant.
-  async #backOff(failures: number) {
-    const min = this.#options.minBackoffMs ?? 100;
-    const max = this.#options.maxBackoffMs ?? 5000;
-    const delay = Math.min(max, min * 2 ** Math.min(failures, 20));
-    const wait = delay / 2 + Math.random() * delay / 2;
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    await new Promise<void>((resolve) => {
-      this.#wake = resolve;
-      timer = setTimeout(resolve, wait);
-    });
-    clearTimeout(timer);
-    this.#wake = null;
   }
 }
 

@@ -20,6 +20,7 @@ import {
 import { describe } from "../common/cli.ts";
 import { type BrokerConnection, type ClientOptions, Inbox, type Message } from "./client.ts";
 import {
+  BackOff,
   BrokerError,
   isNatsSubject,
   LAST_WORDS_MS,
@@ -70,13 +71,14 @@ export class NatsBrokerClient implements BrokerConnection {
   #held: [string, string][] = [];
   #heldSize = 0;
   #closed = false;
-  #wake: (() => void) | null = null;
+  readonly #backOff: BackOff;
   readonly #loop: Promise<void>;
 
   constructor(address: string, options: NatsClientOptions = {}) {
     this.address = address;
     this.#servers = parseNatsAddress(address);
     this.#options = options;
+    this.#backOff = new BackOff(options.minBackoffMs, options.maxBackoffMs);
     if (options.origin !== undefined) {
       this.#headers = natsHeaders();
       this.#headers.set(ORIGIN_HEADER, options.origin);
@@ -169,7 +171,7 @@ export class NatsBrokerClient implements BrokerConnection {
   async close(): Promise<void> {
     if (this.#closed) return this.#loop;
     this.#closed = true;
-    this.#wake?.();
+    this.#backOff.wake();
     const nc = this.#nc;
     if (nc) {
       if (this.#connected) await within(nc.flush(), LAST_WORDS_MS);
@@ -210,7 +212,7 @@ export class NatsBrokerClient implements BrokerConnection {
           first.resolve();
           this.#options.onDisconnect?.(error);
         }
-        await this.#backOff(failures++);
+        await this.#backOff.wait(failures++);
         continue;
       }
       if (this.#closed) {
@@ -244,7 +246,7 @@ export class NatsBrokerClient implements BrokerConnection {
         new BrokerError(`Connection to broker at "${this.address}" ended: ${reason}`),
       );
       failures = 1;
-      await this.#backOff(0);
+      await this.#backOff.wait(0);
     }
   }
 
@@ -293,21 +295,6 @@ export class NatsBrokerClient implements BrokerConnection {
       return; // closed already: nothing left to unsubscribe
     }
     if (this.#connected) await this.flush().catch(() => {});
-  }
-
-  // Waits min * 2^failures, capped, with jitter, as the line-protocol client does.
-  async #backOff(failures: number) {
-    const min = this.#options.minBackoffMs ?? 100;
-    const max = this.#options.maxBackoffMs ?? 5000;
-    const delay = Math.min(max, min * 2 ** Math.min(failures, 20));
-    const wait = delay / 2 + Math.random() * delay / 2;
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    await new Promise<void>((resolve) => {
-      this.#wake = resolve;
-      timer = setTimeout(resolve, wait);
-    });
-    clearTimeout(timer);
-    this.#wake = null;
   }
 }
 

@@ -384,3 +384,32 @@ export function parseNatsAddress(address: string): string[] {
 export function isNatsSubject(topic: string): boolean {
   return isValidTopic(topic) && !topic.split(".").includes("");
 }
+
+/**
+ * The waits between a client's reconnection attempts: min * 2^failures, capped, with "equal
+ * jitter" (half fixed, half random), so that many clients cut off by one broker restart do not
+ * all come back at the same instant. {@link BackOff.wake} ends a wait at once (on close).
+ */
+export class BackOff {
+  #wake: (() => void) | null = null;
+
+  constructor(readonly minMs = 100, readonly maxMs = 5000) {}
+
+  /** Waits the time for the attempt after `failures` failures in a row. */
+  async wait(failures: number): Promise<void> {
+    const delay = Math.min(this.maxMs, this.minMs * 2 ** Math.min(failures, 20));
+    const wait = delay / 2 + Math.random() * delay / 2;
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    await new Promise<void>((resolve) => {
+      this.#wake = resolve;
+      timer = setTimeout(resolve, wait);
+    });
+    clearTimeout(timer);
+    this.#wake = null;
+  }
+
+  /** Ends the wait in progress, if any. */
+  wake(): void {
+    this.#wake?.();
+  }
+}

@@ -25,3 +25,14 @@ export const GRPC_ENV = [
   "no_grpc_proxy",
   "no_proxy",
 ];
+
+/**
+ * The first of {@link GRPC_ENV} this process may not read, where there is no terminal to ask in
+ * (in one, Deno asks as grpc-js reads it); undefined when grpc-js may load.
+ */
+export function deniedGrpcEnv(): string | undefined {
+  if (Deno.stdin.isTerminal()) return undefined;
+  return GRPC_ENV.find((variable) =>
+    Deno.permissions.querySync({ name: "env", variable }).state !== "granted"
+  );
+}

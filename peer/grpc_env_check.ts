@@ -5,12 +5,7 @@
  * @module
  */
 import { exitForPermission } from "../common/cli.ts";
-import { GRPC_ENV } from "./grpc_env.ts";
+import { deniedGrpcEnv } from "./grpc_env.ts";
 
-// In a terminal Deno asks for each one when grpc-js reads it; elsewhere say so in one line.
-if (!Deno.stdin.isTerminal()) {
-  const denied = GRPC_ENV.find((variable) =>
-    Deno.permissions.querySync({ name: "env", variable }).state !== "granted"
-  );
-  if (denied !== undefined) exitForPermission(`Requires env access to "${denied}"`);
-}
+const denied = deniedGrpcEnv();
+if (denied !== undefined) exitForPermission(`Requires env access to "${denied}"`);

@@ -19,7 +19,7 @@ import {
 import { DEFAULT_MAX_CONNECTIONS, defaultMaxConnectionsPerAddress } from "./tcp.ts";
 
 /** A connection that sends nothing for this long after it was accepted is closed. */
-export const DEFAULT_FIRST_BYTE_TIMEOUT_MS = 10_000;
+const DEFAULT_FIRST_BYTE_TIMEOUT_MS = 10_000;
 /** How long a connection waits for the server to start or restart before it is closed. */
 const DEFAULT_START_TIMEOUT_MS = 20_000;
 // After a failed start, connections are closed at once for this long rather than each spawning.

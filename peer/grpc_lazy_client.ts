@@ -4,18 +4,13 @@
  * @module
  */
 import type { GrpcClient } from "./grpc_client.ts";
-import { GRPC_ENV } from "./grpc_env.ts";
+import { deniedGrpcEnv } from "./grpc_env.ts";
 import type { Download } from "./tcp.ts";
 
 /** {@link GrpcClient.download}, with grpc-js imported on the first call. */
 export class LazyGrpcClient implements Disposable {
   #loading: Promise<GrpcClient> | undefined;
   #client: GrpcClient | undefined;
-
-  /** Whether grpc-js was loaded (a gRPC fetch was made). */
-  get loaded(): boolean {
-    return this.#client !== undefined;
-  }
 
   /** Starts downloading fragment `name` from the peer at `address` (see GrpcClient.download). */
   async download(
@@ -42,11 +37,7 @@ export class LazyGrpcClient implements Disposable {
  * import would end the process (grpc_env_check.ts): this fetch fails instead, in one line.
  */
 async function load(): Promise<typeof GrpcClient> {
-  const denied = Deno.stdin.isTerminal()
-    ? undefined
-    : GRPC_ENV.find((variable) =>
-      Deno.permissions.querySync({ name: "env", variable }).state !== "granted"
-    );
+  const denied = deniedGrpcEnv();
   if (denied !== undefined) {
     throw new Error(`gRPC requires env access to "${denied}"; \`deno task peer\` grants it`);
   }

@@ -13,7 +13,7 @@ import { ReflectionService } from "@grpc/reflection";
 import { fileTransferDefinition } from "./grpc_wire.ts";
 
 /** The service names Health answers SERVING for: the server as a whole, and FileTransfer. */
-export const HEALTHY_SERVICES = ["", "p2p.FileTransfer"];
+const HEALTHY_SERVICES = ["", "p2p.FileTransfer"];
 
 /** Adds Health and reflection to `server`. */
 export function addStandardServices(server: grpc.Server): void {

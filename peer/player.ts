@@ -246,7 +246,7 @@ async function serveFile(
   }
   // The file's hash is a strong validator: the same bytes on every peer, whatever they hold.
   const validators: Record<string, string> = { etag: `"${manifest.sha256}"` };
-  const modified = await manifestTime(source.store);
+  const modified = await manifestTime(source.store, manifest.sha256);
   if (modified) validators["last-modified"] = modified.toUTCString();
   if (notModified(request.headers, validators.etag!, modified)) {
     return new Response(null, { status: 304, headers: validators });
@@ -314,7 +314,18 @@ async function serveFile(
  * When the store got its manifest (the file's time on disk), to whole seconds as HTTP dates
  * have it; undefined if it cannot be read.
  */
-async function manifestTime(store: Store): Promise<Date | undefined> {
+function manifestTime(store: Store, sha256: string): Promise<Date | undefined> {
+  // Read once per manifest, not on every range request of a player.
+  const known = manifestTimes.get(store);
+  if (known?.sha256 === sha256) return known.time;
+  const time = readManifestTime(store);
+  manifestTimes.set(store, { sha256, time });
+  return time;
+}
+
+const manifestTimes = new WeakMap<Store, { sha256: string; time: Promise<Date | undefined> }>();
+
+async function readManifestTime(store: Store): Promise<Date | undefined> {
   try {
     const { mtime } = await Deno.stat(join(store.dir, MANIFEST_NAME));
     return mtime ? new Date(Math.floor(mtime.getTime() / 1000) * 1000) : undefined;
