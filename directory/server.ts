@@ -151,13 +151,13 @@ class Connection {
 }
 
 /**
- * The connections open, in all and per client address, and those waiting for a request,
- * longest waiting first.
+ * The connections open, in all and per client address. Which of them wait for a request is
+ * read off each connection when room is needed (a scan, only when the server or an address is
+ * full) rather than kept in order on every request: a request costs two counter updates.
  */
 class Slots {
   readonly open = new Set<Connection>();
-  readonly #waiting = new Set<Connection>();
-  readonly #byAddress = new Map<string, { open: number; waiting: Set<Connection> }>();
+  readonly #byAddress = new Map<string, Set<Connection>>();
 
   constructor(readonly max: number, readonly maxPerAddress: number) {}
 
@@ -167,59 +167,49 @@ class Slots {
    */
   admit(address: string): boolean {
     const mine = this.#byAddress.get(address);
-    if (mine !== undefined && mine.open >= this.maxPerAddress && !this.#evict(mine.waiting)) {
-      return false;
-    }
-    return this.open.size < this.max || this.#evict(this.#waiting);
+    if (mine !== undefined && mine.size >= this.maxPerAddress && !this.#evict(mine)) return false;
+    return this.open.size < this.max || this.#evict(this.open);
   }
 
   add(connection: Connection): void {
     this.open.add(connection);
     let mine = this.#byAddress.get(connection.address);
     if (mine === undefined) {
-      mine = { open: 0, waiting: new Set() };
+      mine = new Set();
       this.#byAddress.set(connection.address, mine);
     }
-    mine.open++;
-    this.wait(connection, connection.waitingSince);
-  }
-
-  /** It has a request in flight: it keeps its place. */
-  busy(connection: Connection): void {
-    this.#waiting.delete(connection);
-    this.#byAddress.get(connection.address)?.waiting.delete(connection);
-  }
-
-  /** It waits for a request from `now` on. */
-  wait(connection: Connection, now: number): void {
-    connection.waitingSince = now;
-    this.#waiting.add(connection);
-    this.#byAddress.get(connection.address)?.waiting.add(connection);
+    mine.add(connection);
   }
 
   /** It closed: its place is free (once only). */
   remove(connection: Connection): void {
     if (!this.open.delete(connection)) return;
-    this.busy(connection);
     const mine = this.#byAddress.get(connection.address)!;
-    if (--mine.open === 0) this.#byAddress.delete(connection.address);
+    mine.delete(connection);
+    if (mine.size === 0) this.#byAddress.delete(connection.address);
   }
 
   /** Closes the connection that has waited longest for a request; false when none waits. */
   evictIdlest(): boolean {
-    return this.#evict(this.#waiting);
+    return this.#evict(this.open);
   }
 
   /** Closes every connection that has waited for a request since before `before`. */
   closeWaitingSince(before: number): void {
-    for (const connection of this.#waiting) {
-      if (connection.waitingSince >= before) break; // the rest waited less
-      this.#close(connection);
+    for (const connection of this.open) {
+      if (connection.inFlight === 0 && connection.waitingSince < before) this.#close(connection);
     }
   }
 
-  #evict(waiting: Set<Connection>): boolean {
-    const idlest = waiting.values().next().value;
+  /** Closes the connection of `among` that has waited longest for a request; false when none waits. */
+  #evict(among: Set<Connection>): boolean {
+    let idlest: Connection | undefined;
+    for (const connection of among) {
+      if (connection.inFlight > 0) continue;
+      if (idlest === undefined || connection.waitingSince < idlest.waitingSince) {
+        idlest = connection;
+      }
+    }
     if (idlest === undefined) return false;
     this.#close(idlest);
     return true;
@@ -307,11 +297,20 @@ export function serveConnections(options: ServeOptions, handler: Handler): Conne
     // body unread, which Deno then waits for: the header deadline covers that too. (A body
     // that was being read when the answer went, a 408, ends the connection: Deno closes it.)
     const done = () => {
-      if (--connection.inFlight === 0 && !connection.closed) slots.wait(connection, Date.now());
+      if (--connection.inFlight === 0) connection.waitingSince = Date.now();
+    };
+    // Not answer.finally(done): that takes three promises a request, these one.
+    const answered = (answer: Response) => {
+      done();
+      return answer;
+    };
+    const failed = (error: unknown) => {
+      done();
+      throw error;
     };
     const remoteAddr = conn.remoteAddr as Deno.NetAddr;
     const onRequest: Handler = (request, info) => {
-      if (connection.inFlight++ === 0) slots.busy(connection);
+      connection.inFlight++;
       let answer: Response | Promise<Response>;
       try {
         answer = handler(request, new RequestInfo(remoteAddr, info));
@@ -328,7 +327,7 @@ export function serveConnections(options: ServeOptions, handler: Handler): Conne
         done();
         return answer;
       }
-      return answer.finally(done);
+      return answer.then(answered, failed);
     };
     const server = serve(conn, connection.signal, onRequest, onError, () => {});
     served.set(connection, server);
