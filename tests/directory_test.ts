@@ -2135,3 +2135,67 @@ Deno.test("deno task directory holds stalled request bodies within its memory bo
     for (const conn of conns) conn.close();
   }
 });
+
+// ---------------------------------------------------------------------------------------------
+// The repeated heartbeat, answered ahead of routing: over a socket, with a Content-Length, as a
+// peer sends it (app.request() sends none, and takes the route)
+
+Deno.test("a repeated heartbeat over HTTP refreshes its peer, and every other heartbeat gets its route's answer", async () => {
+  const { app, clock, secretOf } = fixture(30, { trustAdvertise: true, bodyTimeout: 0.3 });
+  const server = serveConnections({ hostname: "127.0.0.1", port: 0, warn: () => {} }, app.fetch);
+  const base = `http://127.0.0.1:${server.addr.port}`;
+  try {
+    const put = async (path: string, body: string, headers: Record<string, string> = {}) => {
+      const response = await fetch(`${base}${path}`, {
+        method: "PUT",
+        headers: { "content-type": "application/json", ...headers },
+        body,
+      });
+      return {
+        status: response.status,
+        type: response.headers.get("content-type"),
+        exposed: response.headers.get("access-control-expose-headers"),
+        body: await response.json(),
+      };
+    };
+    const auth = { authorization: `Bearer ${secretOf("peer-1")}` };
+    const listed = async () =>
+      (await (await fetch(`${base}/peers`)).json()).peers.map((p: PeerState) => p.fragments);
+    const state = JSON.stringify(peer(6001, ["a.bin"], "peer1"));
+    assert.deepEqual((await put("/peers/peer-1", state, auth)).body.recreated, true);
+    // Repeated: answered as the route answers, and the peer lives a ttl from now.
+    clock.now += 20_000;
+    const repeated = await put("/peers/peer-1", state, auth);
+    assert.deepEqual(repeated, {
+      status: 200,
+      type: "application/json",
+      exposed: null,
+      body: { id: "peer-1", ttl: 30, recreated: false },
+    });
+    clock.now += 20_000; // 40 s after it registered, 20 after the heartbeat
+    assert.deepEqual(await listed(), [["a.bin"]]);
+    // The same bytes with another owner's secret, or none: refused, and nothing changes.
+    const stranger = await put("/peers/peer-1", state, { authorization: `Bearer ${newSecret()}` });
+    assertError(stranger, 403, "FORBIDDEN");
+    assertError(await put("/peers/peer-1", state), 401, "UNAUTHORIZED");
+    // A page's heartbeat has its CORS headers; a query is the route's, and still refreshes.
+    assert.deepEqual(
+      (await put("/peers/peer-1", state, { ...auth, origin: "https://a.example" })).exposed,
+      "Allow, WWW-Authenticate",
+    );
+    assert.deepEqual((await put("/peers/peer-1?x=1", state, auth)).body.recreated, false);
+    // A heartbeat that changes the peer goes to its route with the body already read.
+    const changed = JSON.stringify(peer(6001, ["a.bin", "b.bin"], "peer1"));
+    assert.deepEqual((await put("/peers/peer-1", changed, auth)).status, 200);
+    assert.deepEqual(await listed(), [["a.bin", "b.bin"]]);
+    // One whose body stalls past its deadline is a 408, as on the route.
+    await using conn = await Deno.connect({ hostname: "127.0.0.1", port: server.addr.port });
+    const head = `PUT /peers/peer-1 HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n` +
+      `authorization: ${auth.authorization}\r\ncontent-length: ${changed.length}\r\n\r\n`;
+    const answer = await exchange(conn, head + changed.slice(0, 10));
+    assert.match(answer, /^HTTP\/1\.1 408 [^]*"REQUEST_TIMEOUT"/);
+    assert.deepEqual(await listed(), [["a.bin", "b.bin"]]);
+  } finally {
+    await server.shutdown();
+  }
+});
