@@ -250,6 +250,8 @@ function repeatedHeartbeat(
   if (secret === undefined || !SECRET_PATTERN.test(secret)) return undefined;
   const type = headers.get("content-type");
   if (type === null || !JSON_TYPE.test(type)) return undefined;
+  // A page's, which gets CORS headers from httpRules. (Its target is short: no 414.)
+  if (headers.has("origin")) return undefined;
   return { id, secret, length };
 }
 
@@ -535,7 +537,8 @@ type Env = {
 
 /** The address the request came from, without the IPv4-mapped IPv6 prefix. */
 function remoteHost(env: Env["Bindings"] | undefined): string | undefined {
-  return env?.remoteAddr?.hostname.replace(/^::ffff:(?=\d+\.)/, "");
+  const hostname = env?.remoteAddr?.hostname;
+  return hostname?.startsWith("::ffff:") ? hostname.replace(/^::ffff:(?=\d+\.)/, "") : hostname;
 }
 
 const BEARER = /^Bearer +(\S+)\s*$/i;
@@ -859,9 +862,10 @@ export function createApp(options: AppOptions = {}): OpenAPIHono<Env> {
       "cache-control": "public, max-age=86400",
     });
   });
-  // Around every route: the 414, CORS (reads from any origin) and HEAD's Content-Length.
-  const routed = answerRepeatedHeartbeats(app.fetch, registry, bodies);
-  app.fetch = httpRules(app, routed, new CorsPolicy(options.cors));
+  // Around every route: the 414, CORS (reads from any origin) and HEAD's Content-Length. A
+  // repeated heartbeat needs none of them (see repeatedHeartbeat).
+  const routed = httpRules(app, app.fetch, new CorsPolicy(options.cors));
+  app.fetch = answerRepeatedHeartbeats(routed, registry, bodies);
   return app;
 }
 
