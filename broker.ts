@@ -22,10 +22,10 @@
  */
 import { parseArgs } from "node:util";
 import { isLookupError, lookupMessage, userMessage } from "./common/cli.ts";
+import { defaultMaxPerAddress } from "./common/connection_counts.ts";
 import {
   type Broker,
   type BrokerOptions,
-  defaultMaxPerAddress,
   LINE_TIMEOUT_MS,
   MAX_CONNECTIONS,
   MAX_QUEUED,

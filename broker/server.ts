@@ -8,6 +8,7 @@
  * @module
  */
 import { describe } from "../common/cli.ts";
+import { addressKey, ConnectionCounts, defaultMaxPerAddress } from "../common/connection_counts.ts";
 import { LineBuffer } from "../common/lines.ts";
 import {
   acceptLoop,
@@ -43,10 +44,6 @@ export const MAX_QUEUED = 128 * 1024 * 1024;
 export const LINE_TIMEOUT_MS = 10_000;
 /** How long output may wait with nothing written unless told otherwise (NATS's write deadline). */
 export const WRITE_TIMEOUT_MS = 10_000;
-/** The per-address limit unless told otherwise: a quarter of the connection limit. */
-export function defaultMaxPerAddress(maxConnections: number): number {
-  return Math.max(1, Math.floor(maxConnections / 4));
-}
 const MISSED_PINGS = 2;
 // On shutdown the last words get less time, so the broker exits well within a second.
 const SHUTDOWN_GRACE_MS = 400;
@@ -166,7 +163,7 @@ class BrokerServer implements Broker {
   readonly output: Tally = { bytes: 0 };
   readonly #listener: Deno.TcpListener;
   readonly #sessions = new Set<Session>();
-  readonly #perAddress = new Map<string, number>();
+  readonly #counts: ConnectionCounts;
   readonly #topics = new Map<string, Set<Session>>();
   readonly #tasks = new Set<Promise<void>>();
   readonly #encoder = new LineEncoder();
@@ -184,6 +181,7 @@ class BrokerServer implements Broker {
     this.maxConnections = options.maxConnections ?? MAX_CONNECTIONS;
     this.maxConnectionsPerAddress = options.maxConnectionsPerAddress ??
       defaultMaxPerAddress(this.maxConnections);
+    this.#counts = new ConnectionCounts(this.maxConnections, this.maxConnectionsPerAddress);
     this.maxSubscriptions = options.maxSubscriptions ?? MAX_SUBSCRIPTIONS;
     this.maxQueued = options.maxQueued ?? MAX_QUEUED;
     this.lineTimeoutMs = options.lineTimeoutMs ?? LINE_TIMEOUT_MS;
@@ -333,29 +331,23 @@ class BrokerServer implements Broker {
 
   #serve(conn: Deno.TcpConn) {
     const address = addressKey(conn.remoteAddr.hostname);
-    const fromAddress = this.#perAddress.get(address) ?? 0;
-    if (this.#sessions.size >= this.maxConnections) {
-      return this.#refuse(conn, "too many connections");
-    }
-    if (fromAddress >= this.maxConnectionsPerAddress) {
-      return this.#refuse(conn, "too many connections from your address");
-    }
+    const full = this.#counts.admit(address);
+    if (full === "server") return this.#refuse(conn, "too many connections");
+    if (full === "address") return this.#refuse(conn, "too many connections from your address");
     try {
       conn.setNoDelay(true); // the outbox already batches; Nagle would only add delay
     } catch {
+      this.#counts.release(address);
       conn.close(); // it failed as it arrived: gone already
       return;
     }
     const session = new Session(this, conn);
     this.#sessions.add(session);
-    this.#perAddress.set(address, fromAddress + 1);
     this.log(`[BROKER] Connected ${session.name}`);
     this.#track(
       session.run().finally(() => {
         this.#sessions.delete(session);
-        const left = this.#perAddress.get(address)! - 1;
-        if (left === 0) this.#perAddress.delete(address);
-        else this.#perAddress.set(address, left);
+        this.#counts.release(address);
         this.log(`[BROKER] Disconnected ${session.name}`);
       }),
     );
@@ -548,24 +540,6 @@ class Session {
     this.#broker.slowConsumer(this, why);
     this.end("slow consumer");
   }
-}
-
-/**
- * The key one client address counts under: an IPv4 address (also when IPv4-mapped, as a
- * dual-stack listener reports it), or the /64 prefix of an IPv6 address, which is what one
- * host or home is usually given.
- */
-export function addressKey(hostname: string): string {
-  const mapped = hostname.match(/^::ffff:(\d+\.\d+\.\d+\.\d+)$/i);
-  if (mapped) return mapped[1];
-  if (!hostname.includes(":")) return hostname;
-  const [head, tail = ""] = hostname.split("::");
-  const headGroups = head ? head.split(":") : [];
-  const tailGroups = tail ? tail.split(":") : [];
-  const groups = hostname.includes("::")
-    ? [...headGroups, ...Array(8 - headGroups.length - tailGroups.length).fill("0"), ...tailGroups]
-    : headGroups;
-  return `${groups.slice(0, 4).map((group) => parseInt(group, 16).toString(16)).join(":")}::/64`;
 }
 
 /** Reads and drops what a client still sends, until it hangs up. */

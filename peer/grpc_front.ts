@@ -8,7 +8,7 @@
  * @module
  */
 import { acceptLoop, isConnectionError, within } from "../broker/wire.ts";
-import { addressKey } from "../broker/server.ts";
+import { addressKey, ConnectionCounts, defaultMaxPerAddress } from "../common/connection_counts.ts";
 import { describe } from "../common/cli.ts";
 import { DEFAULT_PORT } from "./grpc_constants.ts";
 import {
@@ -16,7 +16,7 @@ import {
   superviseGrpcServer,
   type SupervisorOptions,
 } from "./grpc_supervisor.ts";
-import { DEFAULT_MAX_CONNECTIONS, defaultMaxConnectionsPerAddress } from "./tcp.ts";
+import { DEFAULT_MAX_CONNECTIONS } from "./tcp.ts";
 
 /** A connection that sends nothing for this long after it was accepted is closed. */
 const DEFAULT_FIRST_BYTE_TIMEOUT_MS = 10_000;
@@ -69,8 +69,10 @@ export function startGrpcFront(options: GrpcFrontOptions): GrpcFront {
     firstByteTimeoutMs = DEFAULT_FIRST_BYTE_TIMEOUT_MS,
     startTimeoutMs = DEFAULT_START_TIMEOUT_MS,
   } = options;
-  const maxPerAddress = options.maxConnectionsPerAddress ??
-    defaultMaxConnectionsPerAddress(maxConnections);
+  const counts = new ConnectionCounts(
+    maxConnections,
+    options.maxConnectionsPerAddress ?? defaultMaxPerAddress(maxConnections),
+  );
   const log = options.onLog ?? ((line: string) => console.error(line));
   const listener = Deno.listen({
     port: options.port ?? DEFAULT_PORT,
@@ -78,8 +80,6 @@ export function startGrpcFront(options: GrpcFrontOptions): GrpcFront {
   });
   /** Client connections and their connections to the server, to close on close(). */
   const open = new Set<Deno.Conn>();
-  let clients = 0;
-  const perAddress = new Map<string, number>();
   const handlers = new Set<Promise<void>>();
   const stop = new AbortController();
   let starting: Promise<GrpcSupervisor> | undefined;
@@ -171,15 +171,12 @@ export function startGrpcFront(options: GrpcFrontOptions): GrpcFront {
     { tag: "[gRPC]", warn: log, stop: stop.signal },
     (conn) => {
       const address = addressKey(conn.remoteAddr.hostname);
-      const mine = perAddress.get(address) ?? 0;
-      if (clients >= maxConnections || mine >= maxPerAddress) {
+      if (counts.admit(address) !== undefined) {
         // Closed at once: a gRPC client fails UNAVAILABLE. (An HTTP/2 GOAWAY before the close
         // would say why, but sends grpc-js in Deno into a busy loop that ignores its deadline.)
         closeQuietly(conn);
         return;
       }
-      perAddress.set(address, mine + 1);
-      clients++;
       open.add(conn);
       const handler: Promise<void> = serve(conn)
         .catch((error) => {
@@ -188,11 +185,8 @@ export function startGrpcFront(options: GrpcFrontOptions): GrpcFront {
           }
         })
         .finally(() => {
-          clients--;
           open.delete(conn);
-          const left = perAddress.get(address)! - 1;
-          if (left === 0) perAddress.delete(address);
-          else perAddress.set(address, left);
+          counts.release(address);
           handlers.delete(handler);
           closeQuietly(conn);
         });
@@ -216,7 +210,7 @@ export function startGrpcFront(options: GrpcFrontOptions): GrpcFront {
   return {
     port: (listener.addr as Deno.NetAddr).port,
     get connections() {
-      return clients;
+      return counts.open;
     },
     get server() {
       return server;

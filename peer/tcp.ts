@@ -11,7 +11,7 @@ import { LineBuffer } from "../common/lines.ts";
 import { describe } from "../common/cli.ts";
 import { acceptLoop, isConnectionError } from "../broker/wire.ts";
 import { parseAddress } from "../broker.ts";
-import { addressKey } from "../broker/server.ts";
+import { addressKey, ConnectionCounts, defaultMaxPerAddress } from "../common/connection_counts.ts";
 import { type FragmentInfo, isFragmentName, type Store } from "./store.ts";
 import type { Steering } from "./steering.ts";
 import { UploadSlots } from "./upload_slots.ts";
@@ -36,10 +36,6 @@ export const DEFAULT_IDLE_TIMEOUT_MS = 60_000;
 export const DEFAULT_MIN_BODY_RATE = 8 * 1024;
 /** How long a body goes before its rate is first checked. */
 export const DEFAULT_BODY_RATE_WINDOW_MS = 30_000;
-/** The per-address limit unless told otherwise: a quarter of the connection limit. */
-export function defaultMaxConnectionsPerAddress(maxConnections: number): number {
-  return Math.max(1, Math.floor(maxConnections / 4));
-}
 
 export interface TcpServerOptions {
   /** @default 6001 */
@@ -104,25 +100,24 @@ export function startTcpServer(store: Store, options: TcpServerOptions = {}): Tc
     minBodyRate = DEFAULT_MIN_BODY_RATE,
     bodyRateWindowMs = DEFAULT_BODY_RATE_WINDOW_MS,
   } = options;
-  const maxPerAddress = options.maxConnectionsPerAddress ??
-    defaultMaxConnectionsPerAddress(maxConnections);
+  const counts = new ConnectionCounts(
+    maxConnections,
+    options.maxConnectionsPerAddress ?? defaultMaxPerAddress(maxConnections),
+  );
   const slots = new UploadSlots(options.uploadSlots ?? 2);
   const warn = options.onError ?? ((line: string) => console.error(line));
   const listener = Deno.listen({ port: options.port ?? 6001, hostname: options.hostname });
   const open = new Map<Deno.Conn, AbortController>();
-  /** Connections open per client address (addressKey). */
-  const perAddress = new Map<string, number>();
   const handlers = new Set<Promise<void>>();
   const stop = new AbortController();
 
   const accepting = acceptLoop(listener, { tag: "[TCP]", warn, stop: stop.signal }, (conn) => {
     const address = addressKey(conn.remoteAddr.hostname);
-    const mine = perAddress.get(address) ?? 0;
-    if (open.size >= maxConnections || mine >= maxPerAddress) {
-      refuse(conn, open.size >= maxConnections ? "" : " from your address");
+    const full = counts.admit(address);
+    if (full !== undefined) {
+      refuse(conn, full === "server" ? "" : " from your address");
       return;
     }
-    perAddress.set(address, mine + 1);
     const gone = new AbortController();
     open.set(conn, gone);
     const remote = formatAddr(conn.remoteAddr);
@@ -142,9 +137,7 @@ export function startTcpServer(store: Store, options: TcpServerOptions = {}): Tc
       })
       .finally(() => {
         open.delete(conn);
-        const left = perAddress.get(address)! - 1;
-        if (left === 0) perAddress.delete(address);
-        else perAddress.set(address, left);
+        counts.release(address);
         handlers.delete(handler);
         try {
           conn.close();

@@ -12,7 +12,7 @@ import {
   startBroker,
   type Subscription,
 } from "../broker.ts";
-import { addressKey } from "../broker/server.ts";
+import { addressKey } from "../common/connection_counts.ts";
 import { Child, startTask, taskArgv } from "./_util.ts";
 
 const encoder = new TextEncoder();
