@@ -419,7 +419,9 @@ async function play(url: string, timeoutMs: number): Promise<Playback> {
  * fragment can count as a second stall where a browser would have had the slack. The count is
  * strict, never lenient.
  */
-function stalls(playback: Playback): { count: number; worstLag: number } | undefined {
+function stalls(
+  playback: Playback,
+): { count: number; worstLag: number; firstAt?: number; firstMedia?: number } | undefined {
   const { samples } = playback;
   const first = samples.findIndex((s) => s.media > 0);
   if (first < 0) return undefined;
@@ -430,35 +432,84 @@ function stalls(playback: Playback): { count: number; worstLag: number } | undef
   }
   if (!playback.ended) points.push({ at: playback.exited, media: samples.at(-1)!.media });
   let count = 0, worstLag = 0, stalled = false;
+  let firstAt: number | undefined, firstMedia: number | undefined;
   for (const { at, media } of points) {
     const lag = (at - w0) / 1000 - (media - m0);
     worstLag = Math.max(worstLag, lag);
     if (!stalled && lag > STALL_S) {
-      count++;
+      if (count++ === 0) [firstAt, firstMedia] = [at, media];
       stalled = true;
     } else if (stalled && lag < STALL_END_S) stalled = false;
   }
-  return { count, worstLag };
+  return { count, worstLag, firstAt, firstMedia };
 }
 
-/** Opens a viewer's `/events` as its page does, until the manifest arrives; resolves in ms. */
-async function openPage(httpPort: string): Promise<number> {
+/** A fragment event a viewer's page was told of, and when (performance.now()). */
+interface Seen {
+  at: number;
+  name: string;
+  state: string;
+  from?: string;
+}
+
+/**
+ * Opens a viewer's `/events` as its page does; resolves in the ms until the manifest arrives.
+ * It then keeps the stream open, as the page does, and adds each fragment event to `timeline`
+ * until `stop` aborts: what a stall report needs to say which fragment was late, and whose.
+ */
+async function openPage(httpPort: string, timeline: Seen[], stop: AbortSignal): Promise<number> {
   const start = performance.now();
   const response = await fetch(`http://127.0.0.1:${httpPort}/events`, {
-    signal: AbortSignal.timeout(MANIFEST_TIMEOUT_MS),
+    signal: AbortSignal.any([AbortSignal.timeout(MANIFEST_TIMEOUT_MS), stop]),
   });
   if (!response.ok || !response.body) throw new Error(`/events answered ${response.status}`);
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let text = "";
   try {
-    for (let text = ""; !/^event: manifest$/m.test(text);) {
+    while (!/^event: manifest$/m.test(text)) {
       const { value, done } = await reader.read();
       if (done) throw new Error(`/events ended before the manifest: ${text.slice(-200)}`);
       text += value;
     }
-    return performance.now() - start;
-  } finally {
+  } catch (error) {
     await reader.cancel().catch(() => {});
+    throw error;
   }
+  const ms = performance.now() - start;
+  stop.addEventListener("abort", () => reader.cancel().catch(() => {}), { once: true });
+  (async () => {
+    while (true) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      text += value;
+      const blocks = text.split("\n\n");
+      text = blocks.pop()!;
+      for (const block of blocks) {
+        const data = block.match(/^event: fragment\ndata: (.*)$/m)?.[1];
+        if (data === undefined) continue;
+        const { name, state, from } = JSON.parse(data);
+        timeline.push({ at: performance.now(), name, state, from });
+      }
+    }
+  })().catch(() => {});
+  return ms;
+}
+
+/**
+ * One line on a stalled viewer: when it stalled, and when each fragment went in flight (from
+ * whom) and was held, in seconds since its player started.
+ */
+function stallReport(i: number, playback: Playback, at: number, media: number, timeline: Seen[]) {
+  const since = (t: number) => ((t - playback.started) / 1000).toFixed(1);
+  const byName = new Map<string, string[]>();
+  for (const event of timeline) {
+    const said = `${event.state} ${since(event.at)}` + (event.from ? ` (${event.from})` : "");
+    byName.set(event.name, [...byName.get(event.name) ?? [], said]);
+  }
+  const fragments = [...byName].map(([name, said]) => `${name}: ${said.join(", ")}`);
+  return `viewer ${i} stalled at ${since(at)} s, media ${media.toFixed(1)} s; ${
+    fragments.join("; ")
+  }`;
 }
 
 /** The media's duration in seconds, as ffprobe reads it. */
@@ -476,7 +527,7 @@ async function duration(path: string): Promise<number> {
 }
 
 /** Runs the watching crowd and returns its rows. */
-async function watchingCrowd(root: string): Promise<Row[]> {
+async function watchingCrowd(root: string): Promise<{ rows: Row[]; notes: string[] }> {
   const seconds = await duration(SAMPLE_VIDEO);
   const bitrate = (await Deno.stat(SAMPLE_VIDEO)).size / seconds; // bytes per second
   const rate = String(Math.round(WATCH_RATE_FACTOR * bitrate));
@@ -496,12 +547,19 @@ async function watchingCrowd(root: string): Promise<Row[]> {
     return (await viewer.waitFor(PLAYER_LISTENING, options))[1]!;
   }));
   // A page that never gets the manifest is reported below; its player then finds no video.
-  const pageMs = await Promise.all(httpPorts.map((port) => openPage(port).catch(() => undefined)));
+  const timelines = httpPorts.map((): Seen[] => []);
+  const pagesOpen = new AbortController();
+  const pageMs = await Promise.all(
+    httpPorts.map((port, i) =>
+      openPage(port, timelines[i]!, pagesOpen.signal).catch(() => undefined)
+    ),
+  );
   const pagesMissed = pageMs.filter((ms) => ms === undefined).length;
   const url = (port: string) => `http://127.0.0.1:${port}/stream/${manifest.file}`;
   const playbacks = await Promise.all(
     httpPorts.map((port) => play(url(port), seconds * 1000 + PLAY_GRACE_MS)),
   );
+  pagesOpen.abort();
 
   const kBps = (bytes: number) => `${(bytes / 1000).toFixed(1)} kB/s`;
   const rows: Row[] = [
@@ -518,6 +576,7 @@ async function watchingCrowd(root: string): Promise<Row[]> {
     },
   ];
   let total = 0, allGood = true;
+  const notes: string[] = [];
   playbacks.forEach((playback, i) => {
     const first = playback.samples.find((s) => s.media > 0);
     const seen = stalls(playback);
@@ -533,6 +592,9 @@ async function watchingCrowd(root: string): Promise<Row[]> {
       `played ${media.toFixed(1)} of ${seconds.toFixed(1)} s`,
     ];
     const reason = whole ? "" : playback.stderr.trim().split("\n").at(-1) ?? "";
+    if (seen?.firstAt !== undefined) {
+      notes.push(stallReport(i, playback, seen.firstAt, seen.firstMedia!, timelines[i]!));
+    }
     rows.push({
       name: `watching: viewer ${i}`,
       value: parts.join("; ") + (reason ? ` (${reason})` : ""),
@@ -563,7 +625,7 @@ async function watchingCrowd(root: string): Promise<Row[]> {
       }`,
     },
   );
-  return rows;
+  return { rows, notes };
 }
 
 /** Writes `size` bytes of random data to `path`. */
@@ -600,8 +662,11 @@ async function main() {
       const result = await downloadingCrowd(n, root, seedStore, manifest);
       rows.push(...crowdRows(result));
     }
-    rows.push(...await watchingCrowd(root));
+    const watching = await watchingCrowd(root);
+    rows.push(...watching.rows);
     if (!printTable(rows)) Deno.exitCode = 1;
+    // Which fragment a stalled viewer waited for, and whose it was: the next step's evidence.
+    for (const note of watching.notes) console.log(`\n${note}`);
   } finally {
     await Deno.remove(root, { recursive: true });
   }
