@@ -132,7 +132,6 @@ class Connection {
   inFlight = 0;
   /** Since when it has waited for a request (meaningful while inFlight is 0). */
   waitingSince: number;
-  closed = false;
   readonly #abort = new AbortController();
 
   constructor(readonly address: string, now: number) {
@@ -145,7 +144,6 @@ class Connection {
 
   /** Closes it at once, whatever it was doing. */
   close(): void {
-    this.closed = true;
     this.#abort.abort();
   }
 }
@@ -201,7 +199,10 @@ class Slots {
     }
   }
 
-  /** Closes the connection of `among` that has waited longest for a request; false when none waits. */
+  /**
+   * Closes the connection of `among` that has waited longest for a request; false when none
+   * waits.
+   */
   #evict(among: Set<Connection>): boolean {
     let idlest: Connection | undefined;
     for (const connection of among) {
@@ -332,7 +333,6 @@ export function serveConnections(options: ServeOptions, handler: Handler): Conne
     const server = serve(conn, connection.signal, onRequest, onError, () => {});
     served.set(connection, server);
     server.finished.catch(() => {}).finally(() => {
-      connection.closed = true;
       slots.remove(connection);
       served.delete(connection);
     });
