@@ -459,27 +459,32 @@ interface Seen {
  */
 async function openPage(httpPort: string, timeline: Seen[], stop: AbortSignal): Promise<number> {
   const start = performance.now();
-  const response = await fetch(`http://127.0.0.1:${httpPort}/events`, {
-    signal: AbortSignal.any([AbortSignal.timeout(MANIFEST_TIMEOUT_MS), stop]),
-  });
-  if (!response.ok || !response.body) throw new Error(`/events answered ${response.status}`);
-  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  // The stream ends when `stop` aborts; until the manifest comes, also at its deadline.
+  const open = new AbortController();
+  stop.addEventListener("abort", () => open.abort(), { once: true });
+  const late = setTimeout(() => open.abort(), MANIFEST_TIMEOUT_MS);
   let text = "";
+  let reader: ReadableStreamDefaultReader<string> | undefined;
   try {
+    const response = await fetch(`http://127.0.0.1:${httpPort}/events`, { signal: open.signal });
+    if (!response.ok || !response.body) throw new Error(`/events answered ${response.status}`);
+    reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
     while (!/^event: manifest$/m.test(text)) {
       const { value, done } = await reader.read();
       if (done) throw new Error(`/events ended before the manifest: ${text.slice(-200)}`);
       text += value;
     }
   } catch (error) {
-    await reader.cancel().catch(() => {});
+    open.abort();
     throw error;
+  } finally {
+    clearTimeout(late);
   }
   const ms = performance.now() - start;
-  stop.addEventListener("abort", () => reader.cancel().catch(() => {}), { once: true });
+  const events = reader;
   (async () => {
     while (true) {
-      const { value, done } = await reader.read();
+      const { value, done } = await events.read();
       if (done) return;
       text += value;
       const blocks = text.split("\n\n");
