@@ -3,8 +3,9 @@
  * 1,000 files they seed, under locate (`GET /fragments/{name}?file=`) and heartbeat
  * (`PUT /peers/{id}`) load, beside bare Hono routes doing the same JSON work without validation
  * or state, in the same run. A heartbeat is authenticated: its bare route reads the secret (which
- * makes Deno build the request's headers); the ratio against one that does not is printed beside. Fragments are named as split.ts names them, `fragment_<i>.bin` in
- * every file: each name has 10,000 holders, 10 of each file, and a locate asks for one file's.
+ * makes Deno build the request's headers); the ratio against one that does not is printed beside.
+ * Fragments are named as split.ts names them, `fragment_<i>.bin` in every file: each name has
+ * 10,000 holders, 10 of each file, and a locate asks for one file's.
  *
  * Both servers run as child processes: the directory exactly as its task runs it, the bare app as
  * this file with `--bare`. The load generator (keep-alive bare sockets, a few at once) shares
