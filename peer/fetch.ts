@@ -44,6 +44,10 @@ export interface FetchOptions {
   signal?: AbortSignal;
   /** Try the holders an `ERR ELSEWHERE` names. @default true */
   follow?: boolean;
+  /** A player waits for it: holders serve it ahead of others waiting (TCP only). */
+  urgent?: boolean;
+  /** Called when a holder begins to send (its answer came), before the bytes. */
+  onSending?: (address: string) => void;
 }
 
 /** Downloads `name` from a gRPC address; supplied by peer_grpc.ts. */
@@ -141,7 +145,7 @@ export class Fetcher implements Disposable {
    * {@link StoreWriteError} when the disk failed (trying elsewhere would not help).
    */
   async fetch(name: string, holders: Holder[], options: FetchOptions = {}): Promise<string> {
-    const { transport = "tcp", signal, follow = true } = options;
+    const { transport = "tcp", signal, follow = true, urgent = false, onSending } = options;
     const failures: Failure[] = [];
     const queue = [...holders];
     const queued = new Set(queue.map(holderKey));
@@ -165,7 +169,12 @@ export class Fetcher implements Disposable {
         });
         continue;
       }
-      const failure = await this.#attempt(name, holder, address, transport, signal);
+      const failure = await this.#attempt(name, holder, address, {
+        transport,
+        signal,
+        urgent,
+        onSending,
+      });
       if (!failure) return address;
       // Its text quotes what the holder said: shown on a terminal, it must stay plain text.
       failure.text = escapeControl(failure.text);
@@ -203,8 +212,10 @@ export class Fetcher implements Disposable {
     name: string,
     holder: Holder,
     address: string,
-    transport: Transport,
-    signal?: AbortSignal,
+    { transport, signal, urgent, onSending }: Pick<FetchOptions, "signal" | "onSending"> & {
+      transport: Transport;
+      urgent: boolean;
+    },
   ): Promise<Failure | undefined> {
     let client: TcpPeerClient | undefined;
     const onAbort = () => client?.close();
@@ -216,7 +227,7 @@ export class Fetcher implements Disposable {
           if (!this.#options.grpcDownload) throw new Error("gRPC is not available");
           download = await this.#options.grpcDownload(address, name, signal);
         } else {
-          ({ client, download } = await this.#lease(address, name));
+          ({ client, download } = await this.#lease(address, name, urgent, signal));
         }
       } catch (error) {
         if (error instanceof Deno.errors.NotCapable) throw error;
@@ -230,6 +241,12 @@ export class Fetcher implements Disposable {
         }
         return { address, kind: "down", text: `${address} failed (${message(error)})` };
       }
+      if (signal?.aborted) { // between the answer and `client` being set: not closed yet
+        client?.close();
+        download.cancel?.();
+        return { address, kind: "down", text: `${address}: cancelled` };
+      }
+      onSending?.(address);
       // Every split names its fragments fragment_<i>.bin: a holder that announces other bytes
       // under the name holds another file's fragment. It told the truth, so it is not avoided.
       const want = this.#store.expected(name);
@@ -336,19 +353,33 @@ export class Fetcher implements Disposable {
   }
 
   // Requests `name` on an idle connection to `address`, or a new one. An idle connection may be
-  // stale (the holder restarted): a failure on one is retried once on a fresh connection.
+  // stale (the holder restarted): a failure on one is retried once on a fresh connection. A
+  // request still waiting for its answer (the holder's upload slots are busy) is cancelled by
+  // `signal` too: its connection is closed.
   async #lease(
     address: string,
     name: string,
+    urgent: boolean,
+    signal?: AbortSignal,
   ): Promise<{ client: TcpPeerClient; download: Download }> {
+    const ask = async (client: TcpPeerClient) => {
+      const onAbort = () => client.close();
+      signal?.addEventListener("abort", onAbort);
+      try {
+        signal?.throwIfAborted();
+        return { client, download: await client.get(name, urgent) };
+      } finally {
+        signal?.removeEventListener("abort", onAbort);
+      }
+    };
     const idle = this.#idle.get(address) ?? [];
     for (let client; (client = idle.pop());) {
       if (client.closed) continue;
       this.#leased.add(client);
       try {
-        return { client, download: await client.get(name) };
+        return await ask(client);
       } catch (error) {
-        if (error instanceof PeerError) {
+        if (error instanceof PeerError || signal?.aborted) {
           this.#release(address, client);
           throw error;
         }
@@ -360,7 +391,7 @@ export class Fetcher implements Disposable {
     this.#leased.add(client);
     try {
       if (this.#options.self) await client.hello(this.#options.self);
-      return { client, download: await client.get(name) };
+      return await ask(client);
     } catch (error) {
       this.#release(address, client);
       throw error;

@@ -19,6 +19,8 @@ export interface SteeringOptions {
   onceMs?: number;
   /** Most holders a pointer names. @default 4 */
   pointTo?: number;
+  /** How long a fragment a player asked for counts as wanted soon. @default 10000 */
+  wantedMs?: number;
 }
 
 // Bounds on what hostile announcements can make it remember.
@@ -32,11 +34,15 @@ export class Steering {
   readonly #pointTo: number;
   readonly #holders = new Map<string, Set<string>>(); // fragment -> peers that hold or get it
   readonly #redirected = new Map<string, number>(); // "<requester> <fragment>" -> when
+  // fragment (held here) -> when a player last asked for it
+  readonly #wanted = new Map<string, number>();
+  readonly #wantedMs: number;
 
   constructor(store: Store, options: SteeringOptions = {}) {
     this.#store = store;
     this.#onceMs = options.onceMs ?? 30_000;
     this.#pointTo = options.pointTo ?? 4;
+    this.#wantedMs = options.wantedMs ?? 10_000;
   }
 
   /** `peer` (its `host:port`) holds `name`, or is being sent it. */
@@ -49,6 +55,23 @@ export class Steering {
   /** A send of `name` to `peer` failed: it does not hold it after all. */
   lost(name: string, peer: string): void {
     this.#holders.get(name)?.delete(peer);
+  }
+
+  /** A player waits for `name` at some peer that asked for it here (`GET <name> URGENT`). */
+  wantedNow(name: string): void {
+    this.#wanted.set(name, Date.now());
+  }
+
+  /** Whether a player asked for `name` here within `wantedMs`. */
+  wanted(name: string): boolean {
+    return Date.now() - (this.#wanted.get(name) ?? -Infinity) < this.#wantedMs;
+  }
+
+  /** Whether a peer other than `requester` holds `name`, or is being sent it. */
+  othersHold(name: string, requester: string | undefined): boolean {
+    const holders = this.#holders.get(name);
+    return holders !== undefined &&
+      (holders.size > 1 || (holders.size === 1 && !holders.has(requester ?? "")));
   }
 
   /**
@@ -68,11 +91,17 @@ export class Steering {
     return shuffle(others).slice(0, this.#pointTo);
   }
 
+  /** Whether this peer holds the whole of its file. */
+  seeding(): boolean {
+    const fragments = this.#store.manifest?.fragments ?? [];
+    return fragments.length > 0 && fragments.every((f) => this.#store.get(f.name));
+  }
+
   // True while this peer seeds the whole file and some fragment of it is held (or being got)
   // by no other peer known. A viewer's upload goes wherever it is asked: it has no such duty.
   #holdsUnique(): boolean {
-    const fragments = this.#store.manifest?.fragments ?? [];
-    if (fragments.length === 0 || fragments.some((f) => !this.#store.get(f.name))) return false;
+    if (!this.seeding()) return false;
+    const fragments = this.#store.manifest!.fragments;
     return fragments.some((f) => (this.#holders.get(f.name)?.size ?? 0) === 0);
   }
 

@@ -12,7 +12,10 @@
  * that sent bad bytes of a fragment is never asked for it again, and for other fragments only
  * when no one else has them; one that is down is left alone for a moment. Only in the endgame,
  * when every missing fragment is in flight, is one that is clearly late asked of a second,
- * idle holder too, so a download never sits at 99% behind one slow peer.
+ * idle holder too, so a download never sits at 99% behind one slow peer. Before that, a request
+ * still waiting for a slot at a busy holder after HEDGE_MS is asked of an idle viewer too,
+ * and the first to begin sending keeps it. The player's fragments are asked for `URGENT`, which
+ * holders serve first.
  * @module
  */
 import { AsyncLocalStorage } from "node:async_hooks";
@@ -89,8 +92,16 @@ interface Attempt {
   holder: string;
   started: number;
   controller: AbortController;
+  /** Asked for as the player's (`GET <name> URGENT`). */
+  urgent: boolean;
+  /** The holder has begun to send. */
+  sending: boolean;
+  /** Cancelled to be asked for again as urgent: not a failure of its holder. */
+  superseded: boolean;
 }
 
+/** How long a request waits for a slot before a second holder is asked too. */
+const HEDGE_MS = 300;
 // How long #settle waits before restarting a scheduler that stopped with work left.
 const RESTART_MS = 250;
 /** How often a swarm that waits for holders says so, when no progress bar shows it. */
@@ -339,7 +350,9 @@ export class Swarm implements Disposable {
           await this.#refresh();
           pending = this.#pending(); // in the order the new holder counts give
         }
+        this.#hurry();
         for (const name of pending) this.#start(name);
+        this.#hedge();
         this.#chaseLate(pending);
         this.#report();
         const idle = Date.now() - this.#lastProgress;
@@ -466,7 +479,15 @@ export class Swarm implements Disposable {
     return this.#load.get(holderAddress(holder.host, holder.port)) ?? 0;
   }
 
-  #start(name: string, duplicate = false): void {
+  // Fragments the player waits for in flight from `holder`.
+  #urgentLoadOf(holder: Holder): number {
+    const address = holderAddress(holder.host, holder.port);
+    return this.#urgent.filter((name) =>
+      this.#inflight.get(name)?.some((a) => a.holder === address)
+    ).length;
+  }
+
+  #start(name: string, duplicate: false | "late" | "hedge" = false): void {
     if (this.#inflightCount() >= this.#options.total) return;
     const attempts = this.#inflight.get(name) ?? [];
     if (attempts.length > 0 && !duplicate) return;
@@ -474,16 +495,28 @@ export class Swarm implements Disposable {
     const candidates = this.#candidates(name);
     // A fragment a viewer holds waits for that viewer rather than take a seeder's upload.
     const viewerHas = candidates.some((h) => !this.#isSeed(h));
+    // The player's fragment does not wait behind this peer's own request for another: a
+    // seeder's load counts only the player's, and it serves them first (`GET <name> URGENT`).
+    const urgent = this.#urgent.includes(name);
+    const seedLoad = (h: Holder) => urgent ? this.#urgentLoadOf(h) : this.#loadOf(h);
     const holder = candidates.find((h) =>
       duplicate
-        ? this.#loadOf(h) === 0 && !busy.has(holderAddress(h.host, h.port))
+        ? this.#loadOf(h) === 0 && !busy.has(holderAddress(h.host, h.port)) &&
+          (duplicate === "late" || !this.#isSeed(h))
         : this.#isSeed(h)
-        ? !viewerHas && this.#loadOf(h) < this.#options.perSeed
+        ? !viewerHas && seedLoad(h) < this.#options.perSeed
         : this.#loadOf(h) < this.#options.perHolder
     );
     if (!holder) return;
     const address = holderAddress(holder.host, holder.port);
-    const attempt = { holder: address, started: Date.now(), controller: new AbortController() };
+    const attempt: Attempt = {
+      holder: address,
+      started: Date.now(),
+      controller: new AbortController(),
+      urgent,
+      sending: false,
+      superseded: false,
+    };
     if (!duplicate) this.#announced.delete(name); // not held: the store may have lost it
     this.#inflight.set(name, [...attempts, attempt]);
     this.#load.set(address, this.#loadOf(holder) + 1);
@@ -491,13 +524,18 @@ export class Swarm implements Disposable {
     currentAttempt.run(
       attempt,
       () =>
-        this.#fetcher.fetch(name, [holder], { signal: attempt.controller.signal, follow: false }),
+        this.#fetcher.fetch(name, [holder], {
+          signal: attempt.controller.signal,
+          follow: false,
+          urgent,
+          onSending: () => this.#sending(name, attempt),
+        }),
     ).then(
       () => {
         this.#lastProgress = Date.now();
         this.#waitLines = 0;
       },
-      (error) => this.#failed(name, address, error),
+      (error) => attempt.superseded || this.#failed(name, address, error),
     ).finally(() => {
       this.#load.set(address, this.#loadOf(holder) - 1);
       const left = (this.#inflight.get(name) ?? []).filter((a) => a !== attempt);
@@ -505,7 +543,9 @@ export class Swarm implements Disposable {
       else this.#inflight.delete(name);
       // The first copy to arrive wins; the other attempts are cancelled.
       if (this.#store.get(name)) { for (const other of left) other.controller.abort(); }
-      if (!this.#store.get(name) && left.length === 0) this.#emit(name, "failed", address);
+      if (!this.#store.get(name) && left.length === 0 && !attempt.superseded) {
+        this.#emit(name, "failed", address);
+      }
       this.#wake?.();
     });
   }
@@ -554,6 +594,47 @@ export class Swarm implements Disposable {
   }
 
   /**
+   * A request still waiting for a slot at its holder is asked of a second, idle viewer that
+   * holds the fragment too, and the first to begin sending keeps it: the peers asking the first
+   * holder of a fragment then spread to those it has sent it to, as a tree, instead of all
+   * waiting in turn at the first.
+   */
+  #hedge(): void {
+    const now = Date.now();
+    for (const [name, attempts] of this.#inflight) {
+      if (attempts.length !== 1 || attempts[0]!.sending) continue;
+      if (now - attempts[0]!.started < HEDGE_MS) continue;
+      this.#start(name, "hedge");
+    }
+  }
+
+  // An attempt's holder began to send: the others waiting for a slot are no longer needed.
+  #sending(name: string, attempt: Attempt): void {
+    attempt.sending = true;
+    for (const other of this.#inflight.get(name) ?? []) {
+      if (other === attempt || other.sending) continue;
+      other.superseded = true;
+      other.controller.abort();
+    }
+  }
+
+  /**
+   * Cancels the requests for fragments the player now waits for that were asked for before it
+   * did and still wait for a slot at their holder, so they are asked for again as urgent:
+   * waiting as the rest, they would be served after every other peer's urgent ones.
+   */
+  #hurry(): void {
+    for (const name of this.#urgent) {
+      const attempts = this.#inflight.get(name) ?? [];
+      if (attempts.length === 0 || attempts.some((a) => a.urgent || a.sending)) continue;
+      for (const attempt of attempts) {
+        attempt.superseded = true;
+        attempt.controller.abort();
+      }
+    }
+  }
+
+  /**
    * The endgame: once every missing fragment is in flight, asks a second, idle holder for those
    * in flight for longer than `lateMs`. Before that, a second request would only take upload
    * that another fragment needs.
@@ -564,7 +645,7 @@ export class Swarm implements Disposable {
     for (const [name, attempts] of this.#inflight) {
       if (this.#store.get(name)) continue; // arrived; its other attempts are being cancelled
       if (attempts.length === 1 && now - attempts[0]!.started > this.#options.lateMs) {
-        this.#start(name, true);
+        this.#start(name, "late");
       }
     }
   }

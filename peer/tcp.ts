@@ -1,6 +1,7 @@
 /**
  * The peer's TCP protocol (DESIGN.md "Peer TCP protocol"): one persistent connection, requests
- * one after another, each a line. `GET <name>` answers `OK <size> <sha256>` and the bytes, or
+ * one after another, each a line. `GET <name> [URGENT]` answers `OK <size> <sha256>` and the bytes
+ * (an urgent request ahead of others waiting for an upload slot), or
  * `ERR ELSEWHERE <host:port> ...` when the peer's upload is better spent on what only it holds
  * (see steering.ts); `HELLO <host:port>` says which peer the client is; `LIST` the fragments
  * held, `PING` `PONG`; a bad line gets `ERR <CODE> <text>` and the connection stays usable; a
@@ -16,6 +17,13 @@ import { type FragmentInfo, isFragmentName, type Store } from "./store.ts";
 import type { Steering } from "./steering.ts";
 import { UploadSlots } from "./upload_slots.ts";
 
+/**
+ * How many places back (upload_slots.ts) a request waits for an upload slot when no player
+ * waits for its fragment; one a player waits for is at the front.
+ */
+const NOT_WANTED_YET = 3;
+/** How many places back a seeder's request waits when other peers hold (or get) its fragment. */
+const HELD_ELSEWHERE = 6;
 /** The longest request line; anything longer closes the connection. */
 export const MAX_REQUEST_LINE = 1024;
 const CHUNK = 1024 * 1024;
@@ -351,7 +359,7 @@ async function answer(
   }
   client.fetching++;
   try {
-    await answerGet(request.name, store, client, options);
+    await answerGet(request, store, client, options);
   } finally {
     client.fetching--;
     client.usedAt = performance.now();
@@ -359,7 +367,7 @@ async function answer(
 }
 
 async function answerGet(
-  name: string,
+  { name, urgent }: { name: string; urgent: boolean },
   store: Store,
   client: Client,
   options: TcpServerOptions & { slots: UploadSlots },
@@ -369,6 +377,7 @@ async function answerGet(
   if (!opened) return reply(client, `ERR NOT_FOUND no fragment "${name}" here`);
   using file = opened.file;
   const { slots, steering } = options;
+  if (urgent) steering?.wantedNow(name);
   // Pointed elsewhere at once, without waiting for a slot, when other uploads are under way.
   const pointer = steering?.redirect(name, client.peer, slots.active + slots.waiting > 0);
   if (pointer) return reply(client, `ERR ELSEWHERE ${pointer.join(" ")}`);
@@ -376,7 +385,19 @@ async function answerGet(
   // others asking for it meanwhile are pointed there.
   if (client.peer) steering?.have(name, client.peer);
   try {
-    const release = await slots.acquire(client.peer ?? client.remote, client.closed);
+    // What a player waits for goes first; a seeder's upload goes to what only it holds before
+    // what others can give. Asked when a slot frees, as others get the fragment meanwhile.
+    const seeding = steering?.seeding();
+    const place = () =>
+      seeding && steering!.othersHold(name, client.peer)
+        ? HELD_ELSEWHERE
+        : urgent || steering?.wanted(name)
+        ? 0
+        : NOT_WANTED_YET;
+    const release = await slots.acquire(client.peer ?? client.remote, client.closed, {
+      place,
+      urgent,
+    });
     try {
       await reply(client, `OK ${opened.info.size} ${opened.info.sha256}`);
       client.body?.(true);
@@ -411,13 +432,16 @@ async function sendBody(
 
 /** A parsed request line, or why it is not one. */
 export type Request =
-  | { verb: "GET"; name: string }
+  | { verb: "GET"; name: string; urgent: boolean }
   | { verb: "LIST" }
   | { verb: "PING" }
   | { verb: "HELLO"; peer: string }
   | { error: string };
 
-/** Parses one request line: `GET <name>`, a bare `<name>`, `HELLO <host:port>`, `LIST` or `PING`. */
+/**
+ * Parses one request line: `GET <name> [URGENT]`, a bare `<name>`, `HELLO <host:port>`, `LIST` or
+ * `PING`.
+ */
 export function parseRequest(line: string): Request {
   const words = line.trim().split(/\s+/);
   if (words.length === 1 && words[0] === "") return { error: "empty request" };
@@ -437,10 +461,13 @@ export function parseRequest(line: string): Request {
   if (verb === "GET" && args.length === 0) {
     return { error: "GET needs a fragment name: GET <name>" };
   }
-  const name = verb === "GET" && args.length === 1 ? args[0]! : words.length === 1 ? verb! : "";
+  const urgent = verb === "GET" && args.length === 2 && args[1] === "URGENT";
+  let name = "";
+  if (verb === "GET" && (args.length === 1 || urgent)) name = args[0]!;
+  else if (words.length === 1) name = verb!;
   if (name === "") return { error: `unknown request "${line.slice(0, 64)}"` };
   if (!isFragmentName(name)) return { error: `invalid fragment name "${name.slice(0, 64)}"` };
-  return { verb: "GET", name };
+  return { verb: "GET", name, urgent };
 }
 
 /**
@@ -564,12 +591,13 @@ export class TcpPeerClient implements Disposable {
    * Requests fragment `name`. The bytes must be read to the end (or the client closed) before
    * another request runs; they are not verified here: the store verifies as it writes. Each chunk
    * is valid only until the next one is asked for (its buffer is reused), as Store.write uses it.
+   * An `urgent` request (a player waits for it) is served ahead of others waiting for a slot.
    */
-  async get(name: string): Promise<Download> {
+  async get(name: string, urgent = false): Promise<Download> {
     let release!: () => void;
     const done = new Promise<void>((resolve) => release = resolve);
     const header = await this.#exclusive(async () => {
-      await this.#send(`GET ${name}`);
+      await this.#send(urgent ? `GET ${name} URGENT` : `GET ${name}`);
       const line = await this.#readLine();
       const [size = "", sha256 = "", ...more] = this.#expectOk(line);
       // The size decides how many bytes are read next: anything but a whole number (and a hash

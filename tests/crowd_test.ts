@@ -13,6 +13,7 @@ import { startBroker } from "../broker.ts";
 import { Fetcher } from "../peer/fetch.ts";
 import { Steering } from "../peer/steering.ts";
 import { Store } from "../peer/store.ts";
+import { Swarm } from "../peer/swarm.ts";
 import { PeerError, startTcpServer, TcpPeerClient } from "../peer/tcp.ts";
 import { UploadSlots } from "../peer/upload_slots.ts";
 import { GrpcClient, startGrpcServer } from "../peer_grpc.ts";
@@ -84,6 +85,41 @@ Deno.test("UploadSlots gives a freed slot to the peer served least recently", as
   await waiting.then(() => assert(false, "should reject"), () => {});
   assertEquals(slots.waiting, 0);
   held();
+});
+
+Deno.test("UploadSlots serves a request placed at the front before one placed back that waited longer", async () => {
+  const slots = new UploadSlots(1, { placeStepMs: 1_000, maxLeadMs: 5_000 });
+  const order: string[] = [];
+  const take = (peer: string, place: number, urgent = false) =>
+    slots.acquire(peer, undefined, { place: () => place, urgent }).then((release) => {
+      order.push(`${peer}${urgent ? "!" : ""}`);
+      release();
+    });
+  const first = await slots.acquire("x");
+  // b came later, but a stands 3 places (3 s) back; c's own urgent request goes before its other.
+  const asks = [take("a", 3), take("b", 0), take("c", 3), take("c", 3, true)];
+  first();
+  await Promise.all(asks);
+  assertEquals(order, ["b", "a", "c!", "c"]);
+});
+
+Deno.test("UploadSlots bounds a place's handicap: a request never waits longer than maxLeadMs behind later ones", async () => {
+  const slots = new UploadSlots(1, { placeStepMs: 1_000, maxLeadMs: 200 });
+  const order: string[] = [];
+  const first = await slots.acquire("x");
+  // Placed 1000 places back, but past 200 ms of waiting it goes before those that came after.
+  const far = slots.acquire("far", undefined, { place: () => 1000 }).then((release) => {
+    order.push("far");
+    release();
+  });
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  const near = slots.acquire("near").then((release) => {
+    order.push("near");
+    release();
+  });
+  first();
+  await Promise.all([far, near]);
+  assertEquals(order, ["far", "near"]);
 });
 
 Deno.test("a busy peer points a second requester at the peer it is sending to, only once", async () => {
@@ -198,6 +234,121 @@ Deno.test("Fetcher follows ERR ELSEWHERE to the peer named, and asks the pointer
   // Pointed at a peer that is down: back to the pointer, which serves this time.
   assertEquals(await fetcher.fetch(second!.name, [seed]), `127.0.0.1:${busy.port}`);
   await draining;
+});
+
+/** A TCP server on `store` with one upload slot at 400 KB/s, and a client keeping it busy. */
+async function busyHolder(store: Store, keep: string, steering?: Steering) {
+  const server = startTcpServer(store, {
+    port: 0,
+    hostname: "127.0.0.1",
+    uploadSlots: 1,
+    throttle: createThrottle(400_000),
+    steering,
+  });
+  const keeper = await TcpPeerClient.connect(`127.0.0.1:${server.port}`);
+  await keeper.hello("10.9.9.9:1");
+  const busy = await keeper.get(keep);
+  let doneAt = Infinity;
+  const draining = (async () => {
+    for await (const _ of busy.chunks);
+    doneAt = performance.now();
+  })();
+  return {
+    port: server.port,
+    /** When the keeper's fragment was all sent (Infinity until then). */
+    doneAt: () => doneAt,
+    async [Symbol.asyncDispose]() {
+      await draining.catch(() => {});
+      keeper.close();
+      await server.close();
+    },
+  };
+}
+
+Deno.test("a busy seeder gives its next slot to a fragment only it holds before one others hold", async () => {
+  await using dir = await tempDir();
+  const manifest = await makeStore(join(dir.path, "seeder"), 1_600_000, 4);
+  const store = await Store.open(join(dir.path, "seeder"));
+  const steering = new Steering(store);
+  const [f0, f1, f2, f3] = manifest.fragments;
+  steering.have(f1!.name, "10.0.0.9:6009"); // another peer holds f1
+  await using holder = await busyHolder(store, f3!.name, steering);
+  const address = `127.0.0.1:${holder.port}`;
+  using a = await TcpPeerClient.connect(address);
+  using b = await TcpPeerClient.connect(address);
+  await a.hello("10.0.0.1:6001");
+  await b.hello("10.0.0.2:6002");
+  // A asks for f1: pointed at its holder once, then it waits for a slot. B asks for f2 later.
+  const pointed = await a.get(f1!.name).then(() => undefined, (e) => e);
+  assert(pointed instanceof PeerError && pointed.code === "ELSEWHERE", String(pointed));
+  const order: string[] = [];
+  const take = async (client: TcpPeerClient, name: string) => {
+    const download = await client.get(name);
+    order.push(name);
+    for await (const _ of download.chunks);
+  };
+  const asks = [take(a, f1!.name)];
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  asks.push(take(b, f2!.name));
+  await Promise.all(asks);
+  assertEquals(order, [f2!.name, f1!.name]);
+  assert(f0, "four fragments");
+});
+
+Deno.test("a cancelled fetch that waits for a busy holder's slot ends at once, not when the slot frees", async () => {
+  await using dir = await tempDir();
+  const manifest = await makeStore(join(dir.path, "seeder"), 1_600_000, 4);
+  const store = await Store.open(join(dir.path, "seeder"));
+  await using holder = await busyHolder(store, manifest.fragments[3]!.name);
+  const viewer = await Store.open(join(dir.path, "viewer"));
+  await viewer.setManifest(manifest);
+  using fetcher = new Fetcher(viewer, { self: "127.0.0.1:7777" });
+  const cancel = new AbortController();
+  const fetching = fetcher.fetch(manifest.fragments[0]!.name, [
+    { host: "127.0.0.1", port: holder.port, grpcPort: 0 },
+  ], { signal: cancel.signal });
+  await new Promise((resolve) => setTimeout(resolve, 100));
+  cancel.abort();
+  const error = await fetching.then(() => undefined, (e) => e);
+  const endedAt = performance.now();
+  assertMatch(String(error), /cancelled/);
+  assert(endedAt < holder.doneAt(), "the fetch waited for the slot anyway");
+  assertEquals(viewer.get(manifest.fragments[0]!.name), undefined);
+});
+
+Deno.test("a swarm waiting for a busy holder's slot takes the fragment from an idle holder that turns up", async () => {
+  await using dir = await tempDir();
+  const manifest = await makeStore(join(dir.path, "seeder"), 1_600_000, 4);
+  const seeder = await Store.open(join(dir.path, "seeder"));
+  const name = manifest.fragments[0]!.name;
+  await using busy = await busyHolder(seeder, manifest.fragments[3]!.name);
+  // An idle peer holding the fragment, known only once the swarm already waits at the first.
+  const other = await Store.open(join(dir.path, "other"));
+  await other.setManifest(manifest);
+  const bytes = await Deno.readFile(join(dir.path, "seeder", name));
+  await other.write(
+    name,
+    manifest.fragments[0]!,
+    (async function* () {
+      yield bytes;
+    })(),
+  );
+  await using idle = startTcpServer(other, { port: 0, hostname: "127.0.0.1" });
+  const viewer = await Store.open(join(dir.path, "viewer"));
+  await viewer.setManifest(manifest);
+  using fetcher = new Fetcher(viewer, { self: "127.0.0.1:7777" });
+  const neighbours = [{ host: "127.0.0.1", port: busy.port, grpcPort: 0 }];
+  using swarm = new Swarm(viewer, fetcher, { neighbours: () => neighbours });
+  const from: string[] = [];
+  swarm.onEvent((event) => {
+    if (event.state === "held") from.push(event.from ?? "");
+  });
+  const needing = swarm.need(name);
+  await new Promise((resolve) => setTimeout(resolve, 100));
+  neighbours.push({ host: "127.0.0.1", port: idle.port, grpcPort: 0 });
+  await needing;
+  assert(performance.now() < busy.doneAt(), "it waited for the busy holder's slot");
+  assertEquals(from, [`127.0.0.1:${idle.port}`]);
 });
 
 /**

@@ -4,6 +4,7 @@ import { createHash } from "node:crypto";
 import { PeerError, startTcpServer, TcpPeerClient } from "../peer/tcp.ts";
 import { IntegrityError, Store } from "../peer/store.ts";
 import { splitFile } from "../split.ts";
+import { createThrottle } from "../common/throttle.ts";
 import { Child, ROOT, runTask, tempDir } from "./_util.ts";
 
 const encoder = new TextEncoder();
@@ -60,6 +61,9 @@ Deno.test("TCP server answers the protocol table, and stays usable after every E
     ["GET manifest.json", /^ERR BAD_REQUEST invalid fragment name "manifest\.json"$/],
     [`GET ${"a".repeat(201)}`, /^ERR BAD_REQUEST invalid fragment name/],
     ["GET a b", /^ERR BAD_REQUEST unknown request "GET a b"$/],
+    ["GET nothing.bin URGENT", /^ERR NOT_FOUND no fragment "nothing\.bin" here$/],
+    ["GET nothing.bin SOON", /^ERR BAD_REQUEST unknown request "GET nothing\.bin SOON"$/],
+    ["GET URGENT nothing.bin", /^ERR BAD_REQUEST unknown request/],
     ["HELLO WORLD", /^ERR BAD_REQUEST HELLO needs the peer's own address: HELLO <host:port>$/],
     ["HELLO 127.0.0.1:6009", /^OK$/],
     ["HELLO", /^ERR BAD_REQUEST HELLO needs the peer's own address/],
@@ -87,7 +91,7 @@ Deno.test("TCP server sends a fragment as OK <size> <sha256> and exactly its byt
   const { store, manifest, bytes } = await makeStore(dir.path);
   await using server = startTcpServer(store, { port: 0, hostname: "127.0.0.1" });
   const f = manifest.fragments[1]!;
-  for (const line of [`GET ${f.name}`, f.name]) { // a bare name means GET
+  for (const line of [`GET ${f.name}`, f.name, `GET ${f.name} URGENT`]) { // bare: GET
     using conn = await Deno.connect({ port: server.port });
     await conn.write(encoder.encode(line + "\nPING\n"));
     const expected = `OK ${f.size} ${f.sha256}\n`.length + f.size + "PONG\n".length;
@@ -100,6 +104,54 @@ Deno.test("TCP server sends a fragment as OK <size> <sha256> and exactly its byt
       bytes.subarray(f.offset, f.offset + f.size),
     );
     assertEquals(decoder.decode(received.subarray(header.length + f.size)), "PONG\n");
+  }
+});
+
+Deno.test("TCP server gives a freed upload slot to a GET ... URGENT before ordinary GETs that came first", async () => {
+  await using dir = await tempDir();
+  const input = join(dir.path, "big.bin");
+  await Deno.writeFile(input, new Uint8Array(1_600_000).map(() => Math.random() * 256));
+  const manifest = await splitFile(input, { out: join(dir.path, "store"), fragments: 4 });
+  const store = await Store.open(join(dir.path, "store"));
+  // One slot at 400 KB/s: each 400 KB fragment keeps it most of a second.
+  await using server = startTcpServer(store, {
+    port: 0,
+    hostname: "127.0.0.1",
+    uploadSlots: 1,
+    throttle: createThrottle(400_000),
+  });
+  const address = `127.0.0.1:${server.port}`;
+  const clients = await Promise.all(
+    ["keeper", "first", "second", "player"].map(async (name, i) => {
+      const client = await TcpPeerClient.connect(address);
+      await client.hello(`10.0.0.${i + 1}:600${i}`);
+      return { name, client };
+    }),
+  );
+  try {
+    const [keeper, first, second, player] = clients;
+    const busy = await keeper!.client.get(manifest.fragments[0]!.name);
+    const order: string[] = [];
+    const ask = async (
+      { name, client }: typeof clients[number],
+      fragment: number,
+      urgent = false,
+    ) => {
+      const download = await client.get(manifest.fragments[fragment]!.name, urgent);
+      order.push(name);
+      for await (const _ of download.chunks); // read to the end: the slot frees
+    };
+    const asks = [ask(first!, 1)];
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    asks.push(ask(second!, 2));
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    asks.push(ask(player!, 3, true));
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    for await (const _ of busy.chunks);
+    await Promise.all(asks);
+    assertEquals(order, ["player", "first", "second"]);
+  } finally {
+    for (const { client } of clients) client.close();
   }
 });
 
