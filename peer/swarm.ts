@@ -89,7 +89,10 @@ export interface Progress {
 }
 
 interface Attempt {
+  /** The holder's address, as shown. */
   holder: string;
+  /** The holder, however it is named ({@link holderKey}: localhost and 127.0.0.1 are one). */
+  key: string;
   started: number;
   controller: AbortController;
   /** Asked for as the player's (`GET <name> URGENT`). */
@@ -126,6 +129,8 @@ export class Swarm implements Disposable {
   #heard = new Map<string, Map<string, { holder: Holder; at: number }>>();
   #seeds = new Set<string>(); // holderKey of peers known to hold every fragment
   #rank = new Map<string, number>(); // fragment -> this peer's random tie-break
+  // Holders below are keyed by holderKey(): the directory lists a peer at 127.0.0.1 where its
+  // HELLO, pointers and HAVEs say localhost, and both are one holder with one upload.
   #pointedAway = new Map<string, Map<string, number>>(); // fragment -> holder -> until
   // Every peer the directory lists for the file (holderKey): for these, it says what they hold.
   readonly #listed = new Set<string>();
@@ -266,7 +271,7 @@ export class Swarm implements Disposable {
     heard.set(key, { holder, at: Date.now() });
     this.#heard.set(name, heard);
     // It may have said NOT_FOUND while the fragment was on its way to it.
-    this.#tried.get(name)?.delete(holderAddress(holder.host, holder.port));
+    this.#tried.get(name)?.delete(holderKey(holder));
     this.#updateSeed(key);
     this.#wake?.();
   }
@@ -455,19 +460,18 @@ export class Swarm implements Disposable {
     const neighbours = this.#neighbours().filter((h) => !this.#listed.has(holderKey(h)));
     const pointed = this.#pointedAway.get(name);
     const holders = [...this.#holdersOf(name), ...neighbours].filter((holder) => {
-      const address = holderAddress(holder.host, holder.port);
       const key = holderKey(holder);
-      if (seen.has(key) || this.#isSelf(holder) || lied?.has(address)) return false;
+      if (seen.has(key) || this.#isSelf(holder) || lied?.has(key)) return false;
       seen.add(key);
-      return !this.#fetcher.isAvoided(holder) && !tried?.has(address) &&
-        (this.#downUntil.get(address) ?? 0) <= now && (pointed?.get(address) ?? 0) <= now;
+      return !this.#fetcher.isAvoided(holder) && !tried?.has(key) &&
+        (this.#downUntil.get(key) ?? 0) <= now && (pointed?.get(key) ?? 0) <= now;
     }).sort((a, b) =>
       // Viewers before seeders, whose upload goes to what nobody else holds; then the least
       // loaded; then at random, so a crowd's requests spread over equal holders.
       Number(this.#isSeed(a)) - Number(this.#isSeed(b)) ||
       this.#loadOf(a) - this.#loadOf(b) || Math.random() - 0.5
     );
-    const honest = holders.filter((h) => !this.#liars.has(holderAddress(h.host, h.port)));
+    const honest = holders.filter((h) => !this.#liars.has(holderKey(h)));
     return honest.length > 0 ? honest : holders;
   }
 
@@ -476,22 +480,21 @@ export class Swarm implements Disposable {
   }
 
   #loadOf(holder: Holder): number {
-    return this.#load.get(holderAddress(holder.host, holder.port)) ?? 0;
+    return this.#load.get(holderKey(holder)) ?? 0;
   }
 
   // Fragments the player waits for in flight from `holder`.
   #urgentLoadOf(holder: Holder): number {
-    const address = holderAddress(holder.host, holder.port);
-    return this.#urgent.filter((name) =>
-      this.#inflight.get(name)?.some((a) => a.holder === address)
-    ).length;
+    const key = holderKey(holder);
+    return this.#urgent.filter((name) => this.#inflight.get(name)?.some((a) => a.key === key))
+      .length;
   }
 
   #start(name: string, duplicate: false | "late" | "hedge" = false): void {
     if (this.#inflightCount() >= this.#options.total) return;
     const attempts = this.#inflight.get(name) ?? [];
     if (attempts.length > 0 && !duplicate) return;
-    const busy = new Set(attempts.map((a) => a.holder));
+    const busy = new Set(attempts.map((a) => a.key));
     const candidates = this.#candidates(name);
     // A fragment a viewer holds waits for that viewer rather than take a seeder's upload.
     const viewerHas = candidates.some((h) => !this.#isSeed(h));
@@ -501,7 +504,7 @@ export class Swarm implements Disposable {
     const seedLoad = (h: Holder) => urgent ? this.#urgentLoadOf(h) : this.#loadOf(h);
     const holder = candidates.find((h) =>
       duplicate
-        ? this.#loadOf(h) === 0 && !busy.has(holderAddress(h.host, h.port)) &&
+        ? this.#loadOf(h) === 0 && !busy.has(holderKey(h)) &&
           (duplicate === "late" || !this.#isSeed(h))
         : this.#isSeed(h)
         ? !viewerHas && seedLoad(h) < this.#options.perSeed
@@ -509,8 +512,10 @@ export class Swarm implements Disposable {
     );
     if (!holder) return;
     const address = holderAddress(holder.host, holder.port);
+    const key = holderKey(holder);
     const attempt: Attempt = {
       holder: address,
+      key,
       started: Date.now(),
       controller: new AbortController(),
       urgent,
@@ -519,7 +524,7 @@ export class Swarm implements Disposable {
     };
     if (!duplicate) this.#announced.delete(name); // not held: the store may have lost it
     this.#inflight.set(name, [...attempts, attempt]);
-    this.#load.set(address, this.#loadOf(holder) + 1);
+    this.#load.set(key, this.#loadOf(holder) + 1);
     this.#emit(name, "inflight", address);
     currentAttempt.run(
       attempt,
@@ -535,9 +540,9 @@ export class Swarm implements Disposable {
         this.#lastProgress = Date.now();
         this.#waitLines = 0;
       },
-      (error) => attempt.superseded || this.#failed(name, address, error),
+      (error) => attempt.superseded || this.#failed(name, key, error),
     ).finally(() => {
-      this.#load.set(address, this.#loadOf(holder) - 1);
+      this.#load.set(key, this.#loadOf(holder) - 1);
       const left = (this.#inflight.get(name) ?? []).filter((a) => a !== attempt);
       if (left.length > 0) this.#inflight.set(name, left);
       else this.#inflight.delete(name);
@@ -550,7 +555,8 @@ export class Swarm implements Disposable {
     });
   }
 
-  #failed(name: string, address: string, error: unknown): void {
+  // `key`: the holder's holderKey.
+  #failed(name: string, key: string, error: unknown): void {
     if (error instanceof StoreWriteError) {
       this.#fatal = error;
       return;
@@ -565,7 +571,7 @@ export class Swarm implements Disposable {
       // Not a failure: the holder spares its upload. Ask the peers it names, and not it for a
       // while; it serves this peer if asked again after that.
       const pointed = this.#pointedAway.get(name) ?? new Map();
-      this.#pointedAway.set(name, pointed.set(address, Date.now() + this.#options.pointedMs));
+      this.#pointedAway.set(name, pointed.set(key, Date.now() + this.#options.pointedMs));
       for (const peer of pointer.elsewhere ?? []) {
         try {
           const { hostname, port } = parseAddress(peer);
@@ -575,14 +581,14 @@ export class Swarm implements Disposable {
       return;
     }
     const tried = this.#tried.get(name) ?? new Set();
-    tried.add(address);
+    tried.add(key);
     this.#tried.set(name, tried);
     if (error.failures.some((f) => f.kind === "down")) {
-      this.#downUntil.set(address, Date.now() + this.#options.downMs);
+      this.#downUntil.set(key, Date.now() + this.#options.downMs);
     }
     if (error.failures.some((f) => f.kind === "bad")) {
-      this.#lied.set(name, (this.#lied.get(name) ?? new Set()).add(address));
-      this.#liars.add(address);
+      this.#lied.set(name, (this.#lied.get(name) ?? new Set()).add(key));
+      this.#liars.add(key);
     }
     // Not final: the scheduler asks the next holder (or this one again later), and gives up
     // only once nobody has had the fragment for `stallMs` ("No holder could provide ...").
@@ -801,7 +807,7 @@ export class Swarm implements Disposable {
       held: manifest.fragments.filter((f) => this.#store.get(f.name)).length,
       total: manifest.fragments.length,
       bytesPerSecond: this.#received / Math.max(seconds, 0.001),
-      peers: new Set([...this.#inflight.values()].flat().map((a) => a.holder)).size,
+      peers: new Set([...this.#inflight.values()].flat().map((a) => a.key)).size,
     });
   }
 

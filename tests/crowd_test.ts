@@ -351,6 +351,30 @@ Deno.test("a swarm waiting for a busy holder's slot takes the fragment from an i
   assertEquals(from, [`127.0.0.1:${idle.port}`]);
 });
 
+Deno.test("a swarm takes localhost:P and 127.0.0.1:P for one holder: no second request waits in its line", async () => {
+  await using dir = await tempDir();
+  const manifest = await makeStore(join(dir.path, "seeder"), 1_600_000, 4);
+  const seeder = await Store.open(join(dir.path, "seeder"));
+  await using busy = await busyHolder(seeder, manifest.fragments[3]!.name);
+  const viewer = await Store.open(join(dir.path, "viewer"));
+  await viewer.setManifest(manifest);
+  using fetcher = new Fetcher(viewer, { self: "127.0.0.1:7777" });
+  // As its pointers and HAVEs name it; then the directory lists it too, at its address.
+  const neighbours = [{ host: "localhost", port: busy.port, grpcPort: 0 }];
+  const swarm = new Swarm(viewer, fetcher, { neighbours: () => neighbours });
+  const asked: string[] = [];
+  swarm.onEvent((event) => {
+    if (event.state === "inflight") asked.push(event.from ?? "");
+  });
+  const needing = swarm.need(manifest.fragments[0]!.name).catch(() => {});
+  await new Promise((resolve) => setTimeout(resolve, 100));
+  neighbours.unshift({ host: "127.0.0.1", port: busy.port, grpcPort: 0 });
+  await new Promise((resolve) => setTimeout(resolve, 600)); // past the 300 ms before a second ask
+  swarm[Symbol.dispose]();
+  await needing;
+  assertEquals(asked, [`localhost:${busy.port}`]);
+});
+
 /**
  * A directory, a broker and a seeder child holding a file of `size` bytes in `fragments`;
  * `prepare` may change the seeder's store before it starts.
