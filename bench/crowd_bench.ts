@@ -47,6 +47,7 @@
  * @module
  */
 import { join } from "node:path";
+import { parseArgs } from "node:util";
 import { type Manifest, SAMPLE_VIDEO, splitFile } from "../split.ts";
 import { parseRate } from "../common/throttle.ts";
 import { type Child, peerArgs, startTask } from "../tests/_util.ts";
@@ -64,6 +65,12 @@ const MIN_SHARE = 0.5;
 /** The watching crowd: how many players, and everyone's upload as a multiple of the bitrate. */
 const WATCHERS = 6;
 const WATCH_RATE_FACTOR = 2.5;
+
+/** A watching crowd's size and upload, other than the bench's own for trying harder crowds. */
+interface WatchingOptions {
+  watchers: number;
+  rateFactor: number;
+}
 /** A stall starts when playback falls this far behind the wall clock, and ends back within END. */
 const STALL_S = 1;
 const STALL_END_S = 0.5;
@@ -532,16 +539,22 @@ async function duration(path: string): Promise<number> {
 }
 
 /** Runs the watching crowd and returns its rows. */
-async function watchingCrowd(root: string): Promise<{ rows: Row[]; notes: string[] }> {
+async function watchingCrowd(
+  root: string,
+  { watchers, rateFactor }: WatchingOptions = {
+    watchers: WATCHERS,
+    rateFactor: WATCH_RATE_FACTOR,
+  },
+): Promise<{ rows: Row[]; notes: string[] }> {
   const seconds = await duration(SAMPLE_VIDEO);
   const bitrate = (await Deno.stat(SAMPLE_VIDEO)).size / seconds; // bytes per second
-  const rate = String(Math.round(WATCH_RATE_FACTOR * bitrate));
+  const rate = String(Math.round(rateFactor * bitrate));
   const seedStore = join(root, "sample-seed");
   const manifest = await splitFile(SAMPLE_VIDEO, { out: seedStore });
   await using children = new Children();
   const services = await startServices(children);
   const { seeder, port: seederPort } = await startSeeder(seedStore, rate, services, children);
-  const viewers = Array.from({ length: WATCHERS }, (_, i) =>
+  const viewers = Array.from({ length: watchers }, (_, i) =>
     children.start("peer", [
       ...peerFlags(join(root, `watcher-${i}`), services, rate),
       "--no-console",
@@ -570,13 +583,13 @@ async function watchingCrowd(root: string): Promise<{ rows: Row[]; notes: string
   const rows: Row[] = [
     {
       name: `watching: bitrate of ${manifest.file} (its size over ffprobe's ${seconds} s); ` +
-        `everyone uploads at ${WATCH_RATE_FACTOR}x`,
+        `everyone uploads at ${rateFactor}x`,
       value: `${kBps(bitrate)}; ${kBps(Number(rate))}`,
     },
     {
-      name: `watching: page opened to manifest, slowest of ${WATCHERS} viewers`,
+      name: `watching: page opened to manifest, slowest of ${watchers} viewers`,
       value: pagesMissed > 0
-        ? `${pagesMissed} of ${WATCHERS} never got it within ${MANIFEST_TIMEOUT_MS / 1000} s`
+        ? `${pagesMissed} of ${watchers} never got it within ${MANIFEST_TIMEOUT_MS / 1000} s`
         : `${Math.round(Math.max(...pageMs.map((ms) => ms!)))} ms`,
     },
   ];
@@ -614,7 +627,7 @@ async function watchingCrowd(root: string): Promise<{ rows: Row[]; notes: string
   });
   rows.push(
     {
-      name: `watching: stalls over all ${WATCHERS} viewers`,
+      name: `watching: stalls over all ${watchers} viewers`,
       value: String(total),
       target: "0, every player to the end",
       pass: total === 0 && allGood,
@@ -643,7 +656,32 @@ async function makeInput(path: string, size: number): Promise<void> {
   }
 }
 
+/**
+ * `deno task bench crowd` runs the bench as above. Run directly, it can try the watching crowd
+ * alone, harder and several times, to judge a change to the swarm by its stall timelines:
+ * `deno run -P=bench bench/crowd_bench.ts --watching-only --watchers 8 --rate-factor 2 --runs 3`.
+ */
 async function main() {
+  const { values } = parseArgs({
+    args: Deno.args,
+    options: {
+      "watching-only": { type: "boolean", default: false },
+      watchers: { type: "string", default: String(WATCHERS) },
+      "rate-factor": { type: "string", default: String(WATCH_RATE_FACTOR) },
+      runs: { type: "string", default: "1" },
+    },
+  });
+  const watching = { watchers: Number(values.watchers), rateFactor: Number(values["rate-factor"]) };
+  const runs = Number(values.runs);
+  if (
+    !Number.isInteger(watching.watchers) || watching.watchers < 1 ||
+    !(watching.rateFactor > 0) || !Number.isInteger(runs) || runs < 1
+  ) {
+    console.error(
+      "error: --watchers and --runs take a whole number >= 1, --rate-factor a number > 0",
+    );
+    Deno.exit(2);
+  }
   for (const tool of ["ffmpeg", "ffprobe"]) {
     const found = await new Deno.Command(tool, { args: ["-version"], stdout: "null" }).output()
       .then(({ code }) => code === 0, () => false);
@@ -654,20 +692,27 @@ async function main() {
       Deno.exit(1);
     }
   }
+  for (let run = 0; run < runs; run++) await benchOnce(values["watching-only"], watching);
+}
+
+/** One run of the bench: both downloading crowds (unless `watchingOnly`), then the watching one. */
+async function benchOnce(watchingOnly: boolean, options: WatchingOptions): Promise<void> {
   // Not /dev/shm: the peers run with the peer task's own permissions, which cannot reach /dev
   // (denoland/deno#30979); at 1MB/s the disk does not matter.
   const root = await Deno.makeTempDir({ prefix: "crowd-bench-" });
   try {
-    const input = join(root, FILE);
-    await makeInput(input, SIZE);
-    const seedStore = join(root, "seed");
-    const manifest = await splitFile(input, { out: seedStore, fragments: FRAGMENTS });
     const rows: Row[] = [];
-    for (const n of CROWDS) {
-      const result = await downloadingCrowd(n, root, seedStore, manifest);
-      rows.push(...crowdRows(result));
+    if (!watchingOnly) {
+      const input = join(root, FILE);
+      await makeInput(input, SIZE);
+      const seedStore = join(root, "seed");
+      const manifest = await splitFile(input, { out: seedStore, fragments: FRAGMENTS });
+      for (const n of CROWDS) {
+        const result = await downloadingCrowd(n, root, seedStore, manifest);
+        rows.push(...crowdRows(result));
+      }
     }
-    const watching = await watchingCrowd(root);
+    const watching = await watchingCrowd(root, options);
     rows.push(...watching.rows);
     if (!printTable(rows)) Deno.exitCode = 1;
     // Which fragment a stalled viewer waited for, and whose it was: the next step's evidence.
