@@ -227,7 +227,13 @@ export class Fetcher implements Disposable {
           if (!this.#options.grpcDownload) throw new Error("gRPC is not available");
           download = await this.#options.grpcDownload(address, name, signal);
         } else {
-          ({ client, download } = await this.#lease(address, name, urgent, signal));
+          // Known before the request goes out, so a cancel closes it while the request waits
+          // for the holder's answer (its upload slots may all be busy).
+          const lease = (leased: TcpPeerClient) => {
+            client = leased;
+            if (signal?.aborted) leased.close();
+          };
+          download = await this.#lease(address, name, { urgent, lease, signal });
         }
       } catch (error) {
         if (error instanceof Deno.errors.NotCapable) throw error;
@@ -240,11 +246,6 @@ export class Fetcher implements Disposable {
           return { address, kind: "missing", text: `${address} answered ${error.code}${said}` };
         }
         return { address, kind: "down", text: `${address} failed (${message(error)})` };
-      }
-      if (signal?.aborted) { // between the answer and `client` being set: not closed yet
-        client?.close();
-        download.cancel?.();
-        return { address, kind: "down", text: `${address}: cancelled` };
       }
       onSending?.(address);
       // Every split names its fragments fragment_<i>.bin: a holder that announces other bytes
@@ -352,50 +353,37 @@ export class Fetcher implements Disposable {
     };
   }
 
-  // Requests `name` on an idle connection to `address`, or a new one. An idle connection may be
-  // stale (the holder restarted): a failure on one is retried once on a fresh connection. A
-  // request still waiting for its answer (the holder's upload slots are busy) is cancelled by
-  // `signal` too: its connection is closed.
+  // Requests `name` on an idle connection to `address`, or a new one, telling `lease` of each
+  // connection as it is taken: the caller closes it on a cancel and releases the last one. An
+  // idle connection may be stale (the holder restarted): a failure on one is retried once on a
+  // fresh connection, unless `signal` aborted.
   async #lease(
     address: string,
     name: string,
-    urgent: boolean,
-    signal?: AbortSignal,
-  ): Promise<{ client: TcpPeerClient; download: Download }> {
-    const ask = async (client: TcpPeerClient) => {
-      const onAbort = () => client.close();
-      signal?.addEventListener("abort", onAbort);
-      try {
-        signal?.throwIfAborted();
-        return { client, download: await client.get(name, urgent) };
-      } finally {
-        signal?.removeEventListener("abort", onAbort);
-      }
-    };
+    { urgent, lease, signal }: {
+      urgent: boolean;
+      lease: (client: TcpPeerClient) => void;
+      signal?: AbortSignal;
+    },
+  ): Promise<Download> {
     const idle = this.#idle.get(address) ?? [];
     for (let client; (client = idle.pop());) {
       if (client.closed) continue;
       this.#leased.add(client);
+      lease(client);
       try {
-        return await ask(client);
+        return await client.get(name, urgent);
       } catch (error) {
-        if (error instanceof PeerError || signal?.aborted) {
-          this.#release(address, client);
-          throw error;
-        }
+        if (error instanceof PeerError || signal?.aborted) throw error;
         this.#leased.delete(client);
         client.close();
       }
     }
     const client = await TcpPeerClient.connect(address);
     this.#leased.add(client);
-    try {
-      if (this.#options.self) await client.hello(this.#options.self);
-      return await ask(client);
-    } catch (error) {
-      this.#release(address, client);
-      throw error;
-    }
+    lease(client);
+    if (this.#options.self) await client.hello(this.#options.self);
+    return await client.get(name, urgent);
   }
 
   #release(address: string, client: TcpPeerClient): void {
