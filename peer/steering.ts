@@ -9,7 +9,9 @@
  * from its own uploads: a fragment it is sending counts toward its receiver at once, so two
  * viewers asking for the same rare fragment get it once from the seeder and once from each other.
  * A requester is pointed elsewhere at most once per fragment within `onceMs`: if it comes back,
- * the others failed it, and it is served.
+ * the others failed it, and it is served. It also tells the TCP server's upload slots which
+ * requests come first: fragments a player asked for lately ({@link Steering.wanted}), and at a
+ * seeder those nobody else holds ({@link Steering.othersHold}).
  * @module
  */
 import type { Store } from "./store.ts";
@@ -19,10 +21,10 @@ export interface SteeringOptions {
   onceMs?: number;
   /** Most holders a pointer names. @default 4 */
   pointTo?: number;
-  /** How long a fragment a player asked for counts as wanted soon. @default 10000 */
-  wantedMs?: number;
 }
 
+/** How long a fragment a player asked for here counts as wanted soon by the crowd. */
+const WANTED_MS = 10_000;
 // Bounds on what hostile announcements can make it remember.
 const MAX_HOLDERS_PER_FRAGMENT = 256;
 const MAX_REDIRECTS_REMEMBERED = 10_000;
@@ -36,13 +38,11 @@ export class Steering {
   readonly #redirected = new Map<string, number>(); // "<requester> <fragment>" -> when
   // fragment (held here) -> when a player last asked for it
   readonly #wanted = new Map<string, number>();
-  readonly #wantedMs: number;
 
   constructor(store: Store, options: SteeringOptions = {}) {
     this.#store = store;
     this.#onceMs = options.onceMs ?? 30_000;
     this.#pointTo = options.pointTo ?? 4;
-    this.#wantedMs = options.wantedMs ?? 10_000;
   }
 
   /** `peer` (its `host:port`) holds `name`, or is being sent it. */
@@ -62,9 +62,9 @@ export class Steering {
     this.#wanted.set(name, Date.now());
   }
 
-  /** Whether a player asked for `name` here within `wantedMs`. */
+  /** Whether a player asked for `name` here within {@link WANTED_MS}. */
   wanted(name: string): boolean {
-    return Date.now() - (this.#wanted.get(name) ?? -Infinity) < this.#wantedMs;
+    return Date.now() - (this.#wanted.get(name) ?? -Infinity) < WANTED_MS;
   }
 
   /** Whether a peer other than `requester` holds `name`, or is being sent it. */
@@ -91,16 +91,10 @@ export class Steering {
     return shuffle(others).slice(0, this.#pointTo);
   }
 
-  /** Whether this peer holds the whole of its file. */
-  seeding(): boolean {
-    const fragments = this.#store.manifest?.fragments ?? [];
-    return fragments.length > 0 && fragments.every((f) => this.#store.get(f.name));
-  }
-
   // True while this peer seeds the whole file and some fragment of it is held (or being got)
   // by no other peer known. A viewer's upload goes wherever it is asked: it has no such duty.
   #holdsUnique(): boolean {
-    if (!this.seeding()) return false;
+    if (!this.#store.holdsAll()) return false;
     const fragments = this.#store.manifest!.fragments;
     return fragments.some((f) => (this.#holders.get(f.name)?.size ?? 0) === 0);
   }

@@ -152,6 +152,12 @@ export class Store {
     );
   }
 
+  /** Whether the store holds every fragment of its manifest (false without one). */
+  holdsAll(): boolean {
+    const fragments = this.#manifest?.fragments ?? [];
+    return fragments.length > 0 && fragments.every((f) => this.#held.has(f.name));
+  }
+
   /** What the store holds under `name`, if anything. */
   get(name: string): FragmentInfo | undefined {
     return this.#held.get(name);

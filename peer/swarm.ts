@@ -235,7 +235,7 @@ export class Swarm implements Disposable {
     while (true) {
       this.#fetchingAll++;
       try {
-        await this.#settle(() => manifest.fragments.every((f) => this.#store.get(f.name)));
+        await this.#settle(() => this.#store.holdsAll());
       } finally {
         this.#fetchingAll--;
       }
@@ -618,9 +618,7 @@ export class Swarm implements Disposable {
   #sending(name: string, attempt: Attempt): void {
     attempt.sending = true;
     for (const other of this.#inflight.get(name) ?? []) {
-      if (other === attempt || other.sending) continue;
-      other.superseded = true;
-      other.controller.abort();
+      if (other !== attempt && !other.sending) supersede(other);
     }
   }
 
@@ -633,10 +631,7 @@ export class Swarm implements Disposable {
     for (const name of this.#urgent) {
       const attempts = this.#inflight.get(name) ?? [];
       if (attempts.length === 0 || attempts.some((a) => a.urgent || a.sending)) continue;
-      for (const attempt of attempts) {
-        attempt.superseded = true;
-        attempt.controller.abort();
-      }
+      attempts.forEach(supersede);
     }
   }
 
@@ -817,6 +812,12 @@ export class Swarm implements Disposable {
     for (const attempts of this.#inflight.values()) attempts.forEach((a) => a.controller.abort());
     this.#wake?.();
   }
+}
+
+/** Cancels an attempt that another replaces: its end is no failure of its holder. */
+function supersede(attempt: Attempt): void {
+  attempt.superseded = true;
+  attempt.controller.abort();
 }
 
 /** A listed file for a console line: its name, the start of its id, and its seeders. */

@@ -387,9 +387,9 @@ async function answerGet(
   try {
     // What a player waits for goes first; a seeder's upload goes to what only it holds before
     // what others can give. Asked when a slot frees, as others get the fragment meanwhile.
-    const seeding = steering?.seeding();
+    const seeding = store.holdsAll();
     const place = () =>
-      seeding && steering!.othersHold(name, client.peer)
+      seeding && steering?.othersHold(name, client.peer)
         ? HELD_ELSEWHERE
         : urgent || steering?.wanted(name)
         ? 0
