@@ -541,10 +541,7 @@ async function duration(path: string): Promise<number> {
 /** Runs the watching crowd and returns its rows. */
 async function watchingCrowd(
   root: string,
-  { watchers, rateFactor }: WatchingOptions = {
-    watchers: WATCHERS,
-    rateFactor: WATCH_RATE_FACTOR,
-  },
+  { watchers, rateFactor }: WatchingOptions,
 ): Promise<{ rows: Row[]; notes: string[] }> {
   const seconds = await duration(SAMPLE_VIDEO);
   const bitrate = (await Deno.stat(SAMPLE_VIDEO)).size / seconds; // bytes per second

@@ -10,15 +10,15 @@ import { assert, assertEquals, assertMatch } from "./_assert.ts";
 import { join } from "node:path";
 import { startDirectory } from "../directory.ts";
 import { startBroker } from "../broker.ts";
-import { Fetcher } from "../peer/fetch.ts";
+import { Fetcher, type Holder } from "../peer/fetch.ts";
 import { Steering } from "../peer/steering.ts";
 import { Store } from "../peer/store.ts";
-import { Swarm } from "../peer/swarm.ts";
+import { type FragmentEvent, Swarm } from "../peer/swarm.ts";
 import { PeerError, startTcpServer, TcpPeerClient } from "../peer/tcp.ts";
 import { UploadSlots } from "../peer/upload_slots.ts";
 import { GrpcClient, startGrpcServer } from "../peer_grpc.ts";
 import { createThrottle } from "../common/throttle.ts";
-import { type Manifest, splitFile } from "../split.ts";
+import { type FragmentEntry, type Manifest, splitFile } from "../split.ts";
 import { type Child, peerArgs, startTask, tempDir } from "./_util.ts";
 
 const FILE = "crowd.bin";
@@ -35,6 +35,31 @@ async function makeStore(dir: string, size: number, fragments: number): Promise<
   for (let at = 0; at < size; at += 65536) crypto.getRandomValues(bytes.subarray(at, at + 65536));
   await Deno.writeFile(input, bytes);
   return await splitFile(input, { out: dir, fragments });
+}
+
+/**
+ * A store at `dir` for `manifest`'s file, holding a copy of each fragment of `copied` from the
+ * seeder's store `seederDir`: a viewer (nothing copied) or another holder.
+ */
+async function storeFor(
+  dir: string,
+  manifest: Manifest,
+  seederDir?: string,
+  copied: FragmentEntry[] = [],
+): Promise<Store> {
+  const store = await Store.open(dir);
+  await store.setManifest(manifest);
+  for (const fragment of copied) {
+    const bytes = await Deno.readFile(join(seederDir!, fragment.name));
+    await store.write(
+      fragment.name,
+      fragment,
+      (async function* () {
+        yield bytes;
+      })(),
+    );
+  }
+  return store;
 }
 
 /** Flags of a crowd peer: its store, the directory, the broker, an upload limit. */
@@ -205,17 +230,10 @@ Deno.test("Fetcher follows ERR ELSEWHERE to the peer named, and asks the pointer
     steering,
   });
   // The peer pointed at holds the fragment; a second one pointed at is down.
-  const other = await Store.open(join(dir.path, "other"));
-  await other.setManifest(manifest);
   const [first, second] = manifest.fragments;
-  const bytes = await Deno.readFile(join(dir.path, "seeder", first!.name));
-  await other.write(
-    first!.name,
+  const other = await storeFor(join(dir.path, "other"), manifest, join(dir.path, "seeder"), [
     first!,
-    (async function* () {
-      yield bytes;
-    })(),
-  );
+  ]);
   await using holder = startTcpServer(other, { port: 0, hostname: "127.0.0.1" });
   steering.have(first!.name, `127.0.0.1:${holder.port}`);
   steering.have(second!.name, "127.0.0.1:1");
@@ -226,8 +244,7 @@ Deno.test("Fetcher follows ERR ELSEWHERE to the peer named, and asks the pointer
   const draining = (async () => {
     for await (const _ of slow.chunks);
   })();
-  const viewer = await Store.open(join(dir.path, "viewer"));
-  await viewer.setManifest(manifest);
+  const viewer = await storeFor(join(dir.path, "viewer"), manifest);
   using fetcher = new Fetcher(viewer, { self: "127.0.0.1:7777" });
   const seed = { host: "127.0.0.1", port: busy.port, grpcPort: 0 };
   assertEquals(await fetcher.fetch(first!.name, [seed]), `127.0.0.1:${holder.port}`);
@@ -236,8 +253,15 @@ Deno.test("Fetcher follows ERR ELSEWHERE to the peer named, and asks the pointer
   await draining;
 });
 
-/** A TCP server on `store` with one upload slot at 400 KB/s, and a client keeping it busy. */
-async function busyHolder(store: Store, keep: string, steering?: Steering) {
+/**
+ * A seeder of a 1.6 MB file in 4 fragments under `root`/seeder: a TCP server with one upload
+ * slot at 400 KB/s (with `steering`, when asked for), kept busy sending the last fragment.
+ */
+async function busySeeder(root: string, { steer = false } = {}) {
+  const seederDir = join(root, "seeder");
+  const manifest = await makeStore(seederDir, 1_600_000, 4);
+  const store = await Store.open(seederDir);
+  const steering = steer ? new Steering(store) : undefined;
   const server = startTcpServer(store, {
     port: 0,
     hostname: "127.0.0.1",
@@ -247,13 +271,16 @@ async function busyHolder(store: Store, keep: string, steering?: Steering) {
   });
   const keeper = await TcpPeerClient.connect(`127.0.0.1:${server.port}`);
   await keeper.hello("10.9.9.9:1");
-  const busy = await keeper.get(keep);
+  const busy = await keeper.get(manifest.fragments[3]!.name);
   let doneAt = Infinity;
   const draining = (async () => {
     for await (const _ of busy.chunks);
     doneAt = performance.now();
   })();
   return {
+    manifest,
+    seederDir,
+    steering,
     port: server.port,
     /** When the keeper's fragment was all sent (Infinity until then). */
     doneAt: () => doneAt,
@@ -267,12 +294,9 @@ async function busyHolder(store: Store, keep: string, steering?: Steering) {
 
 Deno.test("a busy seeder gives its next slot to a fragment only it holds before one others hold", async () => {
   await using dir = await tempDir();
-  const manifest = await makeStore(join(dir.path, "seeder"), 1_600_000, 4);
-  const store = await Store.open(join(dir.path, "seeder"));
-  const steering = new Steering(store);
-  const [f0, f1, f2, f3] = manifest.fragments;
-  steering.have(f1!.name, "10.0.0.9:6009"); // another peer holds f1
-  await using holder = await busyHolder(store, f3!.name, steering);
+  await using holder = await busySeeder(dir.path, { steer: true });
+  const [f0, f1, f2] = holder.manifest.fragments;
+  holder.steering!.have(f1!.name, "10.0.0.9:6009"); // another peer holds f1
   const address = `127.0.0.1:${holder.port}`;
   using a = await TcpPeerClient.connect(address);
   using b = await TcpPeerClient.connect(address);
@@ -297,11 +321,9 @@ Deno.test("a busy seeder gives its next slot to a fragment only it holds before 
 
 Deno.test("a cancelled fetch that waits for a busy holder's slot ends at once, not when the slot frees", async () => {
   await using dir = await tempDir();
-  const manifest = await makeStore(join(dir.path, "seeder"), 1_600_000, 4);
-  const store = await Store.open(join(dir.path, "seeder"));
-  await using holder = await busyHolder(store, manifest.fragments[3]!.name);
-  const viewer = await Store.open(join(dir.path, "viewer"));
-  await viewer.setManifest(manifest);
+  await using holder = await busySeeder(dir.path);
+  const { manifest } = holder;
+  const viewer = await storeFor(join(dir.path, "viewer"), manifest);
   using fetcher = new Fetcher(viewer, { self: "127.0.0.1:7777" });
   const cancel = new AbortController();
   const fetching = fetcher.fetch(manifest.fragments[0]!.name, [
@@ -316,34 +338,47 @@ Deno.test("a cancelled fetch that waits for a busy holder's slot ends at once, n
   assertEquals(viewer.get(manifest.fragments[0]!.name), undefined);
 });
 
+/**
+ * A viewer's swarm on a fresh store under `root`, asking `neighbours` (read afresh, so a test can
+ * change them), and the holders named by its `state` events, in order.
+ */
+async function viewerSwarm(
+  root: string,
+  manifest: Manifest,
+  neighbours: Holder[],
+  state: FragmentEvent["state"],
+) {
+  const viewer = await storeFor(join(root, "viewer"), manifest);
+  const fetcher = new Fetcher(viewer, { self: "127.0.0.1:7777" });
+  const swarm = new Swarm(viewer, fetcher, { neighbours: () => neighbours });
+  const named: string[] = [];
+  swarm.onEvent((event) => {
+    if (event.state === state) named.push(event.from ?? "");
+  });
+  return {
+    swarm,
+    named,
+    [Symbol.dispose]() {
+      swarm[Symbol.dispose]();
+      fetcher[Symbol.dispose]();
+    },
+  };
+}
+
 Deno.test("a swarm waiting for a busy holder's slot takes the fragment from an idle holder that turns up", async () => {
   await using dir = await tempDir();
-  const manifest = await makeStore(join(dir.path, "seeder"), 1_600_000, 4);
-  const seeder = await Store.open(join(dir.path, "seeder"));
+  await using busy = await busySeeder(dir.path);
+  const { manifest } = busy;
   const name = manifest.fragments[0]!.name;
-  await using busy = await busyHolder(seeder, manifest.fragments[3]!.name);
   // An idle peer holding the fragment, known only once the swarm already waits at the first.
-  const other = await Store.open(join(dir.path, "other"));
-  await other.setManifest(manifest);
-  const bytes = await Deno.readFile(join(dir.path, "seeder", name));
-  await other.write(
-    name,
+  const other = await storeFor(join(dir.path, "other"), manifest, busy.seederDir, [
     manifest.fragments[0]!,
-    (async function* () {
-      yield bytes;
-    })(),
-  );
+  ]);
   await using idle = startTcpServer(other, { port: 0, hostname: "127.0.0.1" });
-  const viewer = await Store.open(join(dir.path, "viewer"));
-  await viewer.setManifest(manifest);
-  using fetcher = new Fetcher(viewer, { self: "127.0.0.1:7777" });
   const neighbours = [{ host: "127.0.0.1", port: busy.port, grpcPort: 0 }];
-  using swarm = new Swarm(viewer, fetcher, { neighbours: () => neighbours });
-  const from: string[] = [];
-  swarm.onEvent((event) => {
-    if (event.state === "held") from.push(event.from ?? "");
-  });
-  const needing = swarm.need(name);
+  using viewer = await viewerSwarm(dir.path, manifest, neighbours, "held");
+  const from = viewer.named;
+  const needing = viewer.swarm.need(name);
   await new Promise((resolve) => setTimeout(resolve, 100));
   neighbours.push({ host: "127.0.0.1", port: idle.port, grpcPort: 0 });
   await needing;
@@ -353,19 +388,12 @@ Deno.test("a swarm waiting for a busy holder's slot takes the fragment from an i
 
 Deno.test("a swarm takes localhost:P and 127.0.0.1:P for one holder: no second request waits in its line", async () => {
   await using dir = await tempDir();
-  const manifest = await makeStore(join(dir.path, "seeder"), 1_600_000, 4);
-  const seeder = await Store.open(join(dir.path, "seeder"));
-  await using busy = await busyHolder(seeder, manifest.fragments[3]!.name);
-  const viewer = await Store.open(join(dir.path, "viewer"));
-  await viewer.setManifest(manifest);
-  using fetcher = new Fetcher(viewer, { self: "127.0.0.1:7777" });
+  await using busy = await busySeeder(dir.path);
+  const { manifest } = busy;
   // As its pointers and HAVEs name it; then the directory lists it too, at its address.
   const neighbours = [{ host: "localhost", port: busy.port, grpcPort: 0 }];
-  const swarm = new Swarm(viewer, fetcher, { neighbours: () => neighbours });
-  const asked: string[] = [];
-  swarm.onEvent((event) => {
-    if (event.state === "inflight") asked.push(event.from ?? "");
-  });
+  using viewer = await viewerSwarm(dir.path, manifest, neighbours, "inflight");
+  const { swarm, named: asked } = viewer;
   const needing = swarm.need(manifest.fragments[0]!.name).catch(() => {});
   await new Promise((resolve) => setTimeout(resolve, 100));
   neighbours.unshift({ host: "127.0.0.1", port: busy.port, grpcPort: 0 });
