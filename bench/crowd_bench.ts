@@ -50,6 +50,7 @@ import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { type Manifest, SAMPLE_VIDEO, splitFile } from "../split.ts";
 import { parseRate } from "../common/throttle.ts";
+import { isUserError, UserError, userMessage } from "../common/cli.ts";
 import { type Child, peerArgs, startTask } from "../tests/_util.ts";
 import { printTable, ratio, type Row } from "./_report.ts";
 
@@ -659,26 +660,19 @@ async function makeInput(path: string, size: number): Promise<void> {
  * `deno run -P=bench bench/crowd_bench.ts --watching-only --watchers 8 --rate-factor 2 --runs 3`.
  */
 async function main() {
-  const { values } = parseArgs({
-    args: Deno.args,
-    options: {
-      "watching-only": { type: "boolean", default: false },
-      watchers: { type: "string", default: String(WATCHERS) },
-      "rate-factor": { type: "string", default: String(WATCH_RATE_FACTOR) },
-      runs: { type: "string", default: "1" },
-    },
-  });
-  const watching = { watchers: Number(values.watchers), rateFactor: Number(values["rate-factor"]) };
-  const runs = Number(values.runs);
-  if (
-    !Number.isInteger(watching.watchers) || watching.watchers < 1 ||
-    !(watching.rateFactor > 0) || !Number.isInteger(runs) || runs < 1
-  ) {
-    console.error(
-      "error: --watchers and --runs take a whole number >= 1, --rate-factor a number > 0",
-    );
+  let options;
+  try {
+    options = parseOptions(Deno.args);
+  } catch (error) {
+    if (!isUserError(error)) throw error;
+    console.error(`error: ${userMessage(error)}`);
     Deno.exit(2);
   }
+  if (options === "help") {
+    console.log(USAGE);
+    return;
+  }
+  const { watchingOnly, watching, runs } = options;
   for (const tool of ["ffmpeg", "ffprobe"]) {
     const found = await new Deno.Command(tool, { args: ["-version"], stdout: "null" }).output()
       .then(({ code }) => code === 0, () => false);
@@ -689,7 +683,40 @@ async function main() {
       Deno.exit(1);
     }
   }
-  for (let run = 0; run < runs; run++) await benchOnce(values["watching-only"], watching);
+  for (let run = 0; run < runs; run++) await benchOnce(watchingOnly, watching);
+}
+
+const USAGE = `Usage: deno run -P=bench bench/crowd_bench.ts [options]
+
+  --watching-only     the watching crowd alone, without the downloading crowds
+  --watchers N        players in the watching crowd (default ${WATCHERS})
+  --rate-factor X     everyone's upload as a multiple of the video's bitrate (default ${WATCH_RATE_FACTOR})
+  --runs N            run it N times (default 1)`;
+
+/** The command line's options, "help", or a UserError saying what is wrong. */
+function parseOptions(args: string[]) {
+  const { values } = parseArgs({
+    args,
+    options: {
+      "watching-only": { type: "boolean", default: false },
+      watchers: { type: "string", default: String(WATCHERS) },
+      "rate-factor": { type: "string", default: String(WATCH_RATE_FACTOR) },
+      runs: { type: "string", default: "1" },
+      help: { type: "boolean", short: "h", default: false },
+    },
+  });
+  if (values.help) return "help" as const;
+  const watching = { watchers: Number(values.watchers), rateFactor: Number(values["rate-factor"]) };
+  const runs = Number(values.runs);
+  if (
+    !Number.isInteger(watching.watchers) || watching.watchers < 1 ||
+    !(watching.rateFactor > 0) || !Number.isInteger(runs) || runs < 1
+  ) {
+    throw new UserError(
+      "--watchers and --runs take a whole number >= 1, --rate-factor a number > 0",
+    );
+  }
+  return { watchingOnly: values["watching-only"], watching, runs };
 }
 
 /** One run of the bench: both downloading crowds (unless `watchingOnly`), then the watching one. */
