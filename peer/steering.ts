@@ -10,8 +10,9 @@
  * viewers asking for the same rare fragment get it once from the seeder and once from each other.
  * A requester is pointed elsewhere at most once per fragment within `onceMs`: if it comes back,
  * the others failed it, and it is served. It also tells the TCP server's upload slots which
- * requests come first: fragments a player asked for lately ({@link Steering.wanted}), and at a
- * seeder those nobody else holds ({@link Steering.othersHold}).
+ * requests come first: fragments a player asked for lately ({@link Steering.wanted}), then those
+ * it pointed requesters away for ({@link Steering.awaited}), and at a seeder those nobody else
+ * holds ({@link Steering.othersHold}).
  * @module
  */
 import type { Store } from "./store.ts";
@@ -38,6 +39,8 @@ export class Steering {
   readonly #redirected = new Map<string, number>(); // "<requester> <fragment>" -> when
   // fragment (held here) -> when a player last asked for it
   readonly #wanted = new Map<string, number>();
+  // fragment (held here) -> when a requester was last pointed at the peers getting it
+  readonly #awaited = new Map<string, number>();
 
   constructor(store: Store, options: SteeringOptions = {}) {
     this.#store = store;
@@ -67,6 +70,14 @@ export class Steering {
     return Date.now() - (this.#wanted.get(name) ?? -Infinity) < WANTED_MS;
   }
 
+  /**
+   * Whether a requester was pointed elsewhere for `name` within {@link WANTED_MS}: the peers it
+   * was pointed at may still be waiting here for it, while it waits for them.
+   */
+  awaited(name: string): boolean {
+    return Date.now() - (this.#awaited.get(name) ?? -Infinity) < WANTED_MS;
+  }
+
   /** Whether a peer other than `requester` holds `name`, or is being sent it. */
   othersHold(name: string, requester: string | undefined): boolean {
     const holders = this.#holders.get(name);
@@ -88,6 +99,7 @@ export class Steering {
     if (now - (this.#redirected.get(key) ?? -Infinity) < this.#onceMs) return undefined;
     if (this.#redirected.size >= MAX_REDIRECTS_REMEMBERED) this.#forgetOld(now);
     this.#redirected.set(key, now);
+    this.#awaited.set(name, now);
     return shuffle(others).slice(0, this.#pointTo);
   }
 

@@ -22,6 +22,11 @@ import { UploadSlots } from "./upload_slots.ts";
  * waits for its fragment; one a player waits for is at the front.
  */
 const NOT_WANTED_YET = 3;
+/**
+ * How many places back a request waits when other requesters were pointed at the peers getting
+ * its fragment: those peers, this requester among them, must get it before they can pass it on.
+ */
+const AWAITED_ELSEWHERE = 1;
 /** How many places back a seeder's request waits when other peers hold (or get) its fragment. */
 const HELD_ELSEWHERE = 6;
 /** The longest request line; anything longer closes the connection. */
@@ -393,6 +398,8 @@ async function answerGet(
         ? HELD_ELSEWHERE
         : urgent || steering?.wanted(name)
         ? 0
+        : steering?.awaited(name)
+        ? AWAITED_ELSEWHERE
         : NOT_WANTED_YET;
     const release = await slots.acquire(client.peer ?? client.remote, client.closed, {
       place,

@@ -319,6 +319,36 @@ Deno.test("a busy seeder gives its next slot to a fragment only it holds before 
   assert(f0, "four fragments");
 });
 
+Deno.test("a busy seeder moves up a request others were pointed at: they wait for it too", async () => {
+  await using dir = await tempDir();
+  await using holder = await busySeeder(dir.path, { steer: true });
+  const [f0, f1, f2] = holder.manifest.fragments;
+  const address = `127.0.0.1:${holder.port}`;
+  using a = await TcpPeerClient.connect(address);
+  using b = await TcpPeerClient.connect(address);
+  using c = await TcpPeerClient.connect(address);
+  await a.hello("10.0.0.1:6001");
+  await b.hello("10.0.0.2:6002");
+  await c.hello("10.0.0.3:6003");
+  const order: string[] = [];
+  const take = async (client: TcpPeerClient, name: string) => {
+    const download = await client.get(name);
+    order.push(name);
+    for await (const _ of download.chunks);
+  };
+  // C waits for f2 first, then A for f1; B, asking for f1 too, is pointed at A.
+  const asks = [take(c, f2!.name)];
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  asks.push(take(a, f1!.name));
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  const pointed = await b.get(f1!.name).then(() => undefined, (e) => e);
+  assert(pointed instanceof PeerError && pointed.code === "ELSEWHERE", String(pointed));
+  assertEquals(pointed.elsewhere, ["10.0.0.1:6001"]);
+  await Promise.all(asks);
+  assertEquals(order, [f1!.name, f2!.name]);
+  assert(f0, "four fragments");
+});
+
 Deno.test("a cancelled fetch that waits for a busy holder's slot ends at once, not when the slot frees", async () => {
   await using dir = await tempDir();
   await using holder = await busySeeder(dir.path);
@@ -384,6 +414,25 @@ Deno.test("a swarm waiting for a busy holder's slot takes the fragment from an i
   await needing;
   assert(performance.now() < busy.doneAt(), "it waited for the busy holder's slot");
   assertEquals(from, [`127.0.0.1:${idle.port}`]);
+});
+
+Deno.test("a player's fragment goes back to the pointer when the peer it points at lacks it yet", async () => {
+  await using dir = await tempDir();
+  await using busy = await busySeeder(dir.path, { steer: true });
+  const { manifest } = busy;
+  const name = manifest.fragments[0]!.name;
+  // The seeder thinks this peer is being sent the fragment; it has nothing yet (NOT_FOUND).
+  const empty = await storeFor(join(dir.path, "empty"), manifest);
+  await using getting = startTcpServer(empty, { port: 0, hostname: "127.0.0.1" });
+  busy.steering!.have(name, `127.0.0.1:${getting.port}`);
+  const neighbours = [{ host: "127.0.0.1", port: busy.port, grpcPort: 0 }];
+  using viewer = await viewerSwarm(dir.path, manifest, neighbours, "held");
+  const start = performance.now();
+  await viewer.swarm.need(name);
+  assertEquals(viewer.named, [`127.0.0.1:${busy.port}`]);
+  // Pointed away, the seeder would not be asked again for 10 s (the swarm's pointedMs).
+  const seconds = (performance.now() - start) / 1000;
+  assert(seconds < 8, `the fragment came after ${seconds.toFixed(1)} s`);
 });
 
 Deno.test("a swarm takes localhost:P and 127.0.0.1:P for one holder: no second request waits in its line", async () => {
