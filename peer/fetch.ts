@@ -217,6 +217,8 @@ export class Fetcher implements Disposable {
       urgent: boolean;
     },
   ): Promise<Failure | undefined> {
+    // Peers asking this one for the fragment meanwhile wait for its bytes, to pass them on.
+    using _expecting = this.#store.expect(name);
     let client: TcpPeerClient | undefined;
     const onAbort = () => client?.close();
     signal?.addEventListener("abort", onAbort);

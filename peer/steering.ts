@@ -1,9 +1,13 @@
 /**
- * Super-seeding for a pull protocol (after BitTorrent's BEP 16). A peer's upload is scarce while
- * some fragment it holds is held by nobody else: every byte spent on a fragment that another peer
- * could give is a byte not spent on one that only it can. So while its upload is busy, a request
- * for a fragment that another peer holds, or is being sent, is answered with a pointer to those
- * peers (`ERR ELSEWHERE <host:port> ...` over TCP) instead of the bytes.
+ * Super-seeding for a pull protocol (after BitTorrent's BEP 16). A seeder's upload is what a crowd
+ * waits on: every byte it spends on a fragment that another peer could give is a byte not spent on
+ * one that only it can. So while its upload is busy, a request for a fragment that another peer
+ * holds, or is being sent, is answered with a pointer to those peers
+ * (`ERR ELSEWHERE <host:port> ...` over TCP) instead of the bytes. A peer still getting a fragment
+ * passes it on as it arrives (store.ts, `Store.relay`), so a pointer at it costs the requester no
+ * more than the hop. Unlike BEP 16, this goes on once every fragment is out: a watching crowd
+ * wants each fragment in turn, all at about the same time, and the seeder's second copy of one
+ * would come out of the next one's time.
  *
  * It learns who holds what from the peers' HAVE announcements (the broker's `fragmentos`) and
  * from its own uploads: a fragment it is sending counts toward its receiver at once, so two
@@ -87,13 +91,14 @@ export class Steering {
 
   /**
    * The peers to point `requester` at instead of sending it `name`, or undefined to send.
-   * Points elsewhere only when `busy` (other uploads want this peer's upload), while some
-   * fragment of the file is held here alone, and once per requester and fragment.
+   * Points elsewhere only when `busy` (other uploads want this peer's upload), when this peer
+   * holds the whole file (a viewer's upload goes wherever it is asked: it has no such duty), and
+   * once per requester and fragment.
    */
   redirect(name: string, requester: string | undefined, busy: boolean): string[] | undefined {
     if (requester === undefined || !busy) return undefined;
     const others = [...this.#holders.get(name) ?? []].filter((peer) => peer !== requester);
-    if (others.length === 0 || !this.#holdsUnique()) return undefined;
+    if (others.length === 0 || !this.#store.holdsAll()) return undefined;
     const key = `${requester} ${name}`;
     const now = Date.now();
     if (now - (this.#redirected.get(key) ?? -Infinity) < this.#onceMs) return undefined;
@@ -101,14 +106,6 @@ export class Steering {
     this.#redirected.set(key, now);
     this.#awaited.set(name, now);
     return shuffle(others).slice(0, this.#pointTo);
-  }
-
-  // True while this peer seeds the whole file and some fragment of it is held (or being got)
-  // by no other peer known. A viewer's upload goes wherever it is asked: it has no such duty.
-  #holdsUnique(): boolean {
-    if (!this.#store.holdsAll()) return false;
-    const fragments = this.#store.manifest!.fragments;
-    return fragments.some((f) => (this.#holders.get(f.name)?.size ?? 0) === 0);
   }
 
   #forgetOld(now: number): void {

@@ -14,6 +14,11 @@
  * written over it, say). It is left on disk for `deno task split verify` to name, and never
  * served. Opening a store also removes what an interrupted write left: its own `.part-`
  * temporaries and the `.<file>.` temporaries of an interrupted `split join`.
+ *
+ * A fragment being written can be passed on while it arrives ({@link Store.relay}): its bytes as
+ * they reach the disk, all but the last until the whole is verified. A reader gets the whole
+ * fragment only when this store found it good, and an error otherwise, so nothing unverified is
+ * ever passed on whole.
  * @module
  */
 import { createHash } from "node:crypto";
@@ -46,6 +51,52 @@ export class BadNameError extends Error {
 }
 
 const TEMP_PREFIX = ".part-";
+/** The largest read when passing on an arriving fragment. */
+const RELAY_CHUNK = 64 * 1024;
+/** How long {@link Store.relay} waits for the bytes of a fragment asked of a holder to begin. */
+export const RELAY_WAIT_MS = 10_000;
+
+/**
+ * A fragment passed on while it arrives (see {@link Store.relay}): what it must be, and its
+ * bytes. Dispose of it to close its file.
+ */
+export interface Relay extends Disposable {
+  info: FragmentInfo;
+  /** Whether this store's copy failed: its bytes will never all come. */
+  readonly failed: boolean;
+  /**
+   * The bytes as they reach this store's disk, the last only once the whole fragment is verified
+   * here; throws {@link RelayError} if this store's copy fails. Read it once.
+   */
+  chunks: AsyncIterable<Uint8Array>;
+}
+
+/** The copy being passed on failed here (wrong bytes, or its sender stopped): do not finish it. */
+export class RelayError extends Error {
+  override name = "RelayError";
+}
+
+/** A fragment being written: how much of it is on disk, and how it ended. */
+class Arrival {
+  written = 0;
+  outcome: "held" | "failed" | undefined;
+  #wake = Promise.withResolvers<void>();
+
+  constructor(readonly info: FragmentInfo, readonly temp: string) {}
+
+  /** More bytes are on disk, or the outcome is known: wakes readers waiting in {@link changed}. */
+  update(written: number, outcome?: "held" | "failed"): void {
+    this.written = written;
+    this.outcome = outcome;
+    this.#wake.resolve();
+    this.#wake = Promise.withResolvers();
+  }
+
+  /** Resolves at the next {@link update}. */
+  changed(): Promise<void> {
+    return this.#wake.promise;
+  }
+}
 
 /** Opens `path` only when it is a regular file (not a symlink or device); undefined otherwise. */
 export async function openRegular(path: string): Promise<Deno.FsFile | undefined> {
@@ -90,6 +141,12 @@ export class Store {
   #listeners = new Set<(info: FragmentInfo) => void>();
   /** Fragments found corrupt, by name: the identity of the file that was hashed. */
   #corrupt = new Map<string, string>();
+  /** Fragments being written, by name (two copies may arrive at once). */
+  #arriving = new Map<string, Set<Arrival>>();
+  /** Fragments asked of some holder, by name: how many fetches (see {@link Store.expect}). */
+  #expected = new Map<string, number>();
+  /** Resolved (and replaced) when a fragment begins to arrive, or a fetch of one ends. */
+  #arrivalsChanged = Promise.withResolvers<void>();
 
   private constructor(dir: string) {
     this.dir = dir;
@@ -247,6 +304,72 @@ export class Store {
   }
 
   /**
+   * Says that fragment `name` is being asked of a holder, until disposed of: {@link relay} waits
+   * for its bytes to begin instead of finding nothing.
+   */
+  expect(name: string): Disposable {
+    this.#expected.set(name, (this.#expected.get(name) ?? 0) + 1);
+    return {
+      [Symbol.dispose]: () => {
+        const left = this.#expected.get(name)! - 1;
+        if (left > 0) this.#expected.set(name, left);
+        else this.#expected.delete(name);
+        this.#arrivalsChanged.resolve();
+        this.#arrivalsChanged = Promise.withResolvers();
+      },
+    };
+  }
+
+  /**
+   * Fragment `name` while it is being written here (not yet held), to pass on as it arrives; the
+   * copy furthest along when there are several. While it is only asked of a holder
+   * ({@link expect}), waits for its bytes to begin, at most `waitMs` (two peers that each wait
+   * for the other's copy give up) and until `signal` aborts. Undefined when it is neither
+   * arriving nor expected, or is held by then.
+   */
+  async relay(
+    name: string,
+    { signal, waitMs = RELAY_WAIT_MS }: { signal?: AbortSignal; waitMs?: number } = {},
+  ): Promise<Relay | undefined> {
+    const gaveUp = Promise.withResolvers<void>();
+    const giveUp = () => gaveUp.resolve();
+    const timer = setTimeout(giveUp, waitMs);
+    signal?.addEventListener("abort", giveUp);
+    let arrival, waiting = true;
+    gaveUp.promise.then(() => waiting = false);
+    try {
+      while (!(arrival = this.#furthest(name))) {
+        if (!this.#expected.has(name) || this.#held.has(name) || !waiting) return undefined;
+        if (signal?.aborted) return undefined;
+        await Promise.race([this.#arrivalsChanged.promise, gaveUp.promise]);
+      }
+    } finally {
+      clearTimeout(timer);
+      signal?.removeEventListener("abort", giveUp);
+    }
+    let file;
+    try {
+      file = await Deno.open(arrival.temp);
+    } catch (error) {
+      if (error instanceof Deno.errors.NotFound) return undefined; // it ended meanwhile
+      throw error;
+    }
+    return {
+      info: arrival.info,
+      get failed() {
+        return arrival.outcome === "failed";
+      },
+      chunks: relayChunks(file, arrival),
+      [Symbol.dispose]: () => file.close(),
+    };
+  }
+
+  #furthest(name: string): Arrival | undefined {
+    const arrivals = [...this.#arriving.get(name) ?? []];
+    return arrivals.sort((a, b) => b.written - a.written)[0];
+  }
+
+  /**
    * Writes `chunks` as fragment `name` if they are exactly `expected.size` bytes hashing to
    * `expected.sha256`; otherwise throws {@link IntegrityError} and keeps nothing. The manifest's
    * hash, when the manifest lists the name, overrides what the sender claimed.
@@ -268,6 +391,12 @@ export class Store {
       );
     }
     const temp = join(this.dir, `${TEMP_PREFIX}${name}-${crypto.randomUUID()}`);
+    const info = { name, size: want.size, sha256: want.sha256 };
+    const arrival = new Arrival(info, temp);
+    const arrivals = this.#arriving.get(name) ?? new Set();
+    this.#arriving.set(name, arrivals.add(arrival));
+    this.#arrivalsChanged.resolve();
+    this.#arrivalsChanged = Promise.withResolvers();
     try {
       const hash = createHash("sha256");
       let size = 0;
@@ -283,6 +412,7 @@ export class Store {
           const writing = writeAll(file, chunk);
           hash.update(chunk);
           await writing;
+          arrival.update(size);
         }
       }
       const sha256 = hash.digest("hex");
@@ -294,11 +424,15 @@ export class Store {
       await Deno.rename(temp, join(this.dir, name));
       this.#corrupt.delete(name);
     } catch (error) {
+      arrival.update(arrival.written, "failed");
       await Deno.remove(temp).catch(() => {});
       throw error;
+    } finally {
+      arrivals.delete(arrival);
+      if (arrivals.size === 0) this.#arriving.delete(name);
     }
-    const info = { name, size: want.size, sha256: want.sha256 };
     this.#held.set(name, info);
+    arrival.update(arrival.written, "held");
     for (const listener of this.#listeners) listener(info);
     return info;
   }
@@ -326,6 +460,29 @@ export class Store {
   onFragment(listener: (info: FragmentInfo) => void): () => void {
     this.#listeners.add(listener);
     return () => this.#listeners.delete(listener);
+  }
+}
+
+/**
+ * An arriving fragment's bytes from `file` (its temporary, opened before it could be renamed or
+ * removed) as they reach the disk: all but the last until the store holds it, then the rest.
+ */
+async function* relayChunks(file: Deno.FsFile, arrival: Arrival): AsyncGenerator<Uint8Array> {
+  const { size, name } = arrival.info;
+  const buffer = new Uint8Array(Math.min(RELAY_CHUNK, Math.max(size, 1)));
+  for (let offset = 0; offset < size;) {
+    if (arrival.outcome === "failed") {
+      throw new RelayError(`The copy of "${name}" arriving here failed`);
+    }
+    const ready = arrival.outcome === "held" ? size : Math.min(arrival.written, size - 1);
+    if (offset >= ready) {
+      await arrival.changed();
+      continue;
+    }
+    const n = await file.read(buffer.subarray(0, Math.min(buffer.length, ready - offset)));
+    if (n === null) throw new RelayError(`The copy of "${name}" arriving here shrank`);
+    offset += n;
+    yield buffer.subarray(0, n);
   }
 }
 

@@ -583,11 +583,6 @@ export class Swarm implements Disposable {
     const tried = this.#tried.get(name) ?? new Set();
     tried.add(key);
     this.#tried.set(name, tried);
-    // A peer it was pointed at that does not hold the fragment yet may itself wait for it at the
-    // pointer. A player cannot wait with it: the pointer, which serves a second ask, is asked now.
-    if (this.#urgent.includes(name) && error.failures.some((f) => f.kind === "missing")) {
-      this.#pointedAway.delete(name);
-    }
     if (error.failures.some((f) => f.kind === "down")) {
       this.#downUntil.set(key, Date.now() + this.#options.downMs);
     }

@@ -1,7 +1,8 @@
 /**
  * The peer's TCP protocol (DESIGN.md "Peer TCP protocol"): one persistent connection, requests
  * one after another, each a line. `GET <name> [URGENT]` answers `OK <size> <sha256>` and the bytes
- * (an urgent request ahead of others waiting for an upload slot), or
+ * (an urgent request ahead of others waiting for an upload slot; a fragment still arriving here is
+ * passed on as it arrives, its last byte once it is verified), or
  * `ERR ELSEWHERE <host:port> ...` when the peer's upload is better spent on what only it holds
  * (see steering.ts); `HELLO <host:port>` says which peer the client is; `LIST` the fragments
  * held, `PING` `PONG`; a bad line gets `ERR <CODE> <text>` and the connection stays usable; a
@@ -13,7 +14,7 @@ import { describe } from "../common/cli.ts";
 import { acceptLoop, isConnectionError } from "../broker/wire.ts";
 import { parseAddress } from "../broker.ts";
 import { addressKey, ConnectionCounts, defaultMaxPerAddress } from "../common/connection_counts.ts";
-import { type FragmentInfo, isFragmentName, type Store } from "./store.ts";
+import { type FragmentInfo, isFragmentName, type Relay, type Store } from "./store.ts";
 import type { Steering } from "./steering.ts";
 import { UploadSlots } from "./upload_slots.ts";
 
@@ -232,6 +233,7 @@ async function serveConnection(
     fetching: 0,
     introduced: false,
     send: (bytes, paced) => send(bytes, paced), // defined below, with the rate meter
+    excused: (waiting) => excused(waiting),
   };
   // And a connection that asks for nothing (GET, LIST) for as long is closed too, however
   // much it PINGs: a keepalive alone must not hold one of the server's slots for ever.
@@ -249,7 +251,8 @@ async function serveConnection(
   // takes a slow reader's bytes in bursts of half its socket buffer (megabytes on loopback), so
   // a shorter average would cut off an honest reader between bursts, while the average from the
   // start never falls below the rate a reader keeps up. Time spent waiting for the peer's own
-  // pacing (--max-upload) is not counted against the client.
+  // pacing (--max-upload), or for the bytes of a fragment it is still receiving, is not counted
+  // against the client.
   let meter: { since: number; bytes: number; paced: number; pacing?: number } | undefined;
   let rateCheck: ReturnType<typeof setInterval> | undefined;
   const checkRate = () => {
@@ -267,20 +270,24 @@ async function serveConnection(
     meter = { since: performance.now(), bytes: 0, paced: 0 };
     rateCheck = setInterval(checkRate, Math.max(10, Math.min(1_000, bodyRateWindowMs / 4)));
   };
+  // Time spent waiting on this peer (its own pacing, bytes it is still receiving) is not counted.
+  const excused = async <T>(waiting: Promise<T>): Promise<T> => {
+    if (meter) meter.pacing = performance.now();
+    try {
+      return await waiting;
+    } finally {
+      if (meter?.pacing !== undefined) {
+        meter.paced += performance.now() - meter.pacing;
+        meter.pacing = undefined;
+      }
+    }
+  };
   const piece = options.throttle ? PACED_CHUNK : CHUNK;
   // Only fragment bodies are paced: a reply line never waits behind another client's bytes.
   const send = async (bytes: Uint8Array, paced = false) => {
     for (let sent = 0; sent < bytes.length;) {
       if (paced && options.throttle) {
-        if (meter) meter.pacing = performance.now();
-        try {
-          await options.throttle(Math.min(bytes.length - sent, piece), closed);
-        } finally {
-          if (meter?.pacing !== undefined) {
-            meter.paced += performance.now() - meter.pacing;
-            meter.pacing = undefined;
-          }
-        }
+        await excused(options.throttle(Math.min(bytes.length - sent, piece), closed));
       }
       const n = await conn.write(bytes.subarray(sent, sent + piece));
       sent += n;
@@ -330,6 +337,8 @@ interface Client {
   send: (bytes: Uint8Array, paced?: boolean) => Promise<void>;
   /** A fragment's body starts (true) or ends (false): its pace is watched meanwhile. */
   body?: (sending: boolean) => void;
+  /** Awaits `waiting` (this peer's doing) without counting the time against the body's rate. */
+  excused: <T>(waiting: Promise<T>) => Promise<T>;
 }
 
 /** Sends one reply line, unpaced. */
@@ -377,10 +386,16 @@ async function answerGet(
   client: Client,
   options: TcpServerOptions & { slots: UploadSlots },
 ): Promise<void> {
-  const opened = await store.open(name) ??
-    (await store.adopt(name) && await store.open(name));
-  if (!opened) return reply(client, `ERR NOT_FOUND no fragment "${name}" here`);
-  using file = opened.file;
+  const openHeld = async () =>
+    await store.open(name) ?? (await store.adopt(name) ? await store.open(name) : undefined);
+  let held = await openHeld();
+  // Not held yet but on its way here (or asked of a holder): passed on as it arrives, the last
+  // byte once verified.
+  using relay = held ? undefined : await store.relay(name, { signal: client.closed });
+  if (!held && !relay) held = await openHeld(); // it came whole meanwhile
+  if (!held && !relay) return reply(client, `ERR NOT_FOUND no fragment "${name}" here`);
+  using file = held?.file;
+  const info = held?.info ?? relay!.info;
   const { slots, steering } = options;
   if (urgent) steering?.wantedNow(name);
   // Pointed elsewhere at once, without waiting for a slot, when other uploads are under way.
@@ -406,9 +421,15 @@ async function answerGet(
       urgent,
     });
     try {
-      await reply(client, `OK ${opened.info.size} ${opened.info.sha256}`);
+      if (relay?.failed) { // while this request waited for a slot
+        if (client.peer) steering?.lost(name, client.peer);
+        return reply(client, `ERR NOT_FOUND no fragment "${name}" here`);
+      }
+      await reply(client, `OK ${info.size} ${info.sha256}`);
       client.body?.(true);
-      await sendBody(file, opened.info.size, name, (bytes) => client.send(bytes, true));
+      const send = (bytes: Uint8Array) => client.send(bytes, true);
+      if (file) await sendBody(file, info.size, name, send);
+      else await relayBody(relay!, client, send);
     } finally {
       client.body?.(false);
       release();
@@ -435,6 +456,20 @@ async function sendBody(
     await send(chunk.subarray(0, n));
     left -= n;
   }
+}
+
+/**
+ * Sends a fragment as it arrives here. Waiting for its bytes is this peer's doing, not the
+ * client's: the body's rate check leaves it out. If this peer's copy fails, the connection is cut
+ * before the last byte, so the client never holds what this peer found wrong.
+ */
+async function relayBody(
+  relay: Relay,
+  client: Client,
+  send: (bytes: Uint8Array) => Promise<void>,
+): Promise<void> {
+  const chunks = relay.chunks[Symbol.asyncIterator]();
+  for (let next; !(next = await client.excused(chunks.next())).done;) await send(next.value);
 }
 
 /** A parsed request line, or why it is not one. */

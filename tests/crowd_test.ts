@@ -188,6 +188,17 @@ Deno.test("a busy peer points a second requester at the peer it is sending to, o
   for await (const _ of idle.chunks);
 });
 
+Deno.test("a busy seeder points requesters at the peers getting a fragment even once every fragment is out", async () => {
+  await using dir = await tempDir();
+  const manifest = await makeStore(join(dir.path, "seeder"), 400_000, 4);
+  const steering = new Steering(await Store.open(join(dir.path, "seeder")));
+  for (const [i, f] of manifest.fragments.entries()) steering.have(f.name, `10.0.0.${i + 1}:6001`);
+  const first = manifest.fragments[0]!.name;
+  assertEquals(steering.redirect(first, "10.0.0.9:6009", true), ["10.0.0.1:6001"]);
+  assertEquals(steering.redirect(first, "10.0.0.9:6009", true), undefined, "once");
+  assertEquals(steering.redirect(first, "10.0.0.8:6008", false), undefined, "idle: it serves");
+});
+
 Deno.test("over gRPC too, a busy seeder points a second requester at the first", async () => {
   await using dir = await tempDir();
   const manifest = await makeStore(join(dir.path, "seeder"), 400_000, 4);
@@ -414,25 +425,6 @@ Deno.test("a swarm waiting for a busy holder's slot takes the fragment from an i
   await needing;
   assert(performance.now() < busy.doneAt(), "it waited for the busy holder's slot");
   assertEquals(from, [`127.0.0.1:${idle.port}`]);
-});
-
-Deno.test("a player's fragment goes back to the pointer when the peer it points at lacks it yet", async () => {
-  await using dir = await tempDir();
-  await using busy = await busySeeder(dir.path, { steer: true });
-  const { manifest } = busy;
-  const name = manifest.fragments[0]!.name;
-  // The seeder thinks this peer is being sent the fragment; it has nothing yet (NOT_FOUND).
-  const empty = await storeFor(join(dir.path, "empty"), manifest);
-  await using getting = startTcpServer(empty, { port: 0, hostname: "127.0.0.1" });
-  busy.steering!.have(name, `127.0.0.1:${getting.port}`);
-  const neighbours = [{ host: "127.0.0.1", port: busy.port, grpcPort: 0 }];
-  using viewer = await viewerSwarm(dir.path, manifest, neighbours, "held");
-  const start = performance.now();
-  await viewer.swarm.need(name);
-  assertEquals(viewer.named, [`127.0.0.1:${busy.port}`]);
-  // Pointed away, the seeder would not be asked again for 10 s (the swarm's pointedMs).
-  const seconds = (performance.now() - start) / 1000;
-  assert(seconds < 8, `the fragment came after ${seconds.toFixed(1)} s`);
 });
 
 Deno.test("a swarm takes localhost:P and 127.0.0.1:P for one holder: no second request waits in its line", async () => {

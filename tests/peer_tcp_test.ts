@@ -107,6 +107,128 @@ Deno.test("TCP server sends a fragment as OK <size> <sha256> and exactly its byt
   }
 });
 
+/**
+ * A peer receiving fragment 1 of `makeStore`'s file: its store is written half, then the rest
+ * (`tail`, by default the right bytes) once `finish()` is called; served over TCP meanwhile.
+ */
+async function relayingPeer(root: string, tail?: (right: Uint8Array) => Uint8Array) {
+  const { manifest, bytes } = await makeStore(root);
+  const f = manifest.fragments[1]!;
+  const fragment = bytes.slice(f.offset, f.offset + f.size);
+  const half = Math.floor(f.size / 2);
+  const store = await Store.open(join(root, "relay"));
+  await store.setManifest(manifest);
+  const gate = Promise.withResolvers<void>();
+  const rest = (tail ?? ((right) => right))(fragment.slice(half));
+  const writing = store.write(
+    f.name,
+    f,
+    (async function* () {
+      yield fragment.slice(0, half);
+      await gate.promise;
+      yield rest;
+    })(),
+  );
+  writing.catch(() => {}); // awaited by the test that expects it to fail
+  const server = startTcpServer(store, { port: 0, hostname: "127.0.0.1", onError: () => {} });
+  return { f, fragment, half, store, server, writing, finish: () => gate.resolve() };
+}
+
+Deno.test("TCP server passes on a fragment it is still receiving, the last byte once it is verified", async () => {
+  await using dir = await tempDir();
+  const peer = await relayingPeer(dir.path);
+  await using _server = peer.server;
+  using client = await TcpPeerClient.connect(`127.0.0.1:${peer.server.port}`);
+  const download = await client.get(peer.f.name);
+  assertEquals([download.size, download.sha256], [peer.f.size, peer.f.sha256]);
+  const received: Uint8Array[] = [];
+  let count = 0;
+  const chunks = download.chunks[Symbol.asyncIterator]();
+  while (count < peer.half) {
+    const { value } = await chunks.next();
+    received.push(value!.slice());
+    count += value!.length;
+  }
+  assertEquals(count, peer.half, "the half that arrived, before the peer holds it");
+  assertEquals(peer.store.get(peer.f.name), undefined);
+  peer.finish();
+  for (let next; !(next = await chunks.next()).done;) received.push(next.value.slice());
+  await peer.writing;
+  const whole = new Uint8Array(peer.f.size);
+  let at = 0;
+  for (const chunk of received) whole.set(chunk, (at += chunk.length) - chunk.length);
+  assertEquals(at, peer.f.size);
+  assertEquals(whole, peer.fragment);
+  await client.ping(); // the connection is ready for the next request
+});
+
+Deno.test("TCP server cuts a fragment it is passing on before the last byte when its copy fails", async () => {
+  await using dir = await tempDir();
+  // The rest arrives with its last byte wrong: the relaying peer's verification fails.
+  const peer = await relayingPeer(
+    dir.path,
+    (right) => right.map((b, i) => i === right.length - 1 ? b ^ 1 : b),
+  );
+  await using _server = peer.server;
+  const viewer = await Store.open(join(dir.path, "viewer"));
+  using client = await TcpPeerClient.connect(`127.0.0.1:${peer.server.port}`);
+  const download = await client.get(peer.f.name);
+  let count = 0;
+  const counted = (async function* () {
+    for await (const chunk of download.chunks) {
+      count += chunk.length;
+      if (count >= peer.half) peer.finish();
+      yield chunk;
+    }
+  })();
+  const error = await assertRejects(() => viewer.write(peer.f.name, download, counted), Error);
+  assert(!(error instanceof IntegrityError), `cut off, not sent wrong bytes: ${error}`);
+  await assertRejects(() => peer.writing, IntegrityError);
+  assertEquals(count, peer.f.size - 1);
+  assertEquals(viewer.get(peer.f.name), undefined);
+  assertEquals([...Deno.readDirSync(join(dir.path, "viewer"))].length, 0);
+});
+
+Deno.test("TCP server holds a GET for a fragment this peer is asking a holder for until its bytes begin", async () => {
+  await using dir = await tempDir();
+  const { manifest, bytes } = await makeStore(dir.path);
+  const store = await Store.open(join(dir.path, "relay"));
+  await store.setManifest(manifest);
+  await using server = startTcpServer(store, { port: 0, hostname: "127.0.0.1" });
+  const [, , f, g] = manifest.fragments;
+  using a = await TcpPeerClient.connect(`127.0.0.1:${server.port}`);
+  using b = await TcpPeerClient.connect(`127.0.0.1:${server.port}`);
+  // Asked of a holder, its bytes not begun: the GET waits instead of NOT_FOUND.
+  const expecting = store.expect(f!.name);
+  let answered = false;
+  const asked = a.get(f!.name).finally(() => answered = true);
+  await new Promise((resolve) => setTimeout(resolve, 100));
+  assert(!answered, "answered before any byte arrived");
+  const fragment = bytes.slice(f!.offset, f!.offset + f!.size);
+  await store.write(
+    f!.name,
+    f!,
+    (async function* () {
+      yield fragment;
+    })(),
+  );
+  expecting[Symbol.dispose]();
+  const download = await asked;
+  const received = [];
+  for await (const chunk of download.chunks) received.push(...chunk);
+  assertEquals(new Uint8Array(received), fragment);
+  // The fetch ends with no bytes (the holder had none): NOT_FOUND then.
+  const nothing = store.expect(g!.name);
+  const refused = b.get(g!.name).then(() => undefined, (error) => error);
+  await new Promise((resolve) => setTimeout(resolve, 50));
+  nothing[Symbol.dispose]();
+  const error = await refused;
+  assert(error instanceof PeerError && error.code === "NOT_FOUND", String(error));
+  // Bytes that never begin are not waited for forever: two peers each waiting for the other's.
+  using _stuck = store.expect(g!.name);
+  assertEquals(await store.relay(g!.name, { waitMs: 50 }), undefined);
+});
+
 Deno.test("TCP server gives a freed upload slot to a GET ... URGENT before ordinary GETs that came first", async () => {
   await using dir = await tempDir();
   const input = join(dir.path, "big.bin");
