@@ -3,11 +3,11 @@
  * waits on: every byte it spends on a fragment that another peer could give is a byte not spent on
  * one that only it can. So while its upload is busy, a request for a fragment that another peer
  * holds, or is being sent, is answered with a pointer to those peers
- * (`ERR ELSEWHERE <host:port> ...` over TCP) instead of the bytes. A peer still getting a fragment
- * passes it on as it arrives (store.ts, `Store.relay`), so a pointer at it costs the requester no
- * more than the hop. Unlike BEP 16, this goes on once every fragment is out: a watching crowd
- * wants each fragment in turn, all at about the same time, and the seeder's second copy of one
- * would come out of the next one's time.
+ * (`ERR ELSEWHERE <host:port> ...` over TCP) instead of the bytes. A peer still getting a fragment,
+ * or waiting in line for it, passes it on as it arrives (store.ts, `Store.relay`), so a pointer
+ * at it costs the requester no more than the hop. As in BEP 16, this ends once every fragment is
+ * out: held or being sent elsewhere, not merely asked for, as a watching crowd asks for all of
+ * them in its first second.
  *
  * It learns who holds what from the peers' HAVE announcements (the broker's `fragmentos`) and
  * from its own uploads: a fragment it is sending counts toward its receiver at once, so two
@@ -40,6 +40,8 @@ export class Steering {
   readonly #onceMs: number;
   readonly #pointTo: number;
   readonly #holders = new Map<string, Set<string>>(); // fragment -> peers that hold or get it
+  // fragment -> peers that hold it or are being sent it (not only waiting in line for it)
+  readonly #out = new Map<string, Set<string>>();
   readonly #redirected = new Map<string, number>(); // "<requester> <fragment>" -> when
   // fragment (held here) -> when a player last asked for it
   readonly #wanted = new Map<string, number>();
@@ -54,14 +56,22 @@ export class Steering {
 
   /** `peer` (its `host:port`) holds `name`, or is being sent it. */
   have(name: string, peer: string): void {
-    const holders = this.#holders.get(name) ?? new Set();
-    if (holders.size >= MAX_HOLDERS_PER_FRAGMENT) return;
-    this.#holders.set(name, holders.add(peer));
+    this.asked(name, peer);
+    add(this.#out, name, peer);
+  }
+
+  /**
+   * `peer` asked for `name` here and waits for an upload slot: others may be pointed at it, as it
+   * passes the fragment on as it arrives, but the fragment is not out yet.
+   */
+  asked(name: string, peer: string): void {
+    add(this.#holders, name, peer);
   }
 
   /** A send of `name` to `peer` failed: it does not hold it after all. */
   lost(name: string, peer: string): void {
     this.#holders.get(name)?.delete(peer);
+    this.#out.get(name)?.delete(peer);
   }
 
   /** A player waits for `name` at some peer that asked for it here (`GET <name> URGENT`). */
@@ -91,14 +101,13 @@ export class Steering {
 
   /**
    * The peers to point `requester` at instead of sending it `name`, or undefined to send.
-   * Points elsewhere only when `busy` (other uploads want this peer's upload), when this peer
-   * holds the whole file (a viewer's upload goes wherever it is asked: it has no such duty), and
-   * once per requester and fragment.
+   * Points elsewhere only when `busy` (other uploads want this peer's upload), while some
+   * fragment of the file is held here alone, and once per requester and fragment.
    */
   redirect(name: string, requester: string | undefined, busy: boolean): string[] | undefined {
     if (requester === undefined || !busy) return undefined;
     const others = [...this.#holders.get(name) ?? []].filter((peer) => peer !== requester);
-    if (others.length === 0 || !this.#store.holdsAll()) return undefined;
+    if (others.length === 0 || !this.#holdsUnique()) return undefined;
     const key = `${requester} ${name}`;
     const now = Date.now();
     if (now - (this.#redirected.get(key) ?? -Infinity) < this.#onceMs) return undefined;
@@ -106,6 +115,15 @@ export class Steering {
     this.#redirected.set(key, now);
     this.#awaited.set(name, now);
     return shuffle(others).slice(0, this.#pointTo);
+  }
+
+  // True while this peer seeds the whole file and some fragment of it is held, or being sent, by
+  // no other peer known: a request waiting in line does not count, or a crowd that asks for every
+  // fragment at once would end the super-seeding before a byte went out.
+  #holdsUnique(): boolean {
+    if (!this.#store.holdsAll()) return false;
+    const fragments = this.#store.manifest!.fragments;
+    return fragments.some((f) => (this.#out.get(f.name)?.size ?? 0) === 0);
   }
 
   #forgetOld(now: number): void {
@@ -118,6 +136,13 @@ export class Steering {
       for (const key of keys) this.#redirected.delete(key);
     }
   }
+}
+
+/** Adds `peer` to the peers of fragment `name`, up to a bound hostile announcements cannot pass. */
+function add(peers: Map<string, Set<string>>, name: string, peer: string): void {
+  const set = peers.get(name) ?? new Set();
+  if (set.size >= MAX_HOLDERS_PER_FRAGMENT) return;
+  peers.set(name, set.add(peer));
 }
 
 /** A new array with `items` in random order (Fisher-Yates). */

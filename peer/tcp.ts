@@ -30,6 +30,8 @@ const NOT_WANTED_YET = 3;
 const AWAITED_ELSEWHERE = 1;
 /** How many places back a seeder's request waits when other peers hold (or get) its fragment. */
 const HELD_ELSEWHERE = 6;
+/** Relays (fragments passed on as they arrive) under way at once without an upload slot. */
+export const FREE_RELAYS = 4;
 /** The longest request line; anything longer closes the connection. */
 export const MAX_REQUEST_LINE = 1024;
 const CHUNK = 1024 * 1024;
@@ -119,6 +121,7 @@ export function startTcpServer(store: Store, options: TcpServerOptions = {}): Tc
     options.maxConnectionsPerAddress ?? defaultMaxPerAddress(maxConnections),
   );
   const slots = new UploadSlots(options.uploadSlots ?? 2);
+  const relaying = { now: 0 };
   const warn = options.onError ?? ((line: string) => console.error(line));
   const listener = Deno.listen({ port: options.port ?? 6001, hostname: options.hostname });
   const open = new Map<Deno.Conn, AbortController>();
@@ -139,7 +142,7 @@ export function startTcpServer(store: Store, options: TcpServerOptions = {}): Tc
       conn,
       remote,
       store,
-      { ...options, idleTimeoutMs, minBodyRate, bodyRateWindowMs, slots },
+      { ...options, idleTimeoutMs, minBodyRate, bodyRateWindowMs, slots, relaying },
       gone.signal,
     )
       .catch((error) => {
@@ -204,6 +207,8 @@ type ConnectionOptions = TcpServerOptions & {
   minBodyRate: number;
   bodyRateWindowMs: number;
   slots: UploadSlots;
+  /** Relays under way without a slot (at most {@link FREE_RELAYS}). */
+  relaying: { now: number };
 };
 
 async function serveConnection(
@@ -350,7 +355,7 @@ async function answer(
   line: string,
   store: Store,
   client: Client,
-  options: TcpServerOptions & { slots: UploadSlots },
+  options: TcpServerOptions & Pick<ConnectionOptions, "slots" | "relaying">,
 ): Promise<void> {
   const request = parseRequest(line);
   if ("verb" in request && request.verb === "PING") return reply(client, "PONG");
@@ -384,7 +389,7 @@ async function answerGet(
   { name, urgent }: { name: string; urgent: boolean },
   store: Store,
   client: Client,
-  options: TcpServerOptions & { slots: UploadSlots },
+  options: TcpServerOptions & Pick<ConnectionOptions, "slots" | "relaying">,
 ): Promise<void> {
   const openHeld = async () =>
     await store.open(name) ?? (await store.adopt(name) ? await store.open(name) : undefined);
@@ -396,14 +401,14 @@ async function answerGet(
   if (!held && !relay) return reply(client, `ERR NOT_FOUND no fragment "${name}" here`);
   using file = held?.file;
   const info = held?.info ?? relay!.info;
-  const { slots, steering } = options;
+  const { slots, steering, relaying } = options;
   if (urgent) steering?.wantedNow(name);
   // Pointed elsewhere at once, without waiting for a slot, when other uploads are under way.
   const pointer = steering?.redirect(name, client.peer, slots.active + slots.waiting > 0);
   if (pointer) return reply(client, `ERR ELSEWHERE ${pointer.join(" ")}`);
   // In flight counts toward its receiver from the moment it is asked for, waiting included:
-  // others asking for it meanwhile are pointed there.
-  if (client.peer) steering?.have(name, client.peer);
+  // others asking for it meanwhile are pointed there (it passes the fragment on as it arrives).
+  if (client.peer) steering?.asked(name, client.peer);
   try {
     // What a player waits for goes first; a seeder's upload goes to what only it holds before
     // what others can give. Asked when a slot frees, as others get the fragment meanwhile.
@@ -416,15 +421,21 @@ async function answerGet(
         : steering?.awaited(name)
         ? AWAITED_ELSEWHERE
         : NOT_WANTED_YET;
-    const release = await slots.acquire(client.peer ?? client.remote, client.closed, {
-      place,
-      urgent,
-    });
+    // A relay takes no slot: it goes at the pace its bytes arrive, and a slot held that long
+    // would leave this peer's upload idle; --max-upload still paces it with the rest. Past
+    // FREE_RELAYS at once, one waits for a slot like any send, so many connections asking for
+    // what is arriving cannot take the whole upload.
+    const free = relay !== undefined && relaying.now < FREE_RELAYS;
+    if (free) relaying.now++;
+    const release = free
+      ? () => relaying.now--
+      : await slots.acquire(client.peer ?? client.remote, client.closed, { place, urgent });
     try {
-      if (relay?.failed) { // while this request waited for a slot
+      if (relay?.failed) { // since it was found arriving
         if (client.peer) steering?.lost(name, client.peer);
         return reply(client, `ERR NOT_FOUND no fragment "${name}" here`);
       }
+      if (client.peer) steering?.have(name, client.peer); // out: its send begins
       await reply(client, `OK ${info.size} ${info.sha256}`);
       client.body?.(true);
       const send = (bytes: Uint8Array) => client.send(bytes, true);

@@ -188,15 +188,20 @@ Deno.test("a busy peer points a second requester at the peer it is sending to, o
   for await (const _ of idle.chunks);
 });
 
-Deno.test("a busy seeder points requesters at the peers getting a fragment even once every fragment is out", async () => {
+Deno.test("a busy seeder goes on pointing while requests only wait in line, and stops once every fragment is out", async () => {
   await using dir = await tempDir();
   const manifest = await makeStore(join(dir.path, "seeder"), 400_000, 4);
   const steering = new Steering(await Store.open(join(dir.path, "seeder")));
-  for (const [i, f] of manifest.fragments.entries()) steering.have(f.name, `10.0.0.${i + 1}:6001`);
-  const first = manifest.fragments[0]!.name;
-  assertEquals(steering.redirect(first, "10.0.0.9:6009", true), ["10.0.0.1:6001"]);
-  assertEquals(steering.redirect(first, "10.0.0.9:6009", true), undefined, "once");
-  assertEquals(steering.redirect(first, "10.0.0.8:6008", false), undefined, "idle: it serves");
+  const peer = (i: number) => `10.0.0.${i + 1}:6001`;
+  // A crowd asks for every fragment at once: all wait in line, none is out yet.
+  for (const [i, f] of manifest.fragments.entries()) steering.asked(f.name, peer(i));
+  const [first, second] = manifest.fragments.map((f) => f.name);
+  assertEquals(steering.redirect(first!, "10.0.0.9:6009", true), [peer(0)]);
+  assertEquals(steering.redirect(first!, "10.0.0.9:6009", true), undefined, "once");
+  assertEquals(steering.redirect(first!, "10.0.0.8:6008", false), undefined, "idle: it serves");
+  // Every fragment sent (or held) elsewhere: the seeder is a peer like the others.
+  for (const [i, f] of manifest.fragments.entries()) steering.have(f.name, peer(i));
+  assertEquals(steering.redirect(second!, "10.0.0.9:6009", true), undefined);
 });
 
 Deno.test("over gRPC too, a busy seeder points a second requester at the first", async () => {

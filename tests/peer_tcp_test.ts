@@ -1,7 +1,13 @@
 import { assert, assertEquals, assertMatch, assertRejects } from "./_assert.ts";
 import { join } from "node:path";
 import { createHash } from "node:crypto";
-import { PeerError, startTcpServer, TcpPeerClient } from "../peer/tcp.ts";
+import {
+  FREE_RELAYS,
+  PeerError,
+  startTcpServer,
+  TcpPeerClient,
+  type TcpServerOptions,
+} from "../peer/tcp.ts";
 import { IntegrityError, Store } from "../peer/store.ts";
 import { splitFile } from "../split.ts";
 import { createThrottle } from "../common/throttle.ts";
@@ -108,16 +114,22 @@ Deno.test("TCP server sends a fragment as OK <size> <sha256> and exactly its byt
 });
 
 /**
- * A peer receiving fragment 1 of `makeStore`'s file: its store is written half, then the rest
- * (`tail`, by default the right bytes) once `finish()` is called; served over TCP meanwhile.
+ * A peer holding fragment 0 of `makeStore`'s file and receiving fragment 1: its store is written
+ * half, then the rest (`tail`, by default the right bytes) once `finish()` is called; served over
+ * TCP meanwhile, with `options`.
  */
-async function relayingPeer(root: string, tail?: (right: Uint8Array) => Uint8Array) {
+async function relayingPeer(
+  root: string,
+  { tail, ...options }: { tail?: (right: Uint8Array) => Uint8Array } & TcpServerOptions = {},
+) {
   const { manifest, bytes } = await makeStore(root);
-  const f = manifest.fragments[1]!;
+  const [held, f] = [manifest.fragments[0]!, manifest.fragments[1]!];
   const fragment = bytes.slice(f.offset, f.offset + f.size);
   const half = Math.floor(f.size / 2);
   const store = await Store.open(join(root, "relay"));
   await store.setManifest(manifest);
+  await Deno.copyFile(join(root, "store", held.name), join(root, "relay", held.name));
+  await store.adopt(held.name);
   const gate = Promise.withResolvers<void>();
   const rest = (tail ?? ((right) => right))(fragment.slice(half));
   const writing = store.write(
@@ -130,8 +142,13 @@ async function relayingPeer(root: string, tail?: (right: Uint8Array) => Uint8Arr
     })(),
   );
   writing.catch(() => {}); // awaited by the test that expects it to fail
-  const server = startTcpServer(store, { port: 0, hostname: "127.0.0.1", onError: () => {} });
-  return { f, fragment, half, store, server, writing, finish: () => gate.resolve() };
+  const server = startTcpServer(store, {
+    port: 0,
+    hostname: "127.0.0.1",
+    onError: () => {},
+    ...options,
+  });
+  return { held, f, fragment, half, store, server, writing, finish: () => gate.resolve() };
 }
 
 Deno.test("TCP server passes on a fragment it is still receiving, the last byte once it is verified", async () => {
@@ -162,13 +179,43 @@ Deno.test("TCP server passes on a fragment it is still receiving, the last byte 
   await client.ping(); // the connection is ready for the next request
 });
 
+Deno.test("TCP server passes a fragment on as it arrives without waiting for an upload slot, up to FREE_RELAYS at once", async () => {
+  await using dir = await tempDir();
+  // One slot, at 16 KB/s with its burst spent: the held fragment (16 KiB) keeps it for a second.
+  const throttle = createThrottle(16_384);
+  await throttle(64 * 1024);
+  const peer = await relayingPeer(dir.path, { uploadSlots: 1, throttle });
+  await using _server = peer.server;
+  const address = `127.0.0.1:${peer.server.port}`;
+  using keeper = await TcpPeerClient.connect(address);
+  const clients = await Promise.all(
+    Array.from({ length: FREE_RELAYS + 1 }, () => TcpPeerClient.connect(address)),
+  );
+  const busy = await keeper.get(peer.held.name);
+  let kept = true;
+  const draining = (async () => {
+    for await (const _ of busy.chunks);
+    kept = false;
+  })();
+  const answered: boolean[] = []; // whether the slot was still kept when each OK came
+  const relays = clients.map(async (client) => {
+    const relayed = await client.get(peer.f.name);
+    answered.push(kept);
+    for await (const _ of relayed.chunks);
+  });
+  await new Promise((resolve) => setTimeout(resolve, 100));
+  peer.finish();
+  await Promise.all([...relays, draining, peer.writing]);
+  clients.forEach((client) => client.close());
+  assertEquals(answered, [...Array(FREE_RELAYS).fill(true), false]);
+});
+
 Deno.test("TCP server cuts a fragment it is passing on before the last byte when its copy fails", async () => {
   await using dir = await tempDir();
   // The rest arrives with its last byte wrong: the relaying peer's verification fails.
-  const peer = await relayingPeer(
-    dir.path,
-    (right) => right.map((b, i) => i === right.length - 1 ? b ^ 1 : b),
-  );
+  const peer = await relayingPeer(dir.path, {
+    tail: (right) => right.map((b, i) => i === right.length - 1 ? b ^ 1 : b),
+  });
   await using _server = peer.server;
   const viewer = await Store.open(join(dir.path, "viewer"));
   using client = await TcpPeerClient.connect(`127.0.0.1:${peer.server.port}`);
