@@ -31,7 +31,7 @@ const AWAITED_ELSEWHERE = 1;
 /** How many places back a seeder's request waits when other peers hold (or get) its fragment. */
 const HELD_ELSEWHERE = 6;
 /** Relays (fragments passed on as they arrive) under way at once without an upload slot. */
-export const FREE_RELAYS = 4;
+export const FREE_RELAYS = 2;
 /** The longest request line; anything longer closes the connection. */
 export const MAX_REQUEST_LINE = 1024;
 const CHUNK = 1024 * 1024;
@@ -423,8 +423,8 @@ async function answerGet(
         : NOT_WANTED_YET;
     // A relay takes no slot: it goes at the pace its bytes arrive, and a slot held that long
     // would leave this peer's upload idle; --max-upload still paces it with the rest. Past
-    // FREE_RELAYS at once, one waits for a slot like any send, so many connections asking for
-    // what is arriving cannot take the whole upload.
+    // FREE_RELAYS at once, one waits for a slot like any send: many connections asking for what
+    // is arriving would share the upload so thinly that every copy came late.
     const free = relay !== undefined && relaying.now < FREE_RELAYS;
     if (free) relaying.now++;
     const release = free
