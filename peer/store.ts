@@ -23,6 +23,7 @@
  */
 import { createHash } from "node:crypto";
 import { join } from "node:path";
+import { Wakeup } from "../common/wakeup.ts";
 import {
   hashReader,
   isValidName,
@@ -80,21 +81,16 @@ export class RelayError extends Error {
 class Arrival {
   written = 0;
   outcome: "held" | "failed" | undefined;
-  #wake = Promise.withResolvers<void>();
+  /** Fires at each {@link update}. */
+  readonly changed = new Wakeup();
 
   constructor(readonly info: FragmentInfo, readonly temp: string) {}
 
-  /** More bytes are on disk, or the outcome is known: wakes readers waiting in {@link changed}. */
+  /** More bytes are on disk, or the outcome is known: wakes the readers passing it on. */
   update(written: number, outcome?: "held" | "failed"): void {
     this.written = written;
     this.outcome = outcome;
-    this.#wake.resolve();
-    this.#wake = Promise.withResolvers();
-  }
-
-  /** Resolves at the next {@link update}. */
-  changed(): Promise<void> {
-    return this.#wake.promise;
+    this.changed.fire();
   }
 }
 
@@ -145,8 +141,8 @@ export class Store {
   #arriving = new Map<string, Set<Arrival>>();
   /** Fragments asked of some holder, by name: how many fetches (see {@link Store.expect}). */
   #expected = new Map<string, number>();
-  /** Resolved (and replaced) when a fragment begins to arrive, or a fetch of one ends. */
-  #arrivalsChanged = Promise.withResolvers<void>();
+  /** Fires when a fragment begins to arrive, or a fetch of one ends. */
+  readonly #arrivalsChanged = new Wakeup();
 
   private constructor(dir: string) {
     this.dir = dir;
@@ -314,8 +310,7 @@ export class Store {
         const left = this.#expected.get(name)! - 1;
         if (left > 0) this.#expected.set(name, left);
         else this.#expected.delete(name);
-        this.#arrivalsChanged.resolve();
-        this.#arrivalsChanged = Promise.withResolvers();
+        this.#arrivalsChanged.fire();
       },
     };
   }
@@ -332,16 +327,18 @@ export class Store {
     { signal, waitMs = RELAY_WAIT_MS }: { signal?: AbortSignal; waitMs?: number } = {},
   ): Promise<Relay | undefined> {
     const gaveUp = Promise.withResolvers<void>();
-    const giveUp = () => gaveUp.resolve();
+    let givenUp = signal?.aborted ?? false;
+    const giveUp = () => {
+      givenUp = true;
+      gaveUp.resolve();
+    };
     const timer = setTimeout(giveUp, waitMs);
     signal?.addEventListener("abort", giveUp);
-    let arrival, waiting = true;
-    gaveUp.promise.then(() => waiting = false);
+    let arrival;
     try {
       while (!(arrival = this.#furthest(name))) {
-        if (!this.#expected.has(name) || this.#held.has(name) || !waiting) return undefined;
-        if (signal?.aborted) return undefined;
-        await Promise.race([this.#arrivalsChanged.promise, gaveUp.promise]);
+        if (givenUp || !this.#expected.has(name) || this.#held.has(name)) return undefined;
+        await Promise.race([this.#arrivalsChanged.next, gaveUp.promise]);
       }
     } finally {
       clearTimeout(timer);
@@ -395,8 +392,7 @@ export class Store {
     const arrival = new Arrival(info, temp);
     const arrivals = this.#arriving.get(name) ?? new Set();
     this.#arriving.set(name, arrivals.add(arrival));
-    this.#arrivalsChanged.resolve();
-    this.#arrivalsChanged = Promise.withResolvers();
+    this.#arrivalsChanged.fire();
     try {
       const hash = createHash("sha256");
       let size = 0;
@@ -476,7 +472,7 @@ async function* relayChunks(file: Deno.FsFile, arrival: Arrival): AsyncGenerator
     }
     const ready = arrival.outcome === "held" ? size : Math.min(arrival.written, size - 1);
     if (offset >= ready) {
-      await arrival.changed();
+      await arrival.changed.next;
       continue;
     }
     const n = await file.read(buffer.subarray(0, Math.min(buffer.length, ready - offset)));

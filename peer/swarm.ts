@@ -35,6 +35,7 @@ import { AMBIGUOUS_FILE } from "../directory/protocol.ts";
 import type { FileSummary } from "../directory/schemas.ts";
 import { escapeControl } from "../common/cli.ts";
 import { refersTo, shortId } from "../common/file_ref.ts";
+import { Wakeup } from "../common/wakeup.ts";
 import { type FragmentEntry, joinFragments, type Manifest } from "../split.ts";
 
 /** A change on the fragment map: held, in flight (and from whom), missing, or failed. */
@@ -147,7 +148,8 @@ export class Swarm implements Disposable {
   #listeners = new Set<(event: FragmentEvent) => void>();
   #wake: (() => void) | undefined;
   #running: Promise<Error | undefined> | undefined;
-  #changed = Promise.withResolvers<undefined>();
+  // Wakes whoever waits in #settle: a fragment arrived or the scheduler stopped.
+  readonly #changed = new Wakeup();
   #fatal: Error | undefined;
   #closed = new AbortController();
   #lastProgress = Date.now();
@@ -196,7 +198,7 @@ export class Swarm implements Disposable {
         this.#emit(info.name, "held", ours ? attempt.holder : undefined);
       }
       this.#wake?.();
-      this.#notify();
+      this.#changed.fire();
     });
   }
 
@@ -295,7 +297,7 @@ export class Swarm implements Disposable {
         this.#wake?.();
         const outcome = await Promise.race([
           running.then((error) => ({ error })),
-          this.#changed.promise,
+          this.#changed.next,
           cancelled.promise,
         ]);
         if (typeof outcome !== "object") continue; // a change, or cancelled: checked above
@@ -316,7 +318,7 @@ export class Swarm implements Disposable {
     const timer = setTimeout(wake, ms);
     const forget = this.#onCancel(wake, signal);
     if (this.#closed.signal.aborted || signal?.aborted) wake();
-    this.#changed.promise.then(wake);
+    this.#changed.next.then(wake);
     try {
       await promise;
     } finally {
@@ -332,12 +334,6 @@ export class Swarm implements Disposable {
     return () => {
       for (const s of signals) s.removeEventListener("abort", listener);
     };
-  }
-
-  // Wakes whoever waits in #settle: a fragment arrived or the scheduler stopped.
-  #notify(): void {
-    this.#changed.resolve(undefined);
-    this.#changed = Promise.withResolvers();
   }
 
   // The scheduler: starts fetches until nothing is missing; resolves with the error that
@@ -376,7 +372,7 @@ export class Swarm implements Disposable {
       }
       return undefined;
     } finally {
-      // No #notify() here: the waiters in #settle race this run itself, and a wake-up before
+      // No #changed.fire() here: the waiters in #settle race this run itself, and a wake-up before
       // its result would restart the run, resetting the stall clock and losing the error.
       this.#fatal = undefined;
     }
