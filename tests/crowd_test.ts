@@ -308,28 +308,44 @@ async function busySeeder(root: string, { steer = false } = {}) {
   };
 }
 
+/**
+ * `count` clients of the peer at `address`, the i-th saying it is peer `10.0.0.<i+1>:600<i+1>`,
+ * and `take`, which fetches a fragment on one of them, noting in `order` when its send began.
+ */
+async function orderedClients(address: string, count: number) {
+  const clients = await Promise.all(
+    Array.from({ length: count }, async (_, i) => {
+      const client = await TcpPeerClient.connect(address);
+      await client.hello(`10.0.0.${i + 1}:600${i + 1}`);
+      return client;
+    }),
+  );
+  const order: string[] = [];
+  return {
+    clients,
+    order,
+    async take(client: TcpPeerClient, name: string) {
+      const download = await client.get(name);
+      order.push(name);
+      for await (const _ of download.chunks);
+    },
+    [Symbol.dispose]: () => clients.forEach((client) => client.close()),
+  };
+}
+
 Deno.test("a busy seeder gives its next slot to a fragment only it holds before one others hold", async () => {
   await using dir = await tempDir();
   await using holder = await busySeeder(dir.path, { steer: true });
   const [f0, f1, f2] = holder.manifest.fragments;
   holder.steering!.have(f1!.name, "10.0.0.9:6009"); // another peer holds f1
-  const address = `127.0.0.1:${holder.port}`;
-  using a = await TcpPeerClient.connect(address);
-  using b = await TcpPeerClient.connect(address);
-  await a.hello("10.0.0.1:6001");
-  await b.hello("10.0.0.2:6002");
+  using peers = await orderedClients(`127.0.0.1:${holder.port}`, 2);
+  const { clients: [a, b], order, take } = peers;
   // A asks for f1: pointed at its holder once, then it waits for a slot. B asks for f2 later.
-  const pointed = await a.get(f1!.name).then(() => undefined, (e) => e);
+  const pointed = await a!.get(f1!.name).then(() => undefined, (e) => e);
   assert(pointed instanceof PeerError && pointed.code === "ELSEWHERE", String(pointed));
-  const order: string[] = [];
-  const take = async (client: TcpPeerClient, name: string) => {
-    const download = await client.get(name);
-    order.push(name);
-    for await (const _ of download.chunks);
-  };
-  const asks = [take(a, f1!.name)];
+  const asks = [take(a!, f1!.name)];
   await new Promise((resolve) => setTimeout(resolve, 50));
-  asks.push(take(b, f2!.name));
+  asks.push(take(b!, f2!.name));
   await Promise.all(asks);
   assertEquals(order, [f2!.name, f1!.name]);
   assert(f0, "four fragments");
@@ -339,25 +355,14 @@ Deno.test("a busy seeder moves up a request others were pointed at: they wait fo
   await using dir = await tempDir();
   await using holder = await busySeeder(dir.path, { steer: true });
   const [f0, f1, f2] = holder.manifest.fragments;
-  const address = `127.0.0.1:${holder.port}`;
-  using a = await TcpPeerClient.connect(address);
-  using b = await TcpPeerClient.connect(address);
-  using c = await TcpPeerClient.connect(address);
-  await a.hello("10.0.0.1:6001");
-  await b.hello("10.0.0.2:6002");
-  await c.hello("10.0.0.3:6003");
-  const order: string[] = [];
-  const take = async (client: TcpPeerClient, name: string) => {
-    const download = await client.get(name);
-    order.push(name);
-    for await (const _ of download.chunks);
-  };
+  using peers = await orderedClients(`127.0.0.1:${holder.port}`, 3);
+  const { clients: [a, b, c], order, take } = peers;
   // C waits for f2 first, then A for f1; B, asking for f1 too, is pointed at A.
-  const asks = [take(c, f2!.name)];
+  const asks = [take(c!, f2!.name)];
   await new Promise((resolve) => setTimeout(resolve, 50));
-  asks.push(take(a, f1!.name));
+  asks.push(take(a!, f1!.name));
   await new Promise((resolve) => setTimeout(resolve, 50));
-  const pointed = await b.get(f1!.name).then(() => undefined, (e) => e);
+  const pointed = await b!.get(f1!.name).then(() => undefined, (e) => e);
   assert(pointed instanceof PeerError && pointed.code === "ELSEWHERE", String(pointed));
   assertEquals(pointed.elsewhere, ["10.0.0.1:6001"]);
   await Promise.all(asks);
