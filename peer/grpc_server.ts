@@ -1,13 +1,13 @@
 /**
  * The `p2p.FileTransfer` server of peer_grpc.ts over a fragment store: one handler per RPC.
- * Download reads each chunk from the file straight into its encoded place in a reused buffer;
- * Upload is kept only once Store.write verified it.
+ * Download reads each chunk from the file straight into its encoded place in a reused buffer and
+ * is served on the HTTP/2 port itself (grpc_http2.ts); the other calls, health and reflection are
+ * grpc-js's, passed on by that port. Upload is kept only once Store.write verified it.
  * The peer runs this in a supervised child (see grpc_supervisor.ts), never in its own process.
  * @module
  */
 import "./grpc_env_check.ts"; // before grpc-js, which reads the environment as it loads
 import * as grpc from "@grpc/grpc-js";
-import { Buffer } from "node:buffer";
 import { UserError } from "../common/cli.ts";
 import { isValidName } from "../split.ts";
 import { createThrottle } from "../common/throttle.ts";
@@ -33,6 +33,7 @@ import {
 import { ELSEWHERE_KEY } from "./grpc_wire.ts";
 import type { Steering } from "./steering.ts";
 import { addStandardServices } from "./grpc_services.ts";
+import { type DownloadCall, type Http2Port, listenHttp2 } from "./grpc_http2.ts";
 
 // The largest fragment an Upload may announce (the splitter's fragments are far smaller).
 const MAX_UPLOAD_SIZE = 4 * 1024 ** 3;
@@ -40,6 +41,7 @@ const SHA256_HEX = /^[0-9a-f]{64}$/;
 // Unacknowledged chunks one Download may have queued: bounds its memory at a few MiB.
 const DOWNLOAD_WINDOW = 4;
 const encoder = new TextEncoder();
+const LOOPBACK = "127.0.0.1";
 
 /** How {@link startGrpcServer} serves. */
 export interface GrpcServerOptions {
@@ -86,34 +88,49 @@ export async function startGrpcServer(
     "grpc.max_receive_message_length": MAX_MESSAGE,
   });
   const active = new Set<Promise<void>>();
-  server.addService(serverDefinition(), fileTransferHandlers(store, options, active));
+  const { handlers, download } = fileTransferHandlers(store, options, active);
+  server.addService(fileTransfer().service, handlers); // Download is served on the HTTP/2 port
   addStandardServices(server);
-  const host = options.hostname ?? "0.0.0.0";
-  const address = `${host.includes(":") ? `[${host}]` : host}:${options.port ?? DEFAULT_PORT}`;
-  const port = await new Promise<number>((resolve, reject) => {
-    server.bindAsync(address, grpc.ServerCredentials.createInsecure(), (error, port) => {
-      if (!error) return resolve(port);
-      // grpc-js says "No address added out of total 1 resolved errors: [listen EADDRINUSE: ...]"
-      reject(
-        new UserError(
-          /\bEADDRINUSE\b/.test(error.message)
-            ? portInUseMessage(options.port ?? DEFAULT_PORT)
-            : `Cannot listen on ${quote(address)}: ${error.message}`,
-          { cause: error },
-        ),
-      );
+  // grpc-js serves the other calls on loopback only; the HTTP/2 port passes them on.
+  const upstreamPort = await new Promise<number>((resolve, reject) => {
+    server.bindAsync(`${LOOPBACK}:0`, grpc.ServerCredentials.createInsecure(), (error, port) => {
+      if (error) reject(new Error(`Cannot listen on ${LOOPBACK}: ${error.message}`));
+      else resolve(port);
     });
   });
+  const hostname = options.hostname ?? "0.0.0.0";
+  const port = options.port ?? DEFAULT_PORT;
+  const requestType = fileTransfer().service.Download!;
+  let http2Port: Http2Port;
+  try {
+    http2Port = await listenHttp2({
+      port,
+      hostname,
+      upstreamPort,
+      download,
+      decodeRequest: (bytes) => requestType.requestDeserialize(bytes) as DownloadCall["request"],
+    });
+  } catch (error) {
+    server.forceShutdown();
+    const address = `${hostname.includes(":") ? `[${hostname}]` : hostname}:${port}`;
+    throw new UserError(
+      (error as { code?: string }).code === "EADDRINUSE"
+        ? portInUseMessage(port)
+        : `Cannot listen on ${quote(address)}: ${(error as Error).message}`,
+      { cause: error },
+    );
+  }
   let closing: Promise<void> | undefined;
   function close() {
     closing ??= (async () => {
+      await http2Port.close(); // cancels the Downloads and every call passed on
       server.forceShutdown();
       // Let cancelled uploads remove their temporary files before the caller moves on.
       await Promise.allSettled(active);
     })();
     return closing;
   }
-  return { port, close, [Symbol.asyncDispose]: close };
+  return { port: http2Port.port, close, [Symbol.asyncDispose]: close };
 }
 
 /**
@@ -131,30 +148,14 @@ export function quietBindFailures(): void {
 }
 
 /**
- * The service as the server registers it: Download's chunks arrive already encoded (see
- * {@link encodeChunk}), so protobufjs does not copy each MiB once more; other messages as usual.
+ * The handlers of `p2p.FileTransfer`, one named function per RPC: Download's apart, for the
+ * HTTP/2 port (grpc_http2.ts), the others for grpc-js.
  */
-function serverDefinition(): grpc.ServiceDefinition {
-  const definition = fileTransfer().service;
-  const download = definition.Download!;
-  return {
-    ...definition,
-    Download: {
-      ...download,
-      responseSerialize: (message: unknown) =>
-        message instanceof Uint8Array
-          ? Buffer.from(message.buffer, message.byteOffset, message.length) // a view: no copy
-          : download.responseSerialize(message),
-    },
-  };
-}
-
-/** The handlers of `p2p.FileTransfer`, one named function per RPC. */
 function fileTransferHandlers(
   store: Store,
   options: GrpcServerOptions,
   active: Set<Promise<void>>,
-): grpc.UntypedServiceImplementation {
+): { handlers: grpc.UntypedServiceImplementation; download: (call: DownloadCall) => void } {
   const { maxDownloads = 64, maxUploads = 4 } = options;
   let downloads = 0, uploads = 0;
   const throttle = options.maxUpload ? createThrottle(options.maxUpload) : undefined;
@@ -210,24 +211,24 @@ function fileTransferHandlers(
     });
   }
 
-  // Its messages are Chunks encoded by encodeChunk (see serverDefinition).
-  function Download(call: grpc.ServerWritableStream<{ name: string; peer: string }, Uint8Array>) {
+  function Download(call: DownloadCall) {
     const { name } = call.request;
     const peer = call.request.peer || undefined;
     if (!isFragmentName(name)) {
-      call.emit("error", statusError(grpc.status.INVALID_ARGUMENT, `Invalid name ${quote(name)}`));
+      call.end({ code: grpc.status.INVALID_ARGUMENT, details: `Invalid name ${quote(name)}` });
       return;
     }
     if (downloads >= maxDownloads) {
-      call.emit("error", statusError(grpc.status.RESOURCE_EXHAUSTED, "Too many downloads"));
+      call.end({ code: grpc.status.RESOURCE_EXHAUSTED, details: "Too many downloads" });
       return;
     }
     const pointer = options.steering?.redirect(name, peer, downloads > 0);
     if (pointer) {
-      const metadata = new grpc.Metadata();
-      metadata.set(ELSEWHERE_KEY, pointer.join(","));
-      const details = `held elsewhere: ${pointer.join(" ")}`;
-      call.emit("error", { ...statusError(grpc.status.FAILED_PRECONDITION, details), metadata });
+      call.end({
+        code: grpc.status.FAILED_PRECONDITION,
+        details: `held elsewhere: ${pointer.join(" ")}`,
+        trailers: { [ELSEWHERE_KEY]: pointer.join(",") },
+      });
       return;
     }
     // In flight counts toward its receiver: others asking meanwhile are pointed there.
@@ -238,10 +239,12 @@ function fileTransferHandlers(
         .catch((error) => {
           if (peer) options.steering?.lost(name, peer);
           // A disk error: it fails this call only.
-          call.emit(
-            "error",
-            internal(`Download of ${quote(name)}`, error, "Could not read the fragment"),
+          const { code, details } = internal(
+            `Download of ${quote(name)}`,
+            error,
+            "Could not read the fragment",
           );
+          call.end({ code: code!, details: details! });
         })
         .finally(() => downloads--),
     );
@@ -274,7 +277,7 @@ function fileTransferHandlers(
     callback(null, { message: call.request.message });
   }
 
-  return { ListFiles, Locate, Download, Upload, Echo };
+  return { handlers: { ListFiles, Locate, Upload, Echo }, download: Download };
 }
 
 function toWireHolder(holder: Holder): WireHolder {
@@ -302,28 +305,24 @@ function askedFileId(file: string | undefined, holders: Holder[]): string {
 async function sendFragment(
   store: Store,
   name: string,
-  call: grpc.ServerWritableStream<{ name: string }, Uint8Array>,
+  call: DownloadCall,
   throttle?: ReturnType<typeof createThrottle>,
 ): Promise<void> {
   // A fragment the peer fetched after this process started is in the folder, not yet held here.
   const opened = await store.open(name) ??
     (await store.adopt(name) ? await store.open(name) : undefined);
   if (!opened) {
-    call.emit("error", statusError(grpc.status.NOT_FOUND, `No fragment ${quote(name)} here`));
+    call.end({ code: grpc.status.NOT_FOUND, details: `No fragment ${quote(name)} here` });
     return;
   }
   using file = opened.file;
   const { size, sha256 } = opened.info;
-  let cancelled = false;
   // A cancelled call may never run the callbacks of its queued writes: stop waiting for them.
   const { promise: whenCancelled, resolve: onCancelled } = Promise.withResolvers<void>();
-  call.on("cancelled", () => {
-    cancelled = true;
-    onCancelled();
-  });
-  // Each message is read from the file straight into its encoded place in one of these buffers;
-  // a buffer is used again only once grpc-js called back for the message it held (by then
-  // grpc-js has copied it into its own frame), so the download allocates nothing per chunk.
+  call.cancelled.addEventListener("abort", () => onCancelled(), { once: true });
+  // Each message is read from the file straight into its encoded place in one of these buffers,
+  // behind room for its head; a buffer is used again only once the stream called back for the
+  // message it held, so the download allocates nothing per chunk and copies nothing.
   const spare = Array.from(
     { length: DOWNLOAD_WINDOW + 1 },
     () => new Uint8Array(CHUNK_HEAD_ROOM + Math.min(CHUNK_SIZE, size)),
@@ -331,7 +330,7 @@ async function sendFragment(
   // Writes complete in order; waiting on the oldest keeps at most DOWNLOAD_WINDOW queued.
   const pending: Promise<Uint8Array<ArrayBuffer>>[] = [];
   let sent = 0, first = true;
-  while (!cancelled && (first || sent < size)) {
+  while (!call.cancelled.aborted && (first || sent < size)) {
     const buffer = spare.pop()!;
     const data = buffer.subarray(
       CHUNK_HEAD_ROOM,
@@ -345,10 +344,10 @@ async function sendFragment(
     }
     if (filled < data.length) {
       // The file shrank behind the store's back: fail loudly rather than send short bytes.
-      call.emit("error", statusError(grpc.status.DATA_LOSS, `Fragment ${quote(name)} is short`));
+      call.end({ code: grpc.status.DATA_LOSS, details: `Fragment ${quote(name)} is short` });
       return;
     }
-    if (throttle) await throttle(data.length).catch(() => {});
+    if (throttle) await throttle(data.length, call.cancelled).catch(() => {}); // ends on cancel
     const message = encodeChunk(buffer, data.length, first ? { size, sha256 } : undefined);
     pending.push(new Promise((resolve) => call.write(message, () => resolve(buffer))));
     if (pending.length >= DOWNLOAD_WINDOW) {
@@ -359,10 +358,10 @@ async function sendFragment(
     first = false;
   }
   await Promise.race([Promise.all(pending), whenCancelled]);
-  if (!cancelled) call.end();
+  call.end();
 }
 
-// Room before a chunk's bytes for its encoded fields: the largest head is 83 bytes.
+// Room before a chunk's bytes for its encoded fields (83 bytes at most) and the message head (5).
 const CHUNK_HEAD_ROOM = 96;
 
 /**

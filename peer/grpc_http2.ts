@@ -1,0 +1,337 @@
+/**
+ * The gRPC server's own HTTP/2 port: `p2p.FileTransfer/Download` is served here, straight onto
+ * the HTTP/2 stream, and every other call is passed on to grpc-js on a loopback port. Why:
+ * grpc-js copies each message it sends into a fresh buffer behind its 5-byte head (grpc-node has
+ * no way around it: grpc/grpc-node#2652 asked and was closed), which for a Download means a fresh
+ * MiB and a copy of it per chunk. Here each chunk is read from the file into a reused buffer that
+ * already has room for its head, and written as it is. The calls passed on (Upload, ListFiles,
+ * Locate, Echo, health, reflection) cross this port's stream unchanged, headers, messages and
+ * trailers.
+ * @module
+ */
+import { Buffer } from "node:buffer";
+import http2 from "node:http2";
+import zlib from "node:zlib";
+import * as grpc from "@grpc/grpc-js";
+
+// The path of the one call served here; the others go to grpc-js.
+const DOWNLOAD_PATH = "/p2p.FileTransfer/Download";
+// A gRPC message's head: a compressed flag, then the length (32-bit big-endian).
+const MESSAGE_HEAD = 5;
+// A Download request is a name and a peer: this is far more than either needs.
+const MAX_REQUEST = 64 * 1024;
+// Receive windows as large as the gRPC client's, so an Upload passed on is not held to 64 KiB.
+const WINDOW = 8 * 1024 * 1024;
+const { HTTP2_HEADER_STATUS, NGHTTP2_CANCEL, NGHTTP2_INTERNAL_ERROR } = http2.constants;
+// A compressed request message, as gRPC clients may send one; never inflated past MAX_REQUEST.
+const INFLATE: Record<string, (bytes: Buffer) => Buffer> = {
+  gzip: (bytes) => zlib.gunzipSync(bytes, { maxOutputLength: MAX_REQUEST }),
+  deflate: (bytes) => zlib.inflateSync(bytes, { maxOutputLength: MAX_REQUEST }),
+};
+
+/** A finished call's status, as the trailers carry it. */
+export interface CallStatus {
+  code: grpc.status;
+  details: string;
+  /** More trailers, e.g. where else a fragment is held. */
+  trailers?: Record<string, string>;
+}
+
+/** A Download as its handler sees it: the request, and the stream its messages go to. */
+export interface DownloadCall {
+  readonly request: { name: string; peer: string };
+  /** Aborted when the client cancelled or went away, or the call's deadline passed. */
+  readonly cancelled: AbortSignal;
+  /**
+   * Sends `message`, a gRPC message with MESSAGE_HEAD bytes of room before it in its buffer
+   * (written there); `sent` runs once the buffer may be used again.
+   */
+  write(message: Uint8Array, sent: () => void): void;
+  /** Ends the call with `status` (OK when omitted). */
+  end(status?: CallStatus): void;
+}
+
+/** What {@link listenHttp2} serves on. */
+export interface Http2Options {
+  port: number;
+  hostname: string;
+  /** The loopback port grpc-js serves the other calls on. */
+  upstreamPort: number;
+  /** Serves one Download. */
+  download: (call: DownloadCall) => void;
+  /** Takes a request that cannot be decoded, e.g. the proto's deserializer. */
+  decodeRequest: (bytes: Buffer) => { name: string; peer: string };
+}
+
+/** The running port. */
+export interface Http2Port {
+  readonly port: number;
+  /** Stops listening and closes every session, which cancels the calls in flight. */
+  close(): Promise<void>;
+}
+
+/** Listens on `options.port`; rejects as `listen` does (EADDRINUSE...). */
+export async function listenHttp2(options: Http2Options): Promise<Http2Port> {
+  const server = http2.createServer({ settings: { initialWindowSize: WINDOW } });
+  const sessions = new Set<http2.ServerHttp2Session>();
+  let upstream: http2.ClientHttp2Session | undefined;
+  /** The session to grpc-js, made again when the last one closed. */
+  function upstreamSession(): http2.ClientHttp2Session {
+    if (upstream && !upstream.closed && !upstream.destroyed) return upstream;
+    const session = http2.connect(`http://127.0.0.1:${options.upstreamPort}`, {
+      settings: { initialWindowSize: WINDOW },
+    });
+    session.on("error", () => {}); // each call passed on fails on its own stream
+    session.on("close", () => upstream === session && (upstream = undefined));
+    return upstream = session;
+  }
+  server.on("session", (session: http2.ServerHttp2Session) => {
+    sessions.add(session);
+    session.on("error", () => {}); // a client that broke the protocol: its streams close
+    session.on("close", () => sessions.delete(session));
+    session.once("connect", () => session.setLocalWindowSize(WINDOW));
+  });
+  server.on("stream", (stream: http2.ServerHttp2Stream, headers) => {
+    stream.on("error", () => {}); // a client that went away: its call ends with the stream
+    if (headers[":path"] === DOWNLOAD_PATH) serveDownload(stream, headers, options);
+    else passOn(stream, headers, upstreamSession);
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(options.port, options.hostname, () => {
+      server.off("error", reject);
+      resolve();
+    });
+  });
+  const port = (server.address() as { port: number }).port;
+  let closing: Promise<void> | undefined;
+  function close() {
+    closing ??= new Promise<void>((resolve) => {
+      server.close(() => resolve());
+      for (const session of sessions) session.destroy();
+      upstream?.destroy();
+    });
+    return closing;
+  }
+  return { port, close };
+}
+
+/** Reads a Download's one request message, then hands the call to `options.download`. */
+function serveDownload(
+  stream: http2.ServerHttp2Stream,
+  headers: http2.IncomingHttpHeaders,
+  options: Http2Options,
+) {
+  if (!String(headers["content-type"]).startsWith("application/grpc")) {
+    stream.respond({ [HTTP2_HEADER_STATUS]: 415 }, { endStream: true });
+    return;
+  }
+  const call = new StreamCall(stream, headers["grpc-timeout"]);
+  const received: Buffer[] = [];
+  let length = 0;
+  stream.on("data", (data: Buffer) => {
+    if (length > MAX_REQUEST) return; // answered already
+    length += data.length;
+    received.push(data);
+    if (length > MAX_REQUEST) {
+      received.length = 0;
+      call.end({ code: grpc.status.RESOURCE_EXHAUSTED, details: "Request too large" });
+    }
+  });
+  stream.on("end", () => {
+    if (length > MAX_REQUEST || call.cancelled.aborted) return;
+    const body = Buffer.concat(received);
+    const size = body.length >= MESSAGE_HEAD ? body.readUInt32BE(1) : -1;
+    if (size !== body.length - MESSAGE_HEAD) {
+      call.end({ code: grpc.status.UNIMPLEMENTED, details: "Expected one request message" });
+      return;
+    }
+    const encoding = String(headers["grpc-encoding"] ?? "identity");
+    const inflate = body[0] === 0 ? (bytes: Buffer) => bytes : INFLATE[encoding];
+    if (!inflate) {
+      const details = `Unsupported grpc-encoding ${JSON.stringify(encoding.slice(0, 64))}`;
+      call.end({ code: grpc.status.UNIMPLEMENTED, details });
+      return;
+    }
+    try {
+      call.request = options.decodeRequest(inflate(body.subarray(MESSAGE_HEAD)));
+    } catch (error) {
+      call.end(
+        (error as { code?: string }).code === "ERR_BUFFER_TOO_LARGE" // inflated past MAX_REQUEST
+          ? { code: grpc.status.RESOURCE_EXHAUSTED, details: "Request too large" }
+          : { code: grpc.status.INTERNAL, details: "Error reading the request" },
+      );
+      return;
+    }
+    options.download(call);
+  });
+}
+
+/** A {@link DownloadCall} on one HTTP/2 stream. */
+class StreamCall implements DownloadCall {
+  request = { name: "", peer: "" };
+  readonly #stream: http2.ServerHttp2Stream;
+  readonly #cancel = new AbortController();
+  #responded = false;
+  #ended = false;
+  #trailers: Record<string, string> = {};
+
+  constructor(stream: http2.ServerHttp2Stream, timeout: string | string[] | undefined) {
+    this.#stream = stream;
+    stream.on("close", () => {
+      if (!this.#ended) this.#cancel.abort();
+    });
+    stream.on("wantTrailers", () => stream.sendTrailers(this.#trailers));
+    const ms = deadlineMs(timeout);
+    if (ms !== undefined) {
+      const timer = setTimeout(() => {
+        this.end({ code: grpc.status.DEADLINE_EXCEEDED, details: "Deadline exceeded" });
+        this.#cancel.abort();
+      }, ms);
+      stream.on("close", () => clearTimeout(timer));
+    }
+  }
+
+  get cancelled(): AbortSignal {
+    return this.#cancel.signal;
+  }
+
+  write(message: Uint8Array, sent: () => void): void {
+    if (this.#ended || this.#stream.closed) return sent();
+    if (message.byteOffset < MESSAGE_HEAD) throw new RangeError("No room for the message head");
+    const framed = Buffer.from(
+      message.buffer,
+      message.byteOffset - MESSAGE_HEAD,
+      message.length + MESSAGE_HEAD,
+    );
+    framed[0] = 0; // not compressed
+    framed.writeUInt32BE(message.length, 1);
+    this.#respond();
+    this.#stream.write(framed, () => sent());
+  }
+
+  end(status: CallStatus = { code: grpc.status.OK, details: "" }): void {
+    if (this.#ended) return;
+    this.#ended = true;
+    if (this.#stream.closed) return;
+    const trailers = {
+      ...status.trailers,
+      "grpc-status": String(status.code),
+      "grpc-message": encodeMessage(status.details),
+    };
+    if (this.#responded) {
+      this.#trailers = trailers;
+      this.#stream.end();
+    } else { // nothing sent yet: one HEADERS frame carries the status ("trailers-only")
+      this.#responded = true;
+      this.#stream.respond({ ...responseHeaders(), ...trailers }, { endStream: true });
+    }
+  }
+
+  #respond() {
+    if (this.#responded) return;
+    this.#responded = true;
+    this.#stream.respond(responseHeaders(), { waitForTrailers: true });
+  }
+}
+
+function responseHeaders(): http2.OutgoingHttpHeaders {
+  return {
+    [HTTP2_HEADER_STATUS]: 200,
+    "content-type": "application/grpc+proto",
+    "grpc-accept-encoding": "identity,deflate,gzip",
+  };
+}
+
+/** A `grpc-timeout` header ("100m", "5S"...) in milliseconds; undefined when absent or bad. */
+function deadlineMs(header: string | string[] | undefined): number | undefined {
+  const match = typeof header === "string" ? header.match(/^(\d{1,8})([HMSmun])$/) : null;
+  if (!match) return undefined;
+  const unitMs = { H: 3_600_000, M: 60_000, S: 1000, m: 1, u: 1e-3, n: 1e-6 }[match[2]!]!;
+  return Number(match[1]) * unitMs;
+}
+
+/** `grpc-message` as the gRPC spec has it: percent-encoded UTF-8 outside printable ASCII. */
+function encodeMessage(details: string): string {
+  return Array.from(
+    new TextEncoder().encode(details),
+    (byte) =>
+      byte >= 0x20 && byte <= 0x7e && byte !== 0x25
+        ? String.fromCharCode(byte)
+        : `%${byte.toString(16).toUpperCase().padStart(2, "0")}`,
+  ).join("");
+}
+
+/**
+ * Passes one call on to grpc-js and its answer back, unchanged: headers, messages both ways, and
+ * trailers; a cancel on either side cancels the other.
+ */
+function passOn(
+  stream: http2.ServerHttp2Stream,
+  headers: http2.IncomingHttpHeaders,
+  session: () => http2.ClientHttp2Session,
+) {
+  const outgoing: http2.OutgoingHttpHeaders = {};
+  for (const [name, value] of Object.entries(headers)) {
+    if (name !== ":authority" && name !== ":scheme") outgoing[name] = value;
+  }
+  const request = session().request(outgoing);
+  request.on("error", () => {}); // its close below ends the client's stream
+  stream.pipe(request);
+  let responseHeaders: http2.IncomingHttpHeaders | undefined;
+  let trailers: http2.IncomingHttpHeaders = {};
+  let finished = false;
+  // Deno's client can emit a message's data before the headers it came after: hold it till then.
+  const early: Buffer[] = [];
+  const send = (data: Buffer) => {
+    if (!stream.write(data)) request.pause();
+  };
+  const respond = () => {
+    if (!responseHeaders || stream.headersSent || stream.closed) return;
+    stream.respond(withoutPseudo(responseHeaders, true), { waitForTrailers: true });
+    early.splice(0).forEach(send);
+  };
+  stream.on("wantTrailers", () => stream.sendTrailers(withoutPseudo(trailers)));
+  request.on("response", (headers) => {
+    responseHeaders = headers;
+    if (early.length > 0) respond();
+  });
+  request.on("data", (data: Buffer) => {
+    if (!responseHeaders) early.push(data);
+    else {
+      respond();
+      send(data);
+    }
+  });
+  stream.on("drain", () => request.resume());
+  request.on("trailers", (received) => {
+    trailers = received;
+    respond();
+  });
+  request.on("end", () => {
+    finished = true;
+    if (stream.closed) return;
+    if (stream.headersSent) stream.end();
+    else if (responseHeaders) { // a status and no message: one HEADERS frame, as grpc-js sent it
+      stream.respond(withoutPseudo(responseHeaders, true), { endStream: true });
+    } else stream.close(NGHTTP2_INTERNAL_ERROR);
+  });
+  request.on("close", () => {
+    if (!finished && !stream.closed) stream.close(request.rstCode || NGHTTP2_INTERNAL_ERROR);
+  });
+  stream.on("close", () => {
+    if (!request.closed) request.close(NGHTTP2_CANCEL);
+  });
+}
+
+/** Headers to send on: without the pseudo-headers, but for `:status` when `status`. */
+function withoutPseudo(
+  headers: http2.IncomingHttpHeaders,
+  status = false,
+): http2.OutgoingHttpHeaders {
+  const kept: http2.OutgoingHttpHeaders = {};
+  for (const [name, value] of Object.entries(headers)) {
+    if (!name.startsWith(":") || (status && name === HTTP2_HEADER_STATUS)) kept[name] = value;
+  }
+  return kept;
+}

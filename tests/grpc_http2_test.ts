@@ -1,0 +1,313 @@
+/**
+ * The gRPC server's own HTTP/2 port (peer/grpc_http2.ts): Download served on it, its status in
+ * trailers, its budget and deadline; what a raw HTTP/2 client that breaks the protocol gets; and
+ * the calls passed on to grpc-js, cancelled with their client.
+ */
+import { assert, assertEquals, assertRejects } from "./_assert.ts";
+import { Buffer } from "node:buffer";
+import http2 from "node:http2";
+import { join } from "node:path";
+import zlib from "node:zlib";
+import * as grpc from "@grpc/grpc-js";
+import { GrpcClient, startGrpcServer } from "../peer_grpc.ts";
+import { fileTransfer } from "../peer/grpc_wire.ts";
+import { Steering } from "../peer/steering.ts";
+import { Store } from "../peer/store.ts";
+import { PeerError } from "../peer/tcp.ts";
+import { splitFile } from "../split.ts";
+import { tempDir } from "./_util.ts";
+
+/**
+ * A store with the manifest of a 12 MiB file cut in 4 (3 MiB each, 3 chunks) and every fragment but
+ * `without`.
+ */
+async function fullStore(root: string, without?: string): Promise<Store> {
+  const input = join(root, "video.webm");
+  const bytes = new Uint8Array(12 * 1024 * 1024);
+  for (let i = 0; i < bytes.length; i += 65536) {
+    crypto.getRandomValues(bytes.subarray(i, i + 65536));
+  }
+  await Deno.writeFile(input, bytes);
+  await splitFile(input, { out: join(root, "store"), fragments: 4 });
+  if (without) await Deno.remove(join(root, "store", without));
+  return await Store.open(join(root, "store"));
+}
+
+/** A grpc-js client of `address`, for what GrpcClient does not expose (deadlines, raw status). */
+function rawClient(address: string, options: grpc.ChannelOptions = {}) {
+  const FileTransfer = fileTransfer();
+  return new FileTransfer(address, grpc.credentials.createInsecure(), options) as unknown as
+    & grpc.Client
+    & {
+      Download(request: unknown, options?: grpc.CallOptions): grpc.ClientReadableStream<unknown>;
+    };
+}
+
+/** The status a streaming call ends with, once its messages are read. */
+function statusOf(call: grpc.ClientReadableStream<unknown>): Promise<grpc.StatusObject> {
+  return new Promise((resolve) => {
+    call.on("data", () => {});
+    call.on("error", () => {}); // the status below says it
+    call.on("status", resolve);
+  });
+}
+
+/** Posts `body` to `path` over a raw HTTP/2 session; resolves with the headers and trailers. */
+async function post(
+  port: number,
+  path: string,
+  body: Uint8Array,
+  headers: http2.OutgoingHttpHeaders = { "content-type": "application/grpc", te: "trailers" },
+): Promise<Record<string, unknown>> {
+  const session = http2.connect(`http://127.0.0.1:${port}`);
+  try {
+    const request = session.request({ ":method": "POST", ":path": path, ...headers });
+    const answer: Record<string, unknown> = {};
+    request.on("response", (received) => Object.assign(answer, received));
+    request.on("trailers", (received) => Object.assign(answer, received));
+    request.on("data", () => {});
+    request.end(body);
+    await new Promise((resolve, reject) => {
+      request.on("close", resolve);
+      request.on("error", reject);
+    });
+    return answer;
+  } finally {
+    session.close();
+  }
+}
+
+/** `message` behind a gRPC message head (flag `flag`). */
+function framed(message: Uint8Array, flag = 0): Uint8Array {
+  const bytes = Buffer.alloc(5 + message.length);
+  bytes[0] = flag;
+  bytes.writeUInt32BE(message.length, 1);
+  bytes.set(message, 5);
+  return bytes;
+}
+
+const DOWNLOAD = "/p2p.FileTransfer/Download";
+const GRPC = { "content-type": "application/grpc", te: "trailers" };
+
+Deno.test("A busy seeder's Download points the requester at other holders, in a trailer", async () => {
+  await using dir = await tempDir();
+  const store = await fullStore(dir.path);
+  const steering = new Steering(store);
+  steering.have("fragment_0.bin", "10.0.0.9:50051"); // another peer holds fragment_0
+  // 256 KiB/s: the first download stays in flight, so the server is busy.
+  await using server = await startGrpcServer(store, {
+    port: 0,
+    hostname: "127.0.0.1",
+    steering,
+    maxUpload: 256 * 1024,
+  });
+  const address = `127.0.0.1:${server.port}`;
+  using client = new GrpcClient();
+  // Its first 1 MiB chunk waits 4 s for the throttle: the server is busy with it meanwhile.
+  const busy = new AbortController();
+  const first = client.download(address, "fragment_1.bin", {
+    peer: "10.0.0.1:6001",
+    signal: busy.signal,
+  }).catch(() => {});
+  await new Promise((resolve) => setTimeout(resolve, 300));
+  const pointed = await assertRejects(
+    () => client.download(address, "fragment_0.bin", { peer: "10.0.0.2:6002" }),
+    PeerError,
+  );
+  assertEquals(pointed.code, "ELSEWHERE");
+  assertEquals(pointed.elsewhere, ["10.0.0.9:50051"]);
+  busy.abort();
+  await first;
+});
+
+/**
+ * Whether the server takes a Download of `name` now: true when it is not refused within 300 ms
+ * (a refusal for too many downloads is immediate); the call is cancelled either way.
+ */
+async function takesDownload(client: ReturnType<typeof rawClient>, name: string) {
+  const call = client.Download({ name, peer: "" });
+  const status = statusOf(call);
+  const refused = await Promise.race([
+    status.then((s) => s.code === grpc.status.RESOURCE_EXHAUSTED),
+    new Promise<false>((resolve) => setTimeout(() => resolve(false), 300)),
+  ]);
+  call.cancel();
+  await status;
+  return !refused;
+}
+
+/** Waits up to `ms` for the server to take a Download of `name` again. */
+async function takenWithin(client: ReturnType<typeof rawClient>, name: string, ms: number) {
+  const deadline = Date.now() + ms;
+  while (!await takesDownload(client, name)) {
+    if (Date.now() > deadline) return false;
+  }
+  return true;
+}
+
+// 128 KiB/s: the first 1 MiB chunk of a download waits about 7 s for the throttle, so a download
+// that has begun holds its place that long unless its end is noticed at once.
+const SLOW = 128 * 1024;
+
+Deno.test("Downloads past maxDownloads are RESOURCE_EXHAUSTED; a cancelled one frees its place at once", async () => {
+  await using dir = await tempDir();
+  const store = await fullStore(dir.path);
+  await using server = await startGrpcServer(store, {
+    port: 0,
+    hostname: "127.0.0.1",
+    maxDownloads: 1,
+    maxUpload: SLOW,
+  });
+  const client = rawClient(`127.0.0.1:${server.port}`);
+  try {
+    const first = client.Download({ name: "fragment_0.bin", peer: "" });
+    const firstStatus = statusOf(first);
+    await new Promise((resolve) => setTimeout(resolve, 300)); // the server has taken it
+    assertEquals(await takesDownload(client, "fragment_1.bin"), false);
+    first.cancel();
+    assertEquals((await firstStatus).code, grpc.status.CANCELLED);
+    assert(await takenWithin(client, "fragment_1.bin", 2000), "the place was still held 2 s on");
+  } finally {
+    client.close();
+  }
+});
+
+Deno.test("A Download past its grpc-timeout ends DEADLINE_EXCEEDED from the server and frees its place", async () => {
+  await using dir = await tempDir();
+  const store = await fullStore(dir.path);
+  await using server = await startGrpcServer(store, {
+    port: 0,
+    hostname: "127.0.0.1",
+    maxDownloads: 1,
+    maxUpload: SLOW,
+  });
+  const request = fileTransfer().service.Download!.requestSerialize({ name: "fragment_0.bin" });
+  // A raw client, which waits for the server's answer rather than cancelling on its own.
+  const answer = await post(server.port, DOWNLOAD, framed(request), {
+    "content-type": "application/grpc",
+    te: "trailers",
+    "grpc-timeout": "300m",
+  });
+  assertEquals(answer["grpc-status"], String(grpc.status.DEADLINE_EXCEEDED));
+  const client = rawClient(`127.0.0.1:${server.port}`);
+  try {
+    assert(await takenWithin(client, "fragment_1.bin", 2000), "the place was still held 2 s on");
+  } finally {
+    client.close();
+  }
+});
+
+Deno.test("A raw HTTP/2 client that breaks the gRPC protocol gets a clear status, and the port goes on", async () => {
+  await using dir = await tempDir();
+  const store = await fullStore(dir.path);
+  await using server = await startGrpcServer(store, { port: 0, hostname: "127.0.0.1" });
+  const request = fileTransfer().service.Download!.requestSerialize({ name: "fragment_0.bin" });
+  const cases: [string, () => Promise<Record<string, unknown>>, string][] = [
+    ["not gRPC", () => post(server.port, DOWNLOAD, request, { "content-type": "text/plain" }), ""],
+    ["too large", () => post(server.port, DOWNLOAD, new Uint8Array(100_000)), "8"],
+    ["no message head", () => post(server.port, DOWNLOAD, request), "12"],
+    [
+      "two messages",
+      () =>
+        post(
+          server.port,
+          DOWNLOAD,
+          new Uint8Array([...framed(request), ...framed(request)]),
+        ),
+      "12",
+    ],
+    ["compressed, no grpc-encoding", () => post(server.port, DOWNLOAD, framed(request, 1)), "12"],
+    [
+      "compressed, unknown grpc-encoding",
+      () => post(server.port, DOWNLOAD, framed(request, 1), { ...GRPC, "grpc-encoding": "br" }),
+      "12",
+    ],
+    [
+      "a gzip bomb",
+      () =>
+        post(server.port, DOWNLOAD, framed(zlib.gzipSync(new Uint8Array(1e6)), 1), {
+          ...GRPC,
+          "grpc-encoding": "gzip",
+        }),
+      "8",
+    ],
+    [
+      "not gzip",
+      () => post(server.port, DOWNLOAD, framed(request, 1), { ...GRPC, "grpc-encoding": "gzip" }),
+      "13",
+    ],
+    [
+      "not the proto",
+      () => post(server.port, DOWNLOAD, framed(new Uint8Array([0x0a, 0xff]))),
+      "13",
+    ],
+  ];
+  for (const [what, send, status] of cases) {
+    const answer = await send();
+    if (status === "") assertEquals(answer[":status"], 415, what);
+    else assertEquals([answer[":status"], answer["grpc-status"]], [200, status], what);
+  }
+  using client = new GrpcClient();
+  const { size } = await client.download(`127.0.0.1:${server.port}`, "fragment_0.bin");
+  assertEquals(size, 3 * 1024 * 1024);
+});
+
+Deno.test("A Download request a client compressed (gzip) is served", async () => {
+  await using dir = await tempDir();
+  const store = await fullStore(dir.path);
+  await using server = await startGrpcServer(store, { port: 0, hostname: "127.0.0.1" });
+  const client = rawClient(`127.0.0.1:${server.port}`, {
+    "grpc.default_compression_algorithm": grpc.compressionAlgorithms.gzip,
+  });
+  try {
+    const call = client.Download({ name: "fragment_3.bin", peer: "" });
+    let bytes = 0;
+    call.on("data", (chunk: { data: Uint8Array }) => bytes += chunk.data.length);
+    const status = await statusOf(call);
+    assertEquals([status.code, bytes], [grpc.status.OK, 3 * 1024 * 1024]);
+  } finally {
+    client.close();
+  }
+});
+
+Deno.test("An Upload passed on to grpc-js and cut off by its client leaves no temporary file", async () => {
+  await using dir = await tempDir();
+  const store = await fullStore(dir.path, "fragment_2.bin");
+  await using server = await startGrpcServer(store, { port: 0, hostname: "127.0.0.1" });
+  const info = store.manifest!.fragments.find((fragment) => fragment.name === "fragment_2.bin")!;
+  const client = rawClient(`127.0.0.1:${server.port}`) as unknown as {
+    Upload(callback: () => void): grpc.ClientWritableStream<unknown>;
+    close(): void;
+  };
+  try {
+    const call = client.Upload(() => {});
+    call.write({
+      name: info.name,
+      size: info.size,
+      sha256: info.sha256,
+      data: new Uint8Array(1000),
+    });
+    // Wait until grpc-js's handler has begun the temporary file, then hang up.
+    const deadline = Date.now() + 5000;
+    while (!(await temporaries(store.dir)).length) {
+      assert(Date.now() < deadline, "the upload never began a temporary file");
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    call.cancel();
+    while ((await temporaries(store.dir)).length) {
+      assert(Date.now() < deadline + 5000, "the cancelled upload left its temporary file");
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+  } finally {
+    client.close();
+  }
+});
+
+/** The temporary files in `dir` (an upload in progress). */
+async function temporaries(dir: string): Promise<string[]> {
+  const names: string[] = [];
+  for await (const entry of Deno.readDir(dir)) {
+    if (entry.name.startsWith(".part-")) names.push(entry.name);
+  }
+  return names;
+}
