@@ -20,6 +20,9 @@ const DOWNLOAD_PATH = "/p2p.FileTransfer/Download";
 const MESSAGE_HEAD = 5;
 // A Download request is a name and a peer: this is far more than either needs.
 const MAX_REQUEST = 64 * 1024;
+const REQUEST_TIMEOUT_MS = 10_000;
+// Calls at once on one connection (the front caps the connections: 256, 64 per address).
+const MAX_STREAMS = 100;
 // Receive windows as large as the gRPC client's, so an Upload passed on is not held to 64 KiB.
 const WINDOW = 8 * 1024 * 1024;
 const { HTTP2_HEADER_STATUS, NGHTTP2_CANCEL, NGHTTP2_INTERNAL_ERROR } = http2.constants;
@@ -59,7 +62,9 @@ export interface Http2Options {
   upstreamPort: number;
   /** Serves one Download. */
   download: (call: DownloadCall) => void;
-  /** Takes a request that cannot be decoded, e.g. the proto's deserializer. */
+  /** How long a Download's request may take to arrive whole. @default 10_000 */
+  requestTimeoutMs?: number;
+  /** Decodes a request message (throws when it cannot), e.g. the proto's deserializer. */
   decodeRequest: (bytes: Buffer) => { name: string; peer: string };
 }
 
@@ -72,7 +77,9 @@ export interface Http2Port {
 
 /** Listens on `options.port`; rejects as `listen` does (EADDRINUSE...). */
 export async function listenHttp2(options: Http2Options): Promise<Http2Port> {
-  const server = http2.createServer({ settings: { initialWindowSize: WINDOW } });
+  const server = http2.createServer({
+    settings: { initialWindowSize: WINDOW, maxConcurrentStreams: MAX_STREAMS },
+  });
   const sessions = new Set<http2.ServerHttp2Session>();
   let upstream: http2.ClientHttp2Session | undefined;
   /** The session to grpc-js, made again when the last one closed. */
@@ -127,6 +134,11 @@ function serveDownload(
     return;
   }
   const call = new StreamCall(stream, headers["grpc-timeout"]);
+  // A request is one small message: a client that does not finish it soon is not waited for.
+  const timer = setTimeout(() => {
+    call.end({ code: grpc.status.DEADLINE_EXCEEDED, details: "No whole request in time" });
+  }, options.requestTimeoutMs ?? REQUEST_TIMEOUT_MS);
+  stream.on("close", () => clearTimeout(timer));
   const received: Buffer[] = [];
   let length = 0;
   stream.on("data", (data: Buffer) => {
@@ -139,7 +151,8 @@ function serveDownload(
     }
   });
   stream.on("end", () => {
-    if (length > MAX_REQUEST || call.cancelled.aborted) return;
+    clearTimeout(timer);
+    if (length > MAX_REQUEST || call.cancelled.aborted || call.ended) return;
     const body = Buffer.concat(received);
     const size = body.length >= MESSAGE_HEAD ? body.readUInt32BE(1) : -1;
     if (size !== body.length - MESSAGE_HEAD) {
@@ -194,6 +207,11 @@ class StreamCall implements DownloadCall {
 
   get cancelled(): AbortSignal {
     return this.#cancel.signal;
+  }
+
+  /** Whether the call has its status already. */
+  get ended(): boolean {
+    return this.#ended;
   }
 
   write(message: Uint8Array, sent: () => void): void {

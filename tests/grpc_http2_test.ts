@@ -11,6 +11,7 @@ import zlib from "node:zlib";
 import * as grpc from "@grpc/grpc-js";
 import { GrpcClient, startGrpcServer } from "../peer_grpc.ts";
 import { fileTransfer } from "../peer/grpc_wire.ts";
+import { listenHttp2 } from "../peer/grpc_http2.ts";
 import { Steering } from "../peer/steering.ts";
 import { Store } from "../peer/store.ts";
 import { PeerError } from "../peer/tcp.ts";
@@ -250,6 +251,34 @@ Deno.test("A raw HTTP/2 client that breaks the gRPC protocol gets a clear status
   using client = new GrpcClient();
   const { size } = await client.download(`127.0.0.1:${server.port}`, "fragment_0.bin");
   assertEquals(size, 3 * 1024 * 1024);
+});
+
+Deno.test("A Download request that does not arrive whole in time is DEADLINE_EXCEEDED", async () => {
+  let served = 0;
+  const port = await listenHttp2({
+    port: 0,
+    hostname: "127.0.0.1",
+    upstreamPort: 9, // nothing is passed on here
+    download: () => served++,
+    decodeRequest: () => ({ name: "fragment_0.bin", peer: "" }),
+    requestTimeoutMs: 200,
+  });
+  const session = http2.connect(`http://127.0.0.1:${port.port}`);
+  try {
+    const request = session.request({ ":method": "POST", ":path": DOWNLOAD, ...GRPC });
+    request.write(new Uint8Array([0, 0, 0, 0, 9, 0x0a])); // a head and one byte of nine, then nothing
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const status = await Promise.race([
+      new Promise((resolve) => request.on("response", (h) => resolve(h["grpc-status"]))),
+      new Promise((resolve) => timer = setTimeout(() => resolve("no answer in 3 s"), 3000)),
+    ]);
+    clearTimeout(timer);
+    assertEquals([status, served], [String(grpc.status.DEADLINE_EXCEEDED), 0]);
+    request.close();
+  } finally {
+    session.close();
+    await port.close();
+  }
 });
 
 Deno.test("A Download request a client compressed (gzip) is served", async () => {
