@@ -5,8 +5,7 @@
  * no way around it: grpc/grpc-node#2652 asked and was closed), which for a Download means a fresh
  * MiB and a copy of it per chunk. Here each chunk is read from the file into a reused buffer that
  * already has room for its head, and written as it is. The calls passed on (Upload, ListFiles,
- * Locate, Echo, health, reflection) cross this port's stream unchanged, headers, messages and
- * trailers.
+ * Locate, Echo, health, reflection) cross this port unchanged: headers, messages and trailers.
  * @module
  */
 import { Buffer } from "node:buffer";
@@ -23,9 +22,11 @@ const MAX_REQUEST = 64 * 1024;
 const REQUEST_TIMEOUT_MS = 10_000;
 // Calls at once on one connection (the front caps the connections: 256, 64 per address).
 const MAX_STREAMS = 100;
-// Receive windows as large as the gRPC client's, so an Upload passed on is not held to 64 KiB.
-const WINDOW = 8 * 1024 * 1024;
-const { HTTP2_HEADER_STATUS, NGHTTP2_CANCEL, NGHTTP2_INTERNAL_ERROR } = http2.constants;
+// setTimeout fires at once past this; a deadline further off is no deadline.
+const MAX_TIMER_MS = 2 ** 31 - 1;
+const GRPC_CONTENT_TYPE = /^application\/grpc(\+|;|$)/;
+const { HTTP2_HEADER_STATUS, NGHTTP2_CANCEL, NGHTTP2_INTERNAL_ERROR, NGHTTP2_NO_ERROR } =
+  http2.constants;
 // A compressed request message, as gRPC clients may send one; never inflated past MAX_REQUEST.
 const INFLATE: Record<string, (bytes: Buffer) => Buffer> = {
   gzip: (bytes) => zlib.gunzipSync(bytes, { maxOutputLength: MAX_REQUEST }),
@@ -45,6 +46,8 @@ export interface DownloadCall {
   readonly request: { name: string; peer: string };
   /** Aborted when the client cancelled or went away, or the call's deadline passed. */
   readonly cancelled: AbortSignal;
+  /** Sends the response headers: the call is taken, its messages follow. */
+  accept(): void;
   /**
    * Sends `message`, a gRPC message with MESSAGE_HEAD bytes of room before it in its buffer
    * (written there); `sent` runs once the buffer may be used again.
@@ -77,17 +80,13 @@ export interface Http2Port {
 
 /** Listens on `options.port`; rejects as `listen` does (EADDRINUSE...). */
 export async function listenHttp2(options: Http2Options): Promise<Http2Port> {
-  const server = http2.createServer({
-    settings: { initialWindowSize: WINDOW, maxConcurrentStreams: MAX_STREAMS },
-  });
+  const server = http2.createServer({ settings: { maxConcurrentStreams: MAX_STREAMS } });
   const sessions = new Set<http2.ServerHttp2Session>();
   let upstream: http2.ClientHttp2Session | undefined;
   /** The session to grpc-js, made again when the last one closed. */
   function upstreamSession(): http2.ClientHttp2Session {
     if (upstream && !upstream.closed && !upstream.destroyed) return upstream;
-    const session = http2.connect(`http://127.0.0.1:${options.upstreamPort}`, {
-      settings: { initialWindowSize: WINDOW },
-    });
+    const session = http2.connect(`http://127.0.0.1:${options.upstreamPort}`);
     session.on("error", () => {}); // each call passed on fails on its own stream
     session.on("close", () => upstream === session && (upstream = undefined));
     return upstream = session;
@@ -96,12 +95,26 @@ export async function listenHttp2(options: Http2Options): Promise<Http2Port> {
     sessions.add(session);
     session.on("error", () => {}); // a client that broke the protocol: its streams close
     session.on("close", () => sessions.delete(session));
-    session.once("connect", () => session.setLocalWindowSize(WINDOW));
   });
   server.on("stream", (stream: http2.ServerHttp2Stream, headers) => {
     stream.on("error", () => {}); // a client that went away: its call ends with the stream
-    if (headers[":path"] === DOWNLOAD_PATH) serveDownload(stream, headers, options);
-    else passOn(stream, headers, upstreamSession);
+    try {
+      // gRPC is a POST of application/grpc; anything else (a CONNECT, a browser) is not passed on.
+      const refusal = headers[":method"] !== "POST"
+        ? 405
+        : GRPC_CONTENT_TYPE.test(String(headers["content-type"]))
+        ? undefined
+        : 415;
+      if (refusal) {
+        stream.respond({ [HTTP2_HEADER_STATUS]: refusal }, { endStream: true });
+        stopReading(stream);
+      } else if (headers[":path"] === DOWNLOAD_PATH) serveDownload(stream, headers, options);
+      else passOn(stream, headers, upstreamSession);
+    } catch (error) {
+      // One odd stream must not end the process, and every call in it.
+      console.error(`[gRPC] Cannot answer a stream: ${error}`);
+      if (!stream.closed) stream.close(NGHTTP2_INTERNAL_ERROR);
+    }
   });
   await new Promise<void>((resolve, reject) => {
     server.once("error", reject);
@@ -123,17 +136,21 @@ export async function listenHttp2(options: Http2Options): Promise<Http2Port> {
   return { port, close };
 }
 
+/**
+ * Tells a client still sending that its answer is complete and it may stop (RST_STREAM NO_ERROR,
+ * RFC 9113 §8.1), so a stream answered early does not sit open with what it goes on sending.
+ */
+function stopReading(stream: http2.ServerHttp2Stream) {
+  if (!stream.closed && !stream.readableEnded) stream.close(NGHTTP2_NO_ERROR);
+}
+
 /** Reads a Download's one request message, then hands the call to `options.download`. */
 function serveDownload(
   stream: http2.ServerHttp2Stream,
   headers: http2.IncomingHttpHeaders,
   options: Http2Options,
 ) {
-  if (!String(headers["content-type"]).startsWith("application/grpc")) {
-    stream.respond({ [HTTP2_HEADER_STATUS]: 415 }, { endStream: true });
-    return;
-  }
-  const call = new StreamCall(stream, headers["grpc-timeout"]);
+  const call = new StreamCall(stream, deadlineMs(headers["grpc-timeout"]));
   // A request is one small message: a client that does not finish it soon is not waited for.
   const timer = setTimeout(() => {
     call.end({ code: grpc.status.DEADLINE_EXCEEDED, details: "No whole request in time" });
@@ -152,57 +169,74 @@ function serveDownload(
   });
   stream.on("end", () => {
     clearTimeout(timer);
-    if (length > MAX_REQUEST || call.cancelled.aborted || call.ended) return;
-    const body = Buffer.concat(received);
-    const size = body.length >= MESSAGE_HEAD ? body.readUInt32BE(1) : -1;
-    if (size !== body.length - MESSAGE_HEAD) {
-      call.end({ code: grpc.status.UNIMPLEMENTED, details: "Expected one request message" });
-      return;
-    }
-    const encoding = String(headers["grpc-encoding"] ?? "identity");
-    const inflate = body[0] === 0 ? (bytes: Buffer) => bytes : INFLATE[encoding];
-    if (!inflate) {
-      const details = `Unsupported grpc-encoding ${JSON.stringify(encoding.slice(0, 64))}`;
-      call.end({ code: grpc.status.UNIMPLEMENTED, details });
-      return;
-    }
+    if (call.ended) return;
+    const message = requestMessage(Buffer.concat(received), headers["grpc-encoding"]);
+    if ("code" in message) return call.end(message);
     try {
-      call.request = options.decodeRequest(inflate(body.subarray(MESSAGE_HEAD)));
-    } catch (error) {
-      call.end(
-        (error as { code?: string }).code === "ERR_BUFFER_TOO_LARGE" // inflated past MAX_REQUEST
-          ? { code: grpc.status.RESOURCE_EXHAUSTED, details: "Request too large" }
-          : { code: grpc.status.INTERNAL, details: "Error reading the request" },
-      );
-      return;
+      call.received(options.decodeRequest(message));
+    } catch {
+      return call.end({ code: grpc.status.INTERNAL, details: "Cannot decode the request" });
     }
     options.download(call);
   });
 }
 
+/** The one message a request `body` holds, inflated; or the status that refuses it. */
+function requestMessage(body: Buffer, encoding: unknown): Buffer | CallStatus {
+  const length = body.length >= MESSAGE_HEAD ? body.readUInt32BE(1) : -1;
+  if (length !== body.length - MESSAGE_HEAD) {
+    return { code: grpc.status.UNIMPLEMENTED, details: "Expected one request message" };
+  }
+  const message = body.subarray(MESSAGE_HEAD);
+  if (body[0] === 0) return message;
+  // Compressed (flag 1) needs a grpc-encoding that says how; any other flag is malformed.
+  const name = String(encoding ?? "identity");
+  if (body[0] !== 1 || name === "identity") {
+    return { code: grpc.status.INTERNAL, details: "Malformed message flag" };
+  }
+  const inflate = INFLATE[name];
+  if (!inflate) {
+    const details = `Unsupported grpc-encoding ${JSON.stringify(name.slice(0, 64))}`;
+    return { code: grpc.status.UNIMPLEMENTED, details };
+  }
+  try {
+    return inflate(message);
+  } catch (error) {
+    return (error as { code?: string }).code === "ERR_BUFFER_TOO_LARGE" // past MAX_REQUEST
+      ? { code: grpc.status.RESOURCE_EXHAUSTED, details: "Request too large" }
+      : { code: grpc.status.INTERNAL, details: "Cannot decompress the request" };
+  }
+}
+
 /** A {@link DownloadCall} on one HTTP/2 stream. */
 class StreamCall implements DownloadCall {
-  request = { name: "", peer: "" };
   readonly #stream: http2.ServerHttp2Stream;
   readonly #cancel = new AbortController();
+  #request = { name: "", peer: "" };
   #responded = false;
   #ended = false;
   #trailers: Record<string, string> = {};
 
-  constructor(stream: http2.ServerHttp2Stream, timeout: string | string[] | undefined) {
+  /** A call on `stream` whose client gives up after `deadlineMs`, when it says. */
+  constructor(stream: http2.ServerHttp2Stream, deadlineMs: number | undefined) {
     this.#stream = stream;
     stream.on("close", () => {
       if (!this.#ended) this.#cancel.abort();
     });
     stream.on("wantTrailers", () => stream.sendTrailers(this.#trailers));
-    const ms = deadlineMs(timeout);
-    if (ms !== undefined) {
-      const timer = setTimeout(() => {
-        this.end({ code: grpc.status.DEADLINE_EXCEEDED, details: "Deadline exceeded" });
-        this.#cancel.abort();
-      }, ms);
-      stream.on("close", () => clearTimeout(timer));
-    }
+    if (deadlineMs === undefined) return;
+    const timer = setTimeout(() => {
+      // Chunks still queued would hold the status behind them for a client that stopped
+      // reading: drop them, as its own deadline has passed too.
+      if (stream.writableLength > 0) stream.close(NGHTTP2_CANCEL);
+      else this.end({ code: grpc.status.DEADLINE_EXCEEDED, details: "Deadline exceeded" });
+      this.#cancel.abort();
+    }, deadlineMs);
+    stream.on("close", () => clearTimeout(timer));
+  }
+
+  get request(): { name: string; peer: string } {
+    return this.#request;
   }
 
   get cancelled(): AbortSignal {
@@ -212,6 +246,17 @@ class StreamCall implements DownloadCall {
   /** Whether the call has its status already. */
   get ended(): boolean {
     return this.#ended;
+  }
+
+  /** The request, once read whole. */
+  received(request: { name: string; peer: string }): void {
+    this.#request = request;
+  }
+
+  accept(): void {
+    if (this.#responded || this.#ended || this.#stream.closed) return;
+    this.#responded = true;
+    this.#stream.respond(responseHeaders(), { waitForTrailers: true });
   }
 
   write(message: Uint8Array, sent: () => void): void {
@@ -224,7 +269,7 @@ class StreamCall implements DownloadCall {
     );
     framed[0] = 0; // not compressed
     framed.writeUInt32BE(message.length, 1);
-    this.#respond();
+    this.accept();
     this.#stream.write(framed, () => sent());
   }
 
@@ -243,13 +288,8 @@ class StreamCall implements DownloadCall {
     } else { // nothing sent yet: one HEADERS frame carries the status ("trailers-only")
       this.#responded = true;
       this.#stream.respond({ ...responseHeaders(), ...trailers }, { endStream: true });
+      stopReading(this.#stream);
     }
-  }
-
-  #respond() {
-    if (this.#responded) return;
-    this.#responded = true;
-    this.#stream.respond(responseHeaders(), { waitForTrailers: true });
   }
 }
 
@@ -266,7 +306,8 @@ function deadlineMs(header: string | string[] | undefined): number | undefined {
   const match = typeof header === "string" ? header.match(/^(\d{1,8})([HMSmun])$/) : null;
   if (!match) return undefined;
   const unitMs = { H: 3_600_000, M: 60_000, S: 1000, m: 1, u: 1e-3, n: 1e-6 }[match[2]!]!;
-  return Number(match[1]) * unitMs;
+  const ms = Number(match[1]) * unitMs;
+  return ms <= MAX_TIMER_MS ? ms : undefined;
 }
 
 /** `grpc-message` as the gRPC spec has it: percent-encoded UTF-8 outside printable ASCII. */
@@ -293,13 +334,18 @@ function passOn(
   for (const [name, value] of Object.entries(headers)) {
     if (name !== ":authority" && name !== ":scheme") outgoing[name] = value;
   }
-  const request = session().request(outgoing);
+  let request: http2.ClientHttp2Stream;
+  try {
+    request = session().request(outgoing);
+  } catch {
+    return unavailable(stream);
+  }
   request.on("error", () => {}); // its close below ends the client's stream
   stream.pipe(request);
   let responseHeaders: http2.IncomingHttpHeaders | undefined;
-  let trailers: http2.IncomingHttpHeaders = {};
+  let trailers: http2.IncomingHttpHeaders | undefined;
   let finished = false;
-  // Deno's client can emit a message's data before the headers it came after: hold it till then.
+  // Deno 2.9.6's client can emit a message's data before the headers it came after: held here.
   const early: Buffer[] = [];
   const send = (data: Buffer) => {
     if (!stream.write(data)) request.pause();
@@ -309,9 +355,26 @@ function passOn(
     stream.respond(withoutPseudo(responseHeaders, true), { waitForTrailers: true });
     early.splice(0).forEach(send);
   };
-  stream.on("wantTrailers", () => stream.sendTrailers(withoutPseudo(trailers)));
-  request.on("response", (headers) => {
-    responseHeaders = headers;
+  /** Ends the client's stream once grpc-js's answer has come whole: messages and status. */
+  const finish = () => {
+    if (finished || stream.closed || !request.readableEnded || !responseHeaders) return;
+    const trailersOnly = !stream.headersSent && responseHeaders["grpc-status"] !== undefined;
+    if (!trailers && !trailersOnly) return; // its trailers are still to come
+    finished = true;
+    if (trailersOnly) { // a status and no message: one HEADERS frame, as grpc-js sent it
+      stream.respond(withoutPseudo(responseHeaders, true), { endStream: true });
+      stopReading(stream);
+    } else {
+      respond();
+      stream.end(); // the trailers follow (wantTrailers)
+    }
+  };
+  stream.on("wantTrailers", () => {
+    stream.sendTrailers(withoutPseudo(trailers ?? {}));
+    stopReading(stream);
+  });
+  request.on("response", (received) => {
+    responseHeaders = received;
     if (early.length > 0) respond();
   });
   request.on("data", (data: Buffer) => {
@@ -324,22 +387,29 @@ function passOn(
   stream.on("drain", () => request.resume());
   request.on("trailers", (received) => {
     trailers = received;
-    respond();
+    finish();
   });
-  request.on("end", () => {
-    finished = true;
-    if (stream.closed) return;
-    if (stream.headersSent) stream.end();
-    else if (responseHeaders) { // a status and no message: one HEADERS frame, as grpc-js sent it
-      stream.respond(withoutPseudo(responseHeaders, true), { endStream: true });
-    } else stream.close(NGHTTP2_INTERNAL_ERROR);
-  });
+  request.on("end", finish);
+  // Closed before its answer came whole: grpc-js cancelled it, or went away.
   request.on("close", () => {
-    if (!finished && !stream.closed) stream.close(request.rstCode || NGHTTP2_INTERNAL_ERROR);
+    if (finished || stream.closed) return;
+    if (!stream.headersSent) unavailable(stream);
+    else stream.close(request.rstCode || NGHTTP2_INTERNAL_ERROR);
   });
   stream.on("close", () => {
     if (!request.closed) request.close(NGHTTP2_CANCEL);
   });
+}
+
+/** Answers a call grpc-js could not take (it is restarting or gone): UNAVAILABLE, to retry. */
+function unavailable(stream: http2.ServerHttp2Stream) {
+  if (stream.closed || stream.headersSent) return;
+  stream.respond({
+    ...responseHeaders(),
+    "grpc-status": String(grpc.status.UNAVAILABLE),
+    "grpc-message": "The server cannot take calls now",
+  }, { endStream: true });
+  stopReading(stream);
 }
 
 /** Headers to send on: without the pseudo-headers, but for `:status` when `status`. */

@@ -38,8 +38,10 @@ import { type DownloadCall, type Http2Port, listenHttp2 } from "./grpc_http2.ts"
 // The largest fragment an Upload may announce (the splitter's fragments are far smaller).
 const MAX_UPLOAD_SIZE = 4 * 1024 ** 3;
 const SHA256_HEX = /^[0-9a-f]{64}$/;
-// Unacknowledged chunks one Download may have queued: bounds its memory at a few MiB.
-const DOWNLOAD_WINDOW = 4;
+// Unacknowledged chunks one Download may have: one being written, one queued behind it. Its
+// memory stays at 3 MiB, and each chunk goes out from its own buffer: the HTTP/2 stream joins
+// two or more queued writes into one fresh buffer (a copy of each) before writing them.
+const DOWNLOAD_WINDOW = 2;
 const encoder = new TextEncoder();
 const LOOPBACK = "127.0.0.1";
 
@@ -317,12 +319,13 @@ async function sendFragment(
   }
   using file = opened.file;
   const { size, sha256 } = opened.info;
+  call.accept();
   // A cancelled call may never run the callbacks of its queued writes: stop waiting for them.
   const { promise: whenCancelled, resolve: onCancelled } = Promise.withResolvers<void>();
   call.cancelled.addEventListener("abort", () => onCancelled(), { once: true });
   // Each message is read from the file straight into its encoded place in one of these buffers,
   // behind room for its head; a buffer is used again only once the stream called back for the
-  // message it held, so the download allocates nothing per chunk and copies nothing.
+  // message it held, so the download allocates nothing per chunk.
   const spare = Array.from(
     { length: DOWNLOAD_WINDOW + 1 },
     () => new Uint8Array(CHUNK_HEAD_ROOM + Math.min(CHUNK_SIZE, size)),

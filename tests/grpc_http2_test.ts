@@ -67,7 +67,7 @@ async function post(
     request.on("response", (received) => Object.assign(answer, received));
     request.on("trailers", (received) => Object.assign(answer, received));
     request.on("data", () => {});
-    request.end(body);
+    if (!request.writableEnded) request.end(body); // a GET ends on its own
     await new Promise((resolve, reject) => {
       request.on("close", resolve);
       request.on("error", reject);
@@ -75,6 +75,21 @@ async function post(
     return answer;
   } finally {
     session.close();
+  }
+}
+
+/** Sends a CONNECT request (no path) over a raw HTTP/2 session; resolves with its :status. */
+async function connect(port: number): Promise<unknown> {
+  const session = http2.connect(`http://127.0.0.1:${port}`);
+  try {
+    const request = session.request({ ":method": "CONNECT", ":authority": "example.com:443" });
+    request.on("error", () => {});
+    return await new Promise((resolve) => {
+      request.on("response", (headers) => resolve(headers[":status"]));
+      request.on("close", () => resolve("closed without an answer"));
+    });
+  } finally {
+    session.destroy();
   }
 }
 
@@ -104,37 +119,44 @@ Deno.test("A busy seeder's Download points the requester at other holders, in a 
   });
   const address = `127.0.0.1:${server.port}`;
   using client = new GrpcClient();
-  // Its first 1 MiB chunk waits 4 s for the throttle: the server is busy with it meanwhile.
-  const busy = new AbortController();
-  const first = client.download(address, "fragment_1.bin", {
-    peer: "10.0.0.1:6001",
-    signal: busy.signal,
-  }).catch(() => {});
-  await new Promise((resolve) => setTimeout(resolve, 300));
-  const pointed = await assertRejects(
-    () => client.download(address, "fragment_0.bin", { peer: "10.0.0.2:6002" }),
-    PeerError,
-  );
-  assertEquals(pointed.code, "ELSEWHERE");
-  assertEquals(pointed.elsewhere, ["10.0.0.9:50051"]);
-  busy.abort();
-  await first;
+  const raw = rawClient(address);
+  try {
+    // Its first 1 MiB chunk waits 4 s for the throttle: the server is busy with it meanwhile.
+    const busy = raw.Download({ name: "fragment_1.bin", peer: "10.0.0.1:6001" });
+    const busyStatus = statusOf(busy);
+    await taken(busy);
+    const pointed = await assertRejects(
+      () => client.download(address, "fragment_0.bin", { peer: "10.0.0.2:6002" }),
+      PeerError,
+    );
+    assertEquals(pointed.code, "ELSEWHERE");
+    assertEquals(pointed.elsewhere, ["10.0.0.9:50051"]);
+    busy.cancel();
+    await busyStatus;
+  } finally {
+    raw.close();
+  }
 });
 
 /**
- * Whether the server takes a Download of `name` now: true when it is not refused within 300 ms
- * (a refusal for too many downloads is immediate); the call is cancelled either way.
+ * Resolves once the server took `call` (its response headers came: a Download sends them as it
+ * begins); rejects with the status it was refused with instead.
  */
+function taken(call: grpc.ClientReadableStream<unknown>): Promise<void> {
+  return new Promise((resolve, reject) => {
+    call.once("metadata", () => resolve());
+    call.once("status", (status) => reject(new Error(`refused: ${status.code} ${status.details}`)));
+  });
+}
+
+/** Whether the server takes a Download of `name` now; the call is cancelled either way. */
 async function takesDownload(client: ReturnType<typeof rawClient>, name: string) {
   const call = client.Download({ name, peer: "" });
   const status = statusOf(call);
-  const refused = await Promise.race([
-    status.then((s) => s.code === grpc.status.RESOURCE_EXHAUSTED),
-    new Promise<false>((resolve) => setTimeout(() => resolve(false), 300)),
-  ]);
+  const took = await taken(call).then(() => true, () => false);
   call.cancel();
   await status;
-  return !refused;
+  return took;
 }
 
 /** Waits up to `ms` for the server to take a Download of `name` again. */
@@ -142,6 +164,7 @@ async function takenWithin(client: ReturnType<typeof rawClient>, name: string, m
   const deadline = Date.now() + ms;
   while (!await takesDownload(client, name)) {
     if (Date.now() > deadline) return false;
+    await new Promise((resolve) => setTimeout(resolve, 20));
   }
   return true;
 }
@@ -163,10 +186,10 @@ Deno.test("Downloads past maxDownloads are RESOURCE_EXHAUSTED; a cancelled one f
   try {
     const first = client.Download({ name: "fragment_0.bin", peer: "" });
     const firstStatus = statusOf(first);
-    await new Promise((resolve) => setTimeout(resolve, 300)); // the server has taken it
+    await taken(first);
     assertEquals(await takesDownload(client, "fragment_1.bin"), false);
     first.cancel();
-    assertEquals((await firstStatus).code, grpc.status.CANCELLED);
+    await firstStatus;
     assert(await takenWithin(client, "fragment_1.bin", 2000), "the place was still held 2 s on");
   } finally {
     client.close();
@@ -198,6 +221,39 @@ Deno.test("A Download past its grpc-timeout ends DEADLINE_EXCEEDED from the serv
   }
 });
 
+Deno.test("A Download whose client stopped reading is cut at its deadline and frees its place", async () => {
+  await using dir = await tempDir();
+  const store = await fullStore(dir.path);
+  await using server = await startGrpcServer(store, {
+    port: 0,
+    hostname: "127.0.0.1",
+    maxDownloads: 1,
+  });
+  const request = fileTransfer().service.Download!.requestSerialize({ name: "fragment_0.bin" });
+  const session = http2.connect(`http://127.0.0.1:${server.port}`);
+  const client = rawClient(`127.0.0.1:${server.port}`);
+  try {
+    const stream = session.request({
+      ":method": "POST",
+      ":path": DOWNLOAD,
+      ...GRPC,
+      "grpc-timeout": "300m",
+    });
+    const closed = new Promise((resolve) => stream.on("close", () => resolve(stream.rstCode)));
+    stream.end(framed(request));
+    stream.pause(); // reads nothing: its 64 KiB window fills, and the chunks queue at the server
+    const rstCode = await Promise.race([
+      closed,
+      new Promise((resolve) => setTimeout(() => resolve("still open after 3 s"), 3000)),
+    ]);
+    assertEquals(rstCode, http2.constants.NGHTTP2_CANCEL);
+    assert(await takenWithin(client, "fragment_1.bin", 2000), "the place was still held 2 s on");
+  } finally {
+    client.close();
+    session.close();
+  }
+});
+
 Deno.test("A raw HTTP/2 client that breaks the gRPC protocol gets a clear status, and the port goes on", async () => {
   await using dir = await tempDir();
   const store = await fullStore(dir.path);
@@ -217,7 +273,7 @@ Deno.test("A raw HTTP/2 client that breaks the gRPC protocol gets a clear status
         ),
       "12",
     ],
-    ["compressed, no grpc-encoding", () => post(server.port, DOWNLOAD, framed(request, 1)), "12"],
+    ["compressed, no grpc-encoding", () => post(server.port, DOWNLOAD, framed(request, 1)), "13"],
     [
       "compressed, unknown grpc-encoding",
       () => post(server.port, DOWNLOAD, framed(request, 1), { ...GRPC, "grpc-encoding": "br" }),
@@ -248,6 +304,18 @@ Deno.test("A raw HTTP/2 client that breaks the gRPC protocol gets a clear status
     if (status === "") assertEquals(answer[":status"], 415, what);
     else assertEquals([answer[":status"], answer["grpc-status"]], [200, status], what);
   }
+  // Not a POST: a GET, and a CONNECT (which has no path, and once ended the process).
+  assertEquals(
+    (await post(server.port, DOWNLOAD, new Uint8Array(), { ":method": "GET" }))[":status"],
+    405,
+  );
+  assertEquals(
+    (await post(server.port, "/p2p.FileTransfer/Echo", new Uint8Array(), { ":method": "GET" }))[
+      ":status"
+    ],
+    405,
+  );
+  assertEquals(await connect(server.port), 405);
   using client = new GrpcClient();
   const { size } = await client.download(`127.0.0.1:${server.port}`, "fragment_0.bin");
   assertEquals(size, 3 * 1024 * 1024);
@@ -296,6 +364,55 @@ Deno.test("A Download request a client compressed (gzip) is served", async () =>
     assertEquals([status.code, bytes], [grpc.status.OK, 3 * 1024 * 1024]);
   } finally {
     client.close();
+  }
+});
+
+Deno.test("A raw gzip-compressed Download request is served", async () => {
+  await using dir = await tempDir();
+  const store = await fullStore(dir.path);
+  await using server = await startGrpcServer(store, { port: 0, hostname: "127.0.0.1" });
+  const request = fileTransfer().service.Download!.requestSerialize({ name: "fragment_2.bin" });
+  const answer = await post(server.port, DOWNLOAD, framed(zlib.gzipSync(request), 1), {
+    ...GRPC,
+    "grpc-encoding": "gzip",
+  });
+  assertEquals([answer[":status"], answer["grpc-status"]], [200, "0"]);
+});
+
+Deno.test("A call passed on that grpc-js answers early is closed, though its client goes on sending", async () => {
+  await using dir = await tempDir();
+  const store = await fullStore(dir.path, "fragment_2.bin");
+  await using server = await startGrpcServer(store, { port: 0, hostname: "127.0.0.1" });
+  const refused = fileTransfer().service.Upload!.requestSerialize({
+    name: "../escape.bin", // refused at its first message
+    size: 1024,
+    sha256: "0".repeat(64),
+    data: new Uint8Array(16),
+  });
+  const session = http2.connect(`http://127.0.0.1:${server.port}`);
+  try {
+    const stream = session.request({
+      ":method": "POST",
+      ":path": "/p2p.FileTransfer/Upload",
+      ...GRPC,
+    });
+    const answer: Record<string, unknown> = {};
+    stream.on("response", (headers) => Object.assign(answer, headers));
+    stream.on("trailers", (headers) => Object.assign(answer, headers));
+    stream.on("data", () => {});
+    stream.on("error", () => {});
+    const closed = new Promise((resolve) => stream.on("close", () => resolve("closed")));
+    stream.write(framed(refused)); // and never ends its side
+    const outcome = await Promise.race([
+      closed,
+      new Promise((resolve) => setTimeout(() => resolve("still open after 3 s"), 3000)),
+    ]);
+    assertEquals([outcome, answer["grpc-status"]], [
+      "closed",
+      String(grpc.status.INVALID_ARGUMENT),
+    ]);
+  } finally {
+    session.destroy();
   }
 });
 
