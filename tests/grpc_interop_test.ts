@@ -96,3 +96,61 @@ Deno.test("A Node.js client (node, @grpc/grpc-js) calls the peer's Echo, Downloa
   assertEquals(result.services, ["grpc.health.v1.Health", "p2p.FileTransfer"]);
   assert(result.files > 0, "describe p2p.FileTransfer returned no file descriptor");
 });
+
+const PYTHON_CLIENT = join(ROOT, "tests", "grpc_interop", "client.py");
+// Python's grpcio (gRPC's C core) with grpcio-tools, as `.ci/run` installs them when it can.
+const hasPythonGrpc = (() => {
+  try {
+    const check = ["-c", "import grpc, grpc_tools"];
+    return new Deno.Command("python3", { args: check, stderr: "null" }).outputSync().success;
+  } catch {
+    return false;
+  }
+})();
+
+Deno.test({
+  name: "A Python client (grpcio, gRPC's C core) downloads, is refused, cancels and checks health",
+  ignore: !hasPythonGrpc,
+  async fn() {
+    await using dir = await tempDir();
+    const store = join(dir.path, "store");
+    await Deno.mkdir(store);
+    const bytes = new Uint8Array(2 * CHUNK_SIZE + 4321);
+    for (let i = 0; i < bytes.length; i += 65536) {
+      crypto.getRandomValues(bytes.subarray(i, i + 65536));
+    }
+    await Deno.writeFile(join(store, "fragment_3.bin"), bytes);
+    const sha256 = createHash("sha256").update(bytes).digest("hex");
+    await using front = startGrpcFront({ dir: store, port: 0, hostname: "127.0.0.1" });
+    const [healthDir] = standardProtoDirs();
+    await Deno.mkdir(join(dir.path, "generated"));
+    const { code, stdout, stderr } = await new Deno.Command("python3", {
+      args: [
+        PYTHON_CLIENT,
+        `127.0.0.1:${front.port}`,
+        PROTO_PATH,
+        join(healthDir, "health", "v1", "health.proto"),
+        "fragment_3.bin",
+        join(dir.path, "generated"),
+      ],
+    }).output();
+    const text = new TextDecoder();
+    assertEquals(code, 0, text.decode(stderr));
+    const result = JSON.parse(text.decode(stdout));
+    assertEquals(result, {
+      echo: "hello from python",
+      listed: ["fragment_3.bin"],
+      size: bytes.length,
+      sha256,
+      received: sha256,
+      chunkSizes: [CHUNK_SIZE, CHUNK_SIZE, 4321],
+      missing: "NOT_FOUND",
+      traversal: "INVALID_ARGUMENT",
+      deadline: "DEADLINE_EXCEEDED",
+      cancelled: "CANCELLED",
+      afterCancel: "still here",
+      check: "SERVING",
+      watched: "SERVING",
+    });
+  },
+});
