@@ -1,6 +1,7 @@
 /**
  * Split and join of a 1 GiB file beside coreutils `split -n 10` and `cat`, in the same run.
- * Each side runs five times, alternating, each tool in its own process; the best run counts:
+ * Each side runs five times (joins and cats eight), alternating, each tool in its own process;
+ * the best run counts:
  * on this VM the kernel's first touch of memory the host took back adds 0.5 to 2 s to a write
  * of 1 GiB at random (cat of the same parts took 0.46 s, then 2.77 s), and noise only ever adds.
  * Beside the ratios it prints the best ratio this machine allows (see `ceiling`), from a SHA-256
@@ -17,6 +18,12 @@ import { printTable, ratio, type Row } from "./_report.ts";
 
 const SIZE = 1024 ** 3;
 const ROUNDS = 5;
+/**
+ * Joins and cats run more rounds than splits: run after the other benches, one join in a round
+ * took 0.83 s and others 1.3 to 2.1 s (cats 0.46 to 1.35 s), so five rounds left the best of them
+ * to chance, and join's share read 0.79 to 0.91x between runs of the same code.
+ */
+const JOIN_ROUNDS = 8;
 const FRAGMENTS = 10; // split.ts's default, as `split -n 10`
 /** Split and join must reach this share of the best ratio the machine allows (see `ceiling`). */
 const MIN_SHARE = 0.8;
@@ -128,7 +135,7 @@ async function main() {
     }
     // Joins and cats read the same parts, split.ts's last ones, in turns.
     const parts = Array.from({ length: FRAGMENTS }, (_, i) => `fragment_${i}.bin`).join(" ");
-    for (let round = 0; round < ROUNDS; round++) {
+    for (let round = 0; round < JOIN_ROUNDS; round++) {
       times.cat.push((await run("sh", ["-c", `cat ${parts} > ../cat.out`], ours)).s);
       await Deno.remove(join(dir, "cat.out"));
       const joined = await run(Deno.execPath(), [...child, "join", ours, join(dir, "join.out")]);
