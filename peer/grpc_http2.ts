@@ -17,9 +17,12 @@ import * as grpc from "@grpc/grpc-js";
 const DOWNLOAD_PATH = "/p2p.FileTransfer/Download";
 // A gRPC message's head: a compressed flag, then the length (32-bit big-endian).
 const MESSAGE_HEAD = 5;
-// A Download request is a name and a peer: this is far more than either needs.
-const MAX_REQUEST = 64 * 1024;
+// A Download request is a name (200 bytes at most) and a peer's address: 4 KiB is ample, and
+// what waits for a request is held per stream, up to 100 streams a connection.
+const MAX_REQUEST = 4 * 1024;
 const REQUEST_TIMEOUT_MS = 10_000;
+// A Download whose client reads nothing for this long is cut, as the TCP server cuts one.
+const STALL_TIMEOUT_MS = 60_000;
 // Calls at once on one connection (the front caps the connections: 256, 64 per address).
 const MAX_STREAMS = 100;
 // setTimeout fires at once past this; a deadline further off is no deadline.
@@ -67,6 +70,8 @@ export interface Http2Options {
   download: (call: DownloadCall) => void;
   /** How long a Download's request may take to arrive whole. @default 10_000 */
   requestTimeoutMs?: number;
+  /** How long a Download's client may read nothing while chunks wait for it. @default 60_000 */
+  stallTimeoutMs?: number;
   /** Decodes a request message (throws when it cannot), e.g. the proto's deserializer. */
   decodeRequest: (bytes: Buffer) => { name: string; peer: string };
 }
@@ -150,7 +155,11 @@ function serveDownload(
   headers: http2.IncomingHttpHeaders,
   options: Http2Options,
 ) {
-  const call = new StreamCall(stream, deadlineMs(headers["grpc-timeout"]));
+  const call = new StreamCall(
+    stream,
+    deadlineMs(headers["grpc-timeout"]),
+    options.stallTimeoutMs ?? STALL_TIMEOUT_MS,
+  );
   // A request is one small message: a client that does not finish it soon is not waited for.
   const timer = setTimeout(() => {
     call.end({ code: grpc.status.DEADLINE_EXCEEDED, details: "No whole request in time" });
@@ -177,7 +186,12 @@ function serveDownload(
     } catch {
       return call.end({ code: grpc.status.INTERNAL, details: "Cannot decode the request" });
     }
-    options.download(call);
+    try {
+      options.download(call);
+    } catch (error) { // a bug in the handler fails its call, not the process
+      console.error(`[gRPC] Download failed: ${error}`);
+      call.end({ code: grpc.status.INTERNAL, details: "Download failed" });
+    }
   });
 }
 
@@ -216,11 +230,19 @@ class StreamCall implements DownloadCall {
   #responded = false;
   #ended = false;
   #trailers: Record<string, string> = {};
+  readonly #stallMs: number;
+  #writing = 0; // writes not yet called back
+  #stall: ReturnType<typeof setTimeout> | undefined;
 
-  /** A call on `stream` whose client gives up after `deadlineMs`, when it says. */
-  constructor(stream: http2.ServerHttp2Stream, deadlineMs: number | undefined) {
+  /**
+   * A call on `stream` whose client gives up after `deadlineMs`, when it says, and which is cut
+   * when its client reads nothing for `stallMs` while chunks wait.
+   */
+  constructor(stream: http2.ServerHttp2Stream, deadlineMs: number | undefined, stallMs: number) {
     this.#stream = stream;
+    this.#stallMs = stallMs;
     stream.on("close", () => {
+      clearTimeout(this.#stall);
       if (!this.#ended) this.#cancel.abort();
     });
     stream.on("wantTrailers", () => stream.sendTrailers(this.#trailers));
@@ -270,7 +292,23 @@ class StreamCall implements DownloadCall {
     framed[0] = 0; // not compressed
     framed.writeUInt32BE(message.length, 1);
     this.accept();
-    this.#stream.write(framed, () => sent());
+    this.#writing++;
+    this.#watchStall();
+    this.#stream.write(framed, () => {
+      this.#writing--;
+      this.#watchStall();
+      sent();
+    });
+  }
+
+  /** While writes wait, one must be called back within the stall time, or the call is cut. */
+  #watchStall() {
+    clearTimeout(this.#stall);
+    if (this.#writing === 0 || this.#stream.closed) return;
+    this.#stall = setTimeout(() => {
+      this.#stream.close(NGHTTP2_CANCEL);
+      this.#cancel.abort();
+    }, this.#stallMs);
   }
 
   end(status: CallStatus = { code: grpc.status.OK, details: "" }): void {
@@ -376,6 +414,7 @@ function passOn(
   request.on("response", (received) => {
     responseHeaders = received;
     if (early.length > 0) respond();
+    finish(); // in case its end came first
   });
   request.on("data", (data: Buffer) => {
     if (!responseHeaders) early.push(data);
@@ -390,26 +429,33 @@ function passOn(
     finish();
   });
   request.on("end", finish);
-  // Closed before its answer came whole: grpc-js cancelled it, or went away.
+  // Closed before its answer came whole: grpc-js reset it, or went away. (Deno's client says
+  // rstCode 0 whatever the reset's code, so the client is told UNAVAILABLE, in a status.)
   request.on("close", () => {
     if (finished || stream.closed) return;
-    if (!stream.headersSent) unavailable(stream);
-    else stream.close(request.rstCode || NGHTTP2_INTERNAL_ERROR);
+    finished = true;
+    if (!stream.headersSent) return unavailable(stream);
+    trailers = unavailableStatus();
+    stream.end(); // the trailers follow (wantTrailers)
   });
   stream.on("close", () => {
     if (!request.closed) request.close(NGHTTP2_CANCEL);
   });
 }
 
-/** Answers a call grpc-js could not take (it is restarting or gone): UNAVAILABLE, to retry. */
+/** Answers, with no message, a call grpc-js could not take (it is restarting or gone). */
 function unavailable(stream: http2.ServerHttp2Stream) {
   if (stream.closed || stream.headersSent) return;
-  stream.respond({
-    ...responseHeaders(),
-    "grpc-status": String(grpc.status.UNAVAILABLE),
-    "grpc-message": "The server cannot take calls now",
-  }, { endStream: true });
+  stream.respond({ ...responseHeaders(), ...unavailableStatus() }, { endStream: true });
   stopReading(stream);
+}
+
+/** UNAVAILABLE, which clients may retry. */
+function unavailableStatus(): Record<string, string> {
+  return {
+    "grpc-status": String(grpc.status.UNAVAILABLE),
+    "grpc-message": "The server dropped the call",
+  };
 }
 
 /** Headers to send on: without the pseudo-headers, but for `:status` when `status`. */

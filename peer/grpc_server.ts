@@ -66,6 +66,8 @@ export interface GrpcServerOptions {
   maxUpload?: number;
   /** Points a requester naming itself (`peer`) at other holders, as over TCP (steering.ts). */
   steering?: Steering;
+  /** A Download whose client reads nothing for this long is cut. @default 60_000 */
+  stallTimeoutMs?: number;
 }
 
 /** A running gRPC FileTransfer server. */
@@ -110,6 +112,7 @@ export async function startGrpcServer(
       hostname,
       upstreamPort,
       download,
+      stallTimeoutMs: options.stallTimeoutMs,
       decodeRequest: (bytes) => requestType.requestDeserialize(bytes) as DownloadCall["request"],
     });
   } catch (error) {

@@ -326,11 +326,16 @@ Deno.test(`The close storm: ${STORM_CLIENTS} clients stream a fragment and close
     const { code, signal, stdout, stderr } = await new Deno.Command(Deno.execPath(), {
       args: ["run", "-q", "-P=peer", STORM_SCRIPT, `127.0.0.1:${supervisor.port}`, FRAGMENT]
         .concat([expected, String(left), String(STORM_PARALLEL)]),
+      signal: AbortSignal.timeout(120_000), // a child that hangs is killed (SIGTERM), and fails
     }).output();
     left -= new TextDecoder().decode(stdout).split("\n").filter((line) => line === "done").length;
     if (code === 0) break;
-    // Killed by a signal (SIGABRT, SIGSEGV): the client crash; anything else fails the test.
-    assert(signal !== null, `the storm's clients failed: ${new TextDecoder().decode(stderr)}`);
+    // Killed by SIGABRT or SIGSEGV: the client crash; anything else fails the test.
+    const crashed = signal === "SIGABRT" || signal === "SIGSEGV";
+    assert(
+      crashed,
+      `the storm's clients failed (${signal ?? code}): ${new TextDecoder().decode(stderr)}`,
+    );
     assert(++crashes <= STORM_CLIENT_CRASHES, `the storm's clients crashed ${crashes} times`);
   }
   if (crashes > 0) console.log(`  (the storm's client process crashed ${crashes} time(s))`);
