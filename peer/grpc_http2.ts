@@ -380,7 +380,7 @@ function passOn(
   }
   request.on("error", () => {}); // its close below ends the client's stream
   stream.pipe(request);
-  let responseHeaders: http2.IncomingHttpHeaders | undefined;
+  let upstreamHeaders: http2.IncomingHttpHeaders | undefined;
   let trailers: http2.IncomingHttpHeaders | undefined;
   let finished = false;
   // Deno 2.9.6's client can emit a message's data before the headers it came after: held here.
@@ -389,18 +389,18 @@ function passOn(
     if (!stream.write(data)) request.pause();
   };
   const respond = () => {
-    if (!responseHeaders || stream.headersSent || stream.closed) return;
-    stream.respond(withoutPseudo(responseHeaders, true), { waitForTrailers: true });
+    if (!upstreamHeaders || stream.headersSent || stream.closed) return;
+    stream.respond(withoutPseudo(upstreamHeaders, true), { waitForTrailers: true });
     early.splice(0).forEach(send);
   };
   /** Ends the client's stream once grpc-js's answer has come whole: messages and status. */
   const finish = () => {
-    if (finished || stream.closed || !request.readableEnded || !responseHeaders) return;
-    const trailersOnly = !stream.headersSent && responseHeaders["grpc-status"] !== undefined;
+    if (finished || stream.closed || !request.readableEnded || !upstreamHeaders) return;
+    const trailersOnly = !stream.headersSent && upstreamHeaders["grpc-status"] !== undefined;
     if (!trailers && !trailersOnly) return; // its trailers are still to come
     finished = true;
     if (trailersOnly) { // a status and no message: one HEADERS frame, as grpc-js sent it
-      stream.respond(withoutPseudo(responseHeaders, true), { endStream: true });
+      stream.respond(withoutPseudo(upstreamHeaders, true), { endStream: true });
       stopReading(stream);
     } else {
       respond();
@@ -412,12 +412,12 @@ function passOn(
     stopReading(stream);
   });
   request.on("response", (received) => {
-    responseHeaders = received;
+    upstreamHeaders = received;
     if (early.length > 0) respond();
     finish(); // in case its end came first
   });
   request.on("data", (data: Buffer) => {
-    if (!responseHeaders) early.push(data);
+    if (!upstreamHeaders) early.push(data);
     else {
       respond();
       send(data);

@@ -33,7 +33,7 @@ import {
 import { ELSEWHERE_KEY } from "./grpc_wire.ts";
 import type { Steering } from "./steering.ts";
 import { addStandardServices } from "./grpc_services.ts";
-import { type DownloadCall, type Http2Port, listenHttp2 } from "./grpc_http2.ts";
+import { type CallStatus, type DownloadCall, type Http2Port, listenHttp2 } from "./grpc_http2.ts";
 
 // The largest fragment an Upload may announce (the splitter's fragments are far smaller).
 const MAX_UPLOAD_SIZE = 4 * 1024 ** 3;
@@ -244,12 +244,7 @@ function fileTransferHandlers(
         .catch((error) => {
           if (peer) options.steering?.lost(name, peer);
           // A disk error: it fails this call only.
-          const { code, details } = internal(
-            `Download of ${quote(name)}`,
-            error,
-            "Could not read the fragment",
-          );
-          call.end({ code: code!, details: details! });
+          call.end(internal(`Download of ${quote(name)}`, error, "Could not read the fragment"));
         })
         .finally(() => downloads--),
     );
@@ -461,7 +456,11 @@ function uploadStatus(error: unknown): Partial<grpc.ServiceError> {
 }
 
 /** A disk error, logged here and answered INTERNAL, without leaking paths to a remote client. */
-function internal(what: string, error: unknown, answer: string): Partial<grpc.ServiceError> {
+function internal(
+  what: string,
+  error: unknown,
+  answer: string,
+): CallStatus & Partial<grpc.ServiceError> {
   console.error(`[gRPC] ${what} failed: ${error}`);
-  return statusError(grpc.status.INTERNAL, answer);
+  return { code: grpc.status.INTERNAL, details: answer, message: answer };
 }

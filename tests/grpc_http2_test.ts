@@ -58,7 +58,7 @@ async function post(
   port: number,
   path: string,
   body: Uint8Array,
-  headers: http2.OutgoingHttpHeaders = { "content-type": "application/grpc", te: "trailers" },
+  headers: http2.OutgoingHttpHeaders = GRPC,
 ): Promise<Record<string, unknown>> {
   const session = http2.connect(`http://127.0.0.1:${port}`);
   try {
@@ -100,6 +100,42 @@ function framed(message: Uint8Array, flag = 0): Uint8Array {
   bytes.writeUInt32BE(message.length, 1);
   bytes.set(message, 5);
   return bytes;
+}
+
+/** `promise`'s value, or `late` if `ms` pass first. */
+async function within<T>(promise: Promise<T>, ms: number, late: string): Promise<T | string> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    return await Promise.race([
+      promise,
+      new Promise<string>((resolve) => timer = setTimeout(() => resolve(late), ms)),
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** A `DownloadRequest` for `name`, encoded (without its message head). */
+function downloadRequest(name: string): Uint8Array {
+  return fileTransfer().service.Download!.requestSerialize({ name });
+}
+
+/**
+ * Asks the server on `port` for fragment_0.bin with `headers` and reads nothing: whether the
+ * server closed the stream within 3 s, and with which code.
+ */
+async function unreadDownload(port: number, headers: http2.OutgoingHttpHeaders = {}) {
+  const session = http2.connect(`http://127.0.0.1:${port}`);
+  try {
+    const stream = session.request({ ":method": "POST", ":path": DOWNLOAD, ...GRPC, ...headers });
+    const closed = new Promise<string>((resolve) => stream.on("close", () => resolve("closed")));
+    stream.end(framed(downloadRequest("fragment_0.bin")));
+    stream.pause(); // reads nothing: its 64 KiB window fills, and the chunks queue at the server
+    const outcome = await within(closed, 3000, "still open after 3 s");
+    return { outcome, rstCode: stream.rstCode };
+  } finally {
+    session.close();
+  }
 }
 
 const DOWNLOAD = "/p2p.FileTransfer/Download";
@@ -205,11 +241,10 @@ Deno.test("A Download past its grpc-timeout ends DEADLINE_EXCEEDED from the serv
     maxDownloads: 1,
     maxUpload: SLOW,
   });
-  const request = fileTransfer().service.Download!.requestSerialize({ name: "fragment_0.bin" });
+  const request = downloadRequest("fragment_0.bin");
   // A raw client, which waits for the server's answer rather than cancelling on its own.
   const answer = await post(server.port, DOWNLOAD, framed(request), {
-    "content-type": "application/grpc",
-    te: "trailers",
+    ...GRPC,
     "grpc-timeout": "300m",
   });
   assertEquals(answer["grpc-status"], String(grpc.status.DEADLINE_EXCEEDED));
@@ -229,28 +264,13 @@ Deno.test("A Download whose client stopped reading is cut at its deadline and fr
     hostname: "127.0.0.1",
     maxDownloads: 1,
   });
-  const request = fileTransfer().service.Download!.requestSerialize({ name: "fragment_0.bin" });
-  const session = http2.connect(`http://127.0.0.1:${server.port}`);
   const client = rawClient(`127.0.0.1:${server.port}`);
   try {
-    const stream = session.request({
-      ":method": "POST",
-      ":path": DOWNLOAD,
-      ...GRPC,
-      "grpc-timeout": "300m",
-    });
-    const closed = new Promise((resolve) => stream.on("close", () => resolve(stream.rstCode)));
-    stream.end(framed(request));
-    stream.pause(); // reads nothing: its 64 KiB window fills, and the chunks queue at the server
-    const rstCode = await Promise.race([
-      closed,
-      new Promise((resolve) => setTimeout(() => resolve("still open after 3 s"), 3000)),
-    ]);
-    assertEquals(rstCode, http2.constants.NGHTTP2_CANCEL);
+    const { outcome, rstCode } = await unreadDownload(server.port, { "grpc-timeout": "300m" });
+    assertEquals([outcome, rstCode], ["closed", http2.constants.NGHTTP2_CANCEL]);
     assert(await takenWithin(client, "fragment_1.bin", 2000), "the place was still held 2 s on");
   } finally {
     client.close();
-    session.close();
   }
 });
 
@@ -263,23 +283,13 @@ Deno.test("A Download whose client reads nothing is cut after the stall time, de
     maxDownloads: 1,
     stallTimeoutMs: 300,
   });
-  const request = fileTransfer().service.Download!.requestSerialize({ name: "fragment_0.bin" });
-  const session = http2.connect(`http://127.0.0.1:${server.port}`);
   const client = rawClient(`127.0.0.1:${server.port}`);
   try {
-    const stream = session.request({ ":method": "POST", ":path": DOWNLOAD, ...GRPC });
-    const closed = new Promise((resolve) => stream.on("close", () => resolve("closed")));
-    stream.end(framed(request));
-    stream.pause(); // reads nothing, and says no deadline
-    const outcome = await Promise.race([
-      closed,
-      new Promise((resolve) => setTimeout(() => resolve("still open after 3 s"), 3000)),
-    ]);
+    const { outcome } = await unreadDownload(server.port); // and says no deadline
     assertEquals(outcome, "closed");
     assert(await takenWithin(client, "fragment_1.bin", 2000), "the place was still held 2 s on");
   } finally {
     client.close();
-    session.close();
   }
 });
 
@@ -315,7 +325,7 @@ Deno.test("A raw HTTP/2 client that breaks the gRPC protocol gets a clear status
   await using dir = await tempDir();
   const store = await fullStore(dir.path);
   await using server = await startGrpcServer(store, { port: 0, hostname: "127.0.0.1" });
-  const request = fileTransfer().service.Download!.requestSerialize({ name: "fragment_0.bin" });
+  const request = downloadRequest("fragment_0.bin");
   const cases: [string, () => Promise<Record<string, unknown>>, string][] = [
     ["not gRPC", () => post(server.port, DOWNLOAD, request, { "content-type": "text/plain" }), ""],
     // Past 4 KiB, but within the 64 KiB a client may send before the server reads (the answer
@@ -394,12 +404,11 @@ Deno.test("A Download request that does not arrive whole in time is DEADLINE_EXC
   try {
     const request = session.request({ ":method": "POST", ":path": DOWNLOAD, ...GRPC });
     request.write(new Uint8Array([0, 0, 0, 0, 9, 0x0a])); // a head and one byte of nine, then nothing
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const status = await Promise.race([
+    const status = await within(
       new Promise((resolve) => request.on("response", (h) => resolve(h["grpc-status"]))),
-      new Promise((resolve) => timer = setTimeout(() => resolve("no answer in 3 s"), 3000)),
-    ]);
-    clearTimeout(timer);
+      3000,
+      "no answer in 3 s",
+    );
     assertEquals([status, served], [String(grpc.status.DEADLINE_EXCEEDED), 0]);
     request.close();
   } finally {
@@ -430,7 +439,7 @@ Deno.test("A raw gzip-compressed Download request is served", async () => {
   await using dir = await tempDir();
   const store = await fullStore(dir.path);
   await using server = await startGrpcServer(store, { port: 0, hostname: "127.0.0.1" });
-  const request = fileTransfer().service.Download!.requestSerialize({ name: "fragment_2.bin" });
+  const request = downloadRequest("fragment_2.bin");
   const answer = await post(server.port, DOWNLOAD, framed(zlib.gzipSync(request), 1), {
     ...GRPC,
     "grpc-encoding": "gzip",
@@ -462,10 +471,7 @@ Deno.test("A call passed on that grpc-js answers early is closed, though its cli
     stream.on("error", () => {});
     const closed = new Promise((resolve) => stream.on("close", () => resolve("closed")));
     stream.write(framed(refused)); // and never ends its side
-    const outcome = await Promise.race([
-      closed,
-      new Promise((resolve) => setTimeout(() => resolve("still open after 3 s"), 3000)),
-    ]);
+    const outcome = await within(closed, 3000, "still open after 3 s");
     assertEquals([outcome, answer["grpc-status"]], [
       "closed",
       String(grpc.status.INVALID_ARGUMENT),
