@@ -29,7 +29,12 @@ export const FILES = 1_000;
 const WORKERS = 8;
 /** Requests that warm a route up: as many as there are (fragment, file) pairs to locate. */
 const WARMUP = FRAGMENTS_PER_PEER * FILES;
-const ROUNDS = 3;
+/**
+ * Rounds per route, the best counting. The machine's slow spells last seconds and slow the
+ * directory, whose state is spread over far more memory, more than the bare app: with 3 rounds
+ * (about 5 s of locates) one full bench in six read 0.76x where quiet ones read 0.86-0.92x.
+ */
+const ROUNDS = 6;
 const REQUESTS = 20_000;
 const PHASE_DEADLINE_MS = 60_000;
 const LISTENING = /Listening on (http:\/\/\S+)/;
