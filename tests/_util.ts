@@ -163,6 +163,15 @@ export async function runTask(
   return { code, stdout: child.stdout, stderr: child.stderr };
 }
 
+/** `size` random bytes (getRandomValues fills at most 64 KiB at a time). */
+export function randomBytes(size: number): Uint8Array<ArrayBuffer> {
+  const bytes = new Uint8Array(size);
+  for (let at = 0; at < size; at += 65_536) {
+    crypto.getRandomValues(bytes.subarray(at, Math.min(at + 65_536, size)));
+  }
+  return bytes;
+}
+
 /** A temporary folder removed on dispose: `await using dir = await tempDir()`. */
 export async function tempDir(): Promise<AsyncDisposable & { path: string }> {
   const path = await Deno.makeTempDir({ prefix: "p2p-test-" });

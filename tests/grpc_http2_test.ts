@@ -9,14 +9,14 @@ import http2 from "node:http2";
 import { join } from "node:path";
 import zlib from "node:zlib";
 import * as grpc from "@grpc/grpc-js";
-import { GrpcClient, startGrpcServer } from "../peer_grpc.ts";
+import { GrpcClient, type GrpcServerOptions, startGrpcServer } from "../peer_grpc.ts";
 import { fileTransfer } from "../peer/grpc_wire.ts";
 import { listenHttp2 } from "../peer/grpc_http2.ts";
 import { Steering } from "../peer/steering.ts";
 import { Store } from "../peer/store.ts";
 import { PeerError } from "../peer/tcp.ts";
 import { splitFile } from "../split.ts";
-import { tempDir } from "./_util.ts";
+import { randomBytes, tempDir } from "./_util.ts";
 
 /**
  * A store with the manifest of a 12 MiB file cut in 4 (3 MiB each, 3 chunks) and every fragment but
@@ -24,10 +24,7 @@ import { tempDir } from "./_util.ts";
  */
 async function fullStore(root: string, without?: string): Promise<Store> {
   const input = join(root, "video.webm");
-  const bytes = new Uint8Array(12 * 1024 * 1024);
-  for (let i = 0; i < bytes.length; i += 65536) {
-    crypto.getRandomValues(bytes.subarray(i, i + 65536));
-  }
+  const bytes = randomBytes(12 * 1024 * 1024);
   await Deno.writeFile(input, bytes);
   await splitFile(input, { out: join(root, "store"), fragments: 4 });
   if (without) await Deno.remove(join(root, "store", without));
@@ -195,14 +192,42 @@ async function takesDownload(client: ReturnType<typeof rawClient>, name: string)
   return took;
 }
 
-/** Waits up to `ms` for the server to take a Download of `name` again. */
-async function takenWithin(client: ReturnType<typeof rawClient>, name: string, ms: number) {
-  const deadline = Date.now() + ms;
-  while (!await takesDownload(client, name)) {
-    if (Date.now() > deadline) return false;
+/** Asserts that the server takes a Download again within 2 s: the place it had was freed. */
+async function assertPlaceFreed(client: ReturnType<typeof rawClient>) {
+  const deadline = Date.now() + 2000;
+  while (!await takesDownload(client, "fragment_1.bin")) {
+    assert(Date.now() <= deadline, "the place was still held 2 s on");
     await new Promise((resolve) => setTimeout(resolve, 20));
   }
-  return true;
+}
+
+/**
+ * A server of a full store with one download place (and `options`), and a raw client of it;
+ * all of it closed and removed on dispose.
+ */
+async function oneSlotServer(options: GrpcServerOptions = {}) {
+  const dir = await tempDir();
+  try {
+    const server = await startGrpcServer(await fullStore(dir.path), {
+      port: 0,
+      hostname: "127.0.0.1",
+      maxDownloads: 1,
+      ...options,
+    });
+    const client = rawClient(`127.0.0.1:${server.port}`);
+    return {
+      port: server.port,
+      client,
+      async [Symbol.asyncDispose]() {
+        client.close();
+        await server[Symbol.asyncDispose]();
+        await dir[Symbol.asyncDispose]();
+      },
+    };
+  } catch (error) {
+    await dir[Symbol.asyncDispose]();
+    throw error;
+  }
 }
 
 // 128 KiB/s: the first 1 MiB chunk of a download waits about 7 s for the throttle, so a download
@@ -210,37 +235,19 @@ async function takenWithin(client: ReturnType<typeof rawClient>, name: string, m
 const SLOW = 128 * 1024;
 
 Deno.test("Downloads past maxDownloads are RESOURCE_EXHAUSTED; a cancelled one frees its place at once", async () => {
-  await using dir = await tempDir();
-  const store = await fullStore(dir.path);
-  await using server = await startGrpcServer(store, {
-    port: 0,
-    hostname: "127.0.0.1",
-    maxDownloads: 1,
-    maxUpload: SLOW,
-  });
-  const client = rawClient(`127.0.0.1:${server.port}`);
-  try {
-    const first = client.Download({ name: "fragment_0.bin", peer: "" });
-    const firstStatus = statusOf(first);
-    await taken(first);
-    assertEquals(await takesDownload(client, "fragment_1.bin"), false);
-    first.cancel();
-    await firstStatus;
-    assert(await takenWithin(client, "fragment_1.bin", 2000), "the place was still held 2 s on");
-  } finally {
-    client.close();
-  }
+  await using server = await oneSlotServer({ maxUpload: SLOW });
+  const { client } = server;
+  const first = client.Download({ name: "fragment_0.bin", peer: "" });
+  const firstStatus = statusOf(first);
+  await taken(first);
+  assertEquals(await takesDownload(client, "fragment_1.bin"), false);
+  first.cancel();
+  await firstStatus;
+  await assertPlaceFreed(client);
 });
 
 Deno.test("A Download past its grpc-timeout ends DEADLINE_EXCEEDED from the server and frees its place", async () => {
-  await using dir = await tempDir();
-  const store = await fullStore(dir.path);
-  await using server = await startGrpcServer(store, {
-    port: 0,
-    hostname: "127.0.0.1",
-    maxDownloads: 1,
-    maxUpload: SLOW,
-  });
+  await using server = await oneSlotServer({ maxUpload: SLOW });
   const request = downloadRequest("fragment_0.bin");
   // A raw client, which waits for the server's answer rather than cancelling on its own.
   const answer = await post(server.port, DOWNLOAD, framed(request), {
@@ -248,49 +255,21 @@ Deno.test("A Download past its grpc-timeout ends DEADLINE_EXCEEDED from the serv
     "grpc-timeout": "300m",
   });
   assertEquals(answer["grpc-status"], String(grpc.status.DEADLINE_EXCEEDED));
-  const client = rawClient(`127.0.0.1:${server.port}`);
-  try {
-    assert(await takenWithin(client, "fragment_1.bin", 2000), "the place was still held 2 s on");
-  } finally {
-    client.close();
-  }
+  await assertPlaceFreed(server.client);
 });
 
 Deno.test("A Download whose client stopped reading is cut at its deadline and frees its place", async () => {
-  await using dir = await tempDir();
-  const store = await fullStore(dir.path);
-  await using server = await startGrpcServer(store, {
-    port: 0,
-    hostname: "127.0.0.1",
-    maxDownloads: 1,
-  });
-  const client = rawClient(`127.0.0.1:${server.port}`);
-  try {
-    const { outcome, rstCode } = await unreadDownload(server.port, { "grpc-timeout": "300m" });
-    assertEquals([outcome, rstCode], ["closed", http2.constants.NGHTTP2_CANCEL]);
-    assert(await takenWithin(client, "fragment_1.bin", 2000), "the place was still held 2 s on");
-  } finally {
-    client.close();
-  }
+  await using server = await oneSlotServer();
+  const { outcome, rstCode } = await unreadDownload(server.port, { "grpc-timeout": "300m" });
+  assertEquals([outcome, rstCode], ["closed", http2.constants.NGHTTP2_CANCEL]);
+  await assertPlaceFreed(server.client);
 });
 
 Deno.test("A Download whose client reads nothing is cut after the stall time, deadline or not", async () => {
-  await using dir = await tempDir();
-  const store = await fullStore(dir.path);
-  await using server = await startGrpcServer(store, {
-    port: 0,
-    hostname: "127.0.0.1",
-    maxDownloads: 1,
-    stallTimeoutMs: 300,
-  });
-  const client = rawClient(`127.0.0.1:${server.port}`);
-  try {
-    const { outcome } = await unreadDownload(server.port); // and says no deadline
-    assertEquals(outcome, "closed");
-    assert(await takenWithin(client, "fragment_1.bin", 2000), "the place was still held 2 s on");
-  } finally {
-    client.close();
-  }
+  await using server = await oneSlotServer({ stallTimeoutMs: 300 });
+  const { outcome } = await unreadDownload(server.port); // and says no deadline
+  assertEquals(outcome, "closed");
+  await assertPlaceFreed(server.client);
 });
 
 Deno.test("A call passed on that grpc-js resets after its headers ends UNAVAILABLE, in trailers", async () => {

@@ -4,7 +4,7 @@ import { dirname, join } from "node:path";
 import { CHUNK_SIZE, PROTO_PATH } from "../peer_grpc.ts";
 import { startGrpcFront } from "../peer/grpc_front.ts";
 import { standardProtoDirs } from "../peer/grpc_constants.ts";
-import { ROOT, tempDir } from "./_util.ts";
+import { randomBytes, ROOT, tempDir } from "./_util.ts";
 
 const CLIENT = join(ROOT, "tests", "grpc_interop", "client.mjs");
 
@@ -53,10 +53,7 @@ Deno.test("A Node.js client (node, @grpc/grpc-js) calls the peer's Echo, Downloa
   await using dir = await tempDir();
   const store = join(dir.path, "store");
   await Deno.mkdir(store);
-  const bytes = new Uint8Array(CHUNK_SIZE + 4321);
-  for (let i = 0; i < bytes.length; i += 65536) {
-    crypto.getRandomValues(bytes.subarray(i, i + 65536));
-  }
+  const bytes = randomBytes(CHUNK_SIZE + 4321);
   await Deno.writeFile(join(store, "fragment_3.bin"), bytes);
   const sha256 = createHash("sha256").update(bytes).digest("hex");
   await linkNodeModules(join(dir.path, "node_modules"), ["@grpc/grpc-js", "@grpc/proto-loader"]);
@@ -115,10 +112,7 @@ Deno.test({
     await using dir = await tempDir();
     const store = join(dir.path, "store");
     await Deno.mkdir(store);
-    const bytes = new Uint8Array(2 * CHUNK_SIZE + 4321);
-    for (let i = 0; i < bytes.length; i += 65536) {
-      crypto.getRandomValues(bytes.subarray(i, i + 65536));
-    }
+    const bytes = randomBytes(2 * CHUNK_SIZE + 4321);
     await Deno.writeFile(join(store, "fragment_3.bin"), bytes);
     const sha256 = createHash("sha256").update(bytes).digest("hex");
     await using front = startGrpcFront({ dir: store, port: 0, hostname: "127.0.0.1" });

@@ -3,7 +3,7 @@ import { createHash } from "node:crypto";
 import { join } from "node:path";
 import { GrpcClient, GrpcError, type GrpcSupervisor, superviseGrpcServer } from "../peer_grpc.ts";
 import { Store } from "../peer/store.ts";
-import { ROOT, runTask, startTask, tempDir } from "./_util.ts";
+import { randomBytes, ROOT, runTask, startTask, tempDir } from "./_util.ts";
 
 const FRAGMENT = "fragment_0.bin";
 const STORM_CLIENTS = 200;
@@ -12,10 +12,7 @@ const STORM_PARALLEL = 20;
 /** A store folder holding one fragment of `size` bytes; returns its bytes. */
 async function makeStoreDir(dir: string, size = 256 * 1024): Promise<Uint8Array> {
   await Deno.mkdir(dir, { recursive: true });
-  const bytes = new Uint8Array(size);
-  for (let i = 0; i < bytes.length; i += 65536) {
-    crypto.getRandomValues(bytes.subarray(i, i + 65536));
-  }
+  const bytes = randomBytes(size);
   await Deno.writeFile(join(dir, FRAGMENT), bytes);
   return bytes;
 }

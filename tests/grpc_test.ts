@@ -4,7 +4,7 @@ import { join } from "node:path";
 import { CHUNK_SIZE, type Download, GrpcClient, GrpcError, startGrpcServer } from "../peer_grpc.ts";
 import { type FragmentInfo, IntegrityError, Store } from "../peer/store.ts";
 import { splitFile } from "../split.ts";
-import { tempDir } from "./_util.ts";
+import { randomBytes, tempDir } from "./_util.ts";
 import * as grpc from "@grpc/grpc-js";
 import { fileTransfer } from "../peer/grpc_wire.ts";
 
@@ -12,12 +12,6 @@ const BIG = "big.bin"; // 2.5 MiB: three chunks, the last one short
 
 function sha256(bytes: Uint8Array): string {
   return createHash("sha256").update(bytes).digest("hex");
-}
-
-function randomBytes(size: number): Uint8Array {
-  const bytes = new Uint8Array(size);
-  for (let i = 0; i < size; i += 65536) crypto.getRandomValues(bytes.subarray(i, i + 65536));
-  return bytes;
 }
 
 /** A store with 4 fragments of a small file (and its manifest) plus a 2.5 MiB loose fragment. */

@@ -13,7 +13,7 @@
 import { assert, assertEquals, assertMatch } from "./_assert.ts";
 import { join } from "node:path";
 import { splitFile } from "../split.ts";
-import { Child, ROOT, taskArgv, tempDir } from "./_util.ts";
+import { Child, randomBytes, ROOT, taskArgv, tempDir } from "./_util.ts";
 
 /** Whether `command args...` runs and exits 0 (false when the program is missing). */
 async function succeeds(command: string, ...args: string[]): Promise<boolean> {
@@ -216,15 +216,6 @@ function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
 
 function escapeRegExp(text: string): string {
   return text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
-}
-
-/** `size` random bytes (getRandomValues fills at most 64 KiB at a time). */
-function randomBytes(size: number): Uint8Array<ArrayBuffer> {
-  const bytes = new Uint8Array(size);
-  for (let at = 0; at < size; at += 65_536) {
-    crypto.getRandomValues(bytes.subarray(at, Math.min(at + 65_536, size)));
-  }
-  return bytes;
 }
 
 Deno.test({

@@ -12,7 +12,7 @@ import { startDirectory } from "../directory.ts";
 import { startPeer } from "../peer.ts";
 import { type Manifest, SAMPLE_VIDEO, splitFile } from "../split.ts";
 import { get, startScene } from "./_player_source.ts";
-import { type Child, peerArgs, startTask, tempDir } from "./_util.ts";
+import { type Child, peerArgs, randomBytes, startTask, tempDir } from "./_util.ts";
 
 Deno.test("GET /stream sends the file's SHA-256 as a strong ETag, and Last-Modified", async () => {
   await using dir = await tempDir();
@@ -254,10 +254,7 @@ Deno.test({
   async fn() {
     await using dir = await tempDir();
     const big = join(dir.path, "big.webm");
-    const bytes = new Uint8Array(6 * 1024 * 1024 + 123);
-    for (let i = 0; i < bytes.length; i += 65536) {
-      crypto.getRandomValues(bytes.subarray(i, i + 65536));
-    }
+    const bytes = randomBytes(6 * 1024 * 1024 + 123);
     await Deno.writeFile(big, bytes);
     await using swarm = await startSwarm(dir.path, big);
     const downloads = join(dir.path, "downloads");

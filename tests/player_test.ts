@@ -9,7 +9,7 @@ import { type FragmentEvent, parseRange } from "../peer/player.ts";
 import type { Store } from "../peer/store.ts";
 import type { Manifest } from "../split.ts";
 import { get, range, startScene } from "./_player_source.ts";
-import { tempDir } from "./_util.ts";
+import { randomBytes, tempDir } from "./_util.ts";
 
 /** Sends a request line as given (fetch() would tidy `..` away) and returns the status. */
 async function rawStatus(port: number, target: string): Promise<number> {
@@ -143,10 +143,7 @@ Deno.test("GET /stream answers a suffix range with the file's last bytes", async
 Deno.test("GET /stream answers an open-ended range with the rest of a file past 4 MiB", async () => {
   await using dir = await tempDir();
   const big = join(dir.path, "big.webm");
-  const bytes = new Uint8Array(5 * 1024 * 1024 + 7);
-  for (let i = 0; i < bytes.length; i += 65536) {
-    crypto.getRandomValues(bytes.subarray(i, i + 65536));
-  }
+  const bytes = randomBytes(5 * 1024 * 1024 + 7);
   await Deno.writeFile(big, bytes);
   await using scene = await startScene(dir.path, { video: big, fragments: 7 });
   const { response, body } = await get(scene.stream, range("bytes=1000-"));

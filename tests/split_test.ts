@@ -14,11 +14,10 @@ import {
   splitFile,
   verifyStore,
 } from "../split.ts";
-import { runTask, startTask, tempDir } from "./_util.ts";
+import { randomBytes, runTask, startTask, tempDir } from "./_util.ts";
 
 async function randomFile(path: string, size: number): Promise<Uint8Array> {
-  const bytes = new Uint8Array(size);
-  for (let i = 0; i < size; i += 65536) crypto.getRandomValues(bytes.subarray(i, i + 65536));
+  const bytes = randomBytes(size);
   await Deno.writeFile(path, bytes);
   return bytes;
 }
