@@ -390,14 +390,14 @@ export class Store {
     const temp = join(this.dir, `${TEMP_PREFIX}${name}-${crypto.randomUUID()}`);
     const info = { name, size: want.size, sha256: want.sha256 };
     const arrival = new Arrival(info, temp);
-    const arrivals = this.#arriving.get(name) ?? new Set();
-    this.#arriving.set(name, arrivals.add(arrival));
-    this.#arrivalsChanged.fire();
     try {
       const hash = createHash("sha256");
       let size = 0;
       {
         using file = await Deno.open(temp, { write: true, createNew: true });
+        // Listed only once its temporary exists: a relay opens it by that name.
+        this.#arriving.set(name, (this.#arriving.get(name) ?? new Set()).add(arrival));
+        this.#arrivalsChanged.fire();
         for await (const chunk of chunks) {
           size += chunk.length;
           if (size > want.size) {
@@ -424,8 +424,9 @@ export class Store {
       await Deno.remove(temp).catch(() => {});
       throw error;
     } finally {
-      arrivals.delete(arrival);
-      if (arrivals.size === 0) this.#arriving.delete(name);
+      const arrivals = this.#arriving.get(name);
+      arrivals?.delete(arrival);
+      if (arrivals?.size === 0) this.#arriving.delete(name);
     }
     this.#held.set(name, info);
     arrival.update(arrival.written, "held");

@@ -110,3 +110,37 @@ Deno.test("A corrupt fragment is quarantined: never served, not hashed again unt
   assertEquals((await store.adopt("fragment_1.bin"))?.size, good.length);
   assert(!store.isQuarantined("fragment_1.bin"));
 });
+
+Deno.test("Store.relay() passes on a fragment from its first byte: never while its temporary is not made yet", async () => {
+  await using dir = await tempDir();
+  const { manifest, bytes } = await splitStore(dir.path);
+  const [fragment] = manifest.fragments;
+  const body = bytes.slice(0, fragment!.size);
+  // The relay wakes as the write starts, and may race the temporary's creation: lost only now and
+  // then, so it runs many times. The write's last bytes wait for the relay, so it cannot end first.
+  for (let round = 0; round < 100; round++) {
+    const store = await Store.open(join(dir.path, `relay-${round}`));
+    await store.setManifest(manifest);
+    using _expecting = store.expect(fragment!.name);
+    const relaying = store.relay(fragment!.name);
+    await new Promise((resolve) => setTimeout(resolve, 0));
+    const relayed = Promise.withResolvers<void>();
+    const writing = store.write(
+      fragment!.name,
+      fragment!,
+      (async function* () {
+        yield body.subarray(0, 100);
+        await relayed.promise;
+        yield body.subarray(100);
+      })(),
+    );
+    const relay = await relaying;
+    relayed.resolve();
+    await writing;
+    assert(relay, `round ${round}: the relay found nothing while the fragment was being written`);
+    using _relay = relay;
+    const passed = [];
+    for await (const chunk of relay.chunks) passed.push(...chunk);
+    assertEquals(new Uint8Array(passed), body);
+  }
+});
