@@ -47,6 +47,17 @@ export function cpuSeconds(pid: number = Deno.pid): number {
   return (Number(fields[11]) + Number(fields[12])) / CLOCK_TICKS_PER_SECOND;
 }
 
+/**
+ * This machine's CPU time so far, in ticks over all cores, from /proc/stat: `steal` is the time
+ * its hypervisor ran something else while this VM had work (the `st` column of vmstat).
+ */
+export function machineTicks(): { steal: number; total: number } {
+  const line = procText("/proc/stat").split("\n")[0]!;
+  // cpu  user nice system idle iowait irq softirq steal guest guest_nice (guest counts in user)
+  const ticks = line.trim().split(/\s+/).slice(1, 9).map(Number);
+  return { steal: ticks[7] ?? 0, total: ticks.reduce((sum, n) => sum + n, 0) };
+}
+
 function procStatusMiB(pid: number, field: string): number {
   const status = procFile(pid, "status");
   const kib = Number(status.match(new RegExp(`^${field}:\\s+(\\d+) kB`, "m"))?.[1] ?? NaN);
@@ -58,9 +69,12 @@ function procStatusMiB(pid: number, field: string): number {
  * --allow-all, and the benches run with -P=bench, which may run programs.
  */
 function procFile(pid: number, name: string): string {
-  const { success, stdout } = new Deno.Command("cat", { args: [`/proc/${pid}/${name}`] })
-    .outputSync();
-  if (!success) throw new Error(`Cannot read "/proc/${pid}/${name}"`);
+  return procText(`/proc/${pid}/${name}`);
+}
+
+function procText(path: string): string {
+  const { success, stdout } = new Deno.Command("cat", { args: [path] }).outputSync();
+  if (!success) throw new Error(`Cannot read "${path}"`);
   return new TextDecoder().decode(stdout);
 }
 

@@ -4,6 +4,7 @@
  * @module
  */
 import { fileURLToPath } from "node:url";
+import { machineTicks } from "./_report.ts";
 
 const BENCH_DIR = fileURLToPath(new URL("./", import.meta.url));
 
@@ -21,17 +22,50 @@ async function main(args = Deno.args) {
   for (const [i, name] of names.entries()) {
     console.log(`\n## ${name}\n`);
     if (i > 0) await settle();
-    const { code } = await new Deno.Command(Deno.execPath(), {
-      args: ["run", "-q", "-P=bench", `${BENCH_DIR}${name}_bench.ts`],
-      stdout: "inherit",
-      stderr: "inherit",
-    }).output();
-    if (code !== 0) failed++;
+    let run = await runBench(name);
+    if (!run.passed && run.steal >= RERUN_STEAL) {
+      console.log(
+        `\nThe host took ${percent(run.steal)} of this machine's CPU time during the bench, ` +
+          `over the ${
+            percent(RERUN_STEAL)
+          } that makes its figures the host's: it runs once more, ` +
+          `and that run counts.\n`,
+      );
+      await settle();
+      run = await runBench(name);
+    }
+    if (!run.passed) failed++;
   }
   if (failed > 0) {
     console.error(`error: ${failed} benchmark(s) missed a target or failed`);
     Deno.exit(1);
   }
+}
+
+/**
+ * A bench that misses a target while the host steals this share of the machine's CPU time runs
+ * once more. The ratios hold against noise that hits both sides alike, but steal comes in bursts:
+ * in a quarter hour when vmstat showed 23 to 34% steal, joins of 1 GiB took 2.3 to 5.6 s against
+ * 0.83 s on a quiet host, and cats 0.6 to 1.5 s. The steal is printed under every bench.
+ */
+const RERUN_STEAL = 0.05;
+
+/** Runs one bench in its own process; prints the host's steal during it. */
+async function runBench(name: string): Promise<{ passed: boolean; steal: number }> {
+  const before = machineTicks();
+  const { code } = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-q", "-P=bench", `${BENCH_DIR}${name}_bench.ts`],
+    stdout: "inherit",
+    stderr: "inherit",
+  }).output();
+  const after = machineTicks();
+  const steal = (after.steal - before.steal) / Math.max(1, after.total - before.total);
+  console.log(`\nHost steal during the bench: ${percent(steal)} of this machine's CPU time.`);
+  return { passed: code === 0, steal };
+}
+
+function percent(share: number): string {
+  return `${(share * 100).toFixed(1)}%`;
 }
 
 /**
