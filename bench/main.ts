@@ -24,12 +24,9 @@ async function main(args = Deno.args) {
     if (i > 0) await settle();
     let run = await runBench(name);
     if (!run.passed && run.steal >= RERUN_STEAL) {
+      const share = `${percent(run.steal)} (${percent(RERUN_STEAL)} or more)`;
       console.log(
-        `\nThe host took ${percent(run.steal)} of this machine's CPU time during the bench, ` +
-          `over the ${
-            percent(RERUN_STEAL)
-          } that makes its figures the host's: it runs once more, ` +
-          `and that run counts.\n`,
+        `\nThe host took ${share} of this machine's CPU time: the bench runs once more.\n`,
       );
       await settle();
       run = await runBench(name);
