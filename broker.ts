@@ -21,7 +21,7 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { isLookupError, lookupMessage, userMessage } from "./common/cli.ts";
+import { exitForPermission, isLookupError, lookupMessage, userMessage } from "./common/cli.ts";
 import { defaultMaxPerAddress } from "./common/connection_counts.ts";
 import {
   type Broker,
@@ -302,6 +302,8 @@ async function main(args = Deno.args) {
   try {
     broker = nats === undefined ? startBroker(options) : await startBridgedBroker(nats, options);
   } catch (error) {
+    // Run with too few permissions (a bare `deno run broker.ts`): say which, no stack.
+    if (error instanceof Deno.errors.NotCapable) exitForPermission(error.message);
     if (error instanceof Deno.errors.AddrInUse) {
       console.error(`error: Port ${options.port} is already in use`);
     } else if (error instanceof Deno.errors.AddrNotAvailable) {

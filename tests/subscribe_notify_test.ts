@@ -130,10 +130,11 @@ Deno.test("the CLIs refuse user mistakes with one line on stderr and exit 1", as
   }));
 });
 
-Deno.test("subscribe.ts and notify.ts run from a pipe without net access name the command to run instead", async () => {
+Deno.test("broker.ts, subscribe.ts and notify.ts run from a pipe without net access name the command to run instead", async () => {
   // The design card's bare `deno run`, with no terminal to ask in.
   for (
     const [script, args] of [
+      ["broker", ["--port", "1", "--hostname", "127.0.0.1"]],
       ["subscribe", ["fragmentos", "--broker", "127.0.0.1:1"]],
       ["notify", ["fragment_5.bin", "--broker", "nats://127.0.0.1:1"]],
     ] as const
