@@ -502,50 +502,78 @@ const CONSOLE_HELP = `Commands:
   help                   this text
   exit                   leave the directory and stop`;
 
-/** Reads commands from `input` until `exit` or its end; resolves true when asked to exit. */
+/** Where the console writes: its prompt and answers, and when a typed line ended. */
+export interface ConsoleOutput {
+  write(text: string): void;
+  /** A line was typed: what the command logs goes below the prompt's line, not on it. */
+  lineEnded(): void;
+}
+
+/**
+ * Reads commands from `input` until `exit` or its end; resolves true when asked to exit. Once
+ * `signal` aborts (the peer is stopping), a command cut short says nothing and no prompt follows.
+ */
 export async function runConsole(
   peer: Peer,
   input: ReadableStream<Uint8Array>,
-  write: (text: string) => void,
-  transport: Transport = "tcp",
+  output: ConsoleOutput,
+  { transport = "tcp", signal }: { transport?: Transport; signal?: AbortSignal } = {},
 ): Promise<boolean> {
-  write(PROMPT);
+  output.write(PROMPT);
   for await (const line of readLines(input)) {
-    const [word = "", ...rest] = line.trim().split(/\s+/);
-    if (word === "exit" || word === "quit") return true;
+    output.lineEnded();
+    if (isExit(line)) return true;
     try {
-      if (word === "") {
-        // nothing typed
-      } else if (word === "help") {
-        write(CONSOLE_HELP + "\n");
-      } else if (word === "list") {
-        const held = peer.store.list();
-        write(
-          held.length === 0
-            ? "(no fragments yet)\n"
-            : held.map((f) => `${f.name}  ${f.size} bytes\n`).join(""),
-        );
-      } else if (word === "peers") {
-        const lines = await peer.describePeers();
-        write(lines.length === 0 ? "(no neighbours, no directory)\n" : lines.join("\n") + "\n");
-      } else if (word === "all" && rest.length === 0) {
-        await peer.fetchAll();
-      } else if ((word === "grpc" || word === "tcp") && rest.length === 1) {
-        await fetchFromConsole(peer, rest[0]!, word);
-      } else if (word === "grpc" || word === "tcp") {
-        write(`Give one fragment name: ${word} <fragment name>\n`); // not a fragment called "grpc"
-      } else if (rest.length === 0) {
-        await fetchFromConsole(peer, word, transport);
-      } else {
-        write(`Unknown command "${line.trim()}"; type 'help'\n`);
-      }
+      await runCommand(peer, line, output.write, transport);
     } catch (error) {
+      if (signal?.aborted) return false;
       if (!isFetchFailure(error)) throw error;
       console.error(`[x] ${error.message}`);
     }
-    write(PROMPT);
+    if (signal?.aborted) return false;
+    output.write(PROMPT);
   }
   return false;
+}
+
+function isExit(line: string): boolean {
+  const word = line.trim();
+  return word === "exit" || word === "quit";
+}
+
+/** Runs one console command. */
+async function runCommand(
+  peer: Peer,
+  line: string,
+  write: (text: string) => void,
+  transport: Transport,
+): Promise<void> {
+  const [word = "", ...rest] = line.trim().split(/\s+/);
+  if (word === "") {
+    // nothing typed
+  } else if (word === "help") {
+    write(CONSOLE_HELP + "\n");
+  } else if (word === "list") {
+    const held = peer.store.list();
+    write(
+      held.length === 0
+        ? "(no fragments yet)\n"
+        : held.map((f) => `${f.name}  ${f.size} bytes\n`).join(""),
+    );
+  } else if (word === "peers") {
+    const lines = await peer.describePeers();
+    write(lines.length === 0 ? "(no neighbours, no directory)\n" : lines.join("\n") + "\n");
+  } else if (word === "all" && rest.length === 0) {
+    await peer.fetchAll();
+  } else if ((word === "grpc" || word === "tcp") && rest.length === 1) {
+    await fetchFromConsole(peer, rest[0]!, word);
+  } else if (word === "grpc" || word === "tcp") {
+    write(`Give one fragment name: ${word} <fragment name>\n`); // not a fragment called "grpc"
+  } else if (rest.length === 0) {
+    await fetchFromConsole(peer, word, transport);
+  } else {
+    write(`Unknown command "${line.trim()}"; type 'help'\n`);
+  }
 }
 
 /** Errors a fetch may end with that are the world's fault, not a bug: shown, not thrown. */
@@ -796,6 +824,7 @@ async function main(args = Deno.args): Promise<number> {
   }
   // Before the fetch-all, so that Ctrl-C during it still leaves the directory.
   const stop = Promise.withResolvers<void>();
+  const stopping = new AbortController();
   for (const signal of ["SIGINT", "SIGTERM"] as const) {
     Deno.addSignalListener(signal, () => stop.resolve());
   }
@@ -823,15 +852,29 @@ async function main(args = Deno.args): Promise<number> {
     }
   }
   if (!values["no-console"]) {
-    runConsole(peer, Deno.stdin.readable, write, values.grpc ? "grpc" : "tcp").then((exit) => {
-      if (exit) return stop.resolve();
-      if (promptLast) write("\n"); // the line below would end up on the prompt's
-      console.error("[CONSOLE] Input ended; still serving (Ctrl-C to stop)");
-    }, (error) => {
-      if (!isUserError(error)) stop.reject(error);
-    });
+    const output = {
+      write,
+      // A terminal echoed the Enter that ended the prompt's line; from a pipe, it is ended here.
+      lineEnded: () => {
+        if (promptLast && !Deno.stdin.isTerminal()) write("\n");
+        promptLast = false;
+      },
+    };
+    const transport = values.grpc ? "grpc" : "tcp";
+    runConsole(peer, Deno.stdin.readable, output, { transport, signal: stopping.signal }).then(
+      (exit) => {
+        if (exit) return stop.resolve();
+        if (stopping.signal.aborted) return;
+        if (promptLast) write("\n"); // the line below would end up on the prompt's
+        console.error("[CONSOLE] Input ended; still serving (Ctrl-C to stop)");
+      },
+      (error) => {
+        if (!isUserError(error)) stop.reject(error);
+      },
+    );
   }
   await stop.promise;
+  stopping.abort();
   await peer.close();
   return 0;
 }

@@ -94,6 +94,19 @@ Deno.test("a peer with a console says a name can be typed, and ends the prompt's
   assert(peer.stdout.endsWith("Fragment to request (or 'exit'): \n"), JSON.stringify(peer.stdout));
 });
 
+Deno.test("Ctrl-C while 'all' runs at the console stops the peer quietly: no 'Cancelled', no prompt", async () => {
+  await using dir = await tempDir();
+  const args = peerArgs(join(dir.path, "store"), "http://127.0.0.1:1");
+  await using peer = startTask("peer", ["0", ...args], { stdin: true });
+  await peer.waitFor(/\[SERVER\] The store .* is empty/);
+  await peer.write("all\n");
+  await peer.waitFor(/\[swarm\] Cannot reach the directory .* waiting up to \d+ s more/);
+  peer.kill("SIGINT");
+  assertEquals((await peer.status()).code, 0);
+  assert(!/Cancelled/.test(peer.stdout + peer.stderr), peer.stderr);
+  assert(!peer.stdout.trimEnd().endsWith("(or 'exit'):"), JSON.stringify(peer.stdout));
+});
+
 Deno.test("a line logged while the prompt waits goes below it, and the prompt comes again", async () => {
   await using dir = await tempDir();
   await using peer = startTask("peer", [

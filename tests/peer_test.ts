@@ -93,6 +93,13 @@ Deno.test("two peers fetch from each other at the console, announce it, and leav
 
   await a.child.write("list\npeers\nhelp\nfragment_1.bin\n../secret\nexit\n");
   assertEquals(await stopped(a.child), 0);
+  // From a pipe it reads as a transcript: each answer below its prompt's line, one prompt after.
+  const prompt = "Fragment to request (or 'exit'): ";
+  assert(!a.child.stdout.includes(prompt + prompt), JSON.stringify(a.child.stdout));
+  assert(
+    a.child.stdout.includes(`${prompt}\n[✓] Fragment 'fragment_1.bin' received`),
+    JSON.stringify(a.child.stdout),
+  );
   assertMatch(a.child.stdout, /fragment_1\.bin {2}244095 bytes/);
   assertMatch(a.child.stdout, new RegExp(`neighbour 127\\.0\\.0\\.1:${b.port}`));
   assertMatch(a.child.stdout, /grpc <fragment name>/);
