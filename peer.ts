@@ -19,6 +19,7 @@ import {
   isLookupError,
   isUserError,
   lookupMessage,
+  nameList,
   runMain,
   UserError,
 } from "./common/cli.ts";
@@ -56,6 +57,7 @@ import {
   parseAnnouncement,
 } from "./broker.ts";
 import { Steering } from "./peer/steering.ts";
+import { syncWithFolder } from "./peer/folder_sync.ts";
 
 export { PeerError, TcpPeerClient } from "./peer/tcp.ts";
 export type { Download } from "./peer/tcp.ts";
@@ -292,6 +294,12 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
       log,
     });
   }
+  const folderSync = syncWithFolder(store, ({ lost, found, corrupt }) => {
+    presence?.poke(); // what was found was announced as it was adopted
+    if (lost.length > 0) log(`[STORE] Gone from ${dir}, no longer offered: ${nameList(lost)}`);
+    if (found.length > 0) log(`[STORE] New in ${dir}, verified and offered: ${nameList(found)}`);
+    if (corrupt.length > 0) log(`[!] Corrupt in ${dir}, not offered: ${nameList(corrupt)}`);
+  });
   if (!options.progress) {
     swarm.onEvent((event: FragmentEvent) => {
       if (event.state !== "held" || !event.from) return;
@@ -356,6 +364,7 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
   let closing: Promise<void> | undefined;
   function close({ drainMs = 0 } = {}): Promise<void> {
     closing ??= (async () => {
+      folderSync[Symbol.dispose]();
       await presence?.close();
       const deadline = Date.now() + drainMs;
       while (tcp.uploads > 0 && Date.now() < deadline) {

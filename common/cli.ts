@@ -178,3 +178,9 @@ export function escapeControl(text: string): string {
   }
   return from === 0 ? text : out + text.slice(from);
 }
+
+/** `names` for one line of text: the first `shown`, then how many more. */
+export function nameList(names: string[], shown = 5): string {
+  const more = names.length - shown;
+  return names.slice(0, shown).join(", ") + (more > 0 ? ` and ${more} more` : "");
+}

@@ -33,7 +33,7 @@ import { parseAddress } from "../broker.ts";
 import { type DirectoryClient, DirectoryError } from "../directory/client.ts";
 import { AMBIGUOUS_FILE } from "../directory/protocol.ts";
 import type { FileSummary } from "../directory/schemas.ts";
-import { escapeControl } from "../common/cli.ts";
+import { escapeControl, nameList } from "../common/cli.ts";
 import { refersTo, shortId } from "../common/file_ref.ts";
 import { Wakeup } from "../common/wakeup.ts";
 import { type FragmentEntry, joinFragments, type Manifest } from "../split.ts";
@@ -441,9 +441,7 @@ export class Swarm implements Disposable {
   #nameList(names: string[]): string {
     const index = (name: string) =>
       this.#store.manifest?.fragments.find((f) => f.name === name)?.index ?? Infinity;
-    const sorted = [...names].sort((a, b) => index(a) - index(b));
-    const more = sorted.length > 5 ? ` and ${sorted.length - 5} more` : "";
-    return sorted.slice(0, 5).join(", ") + more;
+    return nameList([...names].sort((a, b) => index(a) - index(b)));
   }
 
   /** Holders worth asking for `name` now, least loaded first; holders that lied, last resort. */

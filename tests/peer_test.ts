@@ -352,3 +352,34 @@ Deno.test("the console takes a bare 'grpc' or 'tcp' for a command missing its na
   assertMatch(stdout, /Give one fragment name: tcp <fragment name>\n/);
   assert(!/\[x\]/.test(stderr), stderr);
 });
+
+Deno.test("a running peer offers what its folder holds: fragments removed or copied in behind its back", async () => {
+  await using dir = await tempDir();
+  await using directory = startDirectory({ port: 0, hostname: "127.0.0.1" });
+  const seed = await startSeedTask(dir.path, [
+    "--directory",
+    directory.url,
+    "--broker",
+    "127.0.0.1:1",
+  ]);
+  await using _seed = seed.child;
+  const client = new DirectoryClient(directory.url);
+  const held = async () => (await client.listPeers())[0]?.fragments.length ?? 0;
+  await eventually("the seed is listed with 10 fragments", async () => await held() === 10);
+  const store = join(dir.path, "fragments", "seed");
+  const kept = await Deno.readFile(join(store, "fragment_0.bin"));
+  await Deno.remove(join(store, "fragment_0.bin"));
+  await Deno.remove(join(store, "fragment_1.bin"));
+  await eventually("the directory hears two are gone", async () => await held() === 8);
+  await seed.child.waitFor(
+    /\[STORE\] Gone from \S+, no longer offered: fragment_0\.bin, fragment_1\.bin/,
+  );
+  // One copied back is offered again once it verifies; a corrupt one never is.
+  await Deno.writeFile(join(store, "fragment_1.bin"), new Uint8Array(kept.length));
+  await Deno.writeFile(join(store, "fragment_0.bin"), kept);
+  await eventually("the directory hears one is back", async () => await held() === 9);
+  await seed.child.waitFor(/\[STORE\] New in \S+, verified and offered: fragment_0\.bin\n/);
+  await seed.child.waitFor(/\[!\] Corrupt in \S+, not offered: fragment_1\.bin\n/);
+  await new Promise((resolve) => setTimeout(resolve, 2_500)); // another look at the folder
+  assertEquals(await held(), 9);
+});
