@@ -337,6 +337,14 @@ export async function startPeer(options: PeerOptions = {}): Promise<Peer> {
 
   async function fetch(name: string, transport: Transport = "tcp"): Promise<string> {
     if (!isFragmentName(name)) throw new FetchError(`Invalid fragment name "${name}"`);
+    const manifest = store.manifest;
+    if (manifest && !store.expected(name)) {
+      // Not asked of anyone: the store would refuse it whoever held it.
+      const names = manifest.fragments.map((f) => f.name);
+      throw new FetchError(
+        `"${name}" is not a fragment of ${manifest.file} (${names[0]} to ${names.at(-1)})`,
+      );
+    }
     const from = await fetcher.fetch(name, await holders(name), { transport });
     log(`[✓] Fragment '${name}' received from ${from}`);
     return from;

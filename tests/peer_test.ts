@@ -91,7 +91,7 @@ Deno.test("two peers fetch from each other at the console, announce it, and leav
     new RegExp(`Fragment 'fragment_3\\.bin' received from 127\\.0\\.0\\.1:${bGrpc}`),
   );
 
-  await a.child.write("list\npeers\nhelp\nfragment_1.bin\n../secret\nexit\n");
+  await a.child.write("list\npeers\nhelp\nfragment_1.bin\n../secret\nfragment_99.bin\nexit\n");
   assertEquals(await stopped(a.child), 0);
   // From a pipe it reads as a transcript: each answer below its prompt's line, one prompt after.
   const prompt = "Fragment to request (or 'exit'): ";
@@ -105,6 +105,10 @@ Deno.test("two peers fetch from each other at the console, announce it, and leav
   assertMatch(a.child.stdout, /grpc <fragment name>/);
   assertMatch(a.child.stdout, /\[=\] Fragment 'fragment_1\.bin' is already here/);
   assertMatch(a.child.stderr, /\[x\] Invalid fragment name "\.\.\/secret"/);
+  assertMatch(
+    a.child.stderr,
+    /\[x\] "fragment_99\.bin" is not a fragment of sample\.webm \(fragment_0\.bin to fragment_9\.bin\)/,
+  );
   // It left the directory on exit; B leaves on SIGTERM.
   assertEquals((await client.listPeers()).map((p) => p.port), [b.port]);
   b.child.kill("SIGTERM");
