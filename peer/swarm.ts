@@ -117,6 +117,10 @@ const HEARD_MS = 10_000;
 // stored it, so this says which attempt (and holder) the fragment came from.
 const currentAttempt = new AsyncLocalStorage<Attempt>();
 
+/** Why a swarm with neighbours still needs a directory to start a whole file. */
+const NEIGHBOURS_HAVE_NO_MANIFEST =
+  " (neighbours serve fragments by name, not the file's manifest)";
+
 /** Downloads files from many holders at once into a peer's store. */
 export class Swarm implements Disposable {
   readonly #store: Store;
@@ -739,7 +743,8 @@ export class Swarm implements Disposable {
         problem = error.status === 404 && wanted !== undefined
           ? `The directory at "${directory.url}" does not list "${wanted}"`
           : error.status === 0
-          ? `Cannot reach the directory at "${directory.url}" to find a file to fetch`
+          ? `Cannot reach the directory at "${directory.url}" to find a file to fetch` +
+            (this.#neighbours().length > 0 ? NEIGHBOURS_HAVE_NO_MANIFEST : "")
           : error.message;
       }
       // Said at once, then every few seconds when no terminal shows that it still waits.

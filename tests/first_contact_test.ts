@@ -97,10 +97,13 @@ Deno.test("a peer with a console says a name can be typed, and ends the prompt's
 Deno.test("Ctrl-C while 'all' runs at the console stops the peer quietly: no 'Cancelled', no prompt", async () => {
   await using dir = await tempDir();
   const args = peerArgs(join(dir.path, "store"), "http://127.0.0.1:1");
-  await using peer = startTask("peer", ["0", ...args], { stdin: true });
+  // With a neighbour, whose fragments it could fetch by name: the line says why it still waits.
+  await using peer = startTask("peer", ["0", "127.0.0.1:1", ...args], { stdin: true });
   await peer.waitFor(/\[SERVER\] The store .* is empty/);
   await peer.write("all\n");
-  await peer.waitFor(/\[swarm\] Cannot reach the directory .* waiting up to \d+ s more/);
+  await peer.waitFor(
+    /\[swarm\] Cannot reach the directory .* to find a file to fetch \(neighbours serve fragments by name, not the file's manifest\); waiting up to \d+ s more/,
+  );
   peer.kill("SIGINT");
   assertEquals((await peer.status()).code, 0);
   assert(!/Cancelled/.test(peer.stdout + peer.stderr), peer.stderr);
