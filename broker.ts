@@ -305,7 +305,9 @@ async function main(args = Deno.args) {
     // Run with too few permissions (a bare `deno run broker.ts`): say which, no stack.
     if (error instanceof Deno.errors.NotCapable) exitForPermission(error.message);
     if (error instanceof Deno.errors.AddrInUse) {
-      console.error(`error: Port ${options.port} is already in use`);
+      console.error(
+        `error: Port ${options.port} is already in use (the broker's port): choose another with --port or stop what holds it`,
+      );
     } else if (error instanceof Deno.errors.AddrNotAvailable) {
       console.error(
         `error: Cannot listen on "${options.hostname}": it is not an address of this machine`,

@@ -355,7 +355,9 @@ async function main(args = Deno.args): Promise<void> {
     directory = startDirectory(options);
   } catch (error) {
     if (error instanceof Deno.errors.AddrInUse) {
-      throw new UserError(`Cannot listen on port ${options.port}: address already in use`);
+      throw new UserError(
+        `Port ${options.port} is already in use (the directory's port): choose another with --port or stop what holds it`,
+      );
     }
     if (error instanceof Deno.errors.AddrNotAvailable) {
       throw new UserError(

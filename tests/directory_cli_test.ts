@@ -87,7 +87,10 @@ Deno.test("deno task directory says so in one line when its port is taken", asyn
   const port = String(taken.addr.port);
   const { code, stderr } = await runTask("directory", ["--port", port]);
   assert.notEqual(code, 0);
-  assert.equal(stderr.trimEnd(), `error: Cannot listen on port ${port}: address already in use`);
+  assert.equal(
+    stderr.trimEnd(),
+    `error: Port ${port} is already in use (the directory's port): choose another with --port or stop what holds it`,
+  );
 });
 
 Deno.test("deno task directory says so in one line when --hostname is not an address of this machine", async () => {

@@ -95,6 +95,7 @@ Deno.test("notify.ts says in one line that the broker cannot be reached, and exi
 
 Deno.test("the CLIs refuse user mistakes with one line on stderr and exit 1", async () => {
   const port = await freePort();
+  using taken = Deno.listen({ hostname: "0.0.0.0", port: 0 });
   const mistakes: [task: string, args: string[], error: RegExp][] = [
     ["notify", ["../etc/passwd"], /^error: Invalid fragment name "\.\.\/etc\/passwd": /],
     ["notify", [], /^error: Give exactly one fragment name/],
@@ -121,6 +122,14 @@ Deno.test("the CLIs refuse user mistakes with one line on stderr and exit 1", as
       /^error: Cannot listen on "nosuchhost\.invalid": the name does not resolve/,
     ],
     ["notify", ["f.bin", "--bogus"], /^error: Unknown option '--bogus' \(see --help\)$/m],
+    [
+      "broker",
+      ["--port", String(taken.addr.port)],
+      new RegExp(
+        `^error: Port ${taken.addr.port} is already in use \\(the broker's port\\): choose another with --port or stop what holds it$`,
+        "m",
+      ),
+    ],
   ];
   await Promise.all(mistakes.map(async ([task, args, error]) => {
     const { code, stderr } = await runTask(task, args);
