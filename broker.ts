@@ -227,12 +227,10 @@ Limits (each a whole number at least 1; past one, the client gets an ERR: line):
                                      client is cut off (default ${WRITE_TIMEOUT_S})`;
 
 /** Parses a positive whole number given to `--flag`, or throws a TypeError saying what is wrong. */
-function positive(flag: string, text: string, { zero = false } = {}): number {
+function positive(flag: string, text: string): number {
   const value = Number(text);
-  if (!/^\d+$/.test(text) || (!zero && value === 0)) {
-    throw new TypeError(
-      `--${flag} must be a ${zero ? "" : "positive "}whole number, got ${quote(text)}`,
-    );
+  if (!/^\d+$/.test(text) || value === 0) {
+    throw new TypeError(`--${flag} must be a positive whole number, got ${quote(text)}`);
   }
   return value;
 }
@@ -264,8 +262,12 @@ async function main(args = Deno.args) {
       console.log(USAGE);
       return;
     }
-    const port = positive("port", values.port, { zero: true });
-    if (port > 65535) throw new TypeError(`--port must be at most 65535, got ${port}`);
+    const port = Number(values.port);
+    if (!/^\d+$/.test(values.port) || port > 65535) {
+      throw new TypeError(
+        `Invalid --port ${quote(values.port)}: expected a number from 0 to 65535`,
+      );
+    }
     const maxConnections = positive("max-connections", values["max-connections"]);
     const perAddress = values["max-connections-per-address"];
     const maxConnectionsPerAddress = perAddress === undefined

@@ -83,7 +83,7 @@ async function main(args = Deno.args): Promise<number> {
   if (positionals.length !== 1) throw new UserError("Expected one store folder (see --help)");
   const port = Number(values.port);
   if (!/^\d+$/.test(values.port) || port > 65535) {
-    throw new UserError(`Invalid port ${quote(values.port)}`);
+    throw new UserError(`Invalid --port ${quote(values.port)}: expected a number from 0 to 65535`);
   }
   let locate: GrpcServerOptions["locate"];
   if (values.directory !== undefined) {

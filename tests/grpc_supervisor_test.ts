@@ -101,7 +101,10 @@ Deno.test("deno task grpc --help prints usage, and a mistake is one line on stde
   assertEquals(help.code, 0);
   assertMatch(help.stdout, /^Usage: deno task grpc <store dir>/);
   const bad = await runTask("grpc", ["somewhere", "--port", "http"]);
-  assertEquals([bad.code, bad.stderr], [1, 'error: Invalid port "http"\n']);
+  assertEquals(
+    [bad.code, bad.stderr],
+    [1, 'error: Invalid --port "http": expected a number from 0 to 65535\n'],
+  );
   const none = await runTask("grpc", []);
   assertEquals(none.code, 1);
   assertMatch(none.stderr, /^error: Expected one store folder/);
