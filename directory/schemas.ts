@@ -313,14 +313,17 @@ const FileParam = Name.optional().openapi({
 });
 const fileQuery = z.object({ file: FileParam });
 
+const PAGE_LIMIT_RULE = `Must be a whole number from 1 to ${MAX_PAGE_LIMIT}`;
+
 /** `?limit=&cursor=`: one page of a list. */
 const pageQuery = z.object({
-  limit: z.coerce.number().int().min(1).max(MAX_PAGE_LIMIT).optional().openapi({
-    param: { name: "limit", in: "query" },
-    description: `Entries on this page at most (${DEFAULT_PAGE_LIMIT} by default, at most ` +
-      `${MAX_PAGE_LIMIT}); a page also ends once its entries hold ${MAX_PAGE_ITEMS} items`,
-    example: DEFAULT_PAGE_LIMIT,
-  }),
+  limit: z.coerce.number({ error: PAGE_LIMIT_RULE }).int(PAGE_LIMIT_RULE).min(1, PAGE_LIMIT_RULE)
+    .max(MAX_PAGE_LIMIT, PAGE_LIMIT_RULE).optional().openapi({
+      param: { name: "limit", in: "query" },
+      description: `Entries on this page at most (${DEFAULT_PAGE_LIMIT} by default, at most ` +
+        `${MAX_PAGE_LIMIT}); a page also ends once its entries hold ${MAX_PAGE_ITEMS} items`,
+      example: DEFAULT_PAGE_LIMIT,
+    }),
   cursor: z.string().regex(/^\d{1,15}$/, "Must be the `next` of a page").optional().openapi({
     param: { name: "cursor", in: "query" },
     description: "Where this page starts: the `next` of the page before (opaque); the first " +

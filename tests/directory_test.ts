@@ -1624,6 +1624,18 @@ Deno.test("GET /peers and GET /fragments answer a page at a time, and following 
   });
 });
 
+Deno.test("a ?limit= that is not a whole number from 1 to 1000 is refused in words, not zod's", async () => {
+  const { call } = fixture();
+  for (const limit of ["abc", "0", "1.5", "1001"]) {
+    assertError(
+      await call("GET", `/peers?limit=${limit}`),
+      400,
+      "BAD_REQUEST",
+      /^Query parameter "limit" is invalid: must be a whole number from 1 to 1000$/,
+    );
+  }
+});
+
 Deno.test("a page of GET /peers or GET /fragments ends once it holds 10,000 fragment names or holders", async () => {
   const { call, register } = fixture(30, { maxPeersPerAddress: 3_000 });
   const names = (peer: number) => Array.from({ length: 4_000 }, (_, i) => `p${peer}_${i}.bin`);
