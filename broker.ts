@@ -21,7 +21,14 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { exitForPermission, isLookupError, lookupMessage, userMessage } from "./common/cli.ts";
+import {
+  exitForPermission,
+  isLookupError,
+  lookupMessage,
+  UserError,
+  userMessage,
+} from "./common/cli.ts";
+import { parsePort, portTakenMessage } from "./common/ports.ts";
 import { defaultMaxPerAddress } from "./common/connection_counts.ts";
 import {
   type Broker,
@@ -262,12 +269,7 @@ async function main(args = Deno.args) {
       console.log(USAGE);
       return;
     }
-    const port = Number(values.port);
-    if (!/^\d+$/.test(values.port) || port > 65535) {
-      throw new TypeError(
-        `Invalid --port ${quote(values.port)}: expected a number from 0 to 65535`,
-      );
-    }
+    const port = parsePort(values.port, "--port");
     const maxConnections = positive("max-connections", values["max-connections"]);
     const perAddress = values["max-connections-per-address"];
     const maxConnectionsPerAddress = perAddress === undefined
@@ -295,7 +297,7 @@ async function main(args = Deno.args) {
     nats = values.nats;
     if (nats !== undefined) parseNatsAddress(nats);
   } catch (error) {
-    if (!(error instanceof TypeError)) throw error;
+    if (!(error instanceof TypeError || error instanceof UserError)) throw error;
     console.error(`error: ${userMessage(error)}`);
     Deno.exit(1);
   }
@@ -308,7 +310,7 @@ async function main(args = Deno.args) {
     if (error instanceof Deno.errors.NotCapable) exitForPermission(error.message);
     if (error instanceof Deno.errors.AddrInUse) {
       console.error(
-        `error: Port ${options.port} is already in use (the broker's port): choose another with --port or stop what holds it`,
+        `error: ${portTakenMessage(options.port!, "the broker's", "choose another with --port")}`,
       );
     } else if (error instanceof Deno.errors.AddrNotAvailable) {
       console.error(

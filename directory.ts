@@ -29,6 +29,7 @@
  */
 import { parseArgs } from "node:util";
 import { isLookupError, lookupMessage, runMain, UserError } from "./common/cli.ts";
+import { parsePort, portTakenMessage } from "./common/ports.ts";
 import { parseRate } from "./common/throttle.ts";
 import { type AppOptions, createApp } from "./directory/app.ts";
 import { corsOrigins } from "./directory/http.ts";
@@ -288,10 +289,7 @@ function parseCli(args: string[]): CliOptions | "help" {
     },
   });
   if (values.help) return "help";
-  const port = Number(values.port ?? DEFAULT_PORT);
-  if (!Number.isInteger(port) || port < 0 || port > 65535) {
-    throw new UserError(`Invalid --port "${values.port}": expected a number from 0 to 65535`);
-  }
+  const port = values.port === undefined ? DEFAULT_PORT : parsePort(values.port, "--port");
   const ttl = Number(values.ttl ?? DEFAULT_TTL);
   if (!(ttl >= MIN_TTL && ttl <= MAX_TTL)) {
     throw new UserError(
@@ -356,7 +354,7 @@ async function main(args = Deno.args): Promise<void> {
   } catch (error) {
     if (error instanceof Deno.errors.AddrInUse) {
       throw new UserError(
-        `Port ${options.port} is already in use (the directory's port): choose another with --port or stop what holds it`,
+        portTakenMessage(options.port!, "the directory's", "choose another with --port"),
       );
     }
     if (error instanceof Deno.errors.AddrNotAvailable) {

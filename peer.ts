@@ -42,7 +42,7 @@ import { startTcpServer, type TcpServer } from "./peer/tcp.ts";
 import { Presence } from "./peer/presence.ts";
 import { type FragmentEvent, type Progress, Swarm } from "./peer/swarm.ts";
 import { isFragmentName, Store } from "./peer/store.ts";
-import { isServed, TIME_WAIT_MS } from "./common/ports.ts";
+import { isServed, parsePort, portTakenMessage, TIME_WAIT_MS } from "./common/ports.ts";
 import { createThrottle, parseRate } from "./common/throttle.ts";
 import { type GrpcFront, startGrpcFront } from "./peer/grpc_front.ts";
 import { LazyGrpcClient } from "./peer/grpc_lazy_client.ts";
@@ -490,10 +490,7 @@ async function listening<T>(
 /** What a failed listen means, in words: the port is taken, or the address is not ours. */
 function listenError(error: unknown, server: string, port: number, hostname: string): unknown {
   if (error instanceof Deno.errors.AddrInUse) {
-    return new ListenError(
-      `Port ${port} is already in use (the peer's ${server} port): choose another or stop what holds it`,
-      { cause: error },
-    );
+    return new ListenError(portTakenMessage(port, `the peer's ${server}`), { cause: error });
   }
   if (error instanceof Deno.errors.AddrNotAvailable) {
     return new ListenError(`Cannot listen on "${hostname}": it is not an address of this machine`, {
@@ -687,14 +684,6 @@ Options:
   -h, --help             show this help
 
 At the prompt, type a fragment name to fetch it, or 'help' for the other commands.`;
-
-function parsePort(text: string, what: string): number {
-  const port = Number(text);
-  if (!/^\d+$/.test(text) || port > 65535) {
-    throw new UserError(`Invalid ${what} "${text}": expected a number from 0 to 65535`);
-  }
-  return port;
-}
 
 async function main(args = Deno.args): Promise<number> {
   const { values, positionals } = parseArgs({

@@ -23,10 +23,11 @@
  */
 import { parseArgs } from "node:util";
 import { runMain, UserError } from "./common/cli.ts";
+import { parsePort } from "./common/ports.ts";
 import { parseRate } from "./common/throttle.ts";
 import { Store } from "./peer/store.ts";
 import { Steering } from "./peer/steering.ts";
-import { DEFAULT_PORT, quote } from "./peer/grpc_wire.ts";
+import { DEFAULT_PORT } from "./peer/grpc_wire.ts";
 import { type GrpcServerOptions, quietBindFailures, startGrpcServer } from "./peer/grpc_server.ts";
 import { listeningLine, storedLine } from "./peer/grpc_supervisor.ts";
 
@@ -81,10 +82,7 @@ async function main(args = Deno.args): Promise<number> {
     return 0;
   }
   if (positionals.length !== 1) throw new UserError("Expected one store folder (see --help)");
-  const port = Number(values.port);
-  if (!/^\d+$/.test(values.port) || port > 65535) {
-    throw new UserError(`Invalid --port ${quote(values.port)}: expected a number from 0 to 65535`);
-  }
+  const port = parsePort(values.port, "--port");
   let locate: GrpcServerOptions["locate"];
   if (values.directory !== undefined) {
     // Only loaded when asked for: it brings the REST stack along.

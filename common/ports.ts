@@ -5,6 +5,8 @@
  * @module
  */
 
+import { UserError } from "./cli.ts";
+
 /** Linux keeps a closed connection's local port in TIME_WAIT for 60 s; a little more. */
 export const TIME_WAIT_MS = 65_000;
 
@@ -28,4 +30,21 @@ export async function isServed(port: number, hostname = "0.0.0.0"): Promise<bool
   } catch {
     return false;
   }
+}
+
+/**
+ * Parses a port given on a command line as `what` (`port`, `--port`...), or throws a UserError
+ * saying what is wrong: every script says it in the same words.
+ */
+export function parsePort(text: string, what: string): number {
+  const port = Number(text);
+  if (!/^\d+$/.test(text) || port > 65535) {
+    throw new UserError(`Invalid ${what} "${text}": expected a number from 0 to 65535`);
+  }
+  return port;
+}
+
+/** A taken port, in the words every script uses: whose port it is (`the broker's`), and what to do. */
+export function portTakenMessage(port: number, whose: string, choose = "choose another"): string {
+  return `Port ${port} is already in use (${whose} port): ${choose} or stop what holds it`;
 }

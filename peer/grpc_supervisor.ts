@@ -10,6 +10,7 @@
 import { fileURLToPath } from "node:url";
 import { GRPC_ENV } from "./grpc_env.ts";
 import { describe, UserError } from "../common/cli.ts";
+import { portTakenMessage } from "../common/ports.ts";
 import { LineBuffer } from "../common/lines.ts";
 import { DEFAULT_PORT, PROTO_PATH, standardProtoDirs } from "./grpc_constants.ts";
 
@@ -274,10 +275,7 @@ function startError(
   const reason = clearError(stderr);
   const inUse = reason?.match(PORT_IN_USE);
   if (inUse) {
-    return new UserError(
-      `Port ${inUse[1]} is already in use (the peer's gRPC port): choose another or stop ` +
-        "what holds it",
-    );
+    return new UserError(portTakenMessage(Number(inUse[1]), "the peer's gRPC"));
   }
   return new UserError(
     `gRPC server did not start: ${reason ?? `exited with code ${status.code}`}`,
