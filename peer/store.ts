@@ -133,6 +133,8 @@ export function isFragmentName(name: string): boolean {
 export class Store {
   readonly dir: string;
   #manifest: Manifest | undefined;
+  /** The manifest's entries by name, made again when the manifest changes: looked up per file. */
+  #entries: { of: Manifest; byName: Map<string, Manifest["fragments"][number]> } | undefined;
   #held = new Map<string, FragmentInfo>();
   #listeners = new Set<(info: FragmentInfo) => void>();
   /** Fragments found corrupt, by name: the identity of the file that was hashed. */
@@ -162,7 +164,6 @@ export class Store {
       if (!(error instanceof SplitError)) throw error;
       // No manifest yet (an empty viewer) or a broken one: fragments are checked on arrival.
     }
-    const expected = new Map(store.#manifest?.fragments.map((f) => [f.name, f]));
     const joinTemp = store.#manifest && `.${store.#manifest.file}.`;
     for await (const entry of Deno.readDir(dir)) {
       if (
@@ -173,20 +174,14 @@ export class Store {
         continue;
       }
       if (!entry.isFile || !store.#isFragmentName(entry.name)) continue;
-      const want = expected.get(entry.name);
-      if (!want && store.#manifest) continue; // e.g. the joined video beside its fragments
+      // e.g. the joined video beside its fragments
+      if (store.#manifest && !store.expected(entry.name)) continue;
       const file = await openRegular(join(dir, entry.name));
       if (!file) continue;
       using _ = file;
-      const stat = await file.stat();
-      const sha256 = await hashReader(file);
-      if (want && (want.size !== stat.size || want.sha256 !== sha256)) {
-        store.#corrupt.set(entry.name, identity(stat));
-        onCorrupt?.(entry.name);
-        continue;
-      }
-      const size = stat.size;
-      store.#held.set(entry.name, { name: entry.name, size, sha256 });
+      const info = await store.#check(entry.name, file);
+      if (info) store.#held.set(entry.name, info);
+      else onCorrupt?.(entry.name);
     }
     return store;
   }
@@ -218,7 +213,12 @@ export class Store {
 
   /** What a fragment must hash to: the manifest's word, when the manifest lists it. */
   expected(name: string): FragmentInfo | undefined {
-    const entry = this.#manifest?.fragments.find((f) => f.name === name);
+    const manifest = this.#manifest;
+    if (!manifest) return undefined;
+    if (this.#entries?.of !== manifest) {
+      this.#entries = { of: manifest, byName: new Map(manifest.fragments.map((f) => [f.name, f])) };
+    }
+    const entry = this.#entries.byName.get(name);
     return entry && { name, size: entry.size, sha256: entry.sha256 };
   }
 
@@ -238,27 +238,46 @@ export class Store {
     const file = await openRegular(join(this.dir, name));
     if (!file) return undefined;
     using _ = file;
-    const stat = await file.stat();
-    // Found corrupt before and unchanged since: not hashed again on every request.
-    if (this.#corrupt.get(name) === identity(stat)) return undefined;
-    const size = stat.size;
-    const sha256 = await hashReader(file);
-    const want = this.expected(name);
-    if (want && (want.size !== size || want.sha256 !== sha256)) {
-      this.#corrupt.set(name, identity(stat));
-      return undefined;
-    }
-    this.#corrupt.delete(name);
-    const info = { name, size, sha256 };
+    const info = await this.#check(name, file);
+    if (!info) return undefined;
     this.#held.set(name, info);
     for (const listener of this.#listeners) listener(info);
     return info;
   }
 
+  /**
+   * What fragment `name`'s open `file` holds, when it matches the manifest (any bytes without one);
+   * undefined when it is quarantined: found corrupt now, or before and unchanged since, so that it
+   * is not hashed again on every request.
+   */
+  async #check(name: string, file: Deno.FsFile): Promise<FragmentInfo | undefined> {
+    const stat = await file.stat();
+    if (this.#corrupt.get(name) === identity(stat)) return undefined;
+    const want = this.expected(name);
+    const quarantine = () => void this.#corrupt.set(name, identity(stat));
+    // A file of the wrong size is corrupt whatever its bytes, and is not hashed: it may be huge.
+    if (want && want.size !== stat.size) return quarantine();
+    const sha256 = await hashReader(file);
+    if (want && want.sha256 !== sha256) return quarantine();
+    this.#corrupt.delete(name);
+    return { name, size: stat.size, sha256 };
+  }
+
   /** Adopts every fragment of the manifest that another process stored since. */
   async adoptAll(): Promise<void> {
-    for (const fragment of this.#manifest?.fragments ?? []) {
-      if (!this.#held.has(fragment.name)) await this.adopt(fragment.name);
+    // One listing of the folder, not a stat per missing fragment: a viewer misses them all.
+    if (!this.#manifest) return;
+    const present = new Set<string>();
+    try {
+      for await (const entry of Deno.readDir(this.dir)) if (entry.isFile) present.add(entry.name);
+    } catch (error) {
+      if (error instanceof Deno.errors.NotFound) return; // the folder went: nothing to adopt
+      throw error;
+    }
+    for (const fragment of this.#manifest.fragments) {
+      if (present.has(fragment.name) && !this.#held.has(fragment.name)) {
+        await this.adopt(fragment.name);
+      }
     }
   }
 
